@@ -1,0 +1,441 @@
+//! The image builder. Debian's own tools do the work: mmdebstrap resolves and downloads the
+//! packages with apt (signed Release file → checksummed .debs) and extracts them without
+//! running foreign code; depmod indexes the modules; mkfs.ext4 fills the disk from a
+//! directory. Maintainer scripts then run inside the guest itself, booted by the engine under
+//! TCG (the one-time "bake"). No root-only host changes: no binfmt, loop mounts or chroot.
+//!
+//! Writes are atomic: everything happens in a staging directory that is renamed into place
+//! only when complete, so a half-built image is never visible.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+use crate::arch::Arch;
+use crate::image::initramfs;
+use crate::image::recipe::Recipe;
+use crate::image::store::{self, Artifact, BaseImage, ImageStore, Manifest};
+use crate::image::ImageError;
+use crate::qemu::host::QemuBinary;
+use crate::qemu::spec::Accel;
+use crate::vm::{CommandEnd, DiskSource, GuestCommand, Vm, VmConfig};
+
+/// How long the bake VM may take to boot (first boot of a fresh disk).
+const BAKE_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long configuring all packages under TCG may take.
+const BAKE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long to wait for another process building the same image.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// Configures every extracted package with dpkg, inside the guest. The kernel package is
+/// left unregistered: the host boots the kernel itself, and registering it would pull in
+/// initramfs-tools and rebuild an initramfs nobody uses (minutes under TCG).
+const BAKE_SCRIPT: &str = r#"
+export DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true LC_ALL=C.UTF-8
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 755 /usr/sbin/policy-rc.d
+cd /var/cache/apt/archives
+debs=$(ls *.deb | grep -v -E '^(linux-image-|initramfs-tools|klibc-utils|libklibc|dracut)')
+dpkg --install --force-depends $debs
+rm -f /usr/sbin/policy-rc.d /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
+rm -rf /boot/* /var/lib/apt/lists/* /var/log/dpkg.log /var/log/apt
+mkdir -p /workspace
+sync
+fstrim / || true
+"#;
+
+/// Knobs for building.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Overrides the recipe's mirror.
+    pub mirror: Option<String>,
+    pub qemu: QemuBinary,
+    pub accel: Accel,
+    /// Rebuild even when a valid image exists.
+    pub force: bool,
+}
+
+/// Returns the image for (recipe, arch), building it first when it is not in the cache.
+/// `progress` receives one-line status messages.
+pub async fn ensure_image(
+    store: &ImageStore,
+    recipe: &Recipe,
+    arch: Arch,
+    opts: &BuildOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<BaseImage, ImageError> {
+    let hash = recipe.hash(arch, initramfs::INIT_SCRIPT);
+    if !opts.force {
+        if let Some(image) = store.open(&recipe.name, arch, &hash)? {
+            return Ok(image);
+        }
+    }
+    std::fs::create_dir_all(store.images_dir()).map_err(|e| ImageError::io(&store.images_dir(), e))?;
+    let lock_path = store.images_dir().join(format!(".{}-{arch}.lock", recipe.name));
+    let _lock = lock(&lock_path, &format!("{} for {arch}", recipe.name), progress).await?;
+    // Someone else may have finished it while we waited.
+    if !opts.force {
+        if let Some(image) = store.open(&recipe.name, arch, &hash)? {
+            return Ok(image);
+        }
+    }
+    let started = Instant::now();
+    let staging = tempfile::Builder::new()
+        .prefix(".staging-")
+        .tempdir_in(store.images_dir())
+        .map_err(|e| ImageError::io(&store.images_dir(), e))?;
+    let manifest = build_into(store, recipe, arch, &hash, opts, staging.path(), progress).await?;
+    let manifest = Manifest {
+        build_seconds: started.elapsed().as_secs_f64(),
+        ..manifest
+    };
+    let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    let mpath = staging.path().join(store::MANIFEST);
+    std::fs::write(&mpath, text).map_err(|e| ImageError::io(&mpath, e))?;
+    for name in [store::KERNEL, store::INITRD, store::ROOTFS, store::MANIFEST] {
+        read_only(&staging.path().join(name))?;
+    }
+    let final_dir = store.image_dir(&recipe.name, arch, &hash);
+    if final_dir.exists() {
+        // --force: move the old one aside first so the rename stays atomic.
+        let old = staging.path().with_extension("old");
+        std::fs::rename(&final_dir, &old).map_err(|e| ImageError::io(&final_dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &final_dir).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        ImageError::io(&final_dir, e)
+    })?;
+    progress(&format!(
+        "built {} for {arch} in {:.0} s",
+        recipe.name,
+        started.elapsed().as_secs_f64()
+    ));
+    store.open(&recipe.name, arch, &hash)?.ok_or_else(|| ImageError::Corrupt {
+        dir: final_dir,
+        what: "vanished right after it was built".into(),
+    })
+}
+
+async fn build_into(
+    store: &ImageStore,
+    recipe: &Recipe,
+    arch: Arch,
+    hash: &str,
+    opts: &BuildOptions,
+    staging: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Manifest, ImageError> {
+    let rootfs = staging.join("rootfs");
+    let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
+    progress(&format!("downloading and extracting {} packages for {arch} from {mirror}", recipe.distribution));
+    mmdebstrap(recipe, arch, &mirror, &rootfs).await?;
+
+    let kernel_version = kernel_version(&rootfs)?;
+    let kernel_src = find_kernel(&rootfs, &kernel_version)?;
+    let kernel = staging.join(store::KERNEL);
+    std::fs::copy(&kernel_src, &kernel).map_err(|e| ImageError::io(&kernel, e))?;
+    let packages = package_versions(&rootfs)?;
+
+    progress("indexing kernel modules and building the initramfs");
+    run_tool(
+        Command::new("depmod").arg("-b").arg(&rootfs).arg(&kernel_version),
+        "depmod",
+    )
+    .await?;
+    let initrd = staging.join(store::INITRD);
+    initramfs::build(&rootfs, &kernel_version, staging, &initrd).await?;
+    seed_config(&rootfs)?;
+
+    progress("creating the root filesystem");
+    let raw = staging.join("rootfs.raw");
+    run_tool(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "runner-root", "-E", "root_owner=0:0", "-d"])
+            .arg(&rootfs)
+            .arg(&raw)
+            .arg(format!("{}k", recipe.disk_size_bytes / 1024)),
+        "mkfs.ext4",
+    )
+    .await?;
+    // The extracted tree is in the disk now; free the space before the bake.
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let _ = std::fs::remove_dir_all(staging.join("initramfs"));
+
+    progress(&format!("configuring packages inside a {arch} guest (one-time bake under {})", opts.accel.name()));
+    bake(store, arch, opts, &kernel, &initrd, &raw).await?;
+
+    progress("compressing the root disk");
+    let qcow = staging.join(store::ROOTFS);
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "-f", "raw"])
+            .arg(&raw)
+            .arg(&qcow),
+        "qemu-img convert",
+    )
+    .await?;
+    let _ = std::fs::remove_file(&raw);
+
+    let mut artifacts = BTreeMap::new();
+    for name in [store::KERNEL, store::INITRD, store::ROOTFS] {
+        let path = staging.join(name);
+        let size = std::fs::metadata(&path).map_err(|e| ImageError::io(&path, e))?.len();
+        let sha256 = store::sha256_file(&path).map_err(|e| ImageError::io(&path, e))?;
+        artifacts.insert(name.to_string(), Artifact { file: name.into(), sha256, size });
+    }
+    Ok(Manifest {
+        recipe: recipe.name.clone(),
+        recipe_hash: hash.into(),
+        arch: arch.to_string(),
+        distribution: recipe.distribution.clone(),
+        kernel_version,
+        qemu_version: opts.qemu.version.clone(),
+        built_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: 0.0,
+        packages,
+        artifacts,
+    })
+}
+
+async fn mmdebstrap(recipe: &Recipe, arch: Arch, mirror: &str, rootfs: &Path) -> Result<(), ImageError> {
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--variant=extract", "--quiet"])
+        .arg(format!("--arch={}", arch.debian()))
+        // One option per package: an apt pattern like ?essential may not share a list.
+        .args(recipe.all_packages(arch).iter().map(|p| format!("--include={p}")))
+        // Keep the .debs: the bake installs them properly inside the guest.
+        .arg("--skip=cleanup/apt/cache")
+        // Docs, man pages and translations only slow the bake and fill the disk.
+        .args([
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        ])
+        .arg(&recipe.distribution)
+        .arg(rootfs)
+        .arg(mirror);
+    run_tool(&mut cmd, "mmdebstrap").await
+}
+
+/// The kernel version: the one directory under usr/lib/modules.
+fn kernel_version(rootfs: &Path) -> Result<String, ImageError> {
+    let dir = rootfs.join("usr/lib/modules");
+    let mut versions: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| ImageError::io(&dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    versions.sort();
+    versions.pop().ok_or_else(|| ImageError::Tool {
+        tool: "mmdebstrap".into(),
+        detail: "the extracted system has no kernel modules; is the kernel package in the recipe?".into(),
+    })
+}
+
+fn find_kernel(rootfs: &Path, version: &str) -> Result<PathBuf, ImageError> {
+    // riscv64 ships an uncompressed EFI-stub Image named vmlinux-*; the others vmlinuz-*.
+    ["vmlinuz", "vmlinux"]
+        .iter()
+        .map(|p| rootfs.join("boot").join(format!("{p}-{version}")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ImageError::Tool {
+            tool: "mmdebstrap".into(),
+            detail: format!("no kernel image for {version} in /boot"),
+        })
+}
+
+/// Package → version, from the names of the downloaded .debs (`name_version_arch.deb`,
+/// with the epoch colon written as %3a).
+fn package_versions(rootfs: &Path) -> Result<BTreeMap<String, String>, ImageError> {
+    let dir = rootfs.join("var/cache/apt/archives");
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| ImageError::io(&dir, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".deb") {
+            let mut parts = stem.split('_');
+            if let (Some(pkg), Some(ver)) = (parts.next(), parts.next()) {
+                out.insert(pkg.to_string(), ver.replace("%3a", ":"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Files the bake needs before dpkg has run (dpkg resolves owners by name).
+fn seed_config(rootfs: &Path) -> Result<(), ImageError> {
+    let base = rootfs.join("usr/share/base-passwd");
+    for (master, target) in [("passwd.master", "etc/passwd"), ("group.master", "etc/group")] {
+        let dst = rootfs.join(target);
+        if !dst.exists() {
+            std::fs::copy(base.join(master), &dst).map_err(|e| ImageError::io(&dst, e))?;
+        }
+    }
+    for (path, text) in [
+        ("etc/hostname", "runner\n"),
+        ("etc/hosts", "127.0.0.1 localhost\n127.0.1.1 runner\n::1 localhost ip6-localhost ip6-loopback\n"),
+        ("etc/fstab", "# the root disk is mounted by runner's initramfs\n"),
+    ] {
+        let dst = rootfs.join(path);
+        std::fs::write(&dst, text).map_err(|e| ImageError::io(&dst, e))?;
+    }
+    let ws = rootfs.join("workspace");
+    std::fs::create_dir_all(&ws).map_err(|e| ImageError::io(&ws, e))
+}
+
+async fn bake(store: &ImageStore, arch: Arch, opts: &BuildOptions, kernel: &Path, initrd: &Path, raw: &Path) -> Result<(), ImageError> {
+    let cfg = VmConfig {
+        arch,
+        accel: opts.accel,
+        qemu_binary: opts.qemu.path.clone(),
+        sandbox: opts.qemu.sandbox,
+        cpus: 2,
+        memory_mib: 1024,
+        kernel: kernel.into(),
+        initrd: initrd.into(),
+        disk: DiskSource::Direct { path: raw.into(), format: "raw" },
+        state_dir: store.vms_dir(),
+        boot_timeout: BAKE_BOOT_TIMEOUT,
+    };
+    let bake_err = |detail: String| ImageError::Bake { detail };
+    let mut vm = Vm::boot(&cfg).await.map_err(|e| bake_err(error_chain(&e)))?;
+    let env = vec![("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+    let mut log = crate::bounded::TailBuffer::new(16 * 1024);
+    let end = vm
+        .run(&GuestCommand::Script(BAKE_SCRIPT.into()), "/", &env, BAKE_TIMEOUT, &mut |b: &[u8]| log.push(b))
+        .await
+        .map_err(|e| bake_err(error_chain(&e)))?;
+    if end != CommandEnd::Exited(0) {
+        vm.kill().await;
+        return Err(bake_err(format!("{end:?}; last output:\n{}", log.last_lines(20))));
+    }
+    // Make the filesystem clean before QEMU goes away.
+    let mut sink = |_: &[u8]| {};
+    let remount = vm
+        .run(&GuestCommand::Script("sync; mount -o remount,ro /; sync".into()), "/", &env, Duration::from_secs(60), &mut sink)
+        .await
+        .map_err(|e| bake_err(error_chain(&e)))?;
+    if remount != CommandEnd::Exited(0) {
+        vm.kill().await;
+        return Err(bake_err(format!("could not remount the root read-only: {remount:?}")));
+    }
+    vm.shutdown().await.map_err(|e| bake_err(error_chain(&e)))
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn run_tool(cmd: &mut Command, name: &str) -> Result<(), ImageError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| ImageError::Tool {
+            tool: name.into(),
+            detail: format!("{e}; run scripts/setup-host to install it"),
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        if stderr.contains("No space left on device") {
+            return Err(ImageError::io(
+                Path::new("the image cache"),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        return Err(ImageError::Tool {
+            tool: name.into(),
+            detail: format!("{} ({})", tail.join(" | "), out.status),
+        });
+    }
+    Ok(())
+}
+
+fn read_only(path: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(|e| ImageError::io(path, e))
+}
+
+/// Holds an exclusive lock on a file until dropped.
+#[derive(Debug)]
+struct BuildLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+async fn lock(path: &Path, what: &str, progress: &(dyn Fn(&str) + Sync)) -> Result<BuildLock, ImageError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = Instant::now() + LOCK_TIMEOUT;
+    let mut told = false;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| ImageError::io(path, e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(BuildLock { _lock: l }),
+            Err(_) if Instant::now() < deadline => {
+                if !told {
+                    progress(&format!("waiting for another runner that is building {what}"));
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(_) => {
+                return Err(ImageError::Locked {
+                    what: what.into(),
+                    lock: path.into(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_come_from_deb_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("var/cache/apt/archives");
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["libattr1_1%3a2.5.2-3_riscv64.deb", "bash_5.2.37-2_riscv64.deb", "lock"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let v = package_versions(tmp.path()).unwrap();
+        assert_eq!(v["libattr1"], "1:2.5.2-3");
+        assert_eq!(v["bash"], "5.2.37-2");
+        assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn error_chain_is_one_line() {
+        let e = ImageError::io(Path::new("/x"), std::io::Error::other("boom"));
+        assert_eq!(error_chain(&e), "cannot write /x: boom");
+        let full = ImageError::io(Path::new("/x"), std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(full.is_disk_full());
+        assert!(full.to_string().contains("RUNNER_CACHE_DIR"));
+    }
+}

@@ -1,0 +1,271 @@
+//! The image cache: built images stored content-addressed under the user's cache dir
+//! (`<cache>/runner/images/<name>-<arch>-<hash>/`), each with a manifest, verified before use.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::arch::Arch;
+use crate::image::recipe::hex;
+use crate::image::ImageError;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const KERNEL: &str = "kernel";
+pub const INITRD: &str = "initrd.cpio";
+pub const ROOTFS: &str = "rootfs.qcow2";
+/// Records that rootfs.qcow2 was hashed and matched, for this exact file (size, mtime, inode):
+/// hashing the whole disk on every run would cost most of a second.
+const VERIFIED_STAMP: &str = ".verified";
+
+/// One artifact's entry in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// What a built image is and how to check it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub recipe: String,
+    pub recipe_hash: String,
+    pub arch: String,
+    pub distribution: String,
+    pub kernel_version: String,
+    pub qemu_version: String,
+    pub built_at_unix: u64,
+    pub build_seconds: f64,
+    pub packages: BTreeMap<String, String>,
+    pub artifacts: BTreeMap<String, Artifact>,
+}
+
+/// A verified, ready-to-boot base image.
+#[derive(Debug, Clone)]
+pub struct BaseImage {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// The cache of built images.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+impl ImageStore {
+    /// `$RUNNER_CACHE_DIR`, else `$XDG_CACHE_HOME/runner` (`~/.cache/runner`).
+    pub fn default_root() -> PathBuf {
+        if let Some(dir) = std::env::var_os("RUNNER_CACHE_DIR") {
+            return PathBuf::from(dir);
+        }
+        dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("runner")
+    }
+
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ImageStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Where per-VM directories live (on the same filesystem as the images).
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    pub fn image_dir(&self, recipe: &str, arch: Arch, hash: &str) -> PathBuf {
+        self.images_dir().join(format!("{recipe}-{arch}-{hash}"))
+    }
+
+    /// The image for (recipe, arch, hash): `Ok(None)` when not built, an error when it
+    /// exists but does not match its manifest.
+    pub fn open(&self, recipe: &str, arch: Arch, hash: &str) -> Result<Option<BaseImage>, ImageError> {
+        let dir = self.image_dir(recipe, arch, hash);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let image = load(&dir)?;
+        verify(&image, false)?;
+        Ok(Some(image))
+    }
+
+    /// Every image in the cache with its state ("ok" or what is wrong), oldest first.
+    pub fn list(&self) -> Vec<(PathBuf, Result<Manifest, String>)> {
+        let Ok(entries) = std::fs::read_dir(self.images_dir()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                let dir = e.path();
+                let state = load(&dir)
+                    .and_then(|img| verify(&img, false).map(|_| img.manifest))
+                    .map_err(|e| e.to_string());
+                (dir, state)
+            })
+            .collect();
+        out.sort_by_key(|(_, m)| m.as_ref().map(|m| m.built_at_unix).unwrap_or(0));
+        out
+    }
+}
+
+/// Reads an image directory's manifest.
+pub fn load(dir: &Path) -> Result<BaseImage, ImageError> {
+    let corrupt = |what: String| ImageError::Corrupt {
+        dir: dir.into(),
+        what,
+    };
+    let text = std::fs::read_to_string(dir.join(MANIFEST))
+        .map_err(|e| corrupt(format!("manifest unreadable ({e})")))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("manifest invalid ({e})")))?;
+    Ok(BaseImage {
+        dir: dir.into(),
+        kernel: dir.join(KERNEL),
+        initrd: dir.join(INITRD),
+        rootfs: dir.join(ROOTFS),
+        manifest,
+    })
+}
+
+/// Checks every artifact against the manifest. The root disk is hashed only when `full` or
+/// when its stamp does not match the file (see [`VERIFIED_STAMP`]).
+pub fn verify(image: &BaseImage, full: bool) -> Result<(), ImageError> {
+    for name in [KERNEL, INITRD, ROOTFS] {
+        let corrupt = |what: String| ImageError::Corrupt {
+            dir: image.dir.clone(),
+            what,
+        };
+        let art = image
+            .manifest
+            .artifacts
+            .get(name)
+            .ok_or_else(|| corrupt(format!("manifest lists no {name}")))?;
+        let path = image.dir.join(&art.file);
+        let meta = std::fs::metadata(&path).map_err(|_| corrupt(format!("{name} is missing")))?;
+        if meta.len() != art.size {
+            return Err(corrupt(format!("{name} has {} bytes, manifest says {}", meta.len(), art.size)));
+        }
+        let stamp_path = image.dir.join(VERIFIED_STAMP);
+        let stamp = format!("{} {} {} {}", meta.len(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000, meta.ino(), art.sha256);
+        if name == ROOTFS && !full && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
+            continue;
+        }
+        let sum = sha256_file(&path).map_err(|e| corrupt(format!("{name} unreadable ({e})")))?;
+        if sum != art.sha256 {
+            return Err(corrupt(format!("{name} checksum mismatch")));
+        }
+        if name == ROOTFS {
+            // Best effort: without the stamp we just hash again next time.
+            let _ = std::fs::write(&stamp_path, stamp);
+        }
+    }
+    Ok(())
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_image(dir: &Path) -> BaseImage {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut artifacts = BTreeMap::new();
+        for (name, body) in [(KERNEL, "k"), (INITRD, "i"), (ROOTFS, "disk")] {
+            std::fs::write(dir.join(name), body).unwrap();
+            artifacts.insert(
+                name.to_string(),
+                Artifact {
+                    file: name.into(),
+                    sha256: sha256_file(&dir.join(name)).unwrap(),
+                    size: body.len() as u64,
+                },
+            );
+        }
+        let manifest = Manifest {
+            recipe: "debian-13".into(),
+            recipe_hash: "abc".into(),
+            arch: "riscv64".into(),
+            distribution: "trixie".into(),
+            kernel_version: "6.12".into(),
+            qemu_version: "10.0.2".into(),
+            built_at_unix: 1,
+            build_seconds: 1.0,
+            packages: BTreeMap::new(),
+            artifacts,
+        };
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&manifest).unwrap()).unwrap();
+        load(dir).unwrap()
+    }
+
+    #[test]
+    fn missing_image_is_none_and_good_image_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        assert!(store.open("debian-13", Arch::Riscv64, "abc").unwrap().is_none());
+        fake_image(&store.image_dir("debian-13", Arch::Riscv64, "abc"));
+        assert!(store.open("debian-13", Arch::Riscv64, "abc").unwrap().is_some());
+        assert_eq!(store.list().len(), 1);
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = fake_image(tmp.path());
+        verify(&img, true).unwrap();
+        // Same size, different content: only the checksum can tell.
+        std::fs::write(&img.kernel, "K").unwrap();
+        let err = verify(&img, false).unwrap_err().to_string();
+        assert!(err.contains("kernel checksum mismatch"), "{err}");
+        std::fs::remove_file(&img.kernel).unwrap();
+        let err = verify(&img, false).unwrap_err().to_string();
+        assert!(err.contains("kernel is missing"), "{err}");
+    }
+
+    #[test]
+    fn rewritten_rootfs_is_rehashed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = fake_image(tmp.path());
+        verify(&img, false).unwrap(); // writes the stamp
+        std::fs::write(&img.rootfs, "DISK").unwrap(); // new mtime → stamp no longer matches
+        let err = verify(&img, false).unwrap_err().to_string();
+        assert!(err.contains("rootfs.qcow2 checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn broken_manifest_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(MANIFEST), "{").unwrap();
+        let err = load(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("manifest invalid"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The engine: boots QEMU guests from cached base images and runs commands in them over
+//! qemu-guest-agent. It knows nothing of GitLab, GitHub or JUnit; it reports what happens
+//! as [`events::VmEvent`]s and typed results.
+
+pub mod agent;
+pub mod arch;
+pub mod bounded;
+pub mod image;
+pub mod qemu;
+pub mod vm;
+
+pub use arch::Arch;

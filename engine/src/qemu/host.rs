@@ -1,0 +1,269 @@
+//! What this host can do: which QEMU binaries exist and their versions, whether `-sandbox`
+//! is compiled in, and whether KVM really runs a guest (a probe, not just `/dev/kvm`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::arch::Arch;
+use crate::qemu::spec::Accel;
+
+/// The oldest QEMU major version we support (features: mapped-ram, virtserialport names).
+pub const MIN_QEMU_MAJOR: u32 = 10;
+/// A working KVM runs the probe guest in well under a second; a broken one hangs.
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Exit status QEMU reports when the probe guest writes 0x2a to isa-debug-exit.
+const KVM_PROBE_EXIT: i32 = (0x2a << 1) | 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{binary} not found on PATH; run scripts/setup-host to install QEMU {MIN_QEMU_MAJOR}")]
+    QemuMissing { binary: String },
+    #[error("{binary} is version {found}, but QEMU {MIN_QEMU_MAJOR} or newer is needed; run scripts/setup-host (installs it from bookworm-backports)")]
+    QemuTooOld { binary: String, found: String },
+    #[error("could not run {binary}")]
+    Run {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM was requested but is not usable: {reason}; use --accel tcg or --accel auto")]
+    KvmUnusable { reason: String },
+}
+
+/// A QEMU binary that exists and is new enough.
+#[derive(Debug, Clone)]
+pub struct QemuBinary {
+    pub path: PathBuf,
+    pub version: String,
+    pub sandbox: bool,
+}
+
+/// Finds `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Parses "QEMU emulator version 10.0.2 (Debian ...)" into "10.0.2".
+pub fn parse_version(output: &str) -> Option<String> {
+    let rest = output.split("version ").nth(1)?;
+    let v: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+fn major(version: &str) -> u32 {
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Locates and checks the QEMU system emulator for `arch`.
+pub async fn qemu_for(arch: Arch) -> Result<QemuBinary, HostError> {
+    let binary = arch.qemu_binary();
+    let path = which(binary).ok_or_else(|| HostError::QemuMissing {
+        binary: binary.into(),
+    })?;
+    let out = Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| HostError::Run {
+            binary: binary.into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = parse_version(&text).unwrap_or_else(|| "unknown".into());
+    if major(&version) < MIN_QEMU_MAJOR {
+        return Err(HostError::QemuTooOld {
+            binary: binary.into(),
+            found: version,
+        });
+    }
+    let help = Command::new(&path)
+        .arg("-help")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| HostError::Run {
+            binary: binary.into(),
+            source,
+        })?;
+    let sandbox = String::from_utf8_lossy(&help.stdout).contains("-sandbox");
+    Ok(QemuBinary {
+        path,
+        version,
+        sandbox,
+    })
+}
+
+/// What the user asked for with `--accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator a VM will use, and why (shown to the user when KVM was passed over).
+#[derive(Debug, Clone)]
+pub struct AccelDecision {
+    pub accel: Accel,
+    pub note: Option<String>,
+}
+
+/// Decides the accelerator for a guest of `arch`. KVM is used only for a guest of the host's
+/// architecture and only when a probe guest really runs under it.
+pub async fn choose_accel(arch: Arch, choice: AccelChoice) -> Result<AccelDecision, HostError> {
+    if choice == AccelChoice::Tcg {
+        return Ok(AccelDecision {
+            accel: Accel::Tcg,
+            note: None,
+        });
+    }
+    let verdict = if Arch::host() != Some(arch) {
+        Err(format!(
+            "the guest is {arch} but this host is {}",
+            std::env::consts::ARCH
+        ))
+    } else {
+        probe_kvm().await
+    };
+    match (verdict, choice) {
+        (Ok(()), _) => Ok(AccelDecision {
+            accel: Accel::Kvm,
+            note: None,
+        }),
+        (Err(reason), AccelChoice::Kvm) => Err(HostError::KvmUnusable { reason }),
+        (Err(reason), _) => {
+            // Cross-architecture guests always use TCG; that needs no explanation.
+            let note = (Arch::host() == Some(arch))
+                .then(|| format!("KVM not usable ({reason}); using TCG, which is much slower"));
+            Ok(AccelDecision {
+                accel: Accel::Tcg,
+                note,
+            })
+        }
+    }
+}
+
+/// Whether KVM runs a guest on this host, or why not. `/dev/kvm` answering is not enough:
+/// nested setups without VMX open it fine and then fail or hang, so a tiny guest must
+/// actually run and exit through isa-debug-exit before the deadline.
+pub async fn probe_kvm() -> Result<(), String> {
+    if Arch::host() != Some(Arch::X86_64) {
+        return Err("the KVM probe is only implemented for x86_64 hosts".into());
+    }
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return Err("/dev/kvm does not exist".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        return Err(format!("cannot open /dev/kvm: {e}"));
+    }
+    let binary = which("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+    let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temp dir: {e}"))?;
+    let disk = dir.path().join("probe.img");
+    std::fs::write(&disk, probe_boot_sector()).map_err(|e| e.to_string())?;
+    let mut child = Command::new(binary)
+        .args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "16"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-drive"])
+        .arg(format!("file={},format=raw,if=ide", disk.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run qemu-system-x86_64: {e}"))?;
+    let stderr = child.stderr.take();
+    match tokio::time::timeout(KVM_PROBE_TIMEOUT, child.wait()).await {
+        Ok(Ok(status)) if status.code() == Some(KVM_PROBE_EXIT) => Ok(()),
+        Ok(Ok(status)) => {
+            let mut msg = String::new();
+            if let Some(mut e) = stderr {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 4096];
+                let n = e.read(&mut buf).await.unwrap_or(0);
+                msg = String::from_utf8_lossy(&buf[..n]).trim().replace('\n', "; ");
+            }
+            Err(format!("a probe guest failed under KVM ({status}): {msg}"))
+        }
+        Ok(Err(e)) => Err(format!("waiting for the probe guest failed: {e}")),
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(format!(
+                "a probe guest did not finish within {KVM_PROBE_TIMEOUT:?} under KVM (nested virtualisation without VMX?)"
+            ))
+        }
+    }
+}
+
+/// A BIOS boot sector that writes 0x2a to port 0xf4 (isa-debug-exit), then halts.
+fn probe_boot_sector() -> Vec<u8> {
+    // mov al, 0x2a ; out 0xf4, al ; hlt ; jmp $-1
+    let mut sector = vec![0xb0, 0x2a, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd];
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xaa]);
+    sector
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qemu_version_lines() {
+        // (output of --version, expected)
+        let cases = [
+            ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n", Some("10.0.2")),
+            ("QEMU emulator version 7.2.15\n", Some("7.2.15")),
+            ("something else", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_version(text).as_deref(), want, "{text}");
+        }
+        assert_eq!(major("10.0.2"), 10);
+        assert_eq!(major("garbage"), 0);
+    }
+
+    #[test]
+    fn boot_sector_is_bootable() {
+        let s = probe_boot_sector();
+        assert_eq!(s.len(), 512);
+        assert_eq!(&s[510..], &[0x55, 0xaa]);
+    }
+
+    #[tokio::test]
+    async fn tcg_choice_never_probes() {
+        let d = choose_accel(Arch::Riscv64, AccelChoice::Tcg).await.unwrap();
+        assert_eq!(d.accel, Accel::Tcg);
+        assert!(d.note.is_none());
+    }
+
+    #[tokio::test]
+    async fn kvm_for_a_foreign_guest_is_a_clear_error() {
+        let foreign = if Arch::host() == Some(Arch::Riscv64) { Arch::X86_64 } else { Arch::Riscv64 };
+        let err = choose_accel(foreign, AccelChoice::Kvm).await.unwrap_err().to_string();
+        assert!(err.contains("KVM") && err.contains("--accel tcg"), "{err}");
+    }
+}

@@ -1,0 +1,131 @@
+//! One QEMU child process: spawned in its own process group, its console and stderr kept in
+//! bounded tail buffers, and always stopped and reaped (polite → SIGTERM → SIGKILL).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+use crate::bounded::TailBuffer;
+
+/// How much of the guest console we keep (the tail is what explains a failed boot).
+const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
+/// How much of QEMU's stderr we keep.
+const STDERR_TAIL_BYTES: usize = 16 * 1024;
+/// After SIGTERM, how long QEMU gets before SIGKILL.
+pub const SIGTERM_GRACE: Duration = Duration::from_secs(2);
+
+/// A running (or exited, not yet dropped) QEMU process.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    pgid: Pid,
+    exit: Option<ExitStatus>,
+    console: Arc<Mutex<TailBuffer>>,
+    stderr: Arc<Mutex<TailBuffer>>,
+}
+
+impl QemuProcess {
+    /// Starts `binary` with `args` in a new process group.
+    pub fn spawn(binary: &str, args: &[OsString], cwd: &Path) -> std::io::Result<Self> {
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().expect("a just-spawned child has a pid");
+        let console = Arc::new(Mutex::new(TailBuffer::new(CONSOLE_TAIL_BYTES)));
+        let stderr = Arc::new(Mutex::new(TailBuffer::new(STDERR_TAIL_BYTES)));
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(drain_into(out, console.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(drain_into(err, stderr.clone()));
+        }
+        Ok(QemuProcess {
+            child,
+            pgid: Pid::from_raw(pid as i32),
+            exit: None,
+            console,
+            stderr,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pgid.as_raw() as u32
+    }
+
+    /// Waits until QEMU exits. Cancel-safe.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        let status = self.child.wait().await?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// Whether QEMU has already exited (without blocking).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(status);
+            }
+        }
+        self.exit
+    }
+
+    /// SIGTERM to the whole group, then SIGKILL after `grace`; returns once reaped.
+    pub async fn terminate(&mut self, grace: Duration) -> std::io::Result<ExitStatus> {
+        if let Some(status) = self.try_exit() {
+            return Ok(status);
+        }
+        let _ = killpg(self.pgid, Signal::SIGTERM);
+        if let Ok(result) = tokio::time::timeout(grace, self.wait()).await {
+            return result;
+        }
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        self.wait().await
+    }
+
+    /// The last lines QEMU printed on stderr.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        self.stderr.lock().expect("stderr lock").last_lines(lines)
+    }
+
+    /// The last lines of the guest's serial console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.console.lock().expect("console lock").last_lines(lines)
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        // Last resort for every path that did not stop the VM politely (error, panic,
+        // cancellation): kill the whole group now. tokio reaps the child in the background
+        // (kill_on_drop), and the zombie cannot outlive this process anyway.
+        if self.try_exit().is_none() {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn drain_into<R: AsyncRead + Unpin>(mut reader: R, sink: Arc<Mutex<TailBuffer>>) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => sink.lock().expect("tail lock").push(&buf[..n]),
+        }
+    }
+}

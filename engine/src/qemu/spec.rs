@@ -1,0 +1,290 @@
+//! The typed description of one VM (`VmSpec`) and the pure functions that turn it into a QEMU
+//! command line. Nothing here touches the system, so every argument is unit-tested.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::arch::Arch;
+
+/// Name of the virtio-serial port the guest agent listens on (qemu-ga's default).
+pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
+/// Name of the virtio-serial port that carries the live output of guest commands.
+pub const OUTPUT_PORT_NAME: &str = "org.runner.output.0";
+
+/// How guest instructions are executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation; only for a guest of the host's architecture.
+    Kvm,
+    /// QEMU's JIT, multi-threaded (one host thread per vCPU).
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The disk a VM boots from.
+#[derive(Debug, Clone)]
+pub struct RootDisk {
+    pub path: PathBuf,
+    /// `qcow2` for per-job overlays, `raw` while an image is being baked.
+    pub format: &'static str,
+}
+
+/// The UNIX sockets through which the host talks to one VM.
+#[derive(Debug, Clone)]
+pub struct VmSockets {
+    pub qmp: PathBuf,
+    pub agent: PathBuf,
+    pub output: PathBuf,
+}
+
+/// Everything needed to start one VM. The device set depends only on the image and the
+/// architecture (never on the job), so that a later version can resume jobs from a VM state
+/// saved after boot: per-job data travels over the agent after boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub arch: Arch,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub root: RootDisk,
+    pub sockets: VmSockets,
+    /// Whether this QEMU build supports `-sandbox` (seccomp).
+    pub sandbox: bool,
+}
+
+/// The QEMU machine model for an architecture.
+pub fn machine(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Riscv64 | Arch::Aarch64 => "virt",
+        // q35 gives us PCIe like the other two; SeaBIOS loads the kernel through fw_cfg.
+        Arch::X86_64 => "q35",
+    }
+}
+
+/// The CPU model: the host's CPU under KVM; under TCG a model that boots fast.
+pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
+    match (arch, accel) {
+        (_, Accel::Kvm) => "host",
+        // The default rv64 model has the extensions Debian's trixie userland targets.
+        (Arch::Riscv64, Accel::Tcg) => "rv64",
+        // `max` alone emulates the QARMA5 pointer-authentication cipher, which is very slow
+        // under TCG; the implementation-defined algorithm is cheap and just as correct.
+        (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
+        (Arch::X86_64, Accel::Tcg) => "max",
+    }
+}
+
+/// The `-accel` argument.
+pub fn accel_arg(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg,thread=multi",
+    }
+}
+
+/// The kernel command line. `panic=-1` with `-no-reboot` turns a guest panic (or the agent,
+/// PID 1's child, dying) into QEMU exiting instead of a hang.
+pub fn kernel_cmdline(arch: Arch) -> String {
+    format!(
+        "console={} panic=-1 quiet loglevel=3 rdinit=/init",
+        arch.console_device()
+    )
+}
+
+fn push(argv: &mut Vec<OsString>, items: &[&str]) {
+    argv.extend(items.iter().map(OsString::from));
+}
+
+fn push_kv(argv: &mut Vec<OsString>, flag: &str, value: String) {
+    argv.push(flag.into());
+    argv.push(value.into());
+}
+
+/// The full argument vector (without the binary) for `spec`.
+pub fn argv(spec: &VmSpec) -> Vec<OsString> {
+    let mut a = Vec::new();
+    push(&mut a, &["-nodefaults", "-no-user-config", "-no-reboot"]);
+    push(&mut a, &["-display", "none"]);
+    push_kv(&mut a, "-name", format!("{},process={}", spec.name, spec.name));
+    push_kv(&mut a, "-machine", machine(spec.arch).to_string());
+    push_kv(&mut a, "-accel", accel_arg(spec.accel).to_string());
+    push_kv(&mut a, "-cpu", cpu_model(spec.arch, spec.accel).to_string());
+    push_kv(&mut a, "-smp", spec.cpus.to_string());
+    push_kv(&mut a, "-m", format!("{}M", spec.memory_mib));
+    if spec.sandbox {
+        push_kv(
+            &mut a,
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        );
+    }
+    // Boot: the image's kernel and initramfs, directly.
+    a.push("-kernel".into());
+    a.push(spec.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(spec.initrd.clone().into());
+    push_kv(&mut a, "-append", kernel_cmdline(spec.arch));
+    // The serial console goes to our stdout pipe, where a bounded reader keeps its tail.
+    push(&mut a, &["-serial", "stdio"]);
+    // Root disk. cache=unsafe: per-job overlays are thrown away, so flushes buy nothing;
+    // QEMU still writes everything out on a clean quit (which the image bake relies on).
+    let mut drive = OsString::from("if=none,id=root,discard=unmap,cache=unsafe,format=");
+    drive.push(spec.root.format);
+    drive.push(",file=");
+    drive.push(escape_opt(&spec.root.path));
+    a.push("-drive".into());
+    a.push(drive);
+    push(&mut a, &["-device", "virtio-blk-pci,drive=root"]);
+    // Control plane: QMP, the agent port and the live-output port.
+    a.push("-qmp".into());
+    a.push(socket_chardev_path("unix:", &spec.sockets.qmp, ",server=on,wait=off"));
+    push(&mut a, &["-device", "virtio-serial-pci,id=vser0"]);
+    for (id, path, port) in [
+        ("agent0", &spec.sockets.agent, AGENT_PORT_NAME),
+        ("output0", &spec.sockets.output, OUTPUT_PORT_NAME),
+    ] {
+        a.push("-chardev".into());
+        a.push(socket_chardev_path(
+            "socket,path=",
+            path,
+            &format!(",server=on,wait=off,id={id}"),
+        ));
+        push_kv(
+            &mut a,
+            "-device",
+            format!("virtserialport,bus=vser0.0,chardev={id},name={port}"),
+        );
+    }
+    a
+}
+
+fn socket_chardev_path(prefix: &str, path: &std::path::Path, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(escape_opt(path));
+    s.push(suffix);
+    s
+}
+
+/// QEMU option values separate fields with ','; a literal comma is written ",,".
+fn escape_opt(path: &std::path::Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = path.as_os_str().as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arch: Arch, accel: Accel) -> VmSpec {
+        VmSpec {
+            name: "runner-vm-test".into(),
+            arch,
+            accel,
+            cpus: 2,
+            memory_mib: 1024,
+            kernel: "/img/kernel".into(),
+            initrd: "/img/initrd".into(),
+            root: RootDisk {
+                path: "/vm/a,b/overlay.qcow2".into(),
+                format: "qcow2",
+            },
+            sockets: VmSockets {
+                qmp: "/vm/qmp.sock".into(),
+                agent: "/vm/agent.sock".into(),
+                output: "/vm/output.sock".into(),
+            },
+            sandbox: true,
+        }
+    }
+
+    fn joined(spec: &VmSpec) -> String {
+        argv(spec)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn value_of(spec: &VmSpec, flag: &str) -> String {
+        let a = argv(spec);
+        let i = a.iter().position(|s| s == flag).expect(flag);
+        a[i + 1].to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn machine_cpu_and_console_per_arch() {
+        // (arch, accel, machine, cpu, console)
+        let cases = [
+            (Arch::Riscv64, Accel::Tcg, "virt", "rv64", "console=ttyS0"),
+            (Arch::Aarch64, Accel::Tcg, "virt", "max,pauth-impdef=on", "console=ttyAMA0"),
+            (Arch::X86_64, Accel::Tcg, "q35", "max", "console=ttyS0"),
+            (Arch::X86_64, Accel::Kvm, "q35", "host", "console=ttyS0"),
+        ];
+        for (arch, accel, machine, cpu, console) in cases {
+            let s = spec(arch, accel);
+            assert_eq!(value_of(&s, "-machine"), machine, "{arch}");
+            assert_eq!(value_of(&s, "-cpu"), cpu, "{arch}");
+            assert!(value_of(&s, "-append").contains(console), "{arch}");
+        }
+    }
+
+    #[test]
+    fn tcg_is_multi_threaded_and_kvm_is_kvm() {
+        assert_eq!(value_of(&spec(Arch::Riscv64, Accel::Tcg), "-accel"), "tcg,thread=multi");
+        assert_eq!(value_of(&spec(Arch::X86_64, Accel::Kvm), "-accel"), "kvm");
+    }
+
+    #[test]
+    fn hardening_flags_are_always_present() {
+        let s = joined(&spec(Arch::Riscv64, Accel::Tcg));
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot", "-display none"] {
+            assert!(s.contains(flag), "missing {flag}: {s}");
+        }
+        assert!(s.contains("panic=-1"), "{s}");
+        assert!(s.contains("-sandbox on,"), "{s}");
+        let mut no_sandbox = spec(Arch::Riscv64, Accel::Tcg);
+        no_sandbox.sandbox = false;
+        assert!(!joined(&no_sandbox).contains("-sandbox"));
+    }
+
+    #[test]
+    fn no_network_device_is_ever_added() {
+        let s = joined(&spec(Arch::X86_64, Accel::Tcg));
+        assert!(!s.contains("-netdev") && !s.contains("virtio-net"), "{s}");
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let drive = value_of(&spec(Arch::Riscv64, Accel::Tcg), "-drive");
+        assert!(drive.ends_with("file=/vm/a,,b/overlay.qcow2"), "{drive}");
+        assert!(drive.contains("format=qcow2"), "{drive}");
+    }
+
+    #[test]
+    fn agent_and_output_ports_share_one_bus() {
+        let s = joined(&spec(Arch::Aarch64, Accel::Tcg));
+        assert!(s.contains("socket,path=/vm/agent.sock,server=on,wait=off,id=agent0"), "{s}");
+        assert!(s.contains("virtserialport,bus=vser0.0,chardev=agent0,name=org.qemu.guest_agent.0"));
+        assert!(s.contains("virtserialport,bus=vser0.0,chardev=output0,name=org.runner.output.0"));
+        assert!(s.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off"), "{s}");
+    }
+}

@@ -1,0 +1,383 @@
+//! A running VM as an owned resource: boot (overlay, QEMU, QMP, agent handshake under a
+//! deadline), run commands with live output, move files, and stop. Dropping a `Vm` on any
+//! path kills its process group and removes its directory.
+
+mod dir;
+pub mod exec;
+pub mod overlay;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::agent::{AgentClient, AgentError, ExecStatus};
+use crate::arch::Arch;
+use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
+use crate::qemu::qmp::{QmpClient, QmpError};
+use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
+pub use dir::VmDir;
+pub use exec::{CommandEnd, GuestCommand};
+use overlay::OverlayError;
+
+/// How long QEMU may take to create its sockets after it starts.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout for one QMP command.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout for one agent command that should answer at once.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `guest-exec-status` reaps the record it reports; give it time rather than lose the status.
+const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+/// After `quit`, how long QEMU gets to exit before SIGTERM.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// Chunks of live output buffered between the port reader and the consumer. When full, the
+/// reader stops reading and the guest blocks on write: memory stays bounded.
+const OUTPUT_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot create the VM directory under {parent}")]
+    Dir {
+        parent: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error("cannot start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during boot ({status}): {stderr}\n--- guest console (tail) ---\n{console}")]
+    QemuExited {
+        status: ExitStatus,
+        stderr: String,
+        console: String,
+    },
+    #[error("the guest did not boot: its agent did not answer within {timeout:?}\n--- guest console (tail) ---\n{console}")]
+    BootTimeout { timeout: Duration, console: String },
+    #[error("QEMU did not create {path} within {SOCKET_TIMEOUT:?}")]
+    Socket { path: PathBuf },
+    #[error("QMP failed")]
+    Qmp(#[from] QmpError),
+    #[error("guest agent failed")]
+    Agent(#[from] AgentError),
+    #[error("the VM stopped while a command was running ({status}): {stderr}")]
+    Died { status: String, stderr: String },
+}
+
+/// The disk a VM boots from.
+#[derive(Debug, Clone)]
+pub enum DiskSource {
+    /// A fresh copy-on-write overlay of this read-only qcow2 base (normal jobs).
+    Overlay(PathBuf),
+    /// This image itself, writable (only the image builder's bake uses it).
+    Direct { path: PathBuf, format: &'static str },
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub arch: Arch,
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+    pub sandbox: bool,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: DiskSource,
+    /// Parent of the per-VM directories.
+    pub state_dir: PathBuf,
+    /// Deadline for the agent's first answer.
+    pub boot_timeout: Duration,
+}
+
+/// A booted VM whose agent has answered.
+#[derive(Debug)]
+pub struct Vm {
+    process: QemuProcess,
+    qmp: QmpClient,
+    agent: AgentClient<UnixStream>,
+    output: mpsc::Receiver<Vec<u8>>,
+    /// How long from QEMU start to the agent's first answer.
+    pub boot_time: Duration,
+    pub agent_version: String,
+    // Last field: dropped after the process is killed.
+    dir: VmDir,
+}
+
+impl Vm {
+    /// Boots a VM and waits for its agent, failing at once if QEMU exits.
+    pub async fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let dir = VmDir::create(&cfg.state_dir).map_err(|source| VmError::Dir {
+            parent: cfg.state_dir.clone(),
+            source,
+        })?;
+        let root = match &cfg.disk {
+            DiskSource::Overlay(base) => {
+                let path = dir.join("overlay.qcow2");
+                overlay::create_overlay(base, &path).await?;
+                RootDisk {
+                    path,
+                    format: "qcow2",
+                }
+            }
+            DiskSource::Direct { path, format } => RootDisk {
+                path: path.clone(),
+                format,
+            },
+        };
+        let sockets = VmSockets {
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            output: dir.join("output.sock"),
+        };
+        let spec = VmSpec {
+            name: format!("runner-{}", dir.id()),
+            arch: cfg.arch,
+            accel: cfg.accel,
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            root,
+            sockets: sockets.clone(),
+            sandbox: cfg.sandbox,
+        };
+        let binary = cfg.qemu_binary.to_string_lossy().into_owned();
+        let mut process = QemuProcess::spawn(&binary, &spec::argv(&spec), dir.path())
+            .map_err(|source| VmError::Spawn { binary, source })?;
+
+        let boot_deadline = tokio::time::Instant::now() + cfg.boot_timeout;
+        let handshake = async {
+            let qmp_stream = wait_for_socket(&sockets.qmp).await?;
+            drop(qmp_stream); // probe only; QmpClient connects itself
+            let qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
+            let output = wait_for_socket(&sockets.output).await?;
+            let agent_stream = wait_for_socket(&sockets.agent).await?;
+            let mut agent = AgentClient::new(agent_stream);
+            agent.sync(boot_deadline).await?;
+            let version = agent.version(AGENT_TIMEOUT).await?;
+            Ok::<_, VmError>((qmp, output, agent, version))
+        };
+        let result = tokio::select! {
+            r = handshake => r,
+            status = process.wait() => {
+                let status = status.map_err(|source| VmError::Spawn { binary: "qemu".into(), source })?;
+                return Err(VmError::QemuExited {
+                    status,
+                    stderr: process.stderr_tail(20),
+                    console: process.console_tail(30),
+                });
+            }
+        };
+        let (qmp, output_stream, agent, agent_version) = match result {
+            Ok(parts) => parts,
+            Err(VmError::Agent(AgentError::Timeout { .. })) => {
+                return Err(VmError::BootTimeout {
+                    timeout: cfg.boot_timeout,
+                    console: process.console_tail(30),
+                })
+            }
+            Err(e) => {
+                // A broken pipe here usually means QEMU died: report that instead.
+                if let Ok(Ok(status)) =
+                    tokio::time::timeout(Duration::from_millis(500), process.wait()).await
+                {
+                    return Err(VmError::QemuExited {
+                        status,
+                        stderr: process.stderr_tail(20),
+                        console: process.console_tail(30),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        Ok(Vm {
+            process,
+            qmp,
+            agent,
+            output: spawn_output_reader(output_stream),
+            boot_time: started.elapsed(),
+            agent_version,
+            dir,
+        })
+    }
+
+    /// The VM's id (its directory name), for logs.
+    pub fn id(&self) -> String {
+        self.dir.id()
+    }
+
+    /// The VM's private directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// QEMU's process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The last lines of the guest console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.process.console_tail(lines)
+    }
+
+    /// Runs `cmd` in `cwd` with exactly `env`, passing live output to `on_output`, until it
+    /// ends or `timeout` passes. A timed-out command is still running: stop the VM.
+    pub async fn run(
+        &mut self,
+        cmd: &GuestCommand,
+        cwd: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        on_output: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<CommandEnd, VmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let marker = exec::new_marker();
+        let mut scanner = exec::MarkerScanner::new(&marker);
+        let request = exec::exec_request(cmd, cwd, env, &marker);
+        // Output left over from an earlier command's background processes is not ours.
+        while self.output.try_recv().is_ok() {}
+        let pid = self.agent.exec(&request, AGENT_TIMEOUT).await?;
+        let mut exited: Option<CommandEnd> = None;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if scanner.found() {
+                if let Some(end) = exited {
+                    return Ok(end);
+                }
+            }
+            let wake = match (exited, drain_deadline) {
+                (Some(_), Some(d)) => d,
+                _ => (tokio::time::Instant::now() + exec::STATUS_POLL).min(deadline),
+            };
+            tokio::select! {
+                chunk = self.output.recv(), if !scanner.found() => match chunk {
+                    Some(bytes) => {
+                        let out = scanner.feed(&bytes);
+                        if !out.is_empty() { on_output(&out); }
+                        // The command printed its marker: its status is ready now.
+                        if scanner.found() && exited.is_none() {
+                            exited = self.poll_status(pid).await?;
+                        }
+                    }
+                    None => {
+                        // Port closed: QEMU is gone.
+                        return Err(self.died().await);
+                    }
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if exited.is_some() {
+                        // The command ended but its marker never came (e.g. the output port
+                        // could not be opened): hand over what we have.
+                        let rest = scanner.flush();
+                        if !rest.is_empty() { on_output(&rest); }
+                        return Ok(exited.expect("checked"));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        let rest = scanner.flush();
+                        if !rest.is_empty() { on_output(&rest); }
+                        return Ok(CommandEnd::TimedOut);
+                    }
+                    exited = self.poll_status(pid).await?;
+                    if exited.is_some() && !scanner.found() {
+                        drain_deadline = Some(tokio::time::Instant::now() + exec::OUTPUT_DRAIN);
+                    }
+                }
+                status = self.process.wait() => {
+                    let _ = status;
+                    return Err(self.died().await);
+                }
+            }
+        }
+    }
+
+    async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
+        Ok(match self.agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
+            ExecStatus::Running => None,
+            ExecStatus::Exited(code) => Some(CommandEnd::Exited(code)),
+            ExecStatus::Signaled(sig) => Some(CommandEnd::Signaled(sig)),
+        })
+    }
+
+    async fn died(&mut self) -> VmError {
+        let status = match tokio::time::timeout(Duration::from_secs(2), self.process.wait()).await {
+            Ok(Ok(s)) => s.to_string(),
+            _ => "still running, output port closed".into(),
+        };
+        VmError::Died {
+            status,
+            stderr: self.process.stderr_tail(10),
+        }
+    }
+
+    /// Writes `data` to `path` in the guest.
+    pub async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError> {
+        let timeout = AGENT_TIMEOUT + Duration::from_secs(data.len() as u64 / (1 << 20));
+        Ok(self.agent.write_file(path, data, timeout).await?)
+    }
+
+    /// Reads `path` from the guest, refusing files larger than `max_bytes`.
+    pub async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError> {
+        Ok(self.agent.read_file(path, max_bytes, AGENT_TIMEOUT).await?)
+    }
+
+    /// Stops the VM: QMP `quit`, then SIGTERM, then SIGKILL; the directory goes with `self`.
+    pub async fn shutdown(mut self) -> Result<(), VmError> {
+        let _ = self.qmp.quit(QMP_TIMEOUT).await;
+        if tokio::time::timeout(QUIT_GRACE, self.process.wait()).await.is_err() {
+            let _ = self.process.terminate(SIGTERM_GRACE).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the VM at once (timeouts, cancellation): SIGTERM, then SIGKILL.
+    pub async fn kill(mut self) {
+        let _ = self.process.terminate(SIGTERM_GRACE).await;
+    }
+}
+
+/// Connects to a UNIX socket QEMU is about to create.
+async fn wait_for_socket(path: &Path) -> Result<UnixStream, VmError> {
+    let deadline = tokio::time::Instant::now() + SOCKET_TIMEOUT;
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                // QEMU creates its sockets within milliseconds of starting; poll briefly.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            Err(_) => return Err(VmError::Socket { path: path.into() }),
+        }
+    }
+}
+
+/// Reads the live-output socket into a bounded queue.
+fn spawn_output_reader(mut stream: UnixStream) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}

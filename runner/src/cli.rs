@@ -1,0 +1,106 @@
+//! The command line, as clap parses it (raw values; validation happens in the commands).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "runner", version, about = "Run test suites inside emulated CPU architectures (QEMU)")]
+pub struct Cli {
+    /// Where images and VM directories live [env: RUNNER_CACHE_DIR] [default: ~/.cache/runner]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// No progress bars or status lines, only guest output and errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command, or the suites of runner.toml, in a fresh VM.
+    Test(TestArgs),
+    /// Build, list and verify base images.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// Check this host: QEMU per architecture, KVM, the image cache.
+    Doctor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when the guest is the host's architecture and KVM really works; TCG otherwise.
+    Auto,
+    /// KVM or fail.
+    Kvm,
+    /// Always TCG (QEMU's JIT).
+    Tcg,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Guest architecture(s): riscv64, aarch64, x86_64 (comma-separated or repeated).
+    /// Default: `[defaults] arch` of runner.toml.
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Base image (recipe name). Default: runner.toml's, else debian-13.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Write a JUnit XML report here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Timeout for the command, or for each suite (e.g. 90s, 10m). Overrides runner.toml.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Suite file [default: ./runner.toml].
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Run only these suites (repeatable).
+    #[arg(long = "suite", short = 's', value_name = "NAME")]
+    pub suites: Vec<String>,
+    /// vCPUs per VM. Overrides runner.toml (default 2).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory (e.g. 512M, 2G). Overrides runner.toml (default 1G).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Where declared artifacts are copied back to [default: ./runner-out].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// With `-- CMD`: copy this directory into the guest at /workspace first.
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// The command to run in the guest instead of runner.toml's suites.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Build (or verify the cached copy of) an image for an architecture.
+    Build {
+        /// Guest architecture(s), comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        arch: Vec<String>,
+        /// Recipe: a name (images/NAME.toml in this project, or built-in) or a .toml path.
+        #[arg(default_value = "debian-13")]
+        recipe: String,
+        /// Debian mirror to use instead of the recipe's.
+        #[arg(long, env = "RUNNER_DEBIAN_MIRROR")]
+        mirror: Option<String>,
+        /// Rebuild even if a valid cached image exists.
+        #[arg(long)]
+        force: bool,
+        /// Accelerator for the one-time bake boot.
+        #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+        accel: AccelArg,
+    },
+    /// List cached images and whether they are intact.
+    List,
+    /// Hash every artifact of every cached image against its manifest.
+    Verify,
+}

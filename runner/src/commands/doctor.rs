@@ -1,0 +1,59 @@
+//! `runner doctor`: what this host can run, and why not where it cannot.
+
+use engine::image::ImageStore;
+use engine::qemu::host::{self as qhost, AccelChoice};
+use engine::Arch;
+
+use crate::exit;
+
+pub async fn run(store: &ImageStore) -> i32 {
+    let mut ok = true;
+    println!("host: {} ({} cores)", std::env::consts::ARCH, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    for arch in Arch::ALL {
+        match qhost::qemu_for(arch).await {
+            Ok(q) => println!(
+                "{arch:<8} {} {} (sandbox: {})",
+                q.path.display(),
+                q.version,
+                if q.sandbox { "yes" } else { "no" }
+            ),
+            Err(e) => {
+                ok = false;
+                println!("{arch:<8} MISSING: {e}");
+            }
+        }
+    }
+    for tool in ["qemu-img", "mmdebstrap", "depmod", "mkfs.ext4", "cpio", "xz"] {
+        match qhost::which(tool) {
+            Some(p) => println!("tool     {tool}: {}", p.display()),
+            None => {
+                ok = false;
+                println!("tool     {tool}: MISSING (run scripts/setup-host)");
+            }
+        }
+    }
+    match (Arch::host(), qhost::probe_kvm().await) {
+        (Some(a), Ok(())) => println!("kvm      usable for {a} guests"),
+        (_, Err(why)) => println!("kvm      not usable: {why} (every VM uses TCG)"),
+        (None, Ok(())) => println!("kvm      usable"),
+    }
+    if let Some(host) = Arch::host() {
+        let d = qhost::choose_accel(host, AccelChoice::Auto).await;
+        if let Ok(d) = d {
+            println!("accel    {host} guests: {}", d.accel.name());
+        }
+    }
+    let images = store.list();
+    println!("cache    {} ({} images)", store.root().display(), images.len());
+    for (dir, state) in images {
+        match state {
+            Ok(m) => println!("image    {} {} ok", m.recipe, m.arch),
+            Err(e) => println!("image    {} CORRUPT: {e}", dir.display()),
+        }
+    }
+    if ok {
+        exit::SUCCESS
+    } else {
+        exit::HOST
+    }
+}

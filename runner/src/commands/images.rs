@@ -1,0 +1,112 @@
+//! `runner images build|list|verify`.
+
+use engine::image::{store, ImageStore};
+use engine::Arch;
+
+use crate::cli::{AccelArg, ImagesCommand};
+use crate::exit;
+use crate::host;
+use crate::outcome::Outcome;
+use crate::report::console::Status;
+
+pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32 {
+    match cmd {
+        ImagesCommand::Build { arch, recipe, mirror, force, accel } => build(store, &arch, &recipe, mirror, force, accel, status).await,
+        ImagesCommand::List => list(store),
+        ImagesCommand::Verify => verify(store),
+    }
+}
+
+async fn build(
+    store: &ImageStore,
+    arches: &[String],
+    recipe: &str,
+    mirror: Option<String>,
+    force: bool,
+    accel: AccelArg,
+    status: &Status,
+) -> i32 {
+    let mut code = exit::SUCCESS;
+    for name in arches {
+        let arch: Arch = match name.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                status.error(&e.to_string());
+                return exit::CONFIG;
+            }
+        };
+        let result = async {
+            let platform = host::platform(arch, accel).await?;
+            let spinner = status.spinner(&format!("{arch}: checking image {recipe}"));
+            let progress = |msg: &str| spinner.set_message(format!("{arch}: {msg}"));
+            let cwd = std::env::current_dir().ok();
+            let image = host::base_image(store, recipe, cwd.as_deref(), &platform, mirror.clone(), force, &progress).await;
+            spinner.finish_and_clear();
+            image
+        }
+        .await;
+        match result {
+            Ok(image) => status.line(&format!(
+                "{arch}: {} ready ({} packages, kernel {}) in {}",
+                image.manifest.recipe,
+                image.manifest.packages.len(),
+                image.manifest.kernel_version,
+                image.dir.display()
+            )),
+            Err(outcome) => {
+                status.error(&outcome_message(&outcome));
+                code = outcome.exit_code();
+            }
+        }
+    }
+    code
+}
+
+pub fn outcome_message(o: &Outcome) -> String {
+    match o {
+        Outcome::InfraError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn list(store: &ImageStore) -> i32 {
+    let images = store.list();
+    if images.is_empty() {
+        println!("no images in {}; build one with `runner images build --arch riscv64`", store.images_dir().display());
+        return exit::SUCCESS;
+    }
+    println!("{:<12} {:<9} {:<18} {:>8} {:<8} PATH", "IMAGE", "ARCH", "HASH", "SIZE", "STATE");
+    for (dir, state) in images {
+        match state {
+            Ok(m) => {
+                let size: u64 = m.artifacts.values().map(|a| a.size).sum();
+                println!(
+                    "{:<12} {:<9} {:<18} {:>7}M {:<8} {}",
+                    m.recipe,
+                    m.arch,
+                    m.recipe_hash,
+                    size >> 20,
+                    "ok",
+                    dir.display()
+                );
+            }
+            Err(e) => println!("{:<12} {:<9} {:<18} {:>8} {:<8} {} ({e})", "?", "?", "?", "-", "corrupt", dir.display()),
+        }
+    }
+    exit::SUCCESS
+}
+
+fn verify(store: &ImageStore) -> i32 {
+    let mut code = exit::SUCCESS;
+    for (dir, state) in store.list() {
+        let result = store::load(&dir).and_then(|img| store::verify(&img, true));
+        match (state, result) {
+            (_, Ok(())) => println!("ok       {}", dir.display()),
+            (_, Err(e)) => {
+                println!("corrupt  {}: {e}", dir.display());
+                code = exit::IMAGE;
+            }
+        }
+    }
+    code
+}

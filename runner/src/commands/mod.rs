@@ -1,0 +1,5 @@
+//! One module per subcommand; each returns the process exit code.
+
+pub mod doctor;
+pub mod images;
+pub mod test;

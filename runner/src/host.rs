@@ -1,0 +1,73 @@
+//! Host-side preparation shared by every command that boots VMs: QEMU for the arch, the
+//! accelerator decision, and the base image (built on first use).
+
+use std::path::Path;
+
+use engine::image::{self, BaseImage, BuildOptions, ImageStore, Recipe};
+use engine::qemu::host::{self as qhost, AccelChoice, AccelDecision, QemuBinary};
+use engine::Arch;
+
+use crate::cli::AccelArg;
+use crate::outcome::{InfraKind, Outcome};
+
+/// Everything needed to boot VMs of one architecture.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    pub arch: Arch,
+    pub qemu: QemuBinary,
+    pub accel: AccelDecision,
+}
+
+pub fn accel_choice(a: AccelArg) -> AccelChoice {
+    match a {
+        AccelArg::Auto => AccelChoice::Auto,
+        AccelArg::Kvm => AccelChoice::Kvm,
+        AccelArg::Tcg => AccelChoice::Tcg,
+    }
+}
+
+/// Finds QEMU for `arch` and decides the accelerator.
+pub async fn platform(arch: Arch, accel: AccelArg) -> Result<Platform, Outcome> {
+    let host_err = |e: &dyn std::error::Error| Outcome::InfraError {
+        kind: InfraKind::Host,
+        message: image::build::error_chain(e),
+    };
+    let qemu = qhost::qemu_for(arch).await.map_err(|e| host_err(&e))?;
+    let accel = qhost::choose_accel(arch, accel_choice(accel))
+        .await
+        .map_err(|e| host_err(&e))?;
+    Ok(Platform { arch, qemu, accel })
+}
+
+/// The base image `name` for `platform`, built first if it is not cached.
+pub async fn base_image(
+    store: &ImageStore,
+    name: &str,
+    project_dir: Option<&Path>,
+    platform: &Platform,
+    mirror: Option<String>,
+    force: bool,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<BaseImage, Outcome> {
+    let recipe = if name.ends_with(".toml") {
+        Recipe::load(Path::new(name))
+    } else {
+        Recipe::find(name, project_dir)
+    }
+    .map_err(|e| Outcome::InfraError {
+        kind: InfraKind::Config,
+        message: image::build::error_chain(&e),
+    })?;
+    let opts = BuildOptions {
+        mirror,
+        qemu: platform.qemu.clone(),
+        accel: platform.accel.accel,
+        force,
+    };
+    image::ensure_image(store, &recipe, platform.arch, &opts, progress)
+        .await
+        .map_err(|e| Outcome::InfraError {
+            kind: if e.is_disk_full() { InfraKind::Io } else { InfraKind::Image },
+            message: image::build::error_chain(&e),
+        })
+}

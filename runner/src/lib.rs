@@ -1,0 +1,13 @@
+//! The runner library: CLI-independent parts of the runner (suite files, planning, reporting).
+
+pub mod suite;
+pub mod cli;
+pub mod commands;
+pub mod events;
+pub mod execute;
+pub mod exit;
+pub mod host;
+pub mod outcome;
+pub mod plan;
+pub mod report;
+pub mod workspace;

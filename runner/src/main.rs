@@ -1,0 +1,52 @@
+//! The `runner` binary: parses the command line and hands over to a command. Errors that
+//! escape a command are printed once, with their whole chain, on one line.
+
+use std::time::Duration;
+
+use clap::Parser;
+use engine::image::ImageStore;
+
+use runner::cli::{Cli, Command};
+use runner::commands;
+use runner::execute::{RunSettings, BOOT_TIMEOUT};
+use runner::report::console::Status;
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runner: error: cannot start the async runtime: {e}");
+            std::process::exit(runner::exit::HOST);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    // Reporters have flushed; background tasks (output readers) need not finish.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
+    let store = ImageStore::new(cli.cache_dir.clone().unwrap_or_else(ImageStore::default_root));
+    let status = Status::new(cli.quiet);
+    match cli.command {
+        Command::Test(args) => {
+            let settings = RunSettings {
+                store,
+                accel: args.accel,
+                boot_timeout: boot_timeout(),
+            };
+            commands::test::run(args, settings, status).await
+        }
+        Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
+        Command::Doctor => commands::doctor::run(&store).await,
+    }
+}
+
+/// `RUNNER_BOOT_TIMEOUT` (e.g. "5m") overrides the boot deadline for very slow hosts.
+fn boot_timeout() -> Duration {
+    std::env::var("RUNNER_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(BOOT_TIMEOUT)
+}

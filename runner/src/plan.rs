@@ -1,0 +1,156 @@
+//! Planning: the suite file and the command line become `SuitePlan`s — everything one
+//! suite × architecture run needs, validated, with no decisions left for the executor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine::vm::GuestCommand;
+use engine::Arch;
+
+use crate::events::RunId;
+use crate::suite::{Suite, SuiteFile};
+
+/// Default image when neither the CLI nor runner.toml names one.
+pub const DEFAULT_IMAGE: &str = "debian-13";
+/// Default timeout for `runner test -- CMD`.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_CPUS: u32 = 2;
+pub const DEFAULT_MEMORY_MIB: u32 = 1024;
+/// Where the project directory appears in the guest.
+pub const GUEST_WORKSPACE: &str = "/workspace";
+
+/// The project directory to copy into the guest.
+#[derive(Debug, Clone)]
+pub struct WorkspacePlan {
+    pub root: PathBuf,
+    pub exclude: Vec<String>,
+    pub max_size: u64,
+}
+
+/// One step to run in the guest.
+#[derive(Debug, Clone)]
+pub struct StepPlan {
+    pub name: String,
+    pub command: GuestCommand,
+    pub timeout: Duration,
+    pub env: Vec<(String, String)>,
+    pub allow_failure: bool,
+}
+
+/// One suite on one architecture.
+#[derive(Debug, Clone)]
+pub struct SuitePlan {
+    pub id: RunId,
+    pub image: String,
+    /// Where project recipes (images/NAME.toml) are looked up.
+    pub project_dir: Option<PathBuf>,
+    pub workspace: Option<WorkspacePlan>,
+    pub host_setup: Vec<String>,
+    pub steps: Vec<StepPlan>,
+    /// Deadline for the whole suite: boot, copy, steps, results.
+    pub timeout: Duration,
+    pub junit: Vec<String>,
+    pub artifacts: Vec<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Where artifacts of this suite × arch are copied back to.
+    pub out_dir: PathBuf,
+}
+
+/// Settings from the command line that override the suite file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub image: Option<String>,
+    pub timeout: Option<Duration>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub out: Option<PathBuf>,
+}
+
+/// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
+/// architectures are left out of those.
+pub fn plan_suites(file: &SuiteFile, suite_names: &[String], arches: &[Arch], ov: &Overrides) -> Result<Vec<SuitePlan>, String> {
+    let selected: Vec<&Suite> = if suite_names.is_empty() {
+        file.suites.iter().collect()
+    } else {
+        suite_names
+            .iter()
+            .map(|n| {
+                file.suite(n).ok_or_else(|| {
+                    let known: Vec<_> = file.suites.iter().map(|s| s.name.as_str()).collect();
+                    format!("{}: no suite named '{n}' (suites: {})", file.path.display(), known.join(", "))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let project_dir = file.path.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() });
+    let out_root = ov.out.clone().unwrap_or_else(|| PathBuf::from("runner-out"));
+    let mut plans = Vec::new();
+    for &arch in arches {
+        for suite in selected.iter().filter(|s| s.runs_on(arch)) {
+            let timeout = ov.timeout.unwrap_or(suite.timeout);
+            plans.push(SuitePlan {
+                id: RunId { suite: suite.name.clone(), arch },
+                image: ov.image.clone().unwrap_or_else(|| file.defaults.image.clone()),
+                project_dir: project_dir.clone(),
+                workspace: Some(WorkspacePlan {
+                    root: file.workspace.root.clone(),
+                    exclude: file.workspace.exclude.clone(),
+                    max_size: file.workspace.max_size,
+                }),
+                host_setup: suite.host_setup.clone(),
+                steps: suite
+                    .steps
+                    .iter()
+                    .map(|s| StepPlan {
+                        name: s.name.clone(),
+                        command: GuestCommand::Script(s.run.clone()),
+                        timeout: s.timeout.min(timeout),
+                        env: s.env.clone(),
+                        allow_failure: s.allow_failure,
+                    })
+                    .collect(),
+                timeout,
+                junit: suite.junit.clone(),
+                artifacts: suite.artifacts.clone(),
+                cpus: ov.cpus.unwrap_or(file.defaults.cpus),
+                memory_mib: ov.memory_mib.unwrap_or(file.defaults.memory_mib),
+                out_dir: out_root.join(format!("{}-{arch}", suite.name)),
+            });
+        }
+    }
+    if plans.is_empty() {
+        let names: Vec<_> = arches.iter().map(|a| a.name()).collect();
+        return Err(format!("{}: no suite runs on {}", file.path.display(), names.join(", ")));
+    }
+    Ok(plans)
+}
+
+/// The plan for `runner test --arch ARCH -- CMD...`.
+pub fn plan_command(argv: Vec<String>, arch: Arch, workspace: Option<PathBuf>, ov: &Overrides) -> SuitePlan {
+    let timeout = ov.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
+    SuitePlan {
+        id: RunId { suite: "command".into(), arch },
+        image: ov.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
+        project_dir: std::env::current_dir().ok(),
+        workspace: workspace.map(|root| WorkspacePlan {
+            root,
+            exclude: vec![".git".into(), "target".into()],
+            max_size: 1 << 30,
+        }),
+        host_setup: Vec::new(),
+        steps: vec![StepPlan {
+            name: argv.join(" "),
+            command: GuestCommand::Argv(argv),
+            timeout,
+            env: Vec::new(),
+            allow_failure: false,
+        }],
+        timeout,
+        junit: Vec::new(),
+        artifacts: Vec::new(),
+        cpus: ov.cpus.unwrap_or(DEFAULT_CPUS),
+        memory_mib: ov.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+        out_dir: ov.out.clone().unwrap_or_else(|| PathBuf::from("runner-out")),
+    }
+}

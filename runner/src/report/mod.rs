@@ -1,0 +1,4 @@
+//! Reporters: consumers of the run's event stream.
+
+pub mod console;
+pub mod junit;

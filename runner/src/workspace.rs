@@ -1,0 +1,162 @@
+//! Moving files between the host and the guest: the project directory goes in as a tar
+//! archive (packed here with excludes and a size cap), declared artifacts come back as one
+//! (unpacked safely: nothing may land outside the output directory).
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    #[error("cannot read the workspace {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the workspace {path} is larger than {limit} MiB; add excludes under [workspace] in runner.toml or raise max_size")]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("bad exclude pattern '{pattern}' in runner.toml: {message}")]
+    Pattern { pattern: String, message: String },
+    #[error("cannot unpack artifacts into {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Packs `root` into a tar archive in memory, skipping paths that match `exclude` (a pattern
+/// matches a path or any of its parent directories), refusing more than `max_size` bytes.
+pub fn pack(root: &Path, exclude: &[String], max_size: u64) -> Result<Vec<u8>, WorkspaceError> {
+    let patterns = exclude
+        .iter()
+        .map(|p| {
+            glob::Pattern::new(p.trim_end_matches('/')).map_err(|e| WorkspaceError::Pattern {
+                pattern: p.clone(),
+                message: e.msg.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let read_err = |source| WorkspaceError::Read { path: root.into(), source };
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    let mut total = 0u64;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir).map_err(read_err)?.collect::<Result<_, _>>().map_err(read_err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let rel_path = rel.join(entry.file_name());
+            if patterns.iter().any(|p| p.matches_path(&rel_path)) {
+                continue;
+            }
+            let meta = entry.path().symlink_metadata().map_err(read_err)?;
+            total += meta.len().min(u64::MAX / 2) + 512;
+            if total > max_size {
+                return Err(WorkspaceError::TooLarge { path: root.into(), limit: max_size >> 20 });
+            }
+            if meta.is_dir() {
+                builder.append_dir(&rel_path, entry.path()).map_err(read_err)?;
+                stack.push(rel_path);
+            } else if meta.is_file() || meta.file_type().is_symlink() {
+                builder.append_path_with_name(entry.path(), &rel_path).map_err(read_err)?;
+            }
+            // Sockets, fifos and devices are not copied.
+        }
+    }
+    builder.into_inner().map_err(read_err)
+}
+
+/// Unpacks an artifacts archive from the guest into `dest`. Entries that would escape
+/// `dest` (absolute paths, `..`, links) are refused by the tar crate's `unpack_in`.
+pub fn unpack(archive: &[u8], dest: &Path) -> Result<Vec<PathBuf>, WorkspaceError> {
+    let err = |source| WorkspaceError::Unpack { path: dest.into(), source };
+    std::fs::create_dir_all(dest).map_err(err)?;
+    let mut ar = tar::Archive::new(archive);
+    ar.set_preserve_permissions(false);
+    ar.set_overwrite(true);
+    let mut written = Vec::new();
+    for entry in ar.entries().map_err(err)? {
+        let mut entry = entry.map_err(err)?;
+        // Only regular files and directories come back; links could point anywhere.
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            continue;
+        }
+        let rel = entry.path().map_err(err)?.into_owned();
+        if entry.unpack_in(dest).map_err(err)? && kind.is_file() {
+            written.push(dest.join(rel));
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(archive: &[u8]) -> Vec<String> {
+        let mut ar = tar::Archive::new(archive);
+        let mut v: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn excludes_match_paths_and_their_children() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["src/main.c", "target/debug/x", ".git/HEAD", "docs/a.log", "keep.txt"] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "x").unwrap();
+        }
+        let ar = pack(dir.path(), &["target".into(), ".git".into(), "**/*.log".into()], 1 << 20).unwrap();
+        assert_eq!(names(&ar), ["docs", "keep.txt", "src", "src/main.c"]);
+    }
+
+    #[test]
+    fn size_cap_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big"), vec![0u8; 10_000]).unwrap();
+        let err = pack(dir.path(), &[], 4096).unwrap_err().to_string();
+        assert!(err.contains("larger than") && err.contains("max_size"), "{err}");
+    }
+
+    #[test]
+    fn hostile_archives_cannot_escape() {
+        // Build an archive by hand with a `..` path and a symlink.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        // set_path refuses "..", so write the raw name field.
+        let name = b"../escaped.txt";
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        b.append(&h, &b"bad"[..]).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        b.append_link(&mut link, "link", "/etc/passwd").unwrap();
+        let mut ok = tar::Header::new_gnu();
+        ok.set_size(2);
+        ok.set_mode(0o644);
+        b.append_data(&mut ok, "out/result.txt", &b"ok"[..]).unwrap();
+        let archive = b.into_inner().unwrap();
+
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("dest");
+        let result = unpack(&archive, &dest);
+        assert!(!root.path().join("escaped.txt").exists());
+        assert!(!dest.join("link").exists());
+        // Either the bad entry is refused with an error, or skipped; never written outside.
+        if let Ok(files) = result {
+            assert_eq!(files, [dest.join("out/result.txt")]);
+        }
+    }
+}
