@@ -1,1 +1,119 @@
+//! Helpers for the end-to-end tests: find (or build) the `runner` binary, run it, and check
+//! that nothing is left behind (QEMU processes, VM directories).
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// The `runner` binary: `$RUNNER_BIN`, else the workspace's debug build (built once).
+pub fn runner_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RUNNER_BIN") {
+        return p.into();
+    }
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "runner", "--bin", "runner"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building runner failed");
+    });
+    workspace_root().join("target/debug/runner")
+}
+
+/// The image cache the tests share: `$RUNNER_CACHE_DIR` or the user's default, so images
+/// built once serve every test and every later run.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("RUNNER_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+            home.join("runner")
+        })
+}
+
+/// The result of one `runner` run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `runner ARGS` in `cwd` with the shared cache.
+pub fn runner(cwd: &Path, args: &[&str]) -> Run {
+    runner_with_cache(cwd, args, &cache_dir())
+}
+
+/// Runs `runner ARGS` in `cwd` with the given cache dir.
+pub fn runner_with_cache(cwd: &Path, args: &[&str], cache: &Path) -> Run {
+    let out = Command::new(runner_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("RUNNER_CACHE_DIR", cache)
+        .output()
+        .expect("run runner");
+    Run::from(out)
+}
+
+/// PIDs of QEMU processes whose command line names `vm_dir_fragment`.
+pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (text.contains("qemu-system") && text.contains(fragment)).then(|| format!("{}: {text}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// Entries in the cache's per-VM directory.
+pub fn vm_dirs(cache: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache.join("vms"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// A private cache dir that shares the real image cache (symlinked `images/`) but has its own
+/// `vms/`, so a test can check precisely that its VMs left nothing behind.
+pub fn private_cache() -> tempfile::TempDir {
+    let shared = cache_dir();
+    std::fs::create_dir_all(shared.join("images")).expect("image cache");
+    let dir = tempfile::Builder::new().prefix("runner-e2e-").tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(shared.join("images"), dir.path().join("images")).expect("symlink");
+    dir
+}
+
+/// Asserts that no QEMU process and no VM directory of `cache` remain.
+pub fn assert_nothing_left(cache: &Path) {
+    let procs = qemu_processes_using(&cache.display().to_string());
+    assert!(procs.is_empty(), "QEMU processes left: {procs:?}");
+    let dirs = vm_dirs(cache);
+    assert!(dirs.is_empty(), "VM directories left: {dirs:?}");
+}

@@ -318,15 +318,17 @@ async fn bake(store: &ImageStore, arch: Arch, opts: &BuildOptions, kernel: &Path
         vm.kill().await;
         return Err(bake_err(format!("{end:?}; last output:\n{}", log.last_lines(20))));
     }
-    // Make the filesystem clean before QEMU goes away.
-    let mut sink = |_: &[u8]| {};
-    let remount = vm
-        .run(&GuestCommand::Script("sync; mount -o remount,ro /; sync".into()), "/", &env, Duration::from_secs(60), &mut sink)
+    // Make the filesystem clean before QEMU goes away: freezing ext4 commits the journal
+    // and clears its needs-recovery flag, so job VMs mount it without a replay. (A
+    // read-only remount is refused while qemu-ga and tini hold files open.)
+    let mut out = crate::bounded::TailBuffer::new(4096);
+    let freeze = vm
+        .run(&GuestCommand::Script("sync; fsfreeze --freeze /".into()), "/", &env, Duration::from_secs(60), &mut |b: &[u8]| out.push(b))
         .await
         .map_err(|e| bake_err(error_chain(&e)))?;
-    if remount != CommandEnd::Exited(0) {
+    if freeze != CommandEnd::Exited(0) {
         vm.kill().await;
-        return Err(bake_err(format!("could not remount the root read-only: {remount:?}")));
+        return Err(bake_err(format!("could not freeze the root filesystem ({freeze:?}): {}", out.text().trim())));
     }
     vm.shutdown().await.map_err(|e| bake_err(error_chain(&e)))
 }

@@ -116,7 +116,7 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     let mut a = Vec::new();
     push(&mut a, &["-nodefaults", "-no-user-config", "-no-reboot"]);
     push(&mut a, &["-display", "none"]);
-    push_kv(&mut a, "-name", format!("{},process={}", spec.name, spec.name));
+    push_kv(&mut a, "-name", spec.name.clone());
     push_kv(&mut a, "-machine", machine(spec.arch).to_string());
     push_kv(&mut a, "-accel", accel_arg(spec.accel).to_string());
     push_kv(&mut a, "-cpu", cpu_model(spec.arch, spec.accel).to_string());

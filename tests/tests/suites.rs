@@ -1,0 +1,143 @@
+//! `runner test` with suite files against real riscv64 VMs: the shipped examples, a failing
+//! suite, step timeouts, JUnit content and artifacts.
+
+use std::path::Path;
+
+use e2e::{assert_nothing_left, private_cache, runner, runner_with_cache, workspace_root};
+use quick_junit::Report;
+
+fn read_junit(path: &Path) -> (String, Report) {
+    let xml = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let report = Report::deserialize_from_str(&xml).unwrap_or_else(|e| panic!("invalid JUnit: {e}\n{xml}"));
+    (xml, report)
+}
+
+/// Copies an example into a temp dir so runs do not write into the repository.
+fn example(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(workspace_root().join("examples").join(name).join("."))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir
+}
+
+#[test]
+fn shell_example_passes_with_junit_and_artifacts() {
+    let dir = example("shell-suite");
+    let junit = dir.path().join("out/junit.xml");
+    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r}");
+    // Live output of both steps, and the summary.
+    assert!(r.stdout.contains("arch: riscv64"), "{r}");
+    assert!(r.stderr.contains("PASSED") && r.stderr.contains("smoke on riscv64"), "{r}");
+    let (xml, report) = read_junit(&junit);
+    let names: Vec<_> = report.test_suites.iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names[0], "smoke (riscv64)", "{xml}");
+    assert!(names.len() >= 2, "guest report merged: {names:?}");
+    assert_eq!(report.failures + report.errors, 0, "{xml}");
+    assert!(xml.contains("name=\"arch\" value=\"riscv64\""), "{xml}");
+    // The declared artifact came back.
+    assert!(dir.path().join("runner-out/smoke-riscv64/build/junit/shell.xml").is_file());
+}
+
+#[test]
+fn c_example_cross_compiles_on_the_host_and_tests_in_the_guest() {
+    let dir = example("c-project");
+    let junit = dir.path().join("junit.xml");
+    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r}");
+    let (xml, report) = read_junit(&junit);
+    assert!(report.tests >= 3, "{xml}");
+    assert!(xml.contains("host: make ARCH=$RUNNER_ARCH"), "{xml}");
+}
+
+const FAILING_SUITE: &str = r#"
+[defaults]
+arch = ["riscv64"]
+
+[[suite]]
+name = "mixed"
+junit = ["reports/*.xml"]
+artifacts = ["reports/*", "notes.txt"]
+
+  [[suite.step]]
+  name = "prepare"
+  run = "echo preparing; echo kept > notes.txt"
+
+  [[suite.step]]
+  name = "lenient"
+  run = "exit 5"
+  allow_failure = true
+
+  [[suite.step]]
+  name = "tests"
+  run = '''
+mkdir -p reports
+cat > reports/unit.xml <<XML
+<testsuite name="unit" tests="2" failures="1">
+  <testcase classname="unit" name="good"/>
+  <testcase classname="unit" name="bad"><failure message="expected 1, got 2">trace</failure></testcase>
+</testsuite>
+XML
+echo "one test failed" >&2
+exit 3
+'''
+
+  [[suite.step]]
+  name = "never"
+  run = "echo should not run"
+"#;
+
+#[test]
+fn a_failing_step_fails_the_suite_and_later_steps_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("runner.toml"), FAILING_SUITE).unwrap();
+    let junit = dir.path().join("junit.xml");
+    let cache = private_cache();
+    let r = runner_with_cache(dir.path(), &["test", "--junit", junit.to_str().unwrap()], cache.path());
+    assert_eq!(r.code, 1, "{r}");
+    assert!(r.stdout.contains("preparing") && !r.stdout.contains("should not run"), "{r}");
+    let (xml, report) = read_junit(&junit);
+    let suite = &report.test_suites[0];
+    let status = |name: &str| {
+        let case = suite.test_cases.iter().find(|c| c.name.as_str() == name).unwrap_or_else(|| panic!("{name}: {xml}"));
+        format!("{:?}", case.status)
+    };
+    assert!(status("prepare").starts_with("Success"), "{xml}");
+    // allow_failure: reported as a failure but the suite went on.
+    assert!(status("lenient").contains("Failure"), "{xml}");
+    assert!(status("tests").contains("Failure"), "{xml}");
+    assert!(status("never").starts_with("Skipped"), "{xml}");
+    // stderr of the step is in its output excerpt.
+    assert!(xml.contains("one test failed"), "{xml}");
+    // The guest's own report is merged, its failure included.
+    let guest = report.test_suites.iter().find(|s| s.name.as_str() == "mixed (riscv64) / unit").expect(&xml);
+    assert_eq!(guest.failures, 1);
+    // Artifacts come back even though the suite failed.
+    assert_eq!(std::fs::read_to_string(dir.path().join("runner-out/mixed-riscv64/notes.txt")).unwrap(), "kept\n");
+    assert!(dir.path().join("runner-out/mixed-riscv64/reports/unit.xml").is_file());
+    assert_nothing_left(cache.path());
+}
+
+#[test]
+fn a_step_timeout_is_an_error_and_stops_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        "[[suite]]\nname = \"slow\"\n[[suite.step]]\nname = \"hangs\"\nrun = \"echo going; sleep 600\"\ntimeout = \"15s\"\n[[suite.step]]\nname = \"after\"\nrun = \"true\"\n",
+    )
+    .unwrap();
+    let junit = dir.path().join("junit.xml");
+    let cache = private_cache();
+    let r = runner_with_cache(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()], cache.path());
+    assert_eq!(r.code, 124, "{r}");
+    let (xml, report) = read_junit(&junit);
+    assert_eq!(report.errors, 1, "{xml}");
+    assert!(xml.contains("type=\"timeout\""), "{xml}");
+    assert!(xml.contains("<skipped"), "{xml}");
+    assert_nothing_left(cache.path());
+}
