@@ -63,7 +63,10 @@ pub async fn read_line_capped<R: AsyncBufRead + Unpin>(
             return if line.is_empty() {
                 Ok(None)
             } else {
-                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended mid-line"))
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended mid-line",
+                ))
             };
         }
         let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
@@ -114,8 +117,14 @@ mod tests {
     async fn capped_line_reader() {
         let data: &[u8] = b"short\r\nexactly10!\n0123456789X\n";
         let mut r = BufReader::with_capacity(4, data);
-        assert_eq!(read_line_capped(&mut r, 10).await.unwrap().unwrap(), b"short");
-        assert_eq!(read_line_capped(&mut r, 10).await.unwrap().unwrap(), b"exactly10!");
+        assert_eq!(
+            read_line_capped(&mut r, 10).await.unwrap().unwrap(),
+            b"short"
+        );
+        assert_eq!(
+            read_line_capped(&mut r, 10).await.unwrap().unwrap(),
+            b"exactly10!"
+        );
         let err = read_line_capped(&mut r, 10).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "runner", version, about = "Run test suites inside emulated CPU architectures (QEMU)")]
+#[command(
+    name = "runner",
+    version,
+    about = "Run test suites inside emulated CPU architectures (QEMU)"
+)]
 pub struct Cli {
     /// Where images and VM directories live [env: RUNNER_CACHE_DIR] [default: ~/.cache/runner]
     #[arg(long, global = true, value_name = "DIR")]

@@ -38,14 +38,35 @@ pub struct GuestReport {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Something the user should know that is not a failure (e.g. KVM fallback).
-    Note { message: String },
-    SuiteStarted { id: RunId, steps: usize },
-    ImageProgress { id: RunId, message: String },
-    VmBooting { id: RunId, accel: String },
-    VmBooted { id: RunId, facts: VmFacts },
-    StepStarted { id: RunId, step: String, index: usize },
+    Note {
+        message: String,
+    },
+    SuiteStarted {
+        id: RunId,
+        steps: usize,
+    },
+    ImageProgress {
+        id: RunId,
+        message: String,
+    },
+    VmBooting {
+        id: RunId,
+        accel: String,
+    },
+    VmBooted {
+        id: RunId,
+        facts: VmFacts,
+    },
+    StepStarted {
+        id: RunId,
+        step: String,
+        index: usize,
+    },
     /// Live output of the running step (raw bytes, as the guest wrote them).
-    Output { id: RunId, bytes: Vec<u8> },
+    Output {
+        id: RunId,
+        bytes: Vec<u8>,
+    },
     StepFinished {
         id: RunId,
         step: String,

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use engine::image::ImageStore;
-use engine::vm::{CommandEnd, DiskSource, GuestCommand, Vm, VmConfig, VmError};
 use engine::agent::AgentError;
 use engine::bounded::TailBuffer;
+use engine::image::ImageStore;
+use engine::vm::{CommandEnd, DiskSource, GuestCommand, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -41,7 +41,10 @@ pub struct RunSettings {
 }
 
 fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
-    Outcome::InfraError { kind, message: message.into() }
+    Outcome::InfraError {
+        kind,
+        message: message.into(),
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -61,12 +64,28 @@ fn vm_error(e: &VmError, booted: bool) -> Outcome {
 
 /// Runs one suite plan to its end, whatever happens; cancellation (`cancel` turning true)
 /// stops the VM and ends the suite as `Cancelled`.
-pub async fn run_suite(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Reporters, mut cancel: watch::Receiver<bool>) -> Outcome {
+pub async fn run_suite(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    reporters: &mut Reporters,
+    mut cancel: watch::Receiver<bool>,
+) -> Outcome {
     let started = Instant::now();
     let id = plan.id.clone();
-    reporters.emit(Event::SuiteStarted { id: id.clone(), steps: plan.steps.len() + plan.host_setup.len() });
-    let mut facts = VmFacts { image: plan.image.clone(), ..Default::default() };
-    let mut state = SuiteState { facts: &mut facts, reports: Vec::new(), artifacts: Vec::new(), steps_done: 0 };
+    reporters.emit(Event::SuiteStarted {
+        id: id.clone(),
+        steps: plan.steps.len() + plan.host_setup.len(),
+    });
+    let mut facts = VmFacts {
+        image: plan.image.clone(),
+        ..Default::default()
+    };
+    let mut state = SuiteState {
+        facts: &mut facts,
+        reports: Vec::new(),
+        artifacts: Vec::new(),
+        steps_done: 0,
+    };
     let outcome = tokio::select! {
         o = tokio::time::timeout(plan.timeout, run_inner(plan, settings, reporters, &mut state)) => match o {
             Ok(o) => o,
@@ -76,12 +95,32 @@ pub async fn run_suite(plan: &SuitePlan, settings: &RunSettings, reporters: &mut
     };
     // Steps that never got to run are reported as skipped.
     let done = state.steps_done;
-    let (reports, artifacts) = (std::mem::take(&mut state.reports), std::mem::take(&mut state.artifacts));
-    let all_steps = plan.host_setup.iter().map(|h| format!("host: {h}")).chain(plan.steps.iter().map(|s| s.name.clone()));
+    let (reports, artifacts) = (
+        std::mem::take(&mut state.reports),
+        std::mem::take(&mut state.artifacts),
+    );
+    let all_steps = plan
+        .host_setup
+        .iter()
+        .map(|h| format!("host: {h}"))
+        .chain(plan.steps.iter().map(|s| s.name.clone()));
     for step in all_steps.skip(done) {
-        reporters.emit(Event::StepFinished { id: id.clone(), step, outcome: Outcome::Skipped, duration: Duration::ZERO, output_tail: String::new() });
+        reporters.emit(Event::StepFinished {
+            id: id.clone(),
+            step,
+            outcome: Outcome::Skipped,
+            duration: Duration::ZERO,
+            output_tail: String::new(),
+        });
     }
-    reporters.emit(Event::SuiteFinished { id, outcome: outcome.clone(), duration: started.elapsed(), facts, reports, artifacts });
+    reporters.emit(Event::SuiteFinished {
+        id,
+        outcome: outcome.clone(),
+        duration: started.elapsed(),
+        facts,
+        reports,
+        artifacts,
+    });
     outcome
 }
 
@@ -94,7 +133,12 @@ struct SuiteState<'a> {
     steps_done: usize,
 }
 
-async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Reporters, state: &mut SuiteState<'_>) -> Outcome {
+async fn run_inner(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+) -> Outcome {
     let id = plan.id.clone();
     // 1. Host: QEMU, accelerator, image.
     let platform = match host::platform(id.arch, settings.accel).await {
@@ -102,7 +146,9 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
         Err(o) => return o,
     };
     if let Some(note) = &platform.accel.note {
-        reporters.emit(Event::Note { message: note.clone() });
+        reporters.emit(Event::Note {
+            message: note.clone(),
+        });
     }
     state.facts.accel = platform.accel.accel.name().into();
     state.facts.qemu_version = platform.qemu.version.clone();
@@ -111,7 +157,15 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
         let progress = move |m: &str| {
             let _ = tx.send(m.to_string());
         };
-        let build = host::base_image(&settings.store, &plan.image, plan.project_dir.as_deref(), &platform, None, false, &progress);
+        let build = host::base_image(
+            &settings.store,
+            &plan.image,
+            plan.project_dir.as_deref(),
+            &platform,
+            None,
+            false,
+            &progress,
+        );
         tokio::pin!(build);
         loop {
             tokio::select! {
@@ -140,7 +194,11 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
         Some(ws) => match workspace::pack(&ws.root, &ws.exclude, ws.max_size) {
             Ok(a) => Some(a),
             Err(e) => {
-                let kind = if matches!(e, workspace::WorkspaceError::Read { .. }) { InfraKind::Io } else { InfraKind::Config };
+                let kind = if matches!(e, workspace::WorkspaceError::Read { .. }) {
+                    InfraKind::Io
+                } else {
+                    InfraKind::Config
+                };
                 return infra(kind, chain(&e));
             }
         },
@@ -148,7 +206,10 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
     };
 
     // 4. Boot.
-    reporters.emit(Event::VmBooting { id: id.clone(), accel: state.facts.accel.clone() });
+    reporters.emit(Event::VmBooting {
+        id: id.clone(),
+        accel: state.facts.accel.clone(),
+    });
     let cfg = VmConfig {
         arch: id.arch,
         accel: platform.accel.accel,
@@ -168,7 +229,10 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
     };
     state.facts.vm_id = vm.id();
     state.facts.boot_time = Some(vm.boot_time);
-    reporters.emit(Event::VmBooted { id: id.clone(), facts: state.facts.clone() });
+    reporters.emit(Event::VmBooted {
+        id: id.clone(),
+        facts: state.facts.clone(),
+    });
 
     let outcome = in_vm(plan, &mut vm, archive, reporters, state).await;
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
@@ -181,7 +245,13 @@ async fn run_inner(plan: &SuitePlan, settings: &RunSettings, reporters: &mut Rep
     outcome
 }
 
-async fn in_vm(plan: &SuitePlan, vm: &mut Vm, archive: Option<Vec<u8>>, reporters: &mut Reporters, state: &mut SuiteState<'_>) -> Outcome {
+async fn in_vm(
+    plan: &SuitePlan,
+    vm: &mut Vm,
+    archive: Option<Vec<u8>>,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+) -> Outcome {
     let id = plan.id.clone();
     if let Some(archive) = archive {
         if let Err(o) = copy_in(vm, &archive).await {
@@ -192,7 +262,11 @@ async fn in_vm(plan: &SuitePlan, vm: &mut Vm, archive: Option<Vec<u8>>, reporter
     let mut outcomes = Vec::new();
     let mut stop: Option<Outcome> = None;
     for (index, step) in plan.steps.iter().enumerate() {
-        reporters.emit(Event::StepStarted { id: id.clone(), step: step.name.clone(), index: index + plan.host_setup.len() });
+        reporters.emit(Event::StepStarted {
+            id: id.clone(),
+            step: step.name.clone(),
+            index: index + plan.host_setup.len(),
+        });
         let started = Instant::now();
         let mut env = base_env.clone();
         env.push(("RUNNER_STEP".into(), step.name.clone()));
@@ -200,13 +274,30 @@ async fn in_vm(plan: &SuitePlan, vm: &mut Vm, archive: Option<Vec<u8>>, reporter
         let mut tail = TailBuffer::new(STEP_TAIL_BYTES);
         let mut live = |bytes: &[u8]| {
             tail.push(bytes);
-            reporters.emit(Event::Output { id: id.clone(), bytes: bytes.to_vec() });
+            reporters.emit(Event::Output {
+                id: id.clone(),
+                bytes: bytes.to_vec(),
+            });
         };
-        let result = vm.run(&step.command, GUEST_WORKSPACE, &env, step.timeout, &mut live).await;
+        let result = vm
+            .run(
+                &step.command,
+                GUEST_WORKSPACE,
+                &env,
+                step.timeout,
+                &mut live,
+            )
+            .await;
         let outcome = match result {
             Ok(CommandEnd::Exited(0)) => Outcome::Passed,
-            Ok(CommandEnd::Exited(code)) => Outcome::Failed { exit_code: Some(code), signal: None },
-            Ok(CommandEnd::Signaled(sig)) => Outcome::Failed { exit_code: None, signal: Some(sig) },
+            Ok(CommandEnd::Exited(code)) => Outcome::Failed {
+                exit_code: Some(code),
+                signal: None,
+            },
+            Ok(CommandEnd::Signaled(sig)) => Outcome::Failed {
+                exit_code: None,
+                signal: Some(sig),
+            },
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
             Err(e) => vm_error(&e, true),
         };
@@ -244,7 +335,10 @@ async fn in_vm(plan: &SuitePlan, vm: &mut Vm, archive: Option<Vec<u8>>, reporter
 /// The guest environment (qga replaces the guest's environment, so it is complete).
 fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
     vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
         ("HOME".into(), "/root".into()),
         ("USER".into(), "root".into()),
         ("LANG".into(), "C.UTF-8".into()),
@@ -259,20 +353,40 @@ fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
 /// A short command of the runner's own in the guest; its output is returned, not shown.
 async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String), Outcome> {
     let mut out = TailBuffer::new(256 * 1024);
-    let env = [("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string()), ("LANG".into(), "C.UTF-8".into())];
+    let env = [
+        (
+            "PATH".to_string(),
+            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
     let end = vm
-        .run(&GuestCommand::Script(script.into()), "/", &env, HOUSEKEEPING_TIMEOUT, &mut |b: &[u8]| out.push(b))
+        .run(
+            &GuestCommand::Script(script.into()),
+            "/",
+            &env,
+            HOUSEKEEPING_TIMEOUT,
+            &mut |b: &[u8]| out.push(b),
+        )
         .await
         .map_err(|e| vm_error(&e, true))?;
     Ok((end, out.text()))
 }
 
 async fn copy_in(vm: &mut Vm, archive: &[u8]) -> Result<(), Outcome> {
-    vm.write_file(GUEST_WORKSPACE_TAR, archive).await.map_err(|e| vm_error(&e, true))?;
+    vm.write_file(GUEST_WORKSPACE_TAR, archive)
+        .await
+        .map_err(|e| vm_error(&e, true))?;
     let script = format!("mkdir -p {GUEST_WORKSPACE} && tar -xf {GUEST_WORKSPACE_TAR} -C {GUEST_WORKSPACE} --no-same-owner && rm -f {GUEST_WORKSPACE_TAR}");
     match housekeeping(vm, &script).await? {
         (CommandEnd::Exited(0), _) => Ok(()),
-        (end, out) => Err(infra(InfraKind::Agent, format!("unpacking the workspace in the guest failed ({end:?}): {}", out.trim()))),
+        (end, out) => Err(infra(
+            InfraKind::Agent,
+            format!(
+                "unpacking the workspace in the guest failed ({end:?}): {}",
+                out.trim()
+            ),
+        )),
     }
 }
 
@@ -285,7 +399,11 @@ async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String
     let globs: Vec<String> = patterns.iter().map(|p| shell_glob(p)).collect();
     let script = format!("cd {GUEST_WORKSPACE} || exit 0; for f in {}; do [ -f \"$f\" ] && printf '%s\\n' \"$f\"; done; exit 0", globs.join(" "));
     let (_, out) = housekeeping(vm, &script).await?;
-    let mut files: Vec<String> = out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    let mut files: Vec<String> = out
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
     files.dedup();
     Ok(files)
 }
@@ -294,14 +412,11 @@ async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String
 fn shell_glob(pattern: &str) -> String {
     let mut s = String::new();
     for c in pattern.chars() {
-        if "*?[]".contains(c) {
-            s.push(c);
-        } else if c.is_ascii_alphanumeric() || "/._-".contains(c) {
-            s.push(c);
-        } else {
+        // Glob characters stay active; plain path characters need no quoting.
+        if !("*?[]/._-".contains(c) || c.is_ascii_alphanumeric()) {
             s.push('\\');
-            s.push(c);
         }
+        s.push(c);
     }
     s
 }
@@ -313,10 +428,17 @@ async fn collect_results(plan: &SuitePlan, vm: &mut Vm, state: &mut SuiteState<'
             for path in files {
                 let guest_path = format!("{GUEST_WORKSPACE}/{path}");
                 match vm.read_file(&guest_path, MAX_GUEST_REPORT).await {
-                    Ok(bytes) => state.reports.push(GuestReport { path, xml: String::from_utf8_lossy(&bytes).into_owned() }),
+                    Ok(bytes) => state.reports.push(GuestReport {
+                        path,
+                        xml: String::from_utf8_lossy(&bytes).into_owned(),
+                    }),
                     // An unreadable or oversized report is the guest's doing: a test failure.
-                    Err(VmError::Agent(AgentError::Protocol { detail, .. })) | Err(VmError::Agent(AgentError::Command { desc: detail, .. })) => {
-                        state.reports.push(GuestReport { path: path.clone(), xml: format!("<!-- {detail} -->") })
+                    Err(VmError::Agent(AgentError::Protocol { detail, .. }))
+                    | Err(VmError::Agent(AgentError::Command { desc: detail, .. })) => {
+                        state.reports.push(GuestReport {
+                            path: path.clone(),
+                            xml: format!("<!-- {detail} -->"),
+                        })
                     }
                     Err(e) => return vm_error(&e, true),
                 }
@@ -329,20 +451,36 @@ async fn collect_results(plan: &SuitePlan, vm: &mut Vm, state: &mut SuiteState<'
         Err(o) => return o,
     };
     if !files.is_empty() {
-        let list = files.iter().map(|f| shell_quote(f)).collect::<Vec<_>>().join(" ");
+        let list = files
+            .iter()
+            .map(|f| shell_quote(f))
+            .collect::<Vec<_>>()
+            .join(" ");
         let script = format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}");
         match housekeeping(vm, &script).await {
-            Ok((CommandEnd::Exited(0), _)) => match vm.read_file(GUEST_ARTIFACTS_TAR, MAX_ARTIFACTS).await {
-                Ok(bytes) => match workspace::unpack(&bytes, &plan.out_dir) {
-                    Ok(paths) => state.artifacts = paths,
-                    Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
-                },
-                // Too large is the guest's doing (a failure); a broken agent is ours.
-                Err(VmError::Agent(AgentError::Protocol { .. })) => outcome = Outcome::Failed { exit_code: None, signal: None },
-                Err(e) => outcome = vm_error(&e, true),
-            },
+            Ok((CommandEnd::Exited(0), _)) => {
+                match vm.read_file(GUEST_ARTIFACTS_TAR, MAX_ARTIFACTS).await {
+                    Ok(bytes) => match workspace::unpack(&bytes, &plan.out_dir) {
+                        Ok(paths) => state.artifacts = paths,
+                        Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
+                    },
+                    // Too large is the guest's doing (a failure); a broken agent is ours.
+                    Err(VmError::Agent(AgentError::Protocol { .. })) => {
+                        outcome = Outcome::Failed {
+                            exit_code: None,
+                            signal: None,
+                        }
+                    }
+                    Err(e) => outcome = vm_error(&e, true),
+                }
+            }
             // tar failing on the guest's own files (unreadable, vanished) is a test failure.
-            Ok(_) => outcome = Outcome::Failed { exit_code: None, signal: None },
+            Ok(_) => {
+                outcome = Outcome::Failed {
+                    exit_code: None,
+                    signal: None,
+                }
+            }
             Err(o) => return o,
         }
     }
@@ -357,9 +495,17 @@ fn shell_quote(s: &str) -> String {
 async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> Outcome {
     let id = plan.id.clone();
     let step = format!("host: {cmd}");
-    reporters.emit(Event::StepStarted { id: id.clone(), step: step.clone(), index: 0 });
+    reporters.emit(Event::StepStarted {
+        id: id.clone(),
+        step: step.clone(),
+        index: 0,
+    });
     let started = Instant::now();
-    let cwd = plan.workspace.as_ref().map(|w| w.root.clone()).unwrap_or_else(|| ".".into());
+    let cwd = plan
+        .workspace
+        .as_ref()
+        .map(|w| w.root.clone())
+        .unwrap_or_else(|| ".".into());
     let result = Command::new("/bin/sh")
         .args(["-e", "-c", cmd])
         .current_dir(&cwd)
@@ -374,16 +520,34 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
         Ok(out) => {
             let mut text = out.stdout;
             text.extend_from_slice(&out.stderr);
-            reporters.emit(Event::Output { id: id.clone(), bytes: text.clone() });
+            reporters.emit(Event::Output {
+                id: id.clone(),
+                bytes: text.clone(),
+            });
             let outcome = match out.status.code() {
                 Some(0) => Outcome::Passed,
-                code => Outcome::Failed { exit_code: code, signal: None },
+                code => Outcome::Failed {
+                    exit_code: code,
+                    signal: None,
+                },
             };
             (outcome, String::from_utf8_lossy(&text).into_owned())
         }
-        Err(e) => (infra(InfraKind::Host, format!("cannot run host_setup command in {}: {e}", cwd.display())), String::new()),
+        Err(e) => (
+            infra(
+                InfraKind::Host,
+                format!("cannot run host_setup command in {}: {e}", cwd.display()),
+            ),
+            String::new(),
+        ),
     };
-    reporters.emit(Event::StepFinished { id, step, outcome: outcome.clone(), duration: started.elapsed(), output_tail: text });
+    reporters.emit(Event::StepFinished {
+        id,
+        step,
+        outcome: outcome.clone(),
+        duration: started.elapsed(),
+        output_tail: text,
+    });
     outcome
 }
 

@@ -67,7 +67,11 @@ pub async fn base_image(
     image::ensure_image(store, &recipe, platform.arch, &opts, progress)
         .await
         .map_err(|e| Outcome::InfraError {
-            kind: if e.is_disk_full() { InfraKind::Io } else { InfraKind::Image },
+            kind: if e.is_disk_full() {
+                InfraKind::Io
+            } else {
+                InfraKind::Image
+            },
             message: image::build::error_chain(&e),
         })
 }

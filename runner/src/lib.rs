@@ -1,6 +1,5 @@
 //! The runner library: CLI-independent parts of the runner (suite files, planning, reporting).
 
-pub mod suite;
 pub mod cli;
 pub mod commands;
 pub mod events;
@@ -10,4 +9,5 @@ pub mod host;
 pub mod outcome;
 pub mod plan;
 pub mod report;
+pub mod suite;
 pub mod workspace;

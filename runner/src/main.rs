@@ -13,7 +13,10 @@ use runner::report::console::Status;
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runner: error: cannot start the async runtime: {e}");
@@ -27,7 +30,11 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> i32 {
-    let store = ImageStore::new(cli.cache_dir.clone().unwrap_or_else(ImageStore::default_root));
+    let store = ImageStore::new(
+        cli.cache_dir
+            .clone()
+            .unwrap_or_else(ImageStore::default_root),
+    );
     let status = Status::new(cli.quiet);
     match cli.command {
         Command::Test(args) => {

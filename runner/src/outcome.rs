@@ -22,10 +22,16 @@ pub enum InfraKind {
 pub enum Outcome {
     Passed,
     /// The test itself failed: a non-zero exit or death by signal inside the guest.
-    Failed { exit_code: Option<i32>, signal: Option<i32> },
+    Failed {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    },
     TimedOut,
     /// Not the test's fault: boot failed, the agent broke, the host could not do its part.
-    InfraError { kind: InfraKind, message: String },
+    InfraError {
+        kind: InfraKind,
+        message: String,
+    },
     Cancelled,
     /// Not run because an earlier step made it impossible (VM gone) or the run was cancelled.
     Skipped,
@@ -97,8 +103,12 @@ impl InfraKind {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Failed { exit_code: Some(c), .. } => write!(f, "failed (exit {c})"),
-            Outcome::Failed { signal: Some(s), .. } => write!(f, "failed (killed by signal {s})"),
+            Outcome::Failed {
+                exit_code: Some(c), ..
+            } => write!(f, "failed (exit {c})"),
+            Outcome::Failed {
+                signal: Some(s), ..
+            } => write!(f, "failed (killed by signal {s})"),
             Outcome::InfraError { message, .. } => write!(f, "error: {message}"),
             other => f.write_str(other.label()),
         }
@@ -114,11 +124,29 @@ mod tests {
         // (outcome, exit code)
         let cases = [
             (Outcome::Passed, 0),
-            (Outcome::Failed { exit_code: Some(3), signal: None }, 1),
+            (
+                Outcome::Failed {
+                    exit_code: Some(3),
+                    signal: None,
+                },
+                1,
+            ),
             (Outcome::TimedOut, 124),
             (Outcome::Cancelled, 130),
-            (Outcome::InfraError { kind: InfraKind::Boot, message: "x".into() }, 70),
-            (Outcome::InfraError { kind: InfraKind::Image, message: "x".into() }, 65),
+            (
+                Outcome::InfraError {
+                    kind: InfraKind::Boot,
+                    message: "x".into(),
+                },
+                70,
+            ),
+            (
+                Outcome::InfraError {
+                    kind: InfraKind::Image,
+                    message: "x".into(),
+                },
+                65,
+            ),
         ];
         for (o, code) in cases {
             assert_eq!(o.exit_code(), code, "{o}");
@@ -127,15 +155,27 @@ mod tests {
 
     #[test]
     fn the_worst_part_describes_the_whole() {
-        let failed = Outcome::Failed { exit_code: Some(1), signal: None };
-        assert_eq!(Outcome::combine(&[Outcome::Passed, failed.clone(), Outcome::Skipped]), failed);
-        assert_eq!(Outcome::combine(&[failed, Outcome::TimedOut]), Outcome::TimedOut);
+        let failed = Outcome::Failed {
+            exit_code: Some(1),
+            signal: None,
+        };
+        assert_eq!(
+            Outcome::combine(&[Outcome::Passed, failed.clone(), Outcome::Skipped]),
+            failed
+        );
+        assert_eq!(
+            Outcome::combine(&[failed, Outcome::TimedOut]),
+            Outcome::TimedOut
+        );
         assert_eq!(Outcome::combine(&[]), Outcome::Passed);
     }
 
     #[test]
     fn signals_are_failures_not_passes() {
-        let o = Outcome::Failed { exit_code: None, signal: Some(9) };
+        let o = Outcome::Failed {
+            exit_code: None,
+            signal: Some(9),
+        };
         assert!(!o.is_success());
         assert_eq!(o.to_string(), "failed (killed by signal 9)");
     }

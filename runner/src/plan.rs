@@ -69,7 +69,12 @@ pub struct Overrides {
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
 /// architectures are left out of those.
-pub fn plan_suites(file: &SuiteFile, suite_names: &[String], arches: &[Arch], ov: &Overrides) -> Result<Vec<SuitePlan>, String> {
+pub fn plan_suites(
+    file: &SuiteFile,
+    suite_names: &[String],
+    arches: &[Arch],
+    ov: &Overrides,
+) -> Result<Vec<SuitePlan>, String> {
     let selected: Vec<&Suite> = if suite_names.is_empty() {
         file.suites.iter().collect()
     } else {
@@ -78,20 +83,39 @@ pub fn plan_suites(file: &SuiteFile, suite_names: &[String], arches: &[Arch], ov
             .map(|n| {
                 file.suite(n).ok_or_else(|| {
                     let known: Vec<_> = file.suites.iter().map(|s| s.name.as_str()).collect();
-                    format!("{}: no suite named '{n}' (suites: {})", file.path.display(), known.join(", "))
+                    format!(
+                        "{}: no suite named '{n}' (suites: {})",
+                        file.path.display(),
+                        known.join(", ")
+                    )
                 })
             })
             .collect::<Result<_, _>>()?
     };
-    let project_dir = file.path.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() });
-    let out_root = ov.out.clone().unwrap_or_else(|| PathBuf::from("runner-out"));
+    let project_dir = file.path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            p.to_path_buf()
+        }
+    });
+    let out_root = ov
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runner-out"));
     let mut plans = Vec::new();
     for &arch in arches {
         for suite in selected.iter().filter(|s| s.runs_on(arch)) {
             let timeout = ov.timeout.unwrap_or(suite.timeout);
             plans.push(SuitePlan {
-                id: RunId { suite: suite.name.clone(), arch },
-                image: ov.image.clone().unwrap_or_else(|| file.defaults.image.clone()),
+                id: RunId {
+                    suite: suite.name.clone(),
+                    arch,
+                },
+                image: ov
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| file.defaults.image.clone()),
                 project_dir: project_dir.clone(),
                 workspace: Some(WorkspacePlan {
                     root: file.workspace.root.clone(),
@@ -121,16 +145,28 @@ pub fn plan_suites(file: &SuiteFile, suite_names: &[String], arches: &[Arch], ov
     }
     if plans.is_empty() {
         let names: Vec<_> = arches.iter().map(|a| a.name()).collect();
-        return Err(format!("{}: no suite runs on {}", file.path.display(), names.join(", ")));
+        return Err(format!(
+            "{}: no suite runs on {}",
+            file.path.display(),
+            names.join(", ")
+        ));
     }
     Ok(plans)
 }
 
 /// The plan for `runner test --arch ARCH -- CMD...`.
-pub fn plan_command(argv: Vec<String>, arch: Arch, workspace: Option<PathBuf>, ov: &Overrides) -> SuitePlan {
+pub fn plan_command(
+    argv: Vec<String>,
+    arch: Arch,
+    workspace: Option<PathBuf>,
+    ov: &Overrides,
+) -> SuitePlan {
     let timeout = ov.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
     SuitePlan {
-        id: RunId { suite: "command".into(), arch },
+        id: RunId {
+            suite: "command".into(),
+            arch,
+        },
         image: ov.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
         project_dir: std::env::current_dir().ok(),
         workspace: workspace.map(|root| WorkspacePlan {
@@ -151,6 +187,9 @@ pub fn plan_command(argv: Vec<String>, arch: Arch, workspace: Option<PathBuf>, o
         artifacts: Vec::new(),
         cpus: ov.cpus.unwrap_or(DEFAULT_CPUS),
         memory_mib: ov.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-        out_dir: ov.out.clone().unwrap_or_else(|| PathBuf::from("runner-out")),
+        out_dir: ov
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runner-out")),
     }
 }

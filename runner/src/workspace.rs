@@ -36,14 +36,20 @@ pub fn pack(root: &Path, exclude: &[String], max_size: u64) -> Result<Vec<u8>, W
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let read_err = |source| WorkspaceError::Read { path: root.into(), source };
+    let read_err = |source| WorkspaceError::Read {
+        path: root.into(),
+        source,
+    };
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
     let mut total = 0u64;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).map_err(read_err)?.collect::<Result<_, _>>().map_err(read_err)?;
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(read_err)?
+            .collect::<Result<_, _>>()
+            .map_err(read_err)?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let rel_path = rel.join(entry.file_name());
@@ -53,13 +59,20 @@ pub fn pack(root: &Path, exclude: &[String], max_size: u64) -> Result<Vec<u8>, W
             let meta = entry.path().symlink_metadata().map_err(read_err)?;
             total += meta.len().min(u64::MAX / 2) + 512;
             if total > max_size {
-                return Err(WorkspaceError::TooLarge { path: root.into(), limit: max_size >> 20 });
+                return Err(WorkspaceError::TooLarge {
+                    path: root.into(),
+                    limit: max_size >> 20,
+                });
             }
             if meta.is_dir() {
-                builder.append_dir(&rel_path, entry.path()).map_err(read_err)?;
+                builder
+                    .append_dir(&rel_path, entry.path())
+                    .map_err(read_err)?;
                 stack.push(rel_path);
             } else if meta.is_file() || meta.file_type().is_symlink() {
-                builder.append_path_with_name(entry.path(), &rel_path).map_err(read_err)?;
+                builder
+                    .append_path_with_name(entry.path(), &rel_path)
+                    .map_err(read_err)?;
             }
             // Sockets, fifos and devices are not copied.
         }
@@ -70,7 +83,10 @@ pub fn pack(root: &Path, exclude: &[String], max_size: u64) -> Result<Vec<u8>, W
 /// Unpacks an artifacts archive from the guest into `dest`. Entries that would escape
 /// `dest` (absolute paths, `..`, links) are refused by the tar crate's `unpack_in`.
 pub fn unpack(archive: &[u8], dest: &Path) -> Result<Vec<PathBuf>, WorkspaceError> {
-    let err = |source| WorkspaceError::Unpack { path: dest.into(), source };
+    let err = |source| WorkspaceError::Unpack {
+        path: dest.into(),
+        source,
+    };
     std::fs::create_dir_all(dest).map_err(err)?;
     let mut ar = tar::Archive::new(archive);
     ar.set_preserve_permissions(false);
@@ -109,12 +125,23 @@ mod tests {
     #[test]
     fn excludes_match_paths_and_their_children() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["src/main.c", "target/debug/x", ".git/HEAD", "docs/a.log", "keep.txt"] {
+        for f in [
+            "src/main.c",
+            "target/debug/x",
+            ".git/HEAD",
+            "docs/a.log",
+            "keep.txt",
+        ] {
             let p = dir.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "x").unwrap();
         }
-        let ar = pack(dir.path(), &["target".into(), ".git".into(), "**/*.log".into()], 1 << 20).unwrap();
+        let ar = pack(
+            dir.path(),
+            &["target".into(), ".git".into(), "**/*.log".into()],
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(names(&ar), ["docs", "keep.txt", "src", "src/main.c"]);
     }
 
@@ -123,7 +150,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("big"), vec![0u8; 10_000]).unwrap();
         let err = pack(dir.path(), &[], 4096).unwrap_err().to_string();
-        assert!(err.contains("larger than") && err.contains("max_size"), "{err}");
+        assert!(
+            err.contains("larger than") && err.contains("max_size"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -146,7 +176,8 @@ mod tests {
         let mut ok = tar::Header::new_gnu();
         ok.set_size(2);
         ok.set_mode(0o644);
-        b.append_data(&mut ok, "out/result.txt", &b"ok"[..]).unwrap();
+        b.append_data(&mut ok, "out/result.txt", &b"ok"[..])
+            .unwrap();
         let archive = b.into_inner().unwrap();
 
         let root = tempfile::tempdir().unwrap();

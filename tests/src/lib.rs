@@ -7,7 +7,10 @@ use std::sync::Once;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// The `runner` binary: `$RUNNER_BIN`, else the workspace's debug build (built once).
@@ -35,7 +38,9 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| {
             let home = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
+                });
             home.join("runner")
         })
 }
@@ -60,7 +65,11 @@ impl Run {
 
 impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -82,13 +91,16 @@ pub fn runner_with_cache(cwd: &Path, args: &[&str], cache: &Path) -> Run {
 
 /// PIDs of QEMU processes whose command line names `vm_dir_fragment`.
 pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| {
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (text.contains("qemu-system") && text.contains(fragment)).then(|| format!("{}: {text}", e.file_name().to_string_lossy()))
+            (text.contains("qemu-system") && text.contains(fragment))
+                .then(|| format!("{}: {text}", e.file_name().to_string_lossy()))
         })
         .collect()
 }
@@ -105,7 +117,10 @@ pub fn vm_dirs(cache: &Path) -> Vec<PathBuf> {
 pub fn private_cache() -> tempfile::TempDir {
     let shared = cache_dir();
     std::fs::create_dir_all(shared.join("images")).expect("image cache");
-    let dir = tempfile::Builder::new().prefix("runner-e2e-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("runner-e2e-")
+        .tempdir()
+        .expect("tempdir");
     std::os::unix::fs::symlink(shared.join("images"), dir.path().join("images")).expect("symlink");
     dir
 }

@@ -15,38 +15,72 @@ const IMAGE: i32 = 65;
 const BOOT: i32 = 70;
 
 fn error_line(stderr: &str) -> &str {
-    stderr.lines().find(|l| l.starts_with("runner: error:")).unwrap_or_else(|| panic!("no error line in:\n{stderr}"))
+    stderr
+        .lines()
+        .find(|l| l.starts_with("runner: error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"))
 }
 
 #[test]
 fn malformed_suite_file_names_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("runner.toml"), "[[suite]]\nname = \"a\"\ntimout = \"5m\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        "[[suite]]\nname = \"a\"\ntimout = \"5m\"\n",
+    )
+    .unwrap();
     let r = runner(dir.path(), &["test", "--arch", "riscv64"]);
     assert_eq!(r.code, CONFIG, "{r}");
     let line = error_line(&r.stderr);
-    assert!(line.contains("runner.toml:3:1") && line.contains("timout"), "{line}");
+    assert!(
+        line.contains("runner.toml:3:1") && line.contains("timout"),
+        "{line}"
+    );
 }
 
 #[test]
 fn unknown_architecture() {
     let r = runner(&workspace_root(), &["test", "--arch", "mips", "--", "true"]);
     assert_eq!(r.code, CONFIG, "{r}");
-    assert!(error_line(&r.stderr).contains("unknown architecture 'mips' (supported: riscv64, aarch64, x86_64)"), "{r}");
+    assert!(
+        error_line(&r.stderr)
+            .contains("unknown architecture 'mips' (supported: riscv64, aarch64, x86_64)"),
+        "{r}"
+    );
 }
 
 #[test]
 fn unknown_image() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--image", "fedora-99", "--", "true"]);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--image",
+            "fedora-99",
+            "--",
+            "true",
+        ],
+    );
     assert_eq!(r.code, CONFIG, "{r}");
-    assert!(error_line(&r.stderr).contains("unknown image 'fedora-99'"), "{r}");
+    assert!(
+        error_line(&r.stderr).contains("unknown image 'fedora-99'"),
+        "{r}"
+    );
 }
 
 #[test]
 fn kvm_demanded_for_a_foreign_guest() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--accel", "kvm", "--", "true"]);
+    let r = runner(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--accel", "kvm", "--", "true"],
+    );
     assert_eq!(r.code, HOST, "{r}");
-    assert!(error_line(&r.stderr).contains("KVM was requested but is not usable"), "{r}");
+    assert!(
+        error_line(&r.stderr).contains("KVM was requested but is not usable"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -59,7 +93,11 @@ fn missing_qemu_says_how_to_install_it() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(HOST), "{stderr}");
-    assert!(error_line(&stderr).contains("qemu-system-riscv64 not found") && stderr.contains("setup-host"), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("qemu-system-riscv64 not found")
+            && stderr.contains("setup-host"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -72,7 +110,18 @@ fn no_suite_file_and_no_command() {
 
 #[test]
 fn bad_timeout_is_a_usage_error() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--timeout", "soon", "--", "true"]);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--timeout",
+            "soon",
+            "--",
+            "true",
+        ],
+    );
     assert_eq!(r.code, USAGE, "{r}");
 }
 
@@ -85,12 +134,22 @@ fn copied_image() -> (tempfile::TempDir, std::path::PathBuf) {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("debian-13-riscv64-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("debian-13-riscv64-")
+        })
         .expect("riscv64 image");
     let cache = tempfile::tempdir().unwrap();
     let copy = cache.path().join("images").join(real.file_name().unwrap());
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-    let status = Command::new("cp").arg("-al").arg(&real).arg(&copy).status().unwrap();
+    let status = Command::new("cp")
+        .arg("-al")
+        .arg(&real)
+        .arg(&copy)
+        .status()
+        .unwrap();
     assert!(status.success());
     (cache, copy)
 }
@@ -111,10 +170,19 @@ fn corrupt_image_is_detected_before_boot() {
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
     std::fs::write(&kernel, data).unwrap();
-    let r = runner_with_cache(&workspace_root(), &["test", "--arch", "riscv64", "--", "true"], cache.path());
+    let r = runner_with_cache(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--", "true"],
+        cache.path(),
+    );
     assert_eq!(r.code, IMAGE, "{r}");
     let line = error_line(&r.stderr);
-    assert!(line.contains("corrupt") && line.contains("kernel checksum mismatch") && line.contains("--force"), "{line}");
+    assert!(
+        line.contains("corrupt")
+            && line.contains("kernel checksum mismatch")
+            && line.contains("--force"),
+        "{line}"
+    );
     assert_nothing_left(cache.path());
 }
 
@@ -128,7 +196,10 @@ fn a_guest_that_never_boots_fails_fast_with_its_console() {
     std::fs::create_dir(empty.path().join("dev")).unwrap();
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("cd {} && echo dev | cpio -o -H newc --quiet", empty.path().display()))
+        .arg(format!(
+            "cd {} && echo dev | cpio -o -H newc --quiet",
+            empty.path().display()
+        ))
         .output()
         .unwrap();
     std::fs::remove_file(&initrd).unwrap();
@@ -136,18 +207,34 @@ fn a_guest_that_never_boots_fails_fast_with_its_console() {
     // Keep the manifest consistent so that only the boot can fail.
     let manifest_path = image.join("manifest.json");
     unshare(&manifest_path);
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     let sum = Command::new("sha256sum").arg(&initrd).output().unwrap();
-    let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap().to_string();
+    let sum = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     manifest["artifacts"]["initrd.cpio"]["sha256"] = sum.into();
     manifest["artifacts"]["initrd.cpio"]["size"] = out.stdout.len().into();
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
 
     let started = std::time::Instant::now();
-    let r = runner_with_cache(&workspace_root(), &["test", "--arch", "riscv64", "--", "true"], cache.path());
+    let r = runner_with_cache(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--", "true"],
+        cache.path(),
+    );
     assert_eq!(r.code, BOOT, "{r}");
-    assert!(error_line(&r.stderr).contains("QEMU exited during boot"), "{r}");
+    assert!(
+        error_line(&r.stderr).contains("QEMU exited during boot"),
+        "{r}"
+    );
     assert!(r.stderr.contains("guest console"), "{r}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_nothing_left(cache.path());
 }

@@ -5,31 +5,54 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{assert_nothing_left, private_cache, runner, runner_bin, runner_with_cache, workspace_root};
+use e2e::{
+    assert_nothing_left, private_cache, runner, runner_bin, runner_with_cache, workspace_root,
+};
 
 #[test]
 fn riscv64_output_and_exit_code_pass_through() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--", "sh", "-c", "echo hello from $(uname -m); exit 7"]);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from $(uname -m); exit 7",
+        ],
+    );
     assert_eq!(r.code, 7, "{r}");
     assert!(r.stdout.contains("hello from riscv64"), "{r}");
 }
 
 #[test]
 fn aarch64_uname_m() {
-    let r = runner(&workspace_root(), &["test", "--arch", "aarch64", "--", "uname", "-m"]);
+    let r = runner(
+        &workspace_root(),
+        &["test", "--arch", "aarch64", "--", "uname", "-m"],
+    );
     assert_eq!(r.code, 0, "{r}");
     assert_eq!(r.stdout.trim(), "aarch64", "{r}");
 }
 
 #[test]
 fn x86_64_uname_m_and_kvm_fallback_is_explained() {
-    let r = runner(&workspace_root(), &["test", "--arch", "x86_64", "--", "uname", "-m"]);
+    let r = runner(
+        &workspace_root(),
+        &["test", "--arch", "x86_64", "--", "uname", "-m"],
+    );
     assert_eq!(r.code, 0, "{r}");
     assert_eq!(r.stdout.trim(), "x86_64", "{r}");
     // A host whose KVM cannot run guests (like our CI machines) must fall back to TCG and
     // say why in one line; a host with working KVM uses it.
     if r.stderr.contains("[tcg]") {
-        let note = r.stderr.lines().find(|l| l.contains("KVM not usable")).unwrap_or_else(|| panic!("no fallback note: {r}"));
+        let note = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("KVM not usable"))
+            .unwrap_or_else(|| panic!("no fallback note: {r}"));
         assert!(note.contains("using TCG"), "{note}");
     } else {
         assert!(r.stderr.contains("[kvm]"), "{r}");
@@ -41,7 +64,17 @@ fn timeout_kills_the_vm_and_reports_an_error() {
     let cache = private_cache();
     let r = runner_with_cache(
         &workspace_root(),
-        &["test", "--arch", "riscv64", "--timeout", "25s", "--", "sh", "-c", "echo started; sleep 600"],
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--timeout",
+            "25s",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 600",
+        ],
         cache.path(),
     );
     assert_eq!(r.code, 124, "{r}");
@@ -53,7 +86,15 @@ fn timeout_kills_the_vm_and_reports_an_error() {
 fn ctrl_c_stops_the_vm_and_exits_130() {
     let cache = private_cache();
     let mut child = Command::new(runner_bin())
-        .args(["test", "--arch", "riscv64", "--", "sh", "-c", "echo started; sleep 600"])
+        .args([
+            "test",
+            "--arch",
+            "riscv64",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 600",
+        ])
         .env("RUNNER_CACHE_DIR", cache.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -70,7 +111,10 @@ fn ctrl_c_stops_the_vm_and_exits_130() {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(Instant::now() < deadline, "runner did not stop within 30 s of SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "runner did not stop within 30 s of SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status.code(), Some(130));
@@ -79,19 +123,41 @@ fn ctrl_c_stops_the_vm_and_exits_130() {
 
 /// Sends a signal with kill(1), keeping the test crate free of unsafe code.
 fn unsafe_free_kill(pid: i32, sig: &str) -> i32 {
-    Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill").code().unwrap_or(-1)
+    Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .code()
+        .unwrap_or(-1)
 }
 
 #[test]
 fn command_not_found_in_the_guest() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--", "no-such-command-xyz"]);
+    let r = runner(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--", "no-such-command-xyz"],
+    );
     assert_eq!(r.code, 127, "{r}");
-    assert!(r.stderr.contains("no-such-command-xyz") && r.stderr.contains("not found"), "{r}");
+    assert!(
+        r.stderr.contains("no-such-command-xyz") && r.stderr.contains("not found"),
+        "{r}"
+    );
 }
 
 #[test]
 fn signals_are_failures_not_success() {
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--", "sh", "-c", "kill -KILL $$"]);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--",
+            "sh",
+            "-c",
+            "kill -KILL $$",
+        ],
+    );
     // sh reports a child killed by SIGKILL as 137 (128 + 9): never 0.
     assert_eq!(r.code, 137, "{r}");
 }
@@ -99,7 +165,11 @@ fn signals_are_failures_not_success() {
 #[test]
 fn nothing_is_left_behind_after_a_normal_run() {
     let cache = private_cache();
-    let r = runner_with_cache(&workspace_root(), &["test", "--arch", "riscv64", "--", "true"], cache.path());
+    let r = runner_with_cache(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--", "true"],
+        cache.path(),
+    );
     assert_eq!(r.code, 0, "{r}");
     assert_nothing_left(cache.path());
 }

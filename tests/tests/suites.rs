@@ -8,7 +8,8 @@ use quick_junit::Report;
 
 fn read_junit(path: &Path) -> (String, Report) {
     let xml = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let report = Report::deserialize_from_str(&xml).unwrap_or_else(|e| panic!("invalid JUnit: {e}\n{xml}"));
+    let report =
+        Report::deserialize_from_str(&xml).unwrap_or_else(|e| panic!("invalid JUnit: {e}\n{xml}"));
     (xml, report)
 }
 
@@ -29,26 +30,54 @@ fn example(name: &str) -> tempfile::TempDir {
 fn shell_example_passes_with_junit_and_artifacts() {
     let dir = example("shell-suite");
     let junit = dir.path().join("out/junit.xml");
-    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    let r = runner(
+        dir.path(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
     assert_eq!(r.code, 0, "{r}");
     // Live output of both steps, and the summary.
     assert!(r.stdout.contains("arch: riscv64"), "{r}");
-    assert!(r.stderr.contains("PASSED") && r.stderr.contains("smoke on riscv64"), "{r}");
+    assert!(
+        r.stderr.contains("PASSED") && r.stderr.contains("smoke on riscv64"),
+        "{r}"
+    );
     let (xml, report) = read_junit(&junit);
-    let names: Vec<_> = report.test_suites.iter().map(|s| s.name.to_string()).collect();
+    let names: Vec<_> = report
+        .test_suites
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect();
     assert_eq!(names[0], "smoke (riscv64)", "{xml}");
     assert!(names.len() >= 2, "guest report merged: {names:?}");
     assert_eq!(report.failures + report.errors, 0, "{xml}");
     assert!(xml.contains("name=\"arch\" value=\"riscv64\""), "{xml}");
     // The declared artifact came back.
-    assert!(dir.path().join("runner-out/smoke-riscv64/build/junit/shell.xml").is_file());
+    assert!(dir
+        .path()
+        .join("runner-out/smoke-riscv64/build/junit/shell.xml")
+        .is_file());
 }
 
 #[test]
 fn c_example_cross_compiles_on_the_host_and_tests_in_the_guest() {
     let dir = example("c-project");
     let junit = dir.path().join("junit.xml");
-    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    let r = runner(
+        dir.path(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
     assert_eq!(r.code, 0, "{r}");
     let (xml, report) = read_junit(&junit);
     assert!(report.tests >= 3, "{xml}");
@@ -98,13 +127,24 @@ fn a_failing_step_fails_the_suite_and_later_steps_are_skipped() {
     std::fs::write(dir.path().join("runner.toml"), FAILING_SUITE).unwrap();
     let junit = dir.path().join("junit.xml");
     let cache = private_cache();
-    let r = runner_with_cache(dir.path(), &["test", "--junit", junit.to_str().unwrap()], cache.path());
+    let r = runner_with_cache(
+        dir.path(),
+        &["test", "--junit", junit.to_str().unwrap()],
+        cache.path(),
+    );
     assert_eq!(r.code, 1, "{r}");
-    assert!(r.stdout.contains("preparing") && !r.stdout.contains("should not run"), "{r}");
+    assert!(
+        r.stdout.contains("preparing") && !r.stdout.contains("should not run"),
+        "{r}"
+    );
     let (xml, report) = read_junit(&junit);
     let suite = &report.test_suites[0];
     let status = |name: &str| {
-        let case = suite.test_cases.iter().find(|c| c.name.as_str() == name).unwrap_or_else(|| panic!("{name}: {xml}"));
+        let case = suite
+            .test_cases
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .unwrap_or_else(|| panic!("{name}: {xml}"));
         format!("{:?}", case.status)
     };
     assert!(status("prepare").starts_with("Success"), "{xml}");
@@ -115,11 +155,21 @@ fn a_failing_step_fails_the_suite_and_later_steps_are_skipped() {
     // stderr of the step is in its output excerpt.
     assert!(xml.contains("one test failed"), "{xml}");
     // The guest's own report is merged, its failure included.
-    let guest = report.test_suites.iter().find(|s| s.name.as_str() == "mixed (riscv64) / unit").expect(&xml);
+    let guest = report
+        .test_suites
+        .iter()
+        .find(|s| s.name.as_str() == "mixed (riscv64) / unit")
+        .expect(&xml);
     assert_eq!(guest.failures, 1);
     // Artifacts come back even though the suite failed.
-    assert_eq!(std::fs::read_to_string(dir.path().join("runner-out/mixed-riscv64/notes.txt")).unwrap(), "kept\n");
-    assert!(dir.path().join("runner-out/mixed-riscv64/reports/unit.xml").is_file());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("runner-out/mixed-riscv64/notes.txt")).unwrap(),
+        "kept\n"
+    );
+    assert!(dir
+        .path()
+        .join("runner-out/mixed-riscv64/reports/unit.xml")
+        .is_file());
     assert_nothing_left(cache.path());
 }
 
@@ -133,7 +183,17 @@ fn a_step_timeout_is_an_error_and_stops_the_vm() {
     .unwrap();
     let junit = dir.path().join("junit.xml");
     let cache = private_cache();
-    let r = runner_with_cache(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()], cache.path());
+    let r = runner_with_cache(
+        dir.path(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
     assert_eq!(r.code, 124, "{r}");
     let (xml, report) = read_junit(&junit);
     assert_eq!(report.errors, 1, "{xml}");

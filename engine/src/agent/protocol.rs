@@ -159,8 +159,8 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         if self.desynced {
             self.sync(deadline).await?;
         }
-        let mut msg = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))
-            .expect("json");
+        let mut msg =
+            serde_json::to_vec(&json!({"execute": command, "arguments": arguments})).expect("json");
         msg.push(b'\n');
         self.writer.write_all(&msg).await?;
         self.writer.flush().await?;
@@ -244,7 +244,11 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
 
     /// `guest-exec-status`. The reply that reports an exit also deletes the record in the
     /// agent, so callers must give this a generous timeout and never drop it half-way.
-    pub async fn exec_status(&mut self, pid: i64, timeout: Duration) -> Result<ExecStatus, AgentError> {
+    pub async fn exec_status(
+        &mut self,
+        pid: i64,
+        timeout: Duration,
+    ) -> Result<ExecStatus, AgentError> {
         #[derive(Deserialize)]
         struct Status {
             exited: bool,
@@ -268,9 +272,18 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         })
     }
 
-    async fn file_open(&mut self, path: &str, mode: &str, timeout: Duration) -> Result<i64, AgentError> {
+    async fn file_open(
+        &mut self,
+        path: &str,
+        mode: &str,
+        timeout: Duration,
+    ) -> Result<i64, AgentError> {
         let v = self
-            .execute("guest-file-open", json!({"path": path, "mode": mode}), timeout)
+            .execute(
+                "guest-file-open",
+                json!({"path": path, "mode": mode}),
+                timeout,
+            )
             .await?;
         Self::decode("guest-file-open", v)
     }
@@ -282,7 +295,12 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
     }
 
     /// Writes `data` to a new guest file at `path` (truncating), in chunks.
-    pub async fn write_file(&mut self, path: &str, data: &[u8], timeout: Duration) -> Result<(), AgentError> {
+    pub async fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
         let handle = self.file_open(path, "w", timeout).await?;
         let result = async {
             for chunk in data.chunks(FILE_CHUNK) {
@@ -334,10 +352,12 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
                     )
                     .await?;
                 let r: Read = Self::decode("guest-file-read", v)?;
-                let bytes = B64.decode(r.buf.as_bytes()).map_err(|e| AgentError::Protocol {
-                    command: "guest-file-read".into(),
-                    detail: e.to_string(),
-                })?;
+                let bytes = B64
+                    .decode(r.buf.as_bytes())
+                    .map_err(|e| AgentError::Protocol {
+                        command: "guest-file-read".into(),
+                        detail: e.to_string(),
+                    })?;
                 if bytes.len() != r.count || bytes.len() > FILE_CHUNK {
                     return Err(AgentError::Protocol {
                         command: "guest-file-read".into(),

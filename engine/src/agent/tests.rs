@@ -38,7 +38,9 @@ where
                     );
                 }
                 out.push(0xFF);
-                out.extend_from_slice(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
+                out.extend_from_slice(
+                    format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes(),
+                );
                 out
             } else {
                 reply(&req)
@@ -78,8 +80,10 @@ async fn stale_sync_replies_are_skipped() {
         let mut line = Vec::new();
         r.read_until(b'\n', &mut line).await.unwrap();
         let req: Value = serde_json::from_slice(&line[1..]).unwrap();
-        w.write_all(b"garbage\xFF{\"return\": 12345}\n").await.unwrap();
-        w.write_all(format!("\u{FF}").as_bytes()).await.unwrap(); // UTF-8 of U+00FF is not 0xFF
+        w.write_all(b"garbage\xFF{\"return\": 12345}\n")
+            .await
+            .unwrap();
+        w.write_all("\u{FF}".as_bytes()).await.unwrap(); // UTF-8 of U+00FF is not 0xFF
         let mut real = vec![0xFF];
         real.extend_from_slice(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
         w.write_all(&real).await.unwrap();
@@ -95,7 +99,10 @@ async fn sync_gives_up_at_the_deadline_when_the_agent_is_silent() {
     let (client, _server) = tokio::io::duplex(4096);
     let mut agent = AgentClient::new(client);
     let start = Instant::now();
-    let err = agent.sync(start + Duration::from_secs(3)).await.unwrap_err();
+    let err = agent
+        .sync(start + Duration::from_secs(3))
+        .await
+        .unwrap_err();
     assert!(matches!(err, AgentError::Timeout { .. }), "{err}");
     assert!(start.elapsed() >= Duration::from_secs(3));
     assert!(start.elapsed() < Duration::from_secs(4));
@@ -130,27 +137,37 @@ async fn exec_status_distinguishes_exit_and_signal() {
     };
     assert_eq!(agent.exec(&req, T).await.unwrap(), 42);
     assert_eq!(agent.exec_status(42, T).await.unwrap(), ExecStatus::Running);
-    assert_eq!(agent.exec_status(42, T).await.unwrap(), ExecStatus::Exited(7));
+    assert_eq!(
+        agent.exec_status(42, T).await.unwrap(),
+        ExecStatus::Exited(7)
+    );
     // Killed by a signal is never reported as exit 0.
-    assert_eq!(agent.exec_status(42, T).await.unwrap(), ExecStatus::Signaled(9));
+    assert_eq!(
+        agent.exec_status(42, T).await.unwrap(),
+        ExecStatus::Signaled(9)
+    );
 }
 
 #[tokio::test]
 async fn agent_errors_are_typed() {
     let stream = fake_agent(|_| {
-        b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent command failed\"}}\n".to_vec()
+        b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent command failed\"}}\n"
+            .to_vec()
     });
     let mut agent = AgentClient::new(stream);
     agent.sync(Instant::now() + T).await.unwrap();
     let err = agent.version(T).await.unwrap_err();
-    assert!(matches!(err, AgentError::Command { ref desc, .. } if desc.contains("failed")), "{err}");
+    assert!(
+        matches!(err, AgentError::Command { ref desc, .. } if desc.contains("failed")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn oversized_reply_is_refused_not_buffered() {
     let stream = fake_agent(|_| {
         let mut big = b"{\"return\": \"".to_vec();
-        big.extend(std::iter::repeat(b'a').take(5 * 1024 * 1024));
+        big.extend(std::iter::repeat_n(b'a', 5 * 1024 * 1024));
         big.extend_from_slice(b"\"}\n");
         big
     });
@@ -201,7 +218,10 @@ async fn file_round_trip_and_size_cap() {
     let data: Vec<u8> = (0..(FILE_CHUNK + 1000)).map(|i| (i % 251) as u8).collect();
     agent.write_file("/tmp/x", &data, T).await.unwrap();
     assert_eq!(*store.lock().unwrap(), data);
-    assert_eq!(agent.read_file("/tmp/x", usize::MAX, T).await.unwrap(), data);
+    assert_eq!(
+        agent.read_file("/tmp/x", usize::MAX, T).await.unwrap(),
+        data
+    );
     let err = agent.read_file("/tmp/x", 1000, T).await.unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
 }

@@ -73,8 +73,11 @@ pub async fn ensure_image(
             return Ok(image);
         }
     }
-    std::fs::create_dir_all(store.images_dir()).map_err(|e| ImageError::io(&store.images_dir(), e))?;
-    let lock_path = store.images_dir().join(format!(".{}-{arch}.lock", recipe.name));
+    std::fs::create_dir_all(store.images_dir())
+        .map_err(|e| ImageError::io(&store.images_dir(), e))?;
+    let lock_path = store
+        .images_dir()
+        .join(format!(".{}-{arch}.lock", recipe.name));
     let _lock = lock(&lock_path, &format!("{} for {arch}", recipe.name), progress).await?;
     // Someone else may have finished it while we waited.
     if !opts.force {
@@ -115,10 +118,12 @@ pub async fn ensure_image(
         recipe.name,
         started.elapsed().as_secs_f64()
     ));
-    store.open(&recipe.name, arch, &hash)?.ok_or_else(|| ImageError::Corrupt {
-        dir: final_dir,
-        what: "vanished right after it was built".into(),
-    })
+    store
+        .open(&recipe.name, arch, &hash)?
+        .ok_or_else(|| ImageError::Corrupt {
+            dir: final_dir,
+            what: "vanished right after it was built".into(),
+        })
 }
 
 async fn build_into(
@@ -132,7 +137,10 @@ async fn build_into(
 ) -> Result<Manifest, ImageError> {
     let rootfs = staging.join("rootfs");
     let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
-    progress(&format!("downloading and extracting {} packages for {arch} from {mirror}", recipe.distribution));
+    progress(&format!(
+        "downloading and extracting {} packages for {arch} from {mirror}",
+        recipe.distribution
+    ));
     mmdebstrap(recipe, arch, &mirror, &rootfs).await?;
 
     let kernel_version = kernel_version(&rootfs)?;
@@ -143,7 +151,10 @@ async fn build_into(
 
     progress("indexing kernel modules and building the initramfs");
     run_tool(
-        Command::new("depmod").arg("-b").arg(&rootfs).arg(&kernel_version),
+        Command::new("depmod")
+            .arg("-b")
+            .arg(&rootfs)
+            .arg(&kernel_version),
         "depmod",
     )
     .await?;
@@ -155,7 +166,15 @@ async fn build_into(
     let raw = staging.join("rootfs.raw");
     run_tool(
         Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "runner-root", "-E", "root_owner=0:0", "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "runner-root",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+            ])
             .arg(&rootfs)
             .arg(&raw)
             .arg(format!("{}k", recipe.disk_size_bytes / 1024)),
@@ -166,14 +185,27 @@ async fn build_into(
     let _ = std::fs::remove_dir_all(&rootfs);
     let _ = std::fs::remove_dir_all(staging.join("initramfs"));
 
-    progress(&format!("configuring packages inside a {arch} guest (one-time bake under {})", opts.accel.name()));
+    progress(&format!(
+        "configuring packages inside a {arch} guest (one-time bake under {})",
+        opts.accel.name()
+    ));
     bake(store, arch, opts, &kernel, &initrd, &raw).await?;
 
     progress("compressing the root disk");
     let qcow = staging.join(store::ROOTFS);
     run_tool(
         Command::new("qemu-img")
-            .args(["convert", "-q", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "-f", "raw"])
+            .args([
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "compression_type=zstd",
+                "-f",
+                "raw",
+            ])
             .arg(&raw)
             .arg(&qcow),
         "qemu-img convert",
@@ -184,9 +216,18 @@ async fn build_into(
     let mut artifacts = BTreeMap::new();
     for name in [store::KERNEL, store::INITRD, store::ROOTFS] {
         let path = staging.join(name);
-        let size = std::fs::metadata(&path).map_err(|e| ImageError::io(&path, e))?.len();
+        let size = std::fs::metadata(&path)
+            .map_err(|e| ImageError::io(&path, e))?
+            .len();
         let sha256 = store::sha256_file(&path).map_err(|e| ImageError::io(&path, e))?;
-        artifacts.insert(name.to_string(), Artifact { file: name.into(), sha256, size });
+        artifacts.insert(
+            name.to_string(),
+            Artifact {
+                file: name.into(),
+                sha256,
+                size,
+            },
+        );
     }
     Ok(Manifest {
         recipe: recipe.name.clone(),
@@ -205,12 +246,22 @@ async fn build_into(
     })
 }
 
-async fn mmdebstrap(recipe: &Recipe, arch: Arch, mirror: &str, rootfs: &Path) -> Result<(), ImageError> {
+async fn mmdebstrap(
+    recipe: &Recipe,
+    arch: Arch,
+    mirror: &str,
+    rootfs: &Path,
+) -> Result<(), ImageError> {
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--variant=extract", "--quiet"])
         .arg(format!("--arch={}", arch.debian()))
         // One option per package: an apt pattern like ?essential may not share a list.
-        .args(recipe.all_packages(arch).iter().map(|p| format!("--include={p}")))
+        .args(
+            recipe
+                .all_packages(arch)
+                .iter()
+                .map(|p| format!("--include={p}")),
+        )
         // Keep the .debs: the bake installs them properly inside the guest.
         .arg("--skip=cleanup/apt/cache")
         // Docs, man pages and translations only slow the bake and fill the disk.
@@ -238,7 +289,8 @@ fn kernel_version(rootfs: &Path) -> Result<String, ImageError> {
     versions.sort();
     versions.pop().ok_or_else(|| ImageError::Tool {
         tool: "mmdebstrap".into(),
-        detail: "the extracted system has no kernel modules; is the kernel package in the recipe?".into(),
+        detail: "the extracted system has no kernel modules; is the kernel package in the recipe?"
+            .into(),
     })
 }
 
@@ -259,7 +311,10 @@ fn find_kernel(rootfs: &Path, version: &str) -> Result<PathBuf, ImageError> {
 fn package_versions(rootfs: &Path) -> Result<BTreeMap<String, String>, ImageError> {
     let dir = rootfs.join("var/cache/apt/archives");
     let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(&dir).map_err(|e| ImageError::io(&dir, e))?.flatten() {
+    for entry in std::fs::read_dir(&dir)
+        .map_err(|e| ImageError::io(&dir, e))?
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_suffix(".deb") {
             let mut parts = stem.split('_');
@@ -274,7 +329,10 @@ fn package_versions(rootfs: &Path) -> Result<BTreeMap<String, String>, ImageErro
 /// Files the bake needs before dpkg has run (dpkg resolves owners by name).
 fn seed_config(rootfs: &Path) -> Result<(), ImageError> {
     let base = rootfs.join("usr/share/base-passwd");
-    for (master, target) in [("passwd.master", "etc/passwd"), ("group.master", "etc/group")] {
+    for (master, target) in [
+        ("passwd.master", "etc/passwd"),
+        ("group.master", "etc/group"),
+    ] {
         let dst = rootfs.join(target);
         if !dst.exists() {
             std::fs::copy(base.join(master), &dst).map_err(|e| ImageError::io(&dst, e))?;
@@ -282,8 +340,14 @@ fn seed_config(rootfs: &Path) -> Result<(), ImageError> {
     }
     for (path, text) in [
         ("etc/hostname", "runner\n"),
-        ("etc/hosts", "127.0.0.1 localhost\n127.0.1.1 runner\n::1 localhost ip6-localhost ip6-loopback\n"),
-        ("etc/fstab", "# the root disk is mounted by runner's initramfs\n"),
+        (
+            "etc/hosts",
+            "127.0.0.1 localhost\n127.0.1.1 runner\n::1 localhost ip6-localhost ip6-loopback\n",
+        ),
+        (
+            "etc/fstab",
+            "# the root disk is mounted by runner's initramfs\n",
+        ),
     ] {
         let dst = rootfs.join(path);
         std::fs::write(&dst, text).map_err(|e| ImageError::io(&dst, e))?;
@@ -292,7 +356,14 @@ fn seed_config(rootfs: &Path) -> Result<(), ImageError> {
     std::fs::create_dir_all(&ws).map_err(|e| ImageError::io(&ws, e))
 }
 
-async fn bake(store: &ImageStore, arch: Arch, opts: &BuildOptions, kernel: &Path, initrd: &Path, raw: &Path) -> Result<(), ImageError> {
+async fn bake(
+    store: &ImageStore,
+    arch: Arch,
+    opts: &BuildOptions,
+    kernel: &Path,
+    initrd: &Path,
+    raw: &Path,
+) -> Result<(), ImageError> {
     let cfg = VmConfig {
         arch,
         accel: opts.accel,
@@ -302,33 +373,59 @@ async fn bake(store: &ImageStore, arch: Arch, opts: &BuildOptions, kernel: &Path
         memory_mib: 1024,
         kernel: kernel.into(),
         initrd: initrd.into(),
-        disk: DiskSource::Direct { path: raw.into(), format: "raw" },
+        disk: DiskSource::Direct {
+            path: raw.into(),
+            format: "raw",
+        },
         state_dir: store.vms_dir(),
         boot_timeout: BAKE_BOOT_TIMEOUT,
     };
     let bake_err = |detail: String| ImageError::Bake { detail };
-    let mut vm = Vm::boot(&cfg).await.map_err(|e| bake_err(error_chain(&e)))?;
-    let env = vec![("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+    let mut vm = Vm::boot(&cfg)
+        .await
+        .map_err(|e| bake_err(error_chain(&e)))?;
+    let env = vec![(
+        "PATH".to_string(),
+        "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+    )];
     let mut log = crate::bounded::TailBuffer::new(16 * 1024);
     let end = vm
-        .run(&GuestCommand::Script(BAKE_SCRIPT.into()), "/", &env, BAKE_TIMEOUT, &mut |b: &[u8]| log.push(b))
+        .run(
+            &GuestCommand::Script(BAKE_SCRIPT.into()),
+            "/",
+            &env,
+            BAKE_TIMEOUT,
+            &mut |b: &[u8]| log.push(b),
+        )
         .await
         .map_err(|e| bake_err(error_chain(&e)))?;
     if end != CommandEnd::Exited(0) {
         vm.kill().await;
-        return Err(bake_err(format!("{end:?}; last output:\n{}", log.last_lines(20))));
+        return Err(bake_err(format!(
+            "{end:?}; last output:\n{}",
+            log.last_lines(20)
+        )));
     }
     // Make the filesystem clean before QEMU goes away: freezing ext4 commits the journal
     // and clears its needs-recovery flag, so job VMs mount it without a replay. (A
     // read-only remount is refused while qemu-ga and tini hold files open.)
     let mut out = crate::bounded::TailBuffer::new(4096);
     let freeze = vm
-        .run(&GuestCommand::Script("sync; fsfreeze --freeze /".into()), "/", &env, Duration::from_secs(60), &mut |b: &[u8]| out.push(b))
+        .run(
+            &GuestCommand::Script("sync; fsfreeze --freeze /".into()),
+            "/",
+            &env,
+            Duration::from_secs(60),
+            &mut |b: &[u8]| out.push(b),
+        )
         .await
         .map_err(|e| bake_err(error_chain(&e)))?;
     if freeze != CommandEnd::Exited(0) {
         vm.kill().await;
-        return Err(bake_err(format!("could not freeze the root filesystem ({freeze:?}): {}", out.text().trim())));
+        return Err(bake_err(format!(
+            "could not freeze the root filesystem ({freeze:?}): {}",
+            out.text().trim()
+        )));
     }
     vm.shutdown().await.map_err(|e| bake_err(error_chain(&e)))
 }
@@ -375,7 +472,8 @@ async fn run_tool(cmd: &mut Command, name: &str) -> Result<(), ImageError> {
 
 fn read_only(path: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).map_err(|e| ImageError::io(path, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| ImageError::io(path, e))
 }
 
 /// Holds an exclusive lock on a file until dropped.
@@ -384,7 +482,11 @@ struct BuildLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-async fn lock(path: &Path, what: &str, progress: &(dyn Fn(&str) + Sync)) -> Result<BuildLock, ImageError> {
+async fn lock(
+    path: &Path,
+    what: &str,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<BuildLock, ImageError> {
     use nix::fcntl::{Flock, FlockArg};
     let deadline = Instant::now() + LOCK_TIMEOUT;
     let mut told = false;
@@ -399,7 +501,9 @@ async fn lock(path: &Path, what: &str, progress: &(dyn Fn(&str) + Sync)) -> Resu
             Ok(l) => return Ok(BuildLock { _lock: l }),
             Err(_) if Instant::now() < deadline => {
                 if !told {
-                    progress(&format!("waiting for another runner that is building {what}"));
+                    progress(&format!(
+                        "waiting for another runner that is building {what}"
+                    ));
                     told = true;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -423,7 +527,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("var/cache/apt/archives");
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["libattr1_1%3a2.5.2-3_riscv64.deb", "bash_5.2.37-2_riscv64.deb", "lock"] {
+        for f in [
+            "libattr1_1%3a2.5.2-3_riscv64.deb",
+            "bash_5.2.37-2_riscv64.deb",
+            "lock",
+        ] {
             std::fs::write(dir.join(f), "").unwrap();
         }
         let v = package_versions(tmp.path()).unwrap();
@@ -436,7 +544,10 @@ mod tests {
     fn error_chain_is_one_line() {
         let e = ImageError::io(Path::new("/x"), std::io::Error::other("boom"));
         assert_eq!(error_chain(&e), "cannot write /x: boom");
-        let full = ImageError::io(Path::new("/x"), std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let full = ImageError::io(
+            Path::new("/x"),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         assert!(full.is_disk_full());
         assert!(full.to_string().contains("RUNNER_CACHE_DIR"));
     }

@@ -23,7 +23,9 @@ pub fn load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, Str
     use std::collections::HashMap;
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in modules_dep.lines() {
-        let Some((path, rest)) = line.split_once(':') else { continue };
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
         let name = module_name(path);
         let d = rest.split_whitespace().map(module_name).collect();
         deps.insert(name, (path.to_string(), d));
@@ -64,7 +66,12 @@ fn module_name(path: &str) -> String {
 
 /// Builds `out` (a newc cpio) from the extracted root filesystem `rootfs` with kernel
 /// `kernel_version`, using `work` as scratch space.
-pub async fn build(rootfs: &Path, kernel_version: &str, work: &Path, out: &Path) -> Result<(), ImageError> {
+pub async fn build(
+    rootfs: &Path,
+    kernel_version: &str,
+    work: &Path,
+    out: &Path,
+) -> Result<(), ImageError> {
     let tool = |e: std::io::Error, what: &str| ImageError::Tool {
         tool: what.into(),
         detail: e.to_string(),
@@ -125,7 +132,11 @@ async fn decompress_module(src: &Path, dst: &Path) -> Result<(), ImageError> {
     if !out.status.success() {
         return Err(ImageError::Tool {
             tool: tool.into(),
-            detail: format!("cannot decompress {}: {}", src.display(), String::from_utf8_lossy(&out.stderr).trim()),
+            detail: format!(
+                "cannot decompress {}: {}",
+                src.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     write_file(dst, &out.stdout)
@@ -150,9 +161,15 @@ async fn cpio(root: &Path, out: &Path) -> Result<(), ImageError> {
         })?;
     let mut stdin = child.stdin.take().expect("piped");
     let list: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
-    stdin.write_all(list.as_bytes()).await.map_err(|e| ImageError::io(out, e))?;
+    stdin
+        .write_all(list.as_bytes())
+        .await
+        .map_err(|e| ImageError::io(out, e))?;
     drop(stdin);
-    let result = child.wait_with_output().await.map_err(|e| ImageError::io(out, e))?;
+    let result = child
+        .wait_with_output()
+        .await
+        .map_err(|e| ImageError::io(out, e))?;
     if !result.status.success() {
         return Err(ImageError::Tool {
             tool: "cpio".into(),
@@ -179,7 +196,8 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), ImageError> {
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| ImageError::io(path, e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| ImageError::io(path, e))
 }
 
 #[cfg(test)]
@@ -199,14 +217,27 @@ kernel/crypto/crc32c_generic.ko.xz:
     fn dependencies_load_first() {
         let order = load_order(DEP, ROOT_MODULES).unwrap();
         let names: Vec<_> = order.iter().map(|p| module_name(p)).collect();
-        assert_eq!(names, ["crc32c_generic", "virtio_blk", "crc16", "mbcache", "jbd2", "ext4"]);
+        assert_eq!(
+            names,
+            [
+                "crc32c_generic",
+                "virtio_blk",
+                "crc16",
+                "mbcache",
+                "jbd2",
+                "ext4"
+            ]
+        );
     }
 
     #[test]
     fn builtin_modules_are_skipped() {
         // On a kernel with virtio_blk built in, it is simply not in modules.dep.
         let dep = "kernel/fs/ext4/ext4.ko: \n";
-        assert_eq!(load_order(dep, &["virtio_blk", "ext4"]).unwrap(), ["kernel/fs/ext4/ext4.ko"]);
+        assert_eq!(
+            load_order(dep, &["virtio_blk", "ext4"]).unwrap(),
+            ["kernel/fs/ext4/ext4.ko"]
+        );
     }
 
     #[test]

@@ -13,10 +13,8 @@ use crate::arch::Arch;
 pub const BUILDER_VERSION: u32 = 1;
 
 /// The recipe shipped with runner (used when no project recipe of that name exists).
-pub const BUILTIN_RECIPES: &[(&str, &str)] = &[(
-    "debian-13",
-    include_str!("../../../images/debian-13.toml"),
-)];
+pub const BUILTIN_RECIPES: &[(&str, &str)] =
+    &[("debian-13", include_str!("../../../images/debian-13.toml"))];
 
 /// Packages every image gets, whatever the recipe says. `?essential` is apt's pattern for
 /// Debian's Essential set (what maintainer scripts may assume).
@@ -109,11 +107,19 @@ impl Recipe {
             )));
         }
         if !raw.mirror.starts_with("http://") && !raw.mirror.starts_with("https://") {
-            return Err(invalid(format!("mirror '{}' must be an http(s) URL", raw.mirror)));
+            return Err(invalid(format!(
+                "mirror '{}' must be an http(s) URL",
+                raw.mirror
+            )));
         }
         let disk_size_bytes = parse_size(&raw.disk_size)
             .filter(|&b| b >= 512 << 20)
-            .ok_or_else(|| invalid(format!("disk_size '{}' must be a size of at least 512M, like \"4G\"", raw.disk_size)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "disk_size '{}' must be a size of at least 512M, like \"4G\"",
+                    raw.disk_size
+                ))
+            })?;
         for p in &raw.packages {
             if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c == ',') {
                 return Err(invalid(format!("package name '{p}' is not valid")));
@@ -223,7 +229,10 @@ mod tests {
         b.mirror = "http://mirror.example/debian".into();
         assert_eq!(a.hash(Arch::Riscv64, "init"), b.hash(Arch::Riscv64, "init"));
         assert_ne!(a.hash(Arch::Riscv64, "init"), a.hash(Arch::Aarch64, "init"));
-        assert_ne!(a.hash(Arch::Riscv64, "init"), a.hash(Arch::Riscv64, "init2"));
+        assert_ne!(
+            a.hash(Arch::Riscv64, "init"),
+            a.hash(Arch::Riscv64, "init2")
+        );
         b.packages.push("python3".into());
         assert_ne!(a.hash(Arch::Riscv64, "init"), b.hash(Arch::Riscv64, "init"));
     }
@@ -236,8 +245,14 @@ mod tests {
             (format!("{base}disk_size='10M'"), "disk_size"),
             (format!("{base}packages=['a b']"), "package name"),
             (format!("{base}colour='red'"), "unknown field"),
-            ("name='x'\ndistribution='trixie'\nmirror='ftp://x'".to_string(), "mirror"),
-            ("name='bad name'\ndistribution='t'\nmirror='http://x'".to_string(), "name"),
+            (
+                "name='x'\ndistribution='trixie'\nmirror='ftp://x'".to_string(),
+                "mirror",
+            ),
+            (
+                "name='bad name'\ndistribution='t'\nmirror='http://x'".to_string(),
+                "name",
+            ),
             ("name = [".to_string(), "line 1"),
         ];
         for (text, want) in cases {

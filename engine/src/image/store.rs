@@ -94,7 +94,12 @@ impl ImageStore {
 
     /// The image for (recipe, arch, hash): `Ok(None)` when not built, an error when it
     /// exists but does not match its manifest.
-    pub fn open(&self, recipe: &str, arch: Arch, hash: &str) -> Result<Option<BaseImage>, ImageError> {
+    pub fn open(
+        &self,
+        recipe: &str,
+        arch: Arch,
+        hash: &str,
+    ) -> Result<Option<BaseImage>, ImageError> {
         let dir = self.image_dir(recipe, arch, hash);
         if !dir.exists() {
             return Ok(None);
@@ -160,11 +165,24 @@ pub fn verify(image: &BaseImage, full: bool) -> Result<(), ImageError> {
         let path = image.dir.join(&art.file);
         let meta = std::fs::metadata(&path).map_err(|_| corrupt(format!("{name} is missing")))?;
         if meta.len() != art.size {
-            return Err(corrupt(format!("{name} has {} bytes, manifest says {}", meta.len(), art.size)));
+            return Err(corrupt(format!(
+                "{name} has {} bytes, manifest says {}",
+                meta.len(),
+                art.size
+            )));
         }
         let stamp_path = image.dir.join(VERIFIED_STAMP);
-        let stamp = format!("{} {} {} {}", meta.len(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000, meta.ino(), art.sha256);
-        if name == ROOTFS && !full && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
+        let stamp = format!(
+            "{} {} {} {}",
+            meta.len(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+            meta.ino(),
+            art.sha256
+        );
+        if name == ROOTFS
+            && !full
+            && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp)
+        {
             continue;
         }
         let sum = sha256_file(&path).map_err(|e| corrupt(format!("{name} unreadable ({e})")))?;
@@ -223,7 +241,11 @@ mod tests {
             packages: BTreeMap::new(),
             artifacts,
         };
-        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&manifest).unwrap()).unwrap();
+        std::fs::write(
+            dir.join(MANIFEST),
+            serde_json::to_string(&manifest).unwrap(),
+        )
+        .unwrap();
         load(dir).unwrap()
     }
 
@@ -231,9 +253,15 @@ mod tests {
     fn missing_image_is_none_and_good_image_opens() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::new(tmp.path());
-        assert!(store.open("debian-13", Arch::Riscv64, "abc").unwrap().is_none());
+        assert!(store
+            .open("debian-13", Arch::Riscv64, "abc")
+            .unwrap()
+            .is_none());
         fake_image(&store.image_dir("debian-13", Arch::Riscv64, "abc"));
-        assert!(store.open("debian-13", Arch::Riscv64, "abc").unwrap().is_some());
+        assert!(store
+            .open("debian-13", Arch::Riscv64, "abc")
+            .unwrap()
+            .is_some());
         assert_eq!(store.list().len(), 1);
     }
 

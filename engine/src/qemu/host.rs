@@ -183,7 +183,9 @@ pub async fn probe_kvm() -> Result<(), String> {
     let disk = dir.path().join("probe.img");
     std::fs::write(&disk, probe_boot_sector()).map_err(|e| e.to_string())?;
     let mut child = Command::new(binary)
-        .args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "16"])
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "16",
+        ])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-drive"])
         .arg(format!("file={},format=raw,if=ide", disk.display()))
@@ -203,7 +205,9 @@ pub async fn probe_kvm() -> Result<(), String> {
                 use tokio::io::AsyncReadExt;
                 let mut buf = vec![0u8; 4096];
                 let n = e.read(&mut buf).await.unwrap_or(0);
-                msg = String::from_utf8_lossy(&buf[..n]).trim().replace('\n', "; ");
+                msg = String::from_utf8_lossy(&buf[..n])
+                    .trim()
+                    .replace('\n', "; ");
             }
             Err(format!("a probe guest failed under KVM ({status}): {msg}"))
         }
@@ -235,7 +239,10 @@ mod tests {
     fn parses_qemu_version_lines() {
         // (output of --version, expected)
         let cases = [
-            ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n", Some("10.0.2")),
+            (
+                "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n",
+                Some("10.0.2"),
+            ),
             ("QEMU emulator version 7.2.15\n", Some("7.2.15")),
             ("something else", None),
         ];
@@ -262,8 +269,15 @@ mod tests {
 
     #[tokio::test]
     async fn kvm_for_a_foreign_guest_is_a_clear_error() {
-        let foreign = if Arch::host() == Some(Arch::Riscv64) { Arch::X86_64 } else { Arch::Riscv64 };
-        let err = choose_accel(foreign, AccelChoice::Kvm).await.unwrap_err().to_string();
+        let foreign = if Arch::host() == Some(Arch::Riscv64) {
+            Arch::X86_64
+        } else {
+            Arch::Riscv64
+        };
+        let err = choose_accel(foreign, AccelChoice::Kvm)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("KVM") && err.contains("--accel tcg"), "{err}");
     }
 }

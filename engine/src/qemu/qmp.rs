@@ -54,7 +54,9 @@ impl QmpClient {
                 timeout,
             })??;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected greeting, got {greeting}"
+            )));
         }
         client.execute("qmp_capabilities", None, timeout).await?;
         Ok(client)

@@ -148,7 +148,11 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     push(&mut a, &["-device", "virtio-blk-pci,drive=root"]);
     // Control plane: QMP, the agent port and the live-output port.
     a.push("-qmp".into());
-    a.push(socket_chardev_path("unix:", &spec.sockets.qmp, ",server=on,wait=off"));
+    a.push(socket_chardev_path(
+        "unix:",
+        &spec.sockets.qmp,
+        ",server=on,wait=off",
+    ));
     push(&mut a, &["-device", "virtio-serial-pci,id=vser0"]);
     for (id, path, port) in [
         ("agent0", &spec.sockets.agent, AGENT_PORT_NAME),
@@ -235,7 +239,13 @@ mod tests {
         // (arch, accel, machine, cpu, console)
         let cases = [
             (Arch::Riscv64, Accel::Tcg, "virt", "rv64", "console=ttyS0"),
-            (Arch::Aarch64, Accel::Tcg, "virt", "max,pauth-impdef=on", "console=ttyAMA0"),
+            (
+                Arch::Aarch64,
+                Accel::Tcg,
+                "virt",
+                "max,pauth-impdef=on",
+                "console=ttyAMA0",
+            ),
             (Arch::X86_64, Accel::Tcg, "q35", "max", "console=ttyS0"),
             (Arch::X86_64, Accel::Kvm, "q35", "host", "console=ttyS0"),
         ];
@@ -249,14 +259,22 @@ mod tests {
 
     #[test]
     fn tcg_is_multi_threaded_and_kvm_is_kvm() {
-        assert_eq!(value_of(&spec(Arch::Riscv64, Accel::Tcg), "-accel"), "tcg,thread=multi");
+        assert_eq!(
+            value_of(&spec(Arch::Riscv64, Accel::Tcg), "-accel"),
+            "tcg,thread=multi"
+        );
         assert_eq!(value_of(&spec(Arch::X86_64, Accel::Kvm), "-accel"), "kvm");
     }
 
     #[test]
     fn hardening_flags_are_always_present() {
         let s = joined(&spec(Arch::Riscv64, Accel::Tcg));
-        for flag in ["-nodefaults", "-no-user-config", "-no-reboot", "-display none"] {
+        for flag in [
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display none",
+        ] {
             assert!(s.contains(flag), "missing {flag}: {s}");
         }
         assert!(s.contains("panic=-1"), "{s}");
@@ -282,9 +300,15 @@ mod tests {
     #[test]
     fn agent_and_output_ports_share_one_bus() {
         let s = joined(&spec(Arch::Aarch64, Accel::Tcg));
-        assert!(s.contains("socket,path=/vm/agent.sock,server=on,wait=off,id=agent0"), "{s}");
+        assert!(
+            s.contains("socket,path=/vm/agent.sock,server=on,wait=off,id=agent0"),
+            "{s}"
+        );
         assert!(s.contains("virtserialport,bus=vser0.0,chardev=agent0,name=org.qemu.guest_agent.0"));
         assert!(s.contains("virtserialport,bus=vser0.0,chardev=output0,name=org.runner.output.0"));
-        assert!(s.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off"), "{s}");
+        assert!(
+            s.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off"),
+            "{s}"
+        );
     }
 }

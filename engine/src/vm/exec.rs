@@ -40,7 +40,12 @@ printf '%s' "$marker"
 exit $rc"#;
 
 /// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment.
-pub fn exec_request(cmd: &GuestCommand, cwd: &str, env: &[(String, String)], marker: &str) -> ExecRequest {
+pub fn exec_request(
+    cmd: &GuestCommand,
+    cwd: &str,
+    env: &[(String, String)],
+    marker: &str,
+) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
         WRAPPER.replace("PORT", OUTPUT_PORT_NAME),
@@ -50,9 +55,12 @@ pub fn exec_request(cmd: &GuestCommand, cwd: &str, env: &[(String, String)], mar
     ];
     match cmd {
         GuestCommand::Argv(argv) => args.extend(argv.iter().cloned()),
-        GuestCommand::Script(script) => {
-            args.extend(["/bin/sh".to_string(), "-e".into(), "-c".into(), script.clone()])
-        }
+        GuestCommand::Script(script) => args.extend([
+            "/bin/sh".to_string(),
+            "-e".into(),
+            "-c".into(),
+            script.clone(),
+        ]),
     }
     ExecRequest {
         path: "/bin/sh".into(),
@@ -136,7 +144,10 @@ mod tests {
             // marker split byte by byte
             (m.as_bytes().chunks(1).collect(), b""),
             // a prefix of the marker that turns out to be output
-            (vec![b"x\x1erunner-e", b"lse\n", b"\x1erunner-end-1\x1e"], b"x\x1erunner-else\n"),
+            (
+                vec![b"x\x1erunner-e", b"lse\n", b"\x1erunner-end-1\x1e"],
+                b"x\x1erunner-else\n",
+            ),
             // output after the marker is dropped
             (vec![b"a\x1erunner-end-1\x1etrailing"], b"a"),
         ];
@@ -169,13 +180,27 @@ mod tests {
             "M",
         );
         assert_eq!(req.path, "/bin/sh");
-        assert_eq!(&req.args[2..], ["runner-wrapper", "/workspace", "M", "echo", "$HOME; rm -rf /"]);
+        assert_eq!(
+            &req.args[2..],
+            [
+                "runner-wrapper",
+                "/workspace",
+                "M",
+                "echo",
+                "$HOME; rm -rf /"
+            ]
+        );
         assert!(req.args[1].contains("/dev/virtio-ports/org.runner.output.0"));
     }
 
     #[test]
     fn scripts_run_under_sh_e() {
-        let req = exec_request(&GuestCommand::Script("false\necho no".into()), "/", &[], "M");
+        let req = exec_request(
+            &GuestCommand::Script("false\necho no".into()),
+            "/",
+            &[],
+            "M",
+        );
         assert_eq!(&req.args[5..], ["/bin/sh", "-e", "-c", "false\necho no"]);
     }
 

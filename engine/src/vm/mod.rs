@@ -53,7 +53,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("QEMU exited during boot ({status}): {stderr}\n--- guest console (tail) ---\n{console}")]
+    #[error(
+        "QEMU exited during boot ({status}): {stderr}\n--- guest console (tail) ---\n{console}"
+    )]
     QemuExited {
         status: ExitStatus,
         stderr: String,
@@ -276,12 +278,12 @@ impl Vm {
                     }
                 },
                 _ = tokio::time::sleep_until(wake) => {
-                    if exited.is_some() {
+                    if let Some(end) = exited {
                         // The command ended but its marker never came (e.g. the output port
                         // could not be opened): hand over what we have.
                         let rest = scanner.flush();
                         if !rest.is_empty() { on_output(&rest); }
-                        return Ok(exited.expect("checked"));
+                        return Ok(end);
                     }
                     if tokio::time::Instant::now() >= deadline {
                         let rest = scanner.flush();
@@ -302,11 +304,13 @@ impl Vm {
     }
 
     async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
-        Ok(match self.agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
-            ExecStatus::Running => None,
-            ExecStatus::Exited(code) => Some(CommandEnd::Exited(code)),
-            ExecStatus::Signaled(sig) => Some(CommandEnd::Signaled(sig)),
-        })
+        Ok(
+            match self.agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
+                ExecStatus::Running => None,
+                ExecStatus::Exited(code) => Some(CommandEnd::Exited(code)),
+                ExecStatus::Signaled(sig) => Some(CommandEnd::Signaled(sig)),
+            },
+        )
     }
 
     async fn died(&mut self) -> VmError {
@@ -334,7 +338,10 @@ impl Vm {
     /// Stops the VM: QMP `quit`, then SIGTERM, then SIGKILL; the directory goes with `self`.
     pub async fn shutdown(mut self) -> Result<(), VmError> {
         let _ = self.qmp.quit(QMP_TIMEOUT).await;
-        if tokio::time::timeout(QUIT_GRACE, self.process.wait()).await.is_err() {
+        if tokio::time::timeout(QUIT_GRACE, self.process.wait())
+            .await
+            .is_err()
+        {
             let _ = self.process.terminate(SIGTERM_GRACE).await;
         }
         Ok(())

@@ -8,7 +8,13 @@ use crate::exit;
 
 pub async fn run(store: &ImageStore) -> i32 {
     let mut ok = true;
-    println!("host: {} ({} cores)", std::env::consts::ARCH, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "host: {} ({} cores)",
+        std::env::consts::ARCH,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     for arch in Arch::ALL {
         match qhost::qemu_for(arch).await {
             Ok(q) => println!(
@@ -23,7 +29,14 @@ pub async fn run(store: &ImageStore) -> i32 {
             }
         }
     }
-    for tool in ["qemu-img", "mmdebstrap", "depmod", "mkfs.ext4", "cpio", "xz"] {
+    for tool in [
+        "qemu-img",
+        "mmdebstrap",
+        "depmod",
+        "mkfs.ext4",
+        "cpio",
+        "xz",
+    ] {
         match qhost::which(tool) {
             Some(p) => println!("tool     {tool}: {}", p.display()),
             None => {
@@ -44,7 +57,11 @@ pub async fn run(store: &ImageStore) -> i32 {
         }
     }
     let images = store.list();
-    println!("cache    {} ({} images)", store.root().display(), images.len());
+    println!(
+        "cache    {} ({} images)",
+        store.root().display(),
+        images.len()
+    );
     for (dir, state) in images {
         match state {
             Ok(m) => println!("image    {} {} ok", m.recipe, m.arch),

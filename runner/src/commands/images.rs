@@ -11,7 +11,13 @@ use crate::report::console::Status;
 
 pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32 {
     match cmd {
-        ImagesCommand::Build { arch, recipe, mirror, force, accel } => build(store, &arch, &recipe, mirror, force, accel, status).await,
+        ImagesCommand::Build {
+            arch,
+            recipe,
+            mirror,
+            force,
+            accel,
+        } => build(store, &arch, &recipe, mirror, force, accel, status).await,
         ImagesCommand::List => list(store),
         ImagesCommand::Verify => verify(store),
     }
@@ -40,7 +46,16 @@ async fn build(
             let spinner = status.spinner(&format!("{arch}: checking image {recipe}"));
             let progress = |msg: &str| spinner.set_message(format!("{arch}: {msg}"));
             let cwd = std::env::current_dir().ok();
-            let image = host::base_image(store, recipe, cwd.as_deref(), &platform, mirror.clone(), force, &progress).await;
+            let image = host::base_image(
+                store,
+                recipe,
+                cwd.as_deref(),
+                &platform,
+                mirror.clone(),
+                force,
+                &progress,
+            )
+            .await;
             spinner.finish_and_clear();
             image
         }
@@ -72,10 +87,16 @@ pub fn outcome_message(o: &Outcome) -> String {
 fn list(store: &ImageStore) -> i32 {
     let images = store.list();
     if images.is_empty() {
-        println!("no images in {}; build one with `runner images build --arch riscv64`", store.images_dir().display());
+        println!(
+            "no images in {}; build one with `runner images build --arch riscv64`",
+            store.images_dir().display()
+        );
         return exit::SUCCESS;
     }
-    println!("{:<12} {:<9} {:<18} {:>8} {:<8} PATH", "IMAGE", "ARCH", "HASH", "SIZE", "STATE");
+    println!(
+        "{:<12} {:<9} {:<18} {:>8} {:<8} PATH",
+        "IMAGE", "ARCH", "HASH", "SIZE", "STATE"
+    );
     for (dir, state) in images {
         match state {
             Ok(m) => {
@@ -90,7 +111,15 @@ fn list(store: &ImageStore) -> i32 {
                     dir.display()
                 );
             }
-            Err(e) => println!("{:<12} {:<9} {:<18} {:>8} {:<8} {} ({e})", "?", "?", "?", "-", "corrupt", dir.display()),
+            Err(e) => println!(
+                "{:<12} {:<9} {:<18} {:>8} {:<8} {} ({e})",
+                "?",
+                "?",
+                "?",
+                "-",
+                "corrupt",
+                dir.display()
+            ),
         }
     }
     exit::SUCCESS

@@ -25,7 +25,10 @@ fn config(msg: impl Into<String>) -> Refusal {
 }
 
 fn parse_arches(names: &[String]) -> Result<Vec<Arch>, Refusal> {
-    names.iter().map(|n| n.trim().parse::<Arch>().map_err(|e| config(e.to_string()))).collect()
+    names
+        .iter()
+        .map(|n| n.trim().parse::<Arch>().map_err(|e| config(e.to_string())))
+        .collect()
 }
 
 fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
@@ -34,7 +37,10 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         .as_deref()
         .map(|t| match humantime::parse_duration(t) {
             Ok(d) if d > Duration::ZERO => Ok(d),
-            _ => Err(Refusal(format!("--timeout '{t}' is not a duration like 90s or 10m"), exit::USAGE)),
+            _ => Err(Refusal(
+                format!("--timeout '{t}' is not a duration like 90s or 10m"),
+                exit::USAGE,
+            )),
         })
         .transpose()?;
     let memory_mib = args
@@ -42,15 +48,27 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         .as_deref()
         .map(|m| match suite::parse_size(m) {
             Ok(b) if (128 << 20..=64 << 30).contains(&b) => Ok((b >> 20) as u32),
-            _ => Err(Refusal(format!("--memory '{m}' must be a size between 128M and 64G"), exit::USAGE)),
+            _ => Err(Refusal(
+                format!("--memory '{m}' must be a size between 128M and 64G"),
+                exit::USAGE,
+            )),
         })
         .transpose()?;
     if let Some(c) = args.cpus {
         if !(1..=64).contains(&c) {
-            return Err(Refusal(format!("--cpus {c} must be between 1 and 64"), exit::USAGE));
+            return Err(Refusal(
+                format!("--cpus {c} must be between 1 and 64"),
+                exit::USAGE,
+            ));
         }
     }
-    Ok(Overrides { image: args.image.clone(), timeout, cpus: args.cpus, memory_mib, out: args.out.clone() })
+    Ok(Overrides {
+        image: args.image.clone(),
+        timeout,
+        cpus: args.cpus,
+        memory_mib,
+        out: args.out.clone(),
+    })
 }
 
 fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
@@ -58,16 +76,28 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
     if !args.command.is_empty() {
         let arches = parse_arches(&args.arch)?;
         if arches.is_empty() {
-            return Err(Refusal("--arch is required with a command (e.g. --arch riscv64)".into(), exit::USAGE));
+            return Err(Refusal(
+                "--arch is required with a command (e.g. --arch riscv64)".into(),
+                exit::USAGE,
+            ));
         }
         if let Some(ws) = &args.workspace {
             if !ws.is_dir() {
-                return Err(config(format!("--workspace {} is not a directory", ws.display())));
+                return Err(config(format!(
+                    "--workspace {} is not a directory",
+                    ws.display()
+                )));
             }
         }
-        return Ok(arches.into_iter().map(|a| plan::plan_command(args.command.clone(), a, args.workspace.clone(), &ov)).collect());
+        return Ok(arches
+            .into_iter()
+            .map(|a| plan::plan_command(args.command.clone(), a, args.workspace.clone(), &ov))
+            .collect());
     }
-    let path = args.file.clone().unwrap_or_else(|| PathBuf::from(suite::SUITE_FILE_NAME));
+    let path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(suite::SUITE_FILE_NAME));
     if !path.exists() {
         return Err(config(format!(
             "no {} here: give a command after `--` (runner test --arch riscv64 -- uname -a) or create a suite file (see examples/shell-suite)",
@@ -75,9 +105,16 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
         )));
     }
     let file = SuiteFile::load(&path).map_err(|e| config(e.to_string()))?;
-    let arches = if args.arch.is_empty() { file.defaults.arch.clone() } else { parse_arches(&args.arch)? };
+    let arches = if args.arch.is_empty() {
+        file.defaults.arch.clone()
+    } else {
+        parse_arches(&args.arch)?
+    };
     if arches.is_empty() {
-        return Err(config(format!("no architecture: pass --arch or set `arch` under [defaults] in {}", path.display())));
+        return Err(config(format!(
+            "no architecture: pass --arch or set `arch` under [defaults] in {}",
+            path.display()
+        )));
     }
     plan::plan_suites(&file, &args.suites, &arches, &ov).map_err(config)
 }
@@ -86,7 +123,8 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
 fn cancel_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -121,7 +159,13 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
         }
     }
     if let Err(e) = reporters.finish() {
-        status.error(&format!("cannot write the JUnit report {}: {e}", args.junit.as_deref().unwrap_or(std::path::Path::new("")).display()));
+        status.error(&format!(
+            "cannot write the JUnit report {}: {e}",
+            args.junit
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ));
         return exit::IO;
     }
     let overall = Outcome::combine(&outcomes);
@@ -135,13 +179,21 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
     if command_mode && outcomes.len() == 1 {
         // The command's own status passes through.
         return match &overall {
-            Outcome::Failed { exit_code: Some(code), .. } => {
+            Outcome::Failed {
+                exit_code: Some(code),
+                ..
+            } => {
                 if *code == exit::COMMAND_NOT_FOUND {
-                    status.error(&format!("exit 127: `{}` was not found in the guest (is it installed in the image?)", args.command[0]));
+                    status.error(&format!(
+                        "exit 127: `{}` was not found in the guest (is it installed in the image?)",
+                        args.command[0]
+                    ));
                 }
                 *code
             }
-            Outcome::Failed { signal: Some(sig), .. } => 128 + sig,
+            Outcome::Failed {
+                signal: Some(sig), ..
+            } => 128 + sig,
             other => other.exit_code(),
         };
     }

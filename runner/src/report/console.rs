@@ -40,17 +40,28 @@ impl Status {
     /// A spinner on a terminal; plain lines elsewhere; nothing when quiet.
     pub fn spinner(&self, msg: &str) -> Spinner {
         if self.quiet {
-            return Spinner { bar: None, plain: false };
+            return Spinner {
+                bar: None,
+                plain: false,
+            };
         }
         if !self.tty {
             eprintln!("{msg}");
-            return Spinner { bar: None, plain: true };
+            return Spinner {
+                bar: None,
+                plain: true,
+            };
         }
         let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("template"));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("template"),
+        );
         bar.enable_steady_tick(Duration::from_millis(120));
         bar.set_message(msg.to_string());
-        Spinner { bar: Some(bar), plain: false }
+        Spinner {
+            bar: Some(bar),
+            plain: false,
+        }
     }
 }
 
@@ -151,7 +162,10 @@ impl Reporter for Console {
             Event::SuiteStarted { id, steps } => {
                 self.steps.clear();
                 if !self.command_mode {
-                    self.status_line(&format!("=== suite {} on {} ({steps} steps)", id.suite, id.arch));
+                    self.status_line(&format!(
+                        "=== suite {} on {} ({steps} steps)",
+                        id.suite, id.arch
+                    ));
                 }
             }
             Event::ImageProgress { id, message } => {
@@ -163,7 +177,10 @@ impl Reporter for Console {
             }
             Event::VmBooting { id, accel } => {
                 self.stop_spinner();
-                self.spinner = Some(self.status.spinner(&format!("booting {} VM ({accel})", id.arch)));
+                self.spinner = Some(
+                    self.status
+                        .spinner(&format!("booting {} VM ({accel})", id.arch)),
+                );
             }
             Event::VmBooted { id, facts } => {
                 self.stop_spinner();
@@ -187,14 +204,28 @@ impl Reporter for Console {
                     self.at_line_start = last == b'\n';
                 }
             }
-            Event::StepFinished { step, outcome, duration, .. } => {
+            Event::StepFinished {
+                step,
+                outcome,
+                duration,
+                ..
+            } => {
                 self.steps.push((step.clone(), outcome.clone(), *duration));
                 if !self.command_mode {
                     let mark = if outcome.is_success() { "ok" } else { "FAIL" };
-                    self.status_line(&format!("--- {mark}: {step}: {outcome} in {}", secs(*duration)));
+                    self.status_line(&format!(
+                        "--- {mark}: {step}: {outcome} in {}",
+                        secs(*duration)
+                    ));
                 }
             }
-            Event::SuiteFinished { id, outcome, duration, facts, .. } => {
+            Event::SuiteFinished {
+                id,
+                outcome,
+                duration,
+                facts,
+                ..
+            } => {
                 self.stop_spinner();
                 self.finished.push(Finished {
                     id: id.clone(),
@@ -219,7 +250,10 @@ impl Reporter for Console {
         eprintln!("=== summary");
         for f in &self.finished {
             let passed = f.steps.iter().filter(|s| s.1 == Outcome::Passed).count();
-            let boot = f.boot.map(|b| format!(", boot {}", secs(b))).unwrap_or_default();
+            let boot = f
+                .boot
+                .map(|b| format!(", boot {}", secs(b)))
+                .unwrap_or_default();
             eprintln!(
                 "{:<9} {} on {}: {passed}/{} steps passed in {}{boot}{}",
                 f.outcome.label().to_uppercase(),
@@ -227,7 +261,11 @@ impl Reporter for Console {
                 f.id.arch,
                 f.steps.len(),
                 secs(f.duration),
-                if f.accel.is_empty() { String::new() } else { format!(" [{}]", f.accel) },
+                if f.accel.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", f.accel)
+                },
             );
             if let Outcome::InfraError { message, .. } = &f.outcome {
                 eprintln!("          {message}");

@@ -51,10 +51,18 @@ fn status_for(outcome: &Outcome) -> TestCaseStatus {
     match outcome {
         Outcome::Passed => TestCaseStatus::success(),
         Outcome::Skipped => TestCaseStatus::skipped(),
-        Outcome::Failed { .. } => non_success(NonSuccessKind::Failure, "failure", outcome.to_string()),
-        Outcome::TimedOut => non_success(NonSuccessKind::Error, "timeout", "timed out; the VM was stopped".into()),
+        Outcome::Failed { .. } => {
+            non_success(NonSuccessKind::Failure, "failure", outcome.to_string())
+        }
+        Outcome::TimedOut => non_success(
+            NonSuccessKind::Error,
+            "timeout",
+            "timed out; the VM was stopped".into(),
+        ),
         Outcome::Cancelled => non_success(NonSuccessKind::Error, "cancelled", "cancelled".into()),
-        Outcome::InfraError { message, .. } => non_success(NonSuccessKind::Error, "infrastructure", message.clone()),
+        Outcome::InfraError { message, .. } => {
+            non_success(NonSuccessKind::Error, "infrastructure", message.clone())
+        }
     }
 }
 
@@ -108,7 +116,10 @@ pub fn normalise_guest_xml(xml: &str, name: &str) -> String {
     }
     let (prolog, body) = xml.split_at(prolog_end);
     let body_trim = body.trim_start();
-    let escaped = name.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let escaped = name
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;");
     if body_trim.starts_with("<testsuite ") || body_trim.starts_with("<testsuite>") {
         return format!("{prolog}<testsuites name=\"{escaped}\">{body}</testsuites>");
     }
@@ -116,7 +127,11 @@ pub fn normalise_guest_xml(xml: &str, name: &str) -> String {
         let tag_end = body_trim.find('>').unwrap_or(body_trim.len());
         if !body_trim[..tag_end].contains(" name=") {
             let at = "<testsuites".len();
-            return format!("{prolog}{} name=\"{escaped}\"{}", &body_trim[..at], &body_trim[at..]);
+            return format!(
+                "{prolog}{} name=\"{escaped}\"{}",
+                &body_trim[..at],
+                &body_trim[at..]
+            );
         }
     }
     xml.to_string()
@@ -124,7 +139,13 @@ pub fn normalise_guest_xml(xml: &str, name: &str) -> String {
 
 /// Merges a guest report's testsuites into `report` under the suite × arch's name. A report
 /// that does not parse becomes a failing testcase in `cases`: the guest's fault, not ours.
-pub fn merge_guest_report(report: &mut Report, cases: &mut Vec<TestCase>, id: &RunId, facts: &VmFacts, guest: &GuestReport) {
+pub fn merge_guest_report(
+    report: &mut Report,
+    cases: &mut Vec<TestCase>,
+    id: &RunId,
+    facts: &VmFacts,
+    guest: &GuestReport,
+) {
     let xml = normalise_guest_xml(&guest.xml, &guest.path);
     match Report::deserialize_from_str(&xml) {
         Ok(parsed) => {
@@ -150,7 +171,13 @@ impl Reporter for JunitReporter {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::SuiteStarted { .. } => self.cases.clear(),
-            Event::StepFinished { id, step, outcome, duration, output_tail } => {
+            Event::StepFinished {
+                id,
+                step,
+                outcome,
+                duration,
+                output_tail,
+            } => {
                 let mut case = TestCase::new(step.as_str(), status_for(outcome));
                 case.set_classname(format!("runner.{}.{}", id.suite, id.arch));
                 case.set_time(*duration);
@@ -159,10 +186,22 @@ impl Reporter for JunitReporter {
                 }
                 self.cases.push(case);
             }
-            Event::SuiteFinished { id, outcome, duration, facts, reports, .. } => {
+            Event::SuiteFinished {
+                id,
+                outcome,
+                duration,
+                facts,
+                reports,
+                ..
+            } => {
                 // A suite that failed before or between steps (boot, image, agent) gets a
                 // testcase of its own so the error is visible in every JUnit viewer.
-                let step_failed = self.cases.iter().any(|c| !matches!(c.status, TestCaseStatus::Success { .. } | TestCaseStatus::Skipped { .. }));
+                let step_failed = self.cases.iter().any(|c| {
+                    !matches!(
+                        c.status,
+                        TestCaseStatus::Success { .. } | TestCaseStatus::Skipped { .. }
+                    )
+                });
                 if !outcome.is_success() && !step_failed {
                     let mut case = TestCase::new("(setup)", status_for(outcome));
                     case.set_classname(format!("runner.{}.{}", id.suite, id.arch));
@@ -182,9 +221,12 @@ impl Reporter for JunitReporter {
                 self.report.tests = 0;
                 self.report.failures = 0;
                 self.report.errors = 0;
-                let (earlier, this_run): (Vec<_>, Vec<_>) = guest_suites
-                    .into_iter()
-                    .partition(|s| !s.name.as_str().starts_with(&format!("{} / ", suite_name(id))));
+                let (earlier, this_run): (Vec<_>, Vec<_>) =
+                    guest_suites.into_iter().partition(|s| {
+                        !s.name
+                            .as_str()
+                            .starts_with(&format!("{} / ", suite_name(id)))
+                    });
                 self.report.add_test_suites(earlier);
                 self.report.add_test_suite(suite);
                 self.report.add_test_suites(this_run);
@@ -217,7 +259,10 @@ mod tests {
     use engine::Arch;
 
     fn id() -> RunId {
-        RunId { suite: "unit".into(), arch: Arch::Riscv64 }
+        RunId {
+            suite: "unit".into(),
+            arch: Arch::Riscv64,
+        }
     }
 
     fn finished(reporter: &mut JunitReporter, outcome: Outcome, reports: Vec<GuestReport>) {
@@ -225,7 +270,11 @@ mod tests {
             id: id(),
             outcome,
             duration: Duration::from_secs(3),
-            facts: VmFacts { image: "debian-13".into(), accel: "tcg".into(), ..Default::default() },
+            facts: VmFacts {
+                image: "debian-13".into(),
+                accel: "tcg".into(),
+                ..Default::default()
+            },
             reports,
             artifacts: vec![],
         });
@@ -246,7 +295,14 @@ mod tests {
         let mut r = JunitReporter::new("unused.xml".into());
         r.on_event(&Event::SuiteStarted { id: id(), steps: 3 });
         step(&mut r, "build", Outcome::Passed);
-        step(&mut r, "test", Outcome::Failed { exit_code: Some(2), signal: None });
+        step(
+            &mut r,
+            "test",
+            Outcome::Failed {
+                exit_code: Some(2),
+                signal: None,
+            },
+        );
         step(&mut r, "slow", Outcome::TimedOut);
         finished(&mut r, Outcome::TimedOut, vec![]);
         let xml = r.report().to_string().unwrap();
@@ -265,7 +321,10 @@ mod tests {
         r.on_event(&Event::SuiteStarted { id: id(), steps: 1 });
         finished(
             &mut r,
-            Outcome::InfraError { kind: crate::outcome::InfraKind::Boot, message: "the guest did not boot".into() },
+            Outcome::InfraError {
+                kind: crate::outcome::InfraKind::Boot,
+                message: "the guest did not boot".into(),
+            },
             vec![],
         );
         assert_eq!(r.report().errors, 1);
@@ -286,9 +345,28 @@ mod tests {
         };
         let mut r = JunitReporter::new("unused.xml".into());
         r.on_event(&Event::SuiteStarted { id: id(), steps: 1 });
-        step(&mut r, "test", Outcome::Failed { exit_code: Some(1), signal: None });
-        finished(&mut r, Outcome::Failed { exit_code: Some(1), signal: None }, vec![guest]);
-        let names: Vec<_> = r.report().test_suites.iter().map(|s| s.name.to_string()).collect();
+        step(
+            &mut r,
+            "test",
+            Outcome::Failed {
+                exit_code: Some(1),
+                signal: None,
+            },
+        );
+        finished(
+            &mut r,
+            Outcome::Failed {
+                exit_code: Some(1),
+                signal: None,
+            },
+            vec![guest],
+        );
+        let names: Vec<_> = r
+            .report()
+            .test_suites
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect();
         assert_eq!(names, ["unit (riscv64)", "unit (riscv64) / calc"]);
         assert_eq!(r.report().tests, 3);
         assert_eq!(r.report().failures, 2);
@@ -299,22 +377,38 @@ mod tests {
 
     #[test]
     fn invalid_guest_report_is_a_test_failure_not_a_crash() {
-        let guest = GuestReport { path: "bad.xml".into(), xml: "<testsuite><oops".into() };
+        let guest = GuestReport {
+            path: "bad.xml".into(),
+            xml: "<testsuite><oops".into(),
+        };
         let mut r = JunitReporter::new("unused.xml".into());
         r.on_event(&Event::SuiteStarted { id: id(), steps: 1 });
         step(&mut r, "test", Outcome::Passed);
         finished(&mut r, Outcome::Passed, vec![guest]);
         assert_eq!(r.report().failures, 1);
-        assert!(r.report().to_string().unwrap().contains("bad.xml is not valid JUnit XML"));
+        assert!(r
+            .report()
+            .to_string()
+            .unwrap()
+            .contains("bad.xml is not valid JUnit XML"));
     }
 
     #[test]
     fn normalises_common_roots() {
         // (input, expected fragment)
         let cases = [
-            ("<testsuite name=\"a\"/>", "<testsuites name=\"f.xml\"><testsuite name=\"a\"/></testsuites>"),
-            ("<?xml version=\"1.0\"?>\n<testsuites><testsuite name=\"a\"/></testsuites>", "<testsuites name=\"f.xml\">"),
-            ("<testsuites name=\"keep\"></testsuites>", "<testsuites name=\"keep\">"),
+            (
+                "<testsuite name=\"a\"/>",
+                "<testsuites name=\"f.xml\"><testsuite name=\"a\"/></testsuites>",
+            ),
+            (
+                "<?xml version=\"1.0\"?>\n<testsuites><testsuite name=\"a\"/></testsuites>",
+                "<testsuites name=\"f.xml\">",
+            ),
+            (
+                "<testsuites name=\"keep\"></testsuites>",
+                "<testsuites name=\"keep\">",
+            ),
         ];
         for (input, want) in cases {
             let out = normalise_guest_xml(input, "f.xml");
