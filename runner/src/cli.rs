@@ -78,6 +78,9 @@ pub struct TestArgs {
     /// With `-- CMD`: copy this directory into the guest at /workspace first.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Always boot the kernel; do not resume from (or save) a VM state saved after boot.
+    #[arg(long)]
+    pub cold_boot: bool,
     /// The command to run in the guest instead of runner.toml's suites.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -25,6 +25,8 @@ pub struct VmFacts {
     pub kernel_version: String,
     pub vm_id: String,
     pub boot_time: Option<Duration>,
+    /// How the VM started: cold boot, or resumed from a saved state.
+    pub start: String,
 }
 
 /// A JUnit report produced inside the guest and brought back.

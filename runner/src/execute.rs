@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use engine::agent::AgentError;
 use engine::bounded::TailBuffer;
 use engine::image::ImageStore;
-use engine::vm::{CommandEnd, DiskSource, GuestCommand, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -38,6 +38,8 @@ pub struct RunSettings {
     pub store: ImageStore,
     pub accel: AccelArg,
     pub boot_timeout: Duration,
+    /// Resume VMs from saved states (and save them on first boot); off with `--cold-boot`.
+    pub saved_states: bool,
 }
 
 fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
@@ -222,6 +224,27 @@ async fn run_inner(
         disk: DiskSource::Overlay(image.rootfs.clone()),
         state_dir: settings.store.vms_dir(),
         boot_timeout: settings.boot_timeout,
+        saved_state: settings.saved_states.then(|| {
+            // A state fits only the exact VM it was saved from: key it on all of it.
+            let image_id = image
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let disk = image
+                .manifest
+                .artifacts
+                .get("rootfs.qcow2")
+                .map(|a| a.sha256[..12].to_string())
+                .unwrap_or_default();
+            settings.store.states_dir().join(format!(
+                "{image_id}-{disk}-{}-{}c-{}m-qemu{}",
+                platform.accel.accel.name(),
+                plan.cpus,
+                plan.memory_mib,
+                platform.qemu.version
+            ))
+        }),
     };
     let mut vm = match Vm::boot(&cfg).await {
         Ok(vm) => vm,
@@ -229,6 +252,18 @@ async fn run_inner(
     };
     state.facts.vm_id = vm.id();
     state.facts.boot_time = Some(vm.boot_time);
+    state.facts.start = match &vm.start_kind {
+        StartKind::Cold => "cold boot",
+        StartKind::ColdSaved => "cold boot, state saved for later jobs",
+        StartKind::Restored => "resumed from saved state",
+        StartKind::ColdFallback(reason) => {
+            reporters.emit(Event::Note {
+                message: format!("{reason}; booted cold instead"),
+            });
+            "cold boot"
+        }
+    }
+    .into();
     reporters.emit(Event::VmBooted {
         id: id.clone(),
         facts: state.facts.clone(),

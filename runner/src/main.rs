@@ -42,6 +42,7 @@ async fn run(cli: Cli) -> i32 {
                 store,
                 accel: args.accel,
                 boot_timeout: boot_timeout(),
+                saved_states: !args.cold_boot,
             };
             commands::test::run(args, settings, status).await
         }

@@ -112,7 +112,8 @@ pub fn vm_dirs(cache: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// A private cache dir that shares the real image cache (symlinked `images/`) but has its own
+/// A private cache dir that shares the real image cache (symlinked `images/` and `states/`)
+/// but has its own
 /// `vms/`, so a test can check precisely that its VMs left nothing behind.
 pub fn private_cache() -> tempfile::TempDir {
     let shared = cache_dir();
@@ -121,7 +122,11 @@ pub fn private_cache() -> tempfile::TempDir {
         .prefix("runner-e2e-")
         .tempdir()
         .expect("tempdir");
-    std::os::unix::fs::symlink(shared.join("images"), dir.path().join("images")).expect("symlink");
+    std::fs::create_dir_all(shared.join("states")).expect("state cache");
+    for shared_dir in ["images", "states"] {
+        std::os::unix::fs::symlink(shared.join(shared_dir), dir.path().join(shared_dir))
+            .expect("symlink");
+    }
     dir
 }
 

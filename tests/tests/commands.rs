@@ -173,3 +173,54 @@ fn nothing_is_left_behind_after_a_normal_run() {
     assert_eq!(r.code, 0, "{r}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn resumed_vms_get_the_hosts_clock_and_their_own_randomness() {
+    // Jobs resumed from one saved state must not share RNG output or a stale clock.
+    let script = "date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            runner(
+                &workspace_root(),
+                &["test", "--arch", "riscv64", "--", "sh", "-c", script],
+            )
+        })
+        .collect();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut randoms = Vec::new();
+    for r in &runs {
+        assert_eq!(r.code, 0, "{r}");
+        let mut lines = r.stdout.lines();
+        let guest_now: i64 = lines.next().unwrap().trim().parse().unwrap();
+        assert!(
+            (host_now - guest_now).abs() < 120,
+            "guest clock {guest_now} vs host {host_now}"
+        );
+        randoms.push(lines.next().unwrap().to_string());
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two jobs read the same random bytes"
+    );
+}
+
+#[test]
+fn cold_boot_flag_boots_the_kernel() {
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--cold-boot",
+            "--",
+            "cat",
+            "/proc/uptime",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stderr.contains("cold boot"), "{r}");
+}

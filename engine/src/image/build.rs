@@ -379,6 +379,7 @@ async fn bake(
         },
         state_dir: store.vms_dir(),
         boot_timeout: BAKE_BOOT_TIMEOUT,
+        saved_state: None,
     };
     let bake_err = |detail: String| ImageError::Bake { detail };
     let mut vm = Vm::boot(&cfg)

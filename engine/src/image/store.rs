@@ -88,6 +88,11 @@ impl ImageStore {
         self.root.join("vms")
     }
 
+    /// Where saved VM states live (see `vm::state`).
+    pub fn states_dir(&self) -> PathBuf {
+        self.root.join("states")
+    }
+
     pub fn image_dir(&self, recipe: &str, arch: Arch, hash: &str) -> PathBuf {
         self.images_dir().join(format!("{recipe}-{arch}-{hash}"))
     }

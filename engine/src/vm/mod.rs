@@ -5,6 +5,7 @@
 mod dir;
 pub mod exec;
 pub mod overlay;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -67,6 +68,8 @@ pub enum VmError {
     Socket { path: PathBuf },
     #[error("QMP failed")]
     Qmp(#[from] QmpError),
+    #[error("cannot resume the saved VM state")]
+    State(#[from] state::StateError),
     #[error("guest agent failed")]
     Agent(#[from] AgentError),
     #[error("the VM stopped while a command was running ({status}): {stderr}")]
@@ -98,6 +101,23 @@ pub struct VmConfig {
     pub state_dir: PathBuf,
     /// Deadline for the agent's first answer.
     pub boot_timeout: Duration,
+    /// Where the saved state for exactly this configuration lives (see [`state`]). When it
+    /// exists the VM resumes from it; when it does not, a cold boot saves it. `None`: always
+    /// boot cold, save nothing.
+    pub saved_state: Option<PathBuf>,
+}
+
+/// How a VM came to life (for reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartKind {
+    /// Booted from the kernel.
+    Cold,
+    /// Booted cold, then its state was saved for later jobs.
+    ColdSaved,
+    /// Resumed from a saved state.
+    Restored,
+    /// Booted cold because the saved state could not be used or made (the reason).
+    ColdFallback(String),
 }
 
 /// A booted VM whose agent has answered.
@@ -110,20 +130,73 @@ pub struct Vm {
     /// How long from QEMU start to the agent's first answer.
     pub boot_time: Duration,
     pub agent_version: String,
+    pub start_kind: StartKind,
+    /// The overlay this VM writes to, when it has one.
+    overlay: Option<PathBuf>,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
 
 impl Vm {
-    /// Boots a VM and waits for its agent, failing at once if QEMU exits.
+    /// Starts a VM and waits for its agent, failing at once if QEMU exits: resumed from the
+    /// saved state when there is one, else booted cold (and then saved, when asked).
     pub async fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let Some(state_dir) = &cfg.saved_state else {
+            return Vm::start(cfg, None).await;
+        };
+        let mut fallback = None;
+        if state::is_complete(state_dir) {
+            let restore_started = Instant::now();
+            match Vm::start(cfg, Some(state_dir)).await {
+                Ok(mut vm) => match state::after_restore(&mut vm.agent).await {
+                    Ok(()) => {
+                        vm.boot_time = restore_started.elapsed();
+                        return Ok(vm);
+                    }
+                    Err(e) => {
+                        vm.kill().await;
+                        fallback = Some(format!("resumed VM did not respond: {e}"));
+                    }
+                },
+                Err(e) => {
+                    fallback = Some(format!("cannot resume from {}: {e}", state_dir.display()))
+                }
+            }
+            // A state that fails once will fail again: drop it; the cold boot saves anew.
+            let _ = std::fs::remove_dir_all(state_dir);
+        }
+        let mut vm = Vm::start(cfg, None).await?;
+        vm.start_kind = match (fallback, vm.save_state(state_dir).await) {
+            (Some(reason), _) => StartKind::ColdFallback(reason),
+            (None, Ok(())) => StartKind::ColdSaved,
+            (None, Err(e)) => StartKind::ColdFallback(format!("cannot save the VM state: {e}")),
+        };
+        Ok(vm)
+    }
+
+    /// Saves this VM's state (RAM, devices, disk) under `dir` for later jobs, then resumes it.
+    async fn save_state(&mut self, dir: &Path) -> Result<(), state::StateError> {
+        let overlay = self.overlay.clone().ok_or(state::StateError::NoOverlay)?;
+        state::save(&mut self.qmp, &overlay, dir).await
+    }
+
+    async fn start(cfg: &VmConfig, resume_from: Option<&Path>) -> Result<Vm, VmError> {
         let started = Instant::now();
         let dir = VmDir::create(&cfg.state_dir).map_err(|source| VmError::Dir {
             parent: cfg.state_dir.clone(),
             source,
         })?;
-        let root = match &cfg.disk {
-            DiskSource::Overlay(base) => {
+        let root = match (&cfg.disk, resume_from) {
+            // Resuming: the disk must be exactly as it was when the state was saved.
+            (DiskSource::Overlay(_), Some(saved)) => {
+                let path = dir.join("overlay.qcow2");
+                overlay::create_overlay(&state::disk(saved), &path).await?;
+                RootDisk {
+                    path,
+                    format: "qcow2",
+                }
+            }
+            (DiskSource::Overlay(base), None) => {
                 let path = dir.join("overlay.qcow2");
                 overlay::create_overlay(base, &path).await?;
                 RootDisk {
@@ -131,11 +204,13 @@ impl Vm {
                     format: "qcow2",
                 }
             }
-            DiskSource::Direct { path, format } => RootDisk {
+            (DiskSource::Direct { path, format }, _) => RootDisk {
                 path: path.clone(),
                 format,
             },
         };
+        let overlay = (root.format == "qcow2" && matches!(cfg.disk, DiskSource::Overlay(_)))
+            .then(|| root.path.clone());
         let sockets = VmSockets {
             qmp: dir.join("qmp.sock"),
             agent: dir.join("agent.sock"),
@@ -154,14 +229,21 @@ impl Vm {
             sandbox: cfg.sandbox,
         };
         let binary = cfg.qemu_binary.to_string_lossy().into_owned();
-        let mut process = QemuProcess::spawn(&binary, &spec::argv(&spec), dir.path())
+        let mut argv = spec::argv(&spec);
+        if resume_from.is_some() {
+            argv.extend(["-incoming".into(), "defer".into()]);
+        }
+        let mut process = QemuProcess::spawn(&binary, &argv, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
 
         let boot_deadline = tokio::time::Instant::now() + cfg.boot_timeout;
         let handshake = async {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
-            let qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
+            let mut qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
+            if let Some(saved) = resume_from {
+                state::restore(&mut qmp, saved).await?;
+            }
             let output = wait_for_socket(&sockets.output).await?;
             let agent_stream = wait_for_socket(&sockets.agent).await?;
             let mut agent = AgentClient::new(agent_stream);
@@ -209,6 +291,12 @@ impl Vm {
             output: spawn_output_reader(output_stream),
             boot_time: started.elapsed(),
             agent_version,
+            start_kind: if resume_from.is_some() {
+                StartKind::Restored
+            } else {
+                StartKind::Cold
+            },
+            overlay,
             dir,
         })
     }

@@ -186,8 +186,13 @@ impl Reporter for Console {
                 self.stop_spinner();
                 let boot = facts.boot_time.map(secs).unwrap_or_default();
                 self.status_line(&format!(
-                    "booted {} VM {} in {boot} ({}, {}, kernel {})",
-                    id.arch, facts.vm_id, facts.accel, facts.image, facts.kernel_version
+                    "started {} VM {} in {boot} ({}; {}, {}, kernel {})",
+                    id.arch,
+                    facts.vm_id,
+                    facts.start,
+                    facts.accel,
+                    facts.image,
+                    facts.kernel_version
                 ));
             }
             Event::StepStarted { step, index, .. } => {

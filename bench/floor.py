@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""The cold-start floor: boot an image's kernel + initramfs + root disk with a bare,
+hand-written QEMU command (the same arguments runner uses), wait for the guest agent,
+run /bin/true through it, quit QEMU, and print the elapsed seconds.
+
+The clock starts just before QEMU is started (the overlay is created before that) and stops
+when QEMU has exited after QMP `quit`. Everything runner adds on top (finding QEMU, the
+accelerator decision, image checks, the overlay, its output wrapper, reports) is not here.
+
+Usage: floor.py [--cpus N] [--memory MIB] [--timeout S] ARCH IMAGE_DIR
+
+stdout: one line, the elapsed seconds.
+stderr: one line of phases: `floor ARCH agent=S true=S exit=S qemu_maxrss_kib=K`
+(agent = first agent answer, true = `true` reported exited, exit = QEMU reaped).
+
+Python 3 standard library only. QEMU runs in its own process group, which is killed, and the
+temporary directory removed, on every path (error, timeout, SIGINT, SIGTERM).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+# Mirrors engine/src/qemu/spec.rs (machine(), cpu_model(), kernel_cmdline(), argv()).
+MACHINE = {"riscv64": "virt", "aarch64": "virt", "x86_64": "q35"}
+CPU = {"riscv64": "rv64", "aarch64": "max,pauth-impdef=on", "x86_64": "max"}
+CONSOLE = {"riscv64": "ttyS0", "aarch64": "ttyAMA0", "x86_64": "ttyS0"}
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+AGENT_PORT = "org.qemu.guest_agent.0"
+OUTPUT_PORT = "org.runner.output.0"
+
+SYNC_RETRY = 1.0  # resend guest-sync-delimited this often until answered
+STATUS_POLL_MIN = 0.01  # guest-exec-status polling: 10 ms, doubling up to 50 ms
+STATUS_POLL_MAX = 0.05
+
+
+class Timeout(Exception):
+    pass
+
+
+class Failed(Exception):
+    pass
+
+
+def esc(path):
+    """QEMU option values: a literal comma is written ',,'."""
+    return path.replace(",", ",,")
+
+
+def qemu_argv(binary, arch, image, d, cpus, memory, sandbox):
+    a = [binary, "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+         "-name", "runner-floor", "-machine", MACHINE[arch], "-accel", "tcg,thread=multi",
+         "-cpu", CPU[arch], "-smp", str(cpus), "-m", f"{memory}M"]
+    if sandbox:
+        a += ["-sandbox", SANDBOX]
+    a += ["-kernel", os.path.join(image, "kernel"),
+          "-initrd", os.path.join(image, "initrd.cpio"),
+          "-append", f"console={CONSOLE[arch]} panic=-1 quiet loglevel=3 rdinit=/init",
+          "-serial", "stdio",
+          "-drive", "if=none,id=root,discard=unmap,cache=unsafe,format=qcow2,file="
+          + esc(os.path.join(d, "overlay.qcow2")),
+          "-device", "virtio-blk-pci,drive=root",
+          "-qmp", f"unix:{esc(os.path.join(d, 'qmp.sock'))},server=on,wait=off",
+          "-device", "virtio-serial-pci,id=vser0"]
+    for cid, sock, port in (("agent0", "agent.sock", AGENT_PORT),
+                            ("output0", "output.sock", OUTPUT_PORT)):
+        a += ["-chardev",
+              f"socket,path={esc(os.path.join(d, sock))},server=on,wait=off,id={cid}",
+              "-device", f"virtserialport,bus=vser0.0,chardev={cid},name={port}"]
+    return a
+
+
+class Lines:
+    """Newline-delimited JSON over a stream socket; 0xFF delimiter bytes are dropped."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = b""
+
+    def send(self, obj, delimiter=False):
+        data = (b"\xff" if delimiter else b"") + json.dumps(obj).encode() + b"\n"
+        self.sock.sendall(data)
+
+    def recv(self, until):
+        """The next parsed JSON line, or None when `until` (monotonic) passes first."""
+        until = min(until, self.deadline)
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+                line = line.replace(b"\xff", b"").strip()
+                if not line:
+                    continue
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue  # garbage before the agent's delimiter: skip
+            left = until - time.monotonic()
+            if left <= 0:
+                if time.monotonic() >= self.deadline:
+                    raise Timeout("deadline passed")
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise Failed("socket closed (QEMU exited?)")
+            self.buf += chunk
+
+    def call(self, obj):
+        self.send(obj)
+        while True:
+            r = self.recv(self.deadline)
+            if r is None:
+                continue
+            if "error" in r:
+                raise Failed(f"{obj['execute']}: {r['error']}")
+            if "return" in r:
+                return r["return"]
+            # QMP events ({"event": ...}) and anything else: skip
+
+
+def connect(path, deadline, proc):
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if proc.poll() is not None:
+                raise Failed(f"QEMU exited ({proc.returncode}) before creating {path}")
+            if time.monotonic() >= deadline:
+                raise Timeout(f"no socket {path}")
+            time.sleep(0.002)
+
+
+def has_sandbox(binary):
+    out = subprocess.run([binary, "-help"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, check=False).stdout
+    return "-sandbox" in out
+
+
+def reap(proc, until):
+    """Waits for QEMU (our direct child) with wait4; returns its max RSS in KiB or None."""
+    while True:
+        pid, _status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(_status)
+            return ru.ru_maxrss
+        if time.monotonic() >= until:
+            return None
+        time.sleep(0.002)
+
+
+def run(args, d):
+    binary = shutil.which(f"qemu-system-{args.arch}")
+    if not binary:
+        raise Failed(f"qemu-system-{args.arch} not found")
+    base = os.path.join(args.image, "rootfs.qcow2")
+    for f in ("kernel", "initrd.cpio", "rootfs.qcow2"):
+        if not os.path.isfile(os.path.join(args.image, f)):
+            raise Failed(f"{args.image} has no {f}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base,
+                    os.path.join(d, "overlay.qcow2")], check=True, stdin=subprocess.DEVNULL)
+    argv = qemu_argv(binary, args.arch, args.image, d, args.cpus, args.memory,
+                     has_sandbox(binary))
+    console = open(os.path.join(d, "console.log"), "wb")
+    errlog = open(os.path.join(d, "stderr.log"), "wb")
+
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=console,
+                            stderr=errlog, start_new_session=True)
+    try:
+        qmp = Lines(connect(os.path.join(d, "qmp.sock"), deadline, proc), deadline)
+        qmp.recv(deadline)  # greeting
+        qmp.call({"execute": "qmp_capabilities"})
+        agent = Lines(connect(os.path.join(d, "agent.sock"), deadline, proc), deadline)
+
+        # Handshake: a fresh id every SYNC_RETRY until that id is answered.
+        sync_id = 0
+        while True:
+            sync_id += 1
+            agent.send({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}},
+                       delimiter=True)
+            attempt_end = time.monotonic() + SYNC_RETRY
+            answered = False
+            while True:
+                r = agent.recv(attempt_end)
+                if r is None:
+                    break
+                if r.get("return") == sync_id:
+                    answered = True
+                    break
+            if answered:
+                break
+            if proc.poll() is not None:
+                raise Failed(f"QEMU exited ({proc.returncode}) during boot")
+        t_agent = time.monotonic()
+
+        pid = agent.call({"execute": "guest-exec", "arguments": {
+            "path": "/bin/true", "arg": [], "env": ["PATH=/usr/bin:/bin"],
+            "capture-output": False}})["pid"]
+        poll = STATUS_POLL_MIN
+        while True:
+            st = agent.call({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+            if st.get("exited"):
+                break
+            time.sleep(poll)
+            poll = min(poll * 2, STATUS_POLL_MAX)
+        if st.get("exitcode", None) != 0:
+            raise Failed(f"/bin/true ended with {st}")
+        t_true = time.monotonic()
+
+        qmp.send({"execute": "quit"})
+        rss = reap(proc, deadline)
+        if rss is None:
+            raise Timeout("QEMU did not exit after quit")
+        t_exit = time.monotonic()
+    except BaseException:
+        try:
+            with open(os.path.join(d, "console.log"), "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+            with open(os.path.join(d, "stderr.log"), "rb") as f:
+                tail += f.read()[-2000:].decode(errors="replace")
+            sys.stderr.write(f"--- console/stderr tail ---\n{tail}\n")
+        except OSError:
+            pass
+        raise
+    finally:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        console.close()
+        errlog.close()
+    return t_agent - t0, t_true - t0, t_exit - t0, rss
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("arch", choices=sorted(MACHINE))
+    p.add_argument("image", help="image directory (kernel, initrd.cpio, rootfs.qcow2)")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--memory", type=int, default=1024, help="MiB")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds, whole run")
+    args = p.parse_args()
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    d = tempfile.mkdtemp(prefix="floor-")
+    try:
+        agent, true, total, rss = run(args, d)
+    except (Failed, Timeout, subprocess.CalledProcessError, OSError) as e:
+        print(f"floor.py: {args.arch}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("floor.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"floor {args.arch} agent={agent:.3f} true={true:.3f} exit={total:.3f} "
+          f"qemu_maxrss_kib={rss}", file=sys.stderr)
+    print(f"{total:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+//! Saved VM states: a job can resume a VM saved right after boot instead of booting the
+//! kernel again (a cold boot under TCG takes seconds; resuming a fraction of one).
+//!
+//! A state directory holds `ram.bin` (QEMU's `mapped-ram` migration stream: RAM at fixed
+//! offsets, sparse), `disk.qcow2` (the VM's overlay at save time, backed by the base image)
+//! and `meta.json`. It is valid only for the exact QEMU command line it was saved from, so
+//! callers key its path on image, architecture, accelerator, vCPUs, memory and QEMU version.
+//! Writes are atomic (staging directory, then rename).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::json;
+use tokio::net::UnixStream;
+
+use crate::agent::{AgentClient, AgentError, ExecRequest, ExecStatus};
+use crate::qemu::qmp::{QmpClient, QmpError};
+
+/// How long saving or loading a state may take (1 GiB of RAM takes well under a second).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Poll interval for `query-migrate`.
+const MIGRATION_POLL: Duration = Duration::from_millis(10);
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+const RAM: &str = "ram.bin";
+const DISK: &str = "disk.qcow2";
+const META: &str = "meta.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("QMP failed during migration")]
+    Qmp(#[from] QmpError),
+    #[error("migration {0}")]
+    Migration(String),
+    #[error("cannot write the saved state to {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("only VMs on an overlay can be saved")]
+    NoOverlay,
+}
+
+/// The saved disk of a state directory.
+pub fn disk(dir: &Path) -> PathBuf {
+    dir.join(DISK)
+}
+
+/// Whether `dir` holds a complete saved state (meta.json is written last).
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(META).is_file() && dir.join(RAM).is_file() && dir.join(DISK).is_file()
+}
+
+async fn enable_mapped_ram(qmp: &mut QmpClient) -> Result<(), QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "mapped-ram", "state": true}]})),
+        QMP_TIMEOUT,
+    )
+    .await
+    .map(drop)
+}
+
+/// Polls `query-migrate` until the migration completes.
+async fn wait_for_migration(qmp: &mut QmpClient) -> Result<(), StateError> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let r = qmp.execute("query-migrate", None, QMP_TIMEOUT).await?;
+        match r["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = r["error-desc"].as_str().unwrap_or("failed");
+                return Err(StateError::Migration(why.to_string()));
+            }
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(StateError::Migration(format!(
+                    "did not finish within {MIGRATION_TIMEOUT:?}"
+                )))
+            }
+            _ => tokio::time::sleep(MIGRATION_POLL).await,
+        }
+    }
+}
+
+/// Saves the running VM (whose disk is `overlay`) to `dir`, then lets it run on. The VM is
+/// resumed on every path, so a failed save never costs the job.
+pub async fn save(qmp: &mut QmpClient, overlay: &Path, dir: &Path) -> Result<(), StateError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".saving-")
+        .tempdir_in(parent)
+        .map_err(io(parent))?;
+    // `stop` also flushes the disk, so the overlay file is complete while we copy it.
+    qmp.execute("stop", None, QMP_TIMEOUT).await?;
+    let result = async {
+        enable_mapped_ram(qmp).await?;
+        let uri = format!("file:{}", staging.path().join(RAM).display());
+        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
+            .await?;
+        wait_for_migration(qmp).await?;
+        let saved_disk = staging.path().join(DISK);
+        std::fs::copy(overlay, &saved_disk).map_err(io(&saved_disk))?;
+        read_only(&saved_disk).map_err(io(&saved_disk))?;
+        let meta = staging.path().join(META);
+        std::fs::write(&meta, json!({"format": 1}).to_string()).map_err(io(&meta))?;
+        Ok::<_, StateError>(())
+    }
+    .await;
+    let resumed = qmp.execute("cont", None, QMP_TIMEOUT).await;
+    result?;
+    resumed?;
+    let staged = staging.keep();
+    if std::fs::rename(&staged, dir).is_err() {
+        // Another job saved the same state first; theirs is as good as ours.
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    Ok(())
+}
+
+/// Loads the state in `dir` into a QEMU started with `-incoming defer`, and resumes it.
+pub async fn restore(qmp: &mut QmpClient, dir: &Path) -> Result<(), StateError> {
+    enable_mapped_ram(qmp).await?;
+    let uri = format!("file:{}", dir.join(RAM).display());
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)
+        .await?;
+    wait_for_migration(qmp).await?;
+    qmp.execute("cont", None, QMP_TIMEOUT).await?;
+    Ok(())
+}
+
+/// What a resumed guest needs: the host's time (its clock stopped at save time) and fresh
+/// entropy (every job resumed from one state starts with the same RNG state).
+pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), AgentError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    match agent
+        .execute("guest-set-time", json!({ "time": now }), AGENT_TIMEOUT)
+        .await
+    {
+        // The system clock is set before qga tries to copy it to the RTC with hwclock,
+        // which the image does not ship; that part failing is harmless.
+        Ok(_) => {}
+        Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
+        Err(e) => return Err(e),
+    }
+    let seed: [u8; 32] = rand::random();
+    let handle = agent
+        .execute(
+            "guest-file-open",
+            json!({"path": "/dev/urandom", "mode": "w"}),
+            AGENT_TIMEOUT,
+        )
+        .await?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
+    agent
+        .execute(
+            "guest-file-write",
+            json!({"handle": handle, "buf-b64": b64}),
+            AGENT_TIMEOUT,
+        )
+        .await?;
+    agent
+        .execute(
+            "guest-file-close",
+            json!({ "handle": handle }),
+            AGENT_TIMEOUT,
+        )
+        .await?;
+    // Mixed-in bytes only reach readers at the next reseed, which a resumed guest would
+    // not do for a while (its clock was stopped): force it (RNDRESEEDCRNG). perl-base is
+    // in Debian's Essential set, so every image has it.
+    let req = ExecRequest {
+        path: "/usr/bin/perl".into(),
+        args: vec![
+            "-e".into(),
+            "open(my $f, '<', '/dev/urandom') or die $!; ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";".into(),
+        ],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+    };
+    let pid = agent.exec(&req, AGENT_TIMEOUT).await?;
+    let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+    loop {
+        match agent.exec_status(pid, AGENT_TIMEOUT).await? {
+            ExecStatus::Running if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            ExecStatus::Exited(0) => return Ok(()),
+            other => {
+                return Err(AgentError::Command {
+                    command: "reseed the guest RNG".into(),
+                    desc: format!("{other:?}"),
+                })
+            }
+        }
+    }
+}
+
+fn read_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completeness_needs_all_three_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_complete(dir.path()));
+        for f in [RAM, DISK] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        // meta.json is written last: without it the state is still being made.
+        assert!(!is_complete(dir.path()));
+        std::fs::write(dir.path().join(META), "{}").unwrap();
+        assert!(is_complete(dir.path()));
+    }
+}
