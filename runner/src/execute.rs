@@ -143,7 +143,7 @@ async fn run_inner(
 ) -> Outcome {
     let id = plan.id.clone();
     // 1. Host: QEMU, accelerator, image.
-    let platform = match host::platform(id.arch, settings.accel).await {
+    let platform = match host::platform(id.arch, settings.accel, &settings.store).await {
         Ok(p) => p,
         Err(o) => return o,
     };

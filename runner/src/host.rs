@@ -26,16 +26,25 @@ pub fn accel_choice(a: AccelArg) -> AccelChoice {
     }
 }
 
-/// Finds QEMU for `arch` and decides the accelerator.
-pub async fn platform(arch: Arch, accel: AccelArg) -> Result<Platform, Outcome> {
+/// Finds QEMU for `arch` and decides the accelerator (the KVM probe's verdict is cached in
+/// the store until the host reboots).
+pub async fn platform(
+    arch: Arch,
+    accel: AccelArg,
+    store: &ImageStore,
+) -> Result<Platform, Outcome> {
     let host_err = |e: &dyn std::error::Error| Outcome::InfraError {
         kind: InfraKind::Host,
         message: image::build::error_chain(e),
     };
     let qemu = qhost::qemu_for(arch).await.map_err(|e| host_err(&e))?;
-    let accel = qhost::choose_accel(arch, accel_choice(accel))
-        .await
-        .map_err(|e| host_err(&e))?;
+    let accel = qhost::choose_accel(
+        arch,
+        accel_choice(accel),
+        Some(&store.root().join("kvm-probe.json")),
+    )
+    .await
+    .map_err(|e| host_err(&e))?;
     Ok(Platform { arch, qemu, accel })
 }
 

@@ -130,8 +130,14 @@ pub struct AccelDecision {
 }
 
 /// Decides the accelerator for a guest of `arch`. KVM is used only for a guest of the host's
-/// architecture and only when a probe guest really runs under it.
-pub async fn choose_accel(arch: Arch, choice: AccelChoice) -> Result<AccelDecision, HostError> {
+/// architecture and only when a probe guest really runs under it. With `probe_cache`, the
+/// probe's verdict is remembered there until the host reboots (a failing probe costs its
+/// full timeout, on every run otherwise).
+pub async fn choose_accel(
+    arch: Arch,
+    choice: AccelChoice,
+    probe_cache: Option<&Path>,
+) -> Result<AccelDecision, HostError> {
     if choice == AccelChoice::Tcg {
         return Ok(AccelDecision {
             accel: Accel::Tcg,
@@ -144,7 +150,10 @@ pub async fn choose_accel(arch: Arch, choice: AccelChoice) -> Result<AccelDecisi
             std::env::consts::ARCH
         ))
     } else {
-        probe_kvm().await
+        match probe_cache {
+            Some(path) => probe_kvm_cached(path).await,
+            None => probe_kvm().await,
+        }
     };
     match (verdict, choice) {
         (Ok(()), _) => Ok(AccelDecision {
@@ -162,6 +171,33 @@ pub async fn choose_accel(arch: Arch, choice: AccelChoice) -> Result<AccelDecisi
             })
         }
     }
+}
+
+/// The probe's verdict, from `path` when it was recorded since the host last booted.
+async fn probe_kvm_cached(path: &Path) -> Result<(), String> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot_id = boot_id.trim();
+    if !boot_id.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if v["boot_id"] == boot_id {
+                    return match v["unusable_because"].as_str() {
+                        None => Ok(()),
+                        Some(reason) => Err(reason.to_string()),
+                    };
+                }
+            }
+        }
+    }
+    let verdict = probe_kvm().await;
+    let record =
+        serde_json::json!({"boot_id": boot_id, "unusable_because": verdict.as_ref().err()});
+    // Best effort: without the record we simply probe again next time.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(path, record.to_string());
+    verdict
 }
 
 /// Whether KVM runs a guest on this host, or why not. `/dev/kvm` answering is not enough:
@@ -262,7 +298,9 @@ mod tests {
 
     #[tokio::test]
     async fn tcg_choice_never_probes() {
-        let d = choose_accel(Arch::Riscv64, AccelChoice::Tcg).await.unwrap();
+        let d = choose_accel(Arch::Riscv64, AccelChoice::Tcg, None)
+            .await
+            .unwrap();
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.note.is_none());
     }
@@ -274,7 +312,7 @@ mod tests {
         } else {
             Arch::Riscv64
         };
-        let err = choose_accel(foreign, AccelChoice::Kvm)
+        let err = choose_accel(foreign, AccelChoice::Kvm, None)
             .await
             .unwrap_err()
             .to_string();

@@ -42,6 +42,15 @@ impl QemuProcess {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // If runner itself dies without cleaning up (SIGKILL, OOM), its VMs must not live on.
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // async-signal-safe system call (prctl).
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
         let mut child = cmd.spawn()?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let console = Arc::new(Mutex::new(TailBuffer::new(CONSOLE_TAIL_BYTES)));

@@ -50,6 +50,43 @@ impl VmDir {
     }
 }
 
+/// Removes VM directories left by a runner that died (their QEMU died with it, see
+/// `QemuProcess::spawn`). A directory counts as abandoned when no process mentions it on its
+/// command line and it is older than a minute (younger ones may be starting up right now).
+pub fn sweep_abandoned(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let cmdlines: Vec<String> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() > std::time::Duration::from_secs(60))
+            .unwrap_or(false);
+        if !name.starts_with("vm-") || !old {
+            continue;
+        }
+        let needle = path.to_string_lossy();
+        if !cmdlines.iter().any(|c| c.contains(needle.as_ref()))
+            && std::fs::remove_dir_all(&path).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +103,26 @@ mod tests {
         std::fs::write(d.join("overlay.qcow2"), b"x").unwrap();
         drop(d);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn sweep_removes_only_old_unused_vm_dirs() {
+        let parent = tempfile::tempdir().unwrap();
+        let fresh = VmDir::create(parent.path()).unwrap();
+        let stale = parent.path().join("vm-stale");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("overlay.qcow2"), "x").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(sweep_abandoned(parent.path()), 1);
+        assert!(!stale.exists());
+        assert!(
+            fresh.path().exists(),
+            "a young directory may belong to a VM starting up"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::arch::Arch;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
-pub use dir::VmDir;
+pub use dir::{sweep_abandoned, VmDir};
 pub use exec::{CommandEnd, GuestCommand};
 use overlay::OverlayError;
 

@@ -1,7 +1,7 @@
 //! `runner doctor`: what this host can run, and why not where it cannot.
 
 use engine::image::ImageStore;
-use engine::qemu::host::{self as qhost, AccelChoice};
+use engine::qemu::host as qhost;
 use engine::Arch;
 
 use crate::exit;
@@ -45,16 +45,13 @@ pub async fn run(store: &ImageStore) -> i32 {
             }
         }
     }
-    match (Arch::host(), qhost::probe_kvm().await) {
-        (Some(a), Ok(())) => println!("kvm      usable for {a} guests"),
-        (_, Err(why)) => println!("kvm      not usable: {why} (every VM uses TCG)"),
-        (None, Ok(())) => println!("kvm      usable"),
-    }
-    if let Some(host) = Arch::host() {
-        let d = qhost::choose_accel(host, AccelChoice::Auto).await;
-        if let Ok(d) = d {
-            println!("accel    {host} guests: {}", d.accel.name());
-        }
+    // A fresh probe (not the cached verdict): doctor is where users look when KVM changed.
+    let host = Arch::host()
+        .map(|a| a.name())
+        .unwrap_or(std::env::consts::ARCH);
+    match qhost::probe_kvm().await {
+        Ok(()) => println!("kvm      usable: {host} guests run under KVM"),
+        Err(why) => println!("kvm      not usable: {why}; every guest runs under TCG"),
     }
     let images = store.list();
     println!(

@@ -42,7 +42,7 @@ async fn build(
             }
         };
         let result = async {
-            let platform = host::platform(arch, accel).await?;
+            let platform = host::platform(arch, accel, store).await?;
             let spinner = status.spinner(&format!("{arch}: checking image {recipe}"));
             let progress = |msg: &str| spinner.set_message(format!("{arch}: {msg}"));
             let cwd = std::env::current_dir().ok();

@@ -142,6 +142,12 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
             return code;
         }
     };
+    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir());
+    if swept > 0 {
+        status.line(&format!(
+            "runner: removed {swept} VM directories left by an earlier run that was killed"
+        ));
+    }
     let command_mode = !args.command.is_empty();
     let mut reporters = Reporters::default();
     reporters.add(Box::new(Console::new(status, command_mode)));
