@@ -224,3 +224,41 @@ fn cold_boot_flag_boots_the_kernel() {
     assert_eq!(r.code, 0, "{r}");
     assert!(r.stderr.contains("cold boot"), "{r}");
 }
+
+#[test]
+fn a_killed_runner_takes_its_vm_with_it() {
+    // SIGKILL gives runner no chance to clean up; its QEMU must still not outlive it.
+    let cache = private_cache();
+    let mut child = Command::new(runner_bin())
+        .args([
+            "test",
+            "--arch",
+            "riscv64",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 600",
+        ])
+        .env("RUNNER_CACHE_DIR", cache.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn runner");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("output").expect("utf-8"), "started");
+    let fragment = cache.path().display().to_string();
+    assert!(
+        !e2e::qemu_processes_using(&fragment).is_empty(),
+        "QEMU should be running now"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !e2e::qemu_processes_using(&fragment).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived its runner by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
