@@ -1,6 +1,6 @@
 //! The engine: boots QEMU guests from cached base images and runs commands in them over
-//! qemu-guest-agent. It knows nothing of GitLab, GitHub or JUnit; it reports what happens
-//! as [`events::VmEvent`]s and typed results.
+//! qemu-guest-agent. It knows nothing of GitLab, GitHub or JUnit; it returns typed results
+//! and errors, and the runner turns them into events for its reporters.
 
 pub mod agent;
 pub mod arch;

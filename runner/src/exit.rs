@@ -12,9 +12,10 @@ pub const TEST_FAILED: i32 = 1;
 pub const USAGE: i32 = 2;
 /// A bad input file: malformed `runner.toml`, image recipe, unknown architecture or image.
 pub const CONFIG: i32 = 78;
-/// The host lacks something: QEMU missing or too old, KVM demanded but unusable, a tool missing.
+/// The host lacks something: QEMU missing or too old, KVM demanded but unusable.
 pub const HOST: i32 = 69;
-/// The cached base image is corrupt (checksum mismatch) or could not be built.
+/// The cached base image is corrupt (checksum mismatch) or could not be built (including a
+/// builder tool such as mmdebstrap missing).
 pub const IMAGE: i32 = 65;
 /// The guest never booted: QEMU exited or the agent never answered.
 pub const BOOT: i32 = 70;

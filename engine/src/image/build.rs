@@ -1,8 +1,8 @@
 //! The image builder. Debian's own tools do the work: mmdebstrap resolves and downloads the
 //! packages with apt (signed Release file → checksummed .debs) and extracts them without
 //! running foreign code; depmod indexes the modules; mkfs.ext4 fills the disk from a
-//! directory. Maintainer scripts then run inside the guest itself, booted by the engine under
-//! TCG (the one-time "bake"). No root-only host changes: no binfmt, loop mounts or chroot.
+//! directory. Maintainer scripts then run inside the guest itself, booted by the engine (under
+//! TCG, or KVM for a guest of the host's architecture when KVM works): the one-time "bake". No root-only host changes: no binfmt, loop mounts or chroot.
 //!
 //! Writes are atomic: everything happens in a staging directory that is renamed into place
 //! only when complete, so a half-built image is never visible.
