@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Cold-start benchmark: `runner test --arch ARCH -- true` as a whole process, against the
-# floor (bench/floor.py: the same kernel, initramfs, disk and QEMU arguments started by hand,
-# from QEMU start until `true` has run in the guest and QEMU has exited).
+# floor (bench/floor.py: the same QEMU arguments started by hand, from QEMU start until
+# `true` has run in the guest and QEMU has exited), in both of runner's start modes:
+#   resumed  runner's default: resume the VM state saved after a first boot
+#            vs. the floor resuming that same saved state (floor.py --resume)
+#   cold     runner --cold-boot: boot the kernel + initramfs + root disk
+#            vs. the floor booting the same kernel, initramfs and disk
 #
-# Usage: bench/boot.sh [--runs N] [--warmup N] [--accel MODE] [--no-build] [ARCH...]
+# Usage: bench/boot.sh [--runs N] [--warmup N] [--mode both|resumed|cold] [--no-build] [ARCH...]
 #   ARCH      riscv64 aarch64 x86_64 (default: all three; those without a cached image are
 #             skipped with a message)
-#   --runs    counted runs of each measure (default 5); runner and floor alternate
-#   --warmup  uncounted runs of each first (default 1)
-#   --accel   pass `--accel MODE` to runner (default: none, i.e. runner's own default, auto;
-#             the floor always uses TCG, so on a host where KVM works give --accel tcg)
+#   --runs    counted runs of each measure (default 5); the measures alternate
+#   --warmup  uncounted runs of each first (default 1; the first runner run saves the state)
+#   --mode    which start modes to measure (default both)
 #   --no-build  use target/release/runner as it is (default: cargo build --release -p runner)
 # Environment: RUNNER_CACHE_DIR (as runner), RUNNER (binary, default target/release/runner).
-#
-# Prints a markdown table (seconds, min/median/max), then the floor's phases and the peak
-# memory of one extra, untimed run. Run it on an otherwise idle machine: one VM at a time.
+# Always TCG (runner is given --accel tcg, as the floor uses TCG). One VM at a time: run it
+# on an otherwise idle machine.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,21 +24,23 @@ root=$(dirname "$here")
 runs=5
 warmup=1
 build=1
+mode=both
 arches=()
-runner_args=()
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=${2:?--runs needs a number}; shift 2 ;;
         --warmup) warmup=${2:?--warmup needs a number}; shift 2 ;;
-        --accel) runner_args+=(--accel "${2:?--accel needs auto, kvm or tcg}"); shift 2 ;;
+        --mode) mode=${2:?--mode needs both, resumed or cold}; shift 2 ;;
         --no-build) build=0; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         riscv64|aarch64|x86_64) arches+=("$1"); shift ;;
         *) echo "boot.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case $runs in ''|*[!0-9]*|0) echo "boot.sh: --runs must be a positive integer" >&2; exit 2 ;; esac
 case $warmup in ''|*[!0-9]*) echo "boot.sh: --warmup must be a non-negative integer" >&2; exit 2 ;; esac
+case $mode in both) modes=(resumed cold) ;; resumed|cold) modes=("$mode") ;;
+    *) echo "boot.sh: --mode must be both, resumed or cold" >&2; exit 2 ;; esac
 [ ${#arches[@]} -gt 0 ] || arches=(riscv64 aarch64 x86_64)
 
 cache=${RUNNER_CACHE_DIR:-$HOME/.cache/runner}
@@ -54,10 +58,11 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+mkdir -p "$work/cwd" # an empty cwd: no runner.toml is picked up
 
 now() { date +%s.%N; }
 
-# min/median/max of the numbers on stdin, 2 decimals.
+# min / median / max of the numbers on stdin, 2 decimals.
 stats() {
     sort -g | awk '{ v[NR] = $1 } END {
         if (NR == 0) { print "n/a"; exit }
@@ -66,40 +71,49 @@ stats() {
 }
 median() { stats | awk -F' / ' '{ print $2 }'; }
 
-# The newest complete cached image of the default recipe for $1.
-image_dir() {
-    local d best= best_t=0 t
-    for d in "$cache"/images/debian-13-"$1"-*/; do
+# The newest directory matching the glob $1 that holds all of the files $2...
+newest_with() {
+    local pattern=$1 d f best= best_t=0 t
+    shift
+    for d in $pattern; do
         d=${d%/}
-        [ -f "$d/manifest.json" ] && [ -f "$d/kernel" ] && [ -f "$d/initrd.cpio" ] \
-            && [ -f "$d/rootfs.qcow2" ] || continue
-        t=$(stat -c %Y "$d/manifest.json")
+        for f in "$@"; do [ -f "$d/$f" ] || continue 2; done
+        t=$(stat -c %Y "$d/$1")
         if [ "$t" -gt "$best_t" ]; then best=$d; best_t=$t; fi
     done
     [ -n "$best" ] && echo "$best"
 }
+image_dir() { newest_with "$cache/images/debian-13-$1-*/" manifest.json kernel initrd.cpio rootfs.qcow2; }
+# The state runner saved for this image with its default 2 vCPUs, 1024 MiB, TCG.
+state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-2c-1024m-qemu*/" meta.json ram.bin disk.qcow2; }
 
-# One timed `runner test --arch $1 -- true`; prints seconds. The cwd is an empty directory
-# so that no runner.toml is picked up.
+runner_args() { # mode arch
+    echo test --arch "$2" --accel tcg
+    [ "$1" = cold ] && echo --cold-boot
+    echo -- true
+}
+
+# One timed runner run (mode, arch); prints seconds, keeps runner's own boot figure.
 time_runner() {
-    local t0 t1 log=$work/runner-$1.log
+    local t0 t1 log=$work/runner.log
     t0=$(now)
-    if ! (cd "$work/cwd" && "$runner" test --arch "$1" ${runner_args[@]+"${runner_args[@]}"} -- true) >"$log" 2>&1; then
-        echo "boot.sh: runner failed on $1:" >&2; tail -n 20 "$log" >&2; return 1
+    # shellcheck disable=SC2046 # runner_args prints plain words
+    if ! (cd "$work/cwd" && "$runner" $(runner_args "$1" "$2")) >"$log" 2>&1; then
+        echo "boot.sh: runner failed ($2, $1):" >&2; tail -n 20 "$log" >&2; return 1
     fi
     t1=$(now)
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
-    # runner's own boot figure (QEMU start to agent answer), best effort
-    sed -n 's/.*booted .* in \([0-9.]*\)s.*/\1/p' "$log" | head -n1 >>"$work/$1.runner-boot"
+    sed -n 's/.* VM [^ ]* in \([0-9.]*\)s .*/\1/p' "$log" | head -n1 >>"$work/$2.$1.runner-boot"
 }
 
-# One floor run; prints seconds, keeps the phases line.
+# One floor run (mode, arch, image, state); prints seconds, keeps the phases line.
 time_floor() {
-    local out
-    if ! out=$(python3 "$here/floor.py" "$1" "$2" 2>"$work/floor-$1.err"); then
-        echo "boot.sh: floor failed on $1:" >&2; tail -n 20 "$work/floor-$1.err" >&2; return 1
+    local out resume=()
+    [ "$1" = resumed ] && resume=(--resume "$4")
+    if ! out=$(python3 "$here/floor.py" ${resume[@]+"${resume[@]}"} "$2" "$3" 2>"$work/floor.err"); then
+        echo "boot.sh: floor failed ($2, $1):" >&2; tail -n 20 "$work/floor.err" >&2; return 1
     fi
-    grep '^floor ' "$work/floor-$1.err" >>"$work/$1.floor-phases" || true
+    grep '^floor ' "$work/floor.err" >>"$work/$2.$1.floor-phases" || true
     echo "$out"
 }
 
@@ -111,11 +125,12 @@ kib_of() { # VmHWM of a pid in KiB, 0 if gone
     echo 0
 }
 
-# One untimed runner run, sampling the peak RSS (VmHWM) of runner and of its QEMU child
-# every 0.1 s. Prints "RUNNER_KIB QEMU_KIB".
+# One untimed runner run (mode, arch), sampling the peak RSS (VmHWM) of runner and of its
+# QEMU child every 0.1 s. Prints "RUNNER_KIB QEMU_KIB".
 rss_runner() {
     local r_max=0 q_max=0 v c q=
-    (cd "$work/cwd" && exec "$runner" test --arch "$1" ${runner_args[@]+"${runner_args[@]}"} -- true) >"$work/rss-$1.log" 2>&1 &
+    # shellcheck disable=SC2046
+    (cd "$work/cwd" && exec "$runner" $(runner_args "$1" "$2")) >"$work/rss.log" 2>&1 &
     child=$!
     while kill -0 "$child" 2>/dev/null; do
         v=$(kib_of "$child"); [ "$v" -gt "$r_max" ] && r_max=$v
@@ -135,7 +150,6 @@ rss_runner() {
 
 mib() { awk -v k="$1" 'BEGIN { if (k > 0) printf "%.0f MiB", k / 1024; else print "n/a" }'; }
 
-mkdir -p "$work/cwd"
 qemu_version=$(qemu-system-riscv64 --version 2>/dev/null | head -n1 \
     || qemu-system-x86_64 --version | head -n1)
 
@@ -146,37 +160,56 @@ for arch in "${arches[@]}"; do
         echo "boot.sh: skipping $arch: no cached image (runner images build --arch $arch)" >&2
         continue
     fi
-    echo "boot.sh: $arch: $img, $warmup warm-up + $runs runs of each" >&2
-    : >"$work/$arch.runner"; : >"$work/$arch.floor"
-    : >"$work/$arch.runner-boot"; : >"$work/$arch.floor-phases"
-    for ((i = 0; i < warmup; i++)); do
-        time_runner "$arch" >/dev/null && time_floor "$arch" "$img" >/dev/null || continue 2
+    echo "boot.sh: $arch: $img; $warmup warm-up + $runs runs of each of: ${modes[*]}" >&2
+    st=
+    for m in "${modes[@]}"; do
+        rm -f "$work/$arch.$m".*
+        for ((i = 0; i < warmup; i++)); do
+            time_runner "$m" "$arch" >/dev/null || continue 3
+            if [ "$m" = resumed ] && [ -z "$st" ] && ! st=$(state_dir "$img"); then
+                echo "boot.sh: $arch: runner saved no state under $cache/states; skipping resumed" >&2
+                continue 2
+            fi
+            time_floor "$m" "$arch" "$img" "$st" >/dev/null || continue 3
+        done
+        rm -f "$work/$arch.$m".*
     done
-    : >"$work/$arch.runner-boot"; : >"$work/$arch.floor-phases"
+    if [ " ${modes[*]} " != " cold " ] && [ -z "$st" ] && ! st=$(state_dir "$img"); then
+        # --warmup 0 and no state yet: one uncounted runner run saves it
+        time_runner resumed "$arch" >/dev/null || continue
+        st=$(state_dir "$img") || { echo "boot.sh: $arch: no saved state; skipping" >&2; continue; }
+        rm -f "$work/$arch.resumed".*
+    fi
     for ((i = 1; i <= runs; i++)); do
-        r=$(time_runner "$arch") || continue 2
-        f=$(time_floor "$arch" "$img") || continue 2
-        echo "$r" >>"$work/$arch.runner"; echo "$f" >>"$work/$arch.floor"
-        echo "boot.sh: $arch run $i/$runs: runner $r s, floor $f s" >&2
+        for m in "${modes[@]}"; do
+            r=$(time_runner "$m" "$arch") || continue 3
+            f=$(time_floor "$m" "$arch" "$img" "$st") || continue 3
+            echo "$r" >>"$work/$arch.$m.runner"; echo "$f" >>"$work/$arch.$m.floor"
+            echo "boot.sh: $arch $m run $i/$runs: runner $r s, floor $f s" >&2
+        done
     done
-    read -r r_kib q_kib < <(rss_runner "$arch")
-    rm=$(median <"$work/$arch.runner"); fm=$(median <"$work/$arch.floor")
-    ratio=$(awk -v a="$rm" -v b="$fm" 'BEGIN { printf "%.2f", a / b }')
-    table+=("| $arch | $(stats <"$work/$arch.runner") | $(stats <"$work/$arch.floor") | $ratio | $(mib "$r_kib") (its QEMU: $(mib "$q_kib")) |")
-    ph() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" "$work/$arch.floor-phases"; }
-    phases+=("| $arch | $(ph agent | median) | $(ph true | median) | $(ph exit | median) | $(median <"$work/$arch.runner-boot") | $(mib "$(ph qemu_maxrss_kib | median)") |")
+    for m in "${modes[@]}"; do
+        read -r r_kib q_kib < <(rss_runner "$m" "$arch")
+        rm_=$(median <"$work/$arch.$m.runner"); fm=$(median <"$work/$arch.$m.floor")
+        ratio=$(awk -v a="$rm_" -v b="$fm" 'BEGIN { printf "%.2f", a / b }')
+        label="$arch, resumed (default)"; [ "$m" = cold ] && label="$arch, --cold-boot"
+        table+=("| $label | $(stats <"$work/$arch.$m.runner") | $(stats <"$work/$arch.$m.floor") | $ratio | $(mib "$r_kib") (its QEMU: $(mib "$q_kib")) |")
+        ph() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" "$work/$arch.$m.floor-phases"; }
+        restored=$(ph restored | median); [ "$m" = cold ] && restored=-
+        phases+=("| $label | $restored | $(ph agent | median) | $(ph true | median) | $(ph exit | median) | $(median <"$work/$arch.$m.runner-boot") | $(mib "$(ph qemu_maxrss_kib | median)") |")
+    done
 done
 
-[ ${#table[@]} -gt 0 ] || { echo "boot.sh: no architecture had an image" >&2; exit 1; }
+[ ${#table[@]} -gt 0 ] || { echo "boot.sh: nothing was measured" >&2; exit 1; }
 echo
-echo "Cold start, $runs runs each (after $warmup warm-up), $(date -u '+%Y-%m-%d %H:%M UTC'), $qemu_version, $(nproc) host CPUs"
+echo "Start-up, $runs runs each (after $warmup warm-up), $(date -u '+%Y-%m-%d %H:%M UTC'), $qemu_version, TCG, $(nproc) host CPUs"
 echo
-echo "| arch | runner test -- true (min/median/max s) | bare QEMU floor (min/median/max s) | ratio (median) | runner max RSS |"
+echo "| arch, start mode | runner test -- true (min/median/max s) | bare QEMU floor (min/median/max s) | ratio (median) | runner max RSS |"
 echo "| --- | --- | --- | --- | --- |"
 printf '%s\n' "${table[@]}"
 echo
-echo "Where the floor's time goes (medians, seconds from QEMU start), and runner's own boot figure:"
+echo "Where the floor's time goes (medians, seconds from QEMU start), and runner's own figure for its VM start:"
 echo
-echo "| arch | floor: agent answers | floor: \`true\` exited | floor: QEMU exited | runner: reported boot | floor QEMU max RSS |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| arch, start mode | floor: state loaded | floor: agent answers | floor: \`true\` exited | floor: QEMU exited | runner: reported start | floor QEMU max RSS |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${phases[@]}"

@@ -7,11 +7,18 @@ The clock starts just before QEMU is started (the overlay is created before that
 when QEMU has exited after QMP `quit`. Everything runner adds on top (finding QEMU, the
 accelerator decision, image checks, the overlay, its output wrapper, reports) is not here.
 
-Usage: floor.py [--cpus N] [--memory MIB] [--timeout S] ARCH IMAGE_DIR
+With --resume STATE_DIR (a state runner saved after a first boot, under
+<cache>/states/), the floor is instead the least work to resume that state: an overlay of
+its disk.qcow2, QEMU with the same arguments plus `-incoming defer`, QMP
+`migrate-incoming` of its ram.bin (mapped-ram), `cont`, then the same agent handshake,
+`true` and quit. (runner's clock and RNG refresh after a resume is not in this floor.)
+
+Usage: floor.py [--cpus N] [--memory MIB] [--timeout S] [--resume STATE_DIR] ARCH IMAGE_DIR
 
 stdout: one line, the elapsed seconds.
 stderr: one line of phases: `floor ARCH agent=S true=S exit=S qemu_maxrss_kib=K`
-(agent = first agent answer, true = `true` reported exited, exit = QEMU reaped).
+(agent = first agent answer, true = `true` reported exited, exit = QEMU reaped; with
+--resume also restored = migration loaded and `cont` done).
 
 Python 3 standard library only. QEMU runs in its own process group, which is killed, and the
 temporary directory removed, on every path (error, timeout, SIGINT, SIGTERM).
@@ -171,10 +178,18 @@ def run(args, d):
     for f in ("kernel", "initrd.cpio", "rootfs.qcow2"):
         if not os.path.isfile(os.path.join(args.image, f)):
             raise Failed(f"{args.image} has no {f}")
+    if args.resume:
+        for f in ("meta.json", "ram.bin", "disk.qcow2"):
+            if not os.path.isfile(os.path.join(args.resume, f)):
+                raise Failed(f"{args.resume} is not a complete saved state (no {f})")
+        # The disk must be exactly as it was when the state was saved.
+        base = os.path.join(args.resume, "disk.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base,
                     os.path.join(d, "overlay.qcow2")], check=True, stdin=subprocess.DEVNULL)
     argv = qemu_argv(binary, args.arch, args.image, d, args.cpus, args.memory,
                      has_sandbox(binary))
+    if args.resume:
+        argv += ["-incoming", "defer"]
     console = open(os.path.join(d, "console.log"), "wb")
     errlog = open(os.path.join(d, "stderr.log"), "wb")
 
@@ -186,6 +201,21 @@ def run(args, d):
         qmp = Lines(connect(os.path.join(d, "qmp.sock"), deadline, proc), deadline)
         qmp.recv(deadline)  # greeting
         qmp.call({"execute": "qmp_capabilities"})
+        t_restored = None
+        if args.resume:
+            qmp.call({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [
+                {"capability": "mapped-ram", "state": True}]}})
+            qmp.call({"execute": "migrate-incoming", "arguments": {
+                "uri": "file:" + os.path.join(args.resume, "ram.bin")}})
+            while True:
+                st = qmp.call({"execute": "query-migrate"}).get("status")
+                if st == "completed":
+                    break
+                if st in ("failed", "cancelled"):
+                    raise Failed(f"incoming migration {st}")
+                time.sleep(0.01)
+            qmp.call({"execute": "cont"})
+            t_restored = time.monotonic() - t0
         agent = Lines(connect(os.path.join(d, "agent.sock"), deadline, proc), deadline)
 
         # Handshake: a fresh id every SYNC_RETRY until that id is answered.
@@ -247,7 +277,7 @@ def run(args, d):
             proc.wait()
         console.close()
         errlog.close()
-    return t_agent - t0, t_true - t0, t_exit - t0, rss
+    return t_restored, t_agent - t0, t_true - t0, t_exit - t0, rss
 
 
 def main():
@@ -257,6 +287,8 @@ def main():
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", type=int, default=1024, help="MiB")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds, whole run")
+    p.add_argument("--resume", metavar="STATE_DIR",
+                   help="resume this saved state instead of booting the kernel")
     args = p.parse_args()
 
     def on_signal(signum, _frame):
@@ -266,7 +298,7 @@ def main():
     signal.signal(signal.SIGHUP, on_signal)
     d = tempfile.mkdtemp(prefix="floor-")
     try:
-        agent, true, total, rss = run(args, d)
+        restored, agent, true, total, rss = run(args, d)
     except (Failed, Timeout, subprocess.CalledProcessError, OSError) as e:
         print(f"floor.py: {args.arch}: {e}", file=sys.stderr)
         return 1
@@ -275,7 +307,8 @@ def main():
         return 130
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    print(f"floor {args.arch} agent={agent:.3f} true={true:.3f} exit={total:.3f} "
+    phase = "" if restored is None else f"restored={restored:.3f} "
+    print(f"floor {args.arch} {phase}agent={agent:.3f} true={true:.3f} exit={total:.3f} "
           f"qemu_maxrss_kib={rss}", file=sys.stderr)
     print(f"{total:.3f}")
     return 0
