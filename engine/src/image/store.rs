@@ -17,9 +17,10 @@ pub const MANIFEST: &str = "manifest.json";
 pub const KERNEL: &str = "kernel";
 pub const INITRD: &str = "initrd.cpio";
 pub const ROOTFS: &str = "rootfs.qcow2";
-/// Records that rootfs.qcow2 was hashed and matched, for this exact file (size, mtime, inode):
-/// hashing the whole disk on every run would cost most of a second.
-const VERIFIED_STAMP: &str = ".verified";
+/// Prefix of the stamps recording that an artifact was hashed and matched, for this exact
+/// file (size, inode, mtime, ctime): hashing the 200 MB of an image on every run would cost
+/// most of a second. `runner images verify` always hashes everything.
+const VERIFIED_STAMP: &str = ".verified-";
 
 /// One artifact's entry in the manifest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -154,8 +155,8 @@ pub fn load(dir: &Path) -> Result<BaseImage, ImageError> {
     })
 }
 
-/// Checks every artifact against the manifest. The root disk is hashed only when `full` or
-/// when its stamp does not match the file (see [`VERIFIED_STAMP`]).
+/// Checks every artifact against the manifest: size always; content by hash when `full`,
+/// or when the file is not the one whose hash matched before (see [`VERIFIED_STAMP`]).
 pub fn verify(image: &BaseImage, full: bool) -> Result<(), ImageError> {
     for name in [KERNEL, INITRD, ROOTFS] {
         let corrupt = |what: String| ImageError::Corrupt {
@@ -176,28 +177,27 @@ pub fn verify(image: &BaseImage, full: bool) -> Result<(), ImageError> {
                 art.size
             )));
         }
-        let stamp_path = image.dir.join(VERIFIED_STAMP);
+        let stamp_path = image.dir.join(format!("{VERIFIED_STAMP}{name}"));
         let stamp = format!(
-            "{} {} {} {}",
+            "{} {} {}.{} {}.{} {}",
             meta.len(),
-            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
             meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
             art.sha256
         );
-        if name == ROOTFS
-            && !full
-            && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp)
-        {
+        if !full && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
             continue;
         }
         let sum = sha256_file(&path).map_err(|e| corrupt(format!("{name} unreadable ({e})")))?;
         if sum != art.sha256 {
+            let _ = std::fs::remove_file(&stamp_path);
             return Err(corrupt(format!("{name} checksum mismatch")));
         }
-        if name == ROOTFS {
-            // Best effort: without the stamp we just hash again next time.
-            let _ = std::fs::write(&stamp_path, stamp);
-        }
+        // Best effort: without the stamp we just hash again next time.
+        let _ = std::fs::write(&stamp_path, stamp);
     }
     Ok(())
 }
@@ -274,9 +274,16 @@ mod tests {
     fn corruption_is_detected() {
         let tmp = tempfile::tempdir().unwrap();
         let img = fake_image(tmp.path());
-        verify(&img, true).unwrap();
-        // Same size, different content: only the checksum can tell.
+        verify(&img, false).unwrap(); // hashes and stamps every artifact
+                                      // Same size, different content, written later: only the checksum can tell.
         std::fs::write(&img.kernel, "K").unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&img.kernel)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
         let err = verify(&img, false).unwrap_err().to_string();
         assert!(err.contains("kernel checksum mismatch"), "{err}");
         std::fs::remove_file(&img.kernel).unwrap();
@@ -285,11 +292,31 @@ mod tests {
     }
 
     #[test]
-    fn rewritten_rootfs_is_rehashed() {
+    fn full_verification_ignores_the_stamps() {
         let tmp = tempfile::tempdir().unwrap();
         let img = fake_image(tmp.path());
-        verify(&img, false).unwrap(); // writes the stamp
-        std::fs::write(&img.rootfs, "DISK").unwrap(); // new mtime → stamp no longer matches
+        verify(&img, false).unwrap();
+        // Forge the stamp's view: a rewrite that keeps size, inode and mtime.
+        let meta = std::fs::metadata(&img.initrd).unwrap();
+        std::fs::write(&img.initrd, "I").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&img.initrd)
+            .unwrap()
+            .set_modified(meta.modified().unwrap())
+            .unwrap();
+        let err = verify(&img, true).unwrap_err().to_string();
+        assert!(err.contains("initrd.cpio checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn replaced_rootfs_is_rehashed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = fake_image(tmp.path());
+        verify(&img, false).unwrap(); // writes the stamps
+                                      // A new file (new inode) in its place: the stamp no longer matches.
+        std::fs::remove_file(&img.rootfs).unwrap();
+        std::fs::write(&img.rootfs, "DISK").unwrap();
         let err = verify(&img, false).unwrap_err().to_string();
         assert!(err.contains("rootfs.qcow2 checksum mismatch"), "{err}");
     }

@@ -9,6 +9,8 @@ use crate::qemu::spec::OUTPUT_PORT_NAME;
 
 /// How often `guest-exec-status` is polled while no end marker has arrived.
 pub const STATUS_POLL: Duration = Duration::from_millis(200);
+/// First status poll after the end marker arrived (the wrapper exits right after it).
+pub const EXIT_POLL_START: Duration = Duration::from_millis(5);
 /// After the command has exited, how long we wait for the rest of its output.
 pub const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 

@@ -340,15 +340,21 @@ impl Vm {
         let pid = self.agent.exec(&request, AGENT_TIMEOUT).await?;
         let mut exited: Option<CommandEnd> = None;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
+        let mut exit_poll = exec::EXIT_POLL_START;
         loop {
-            if scanner.found() {
+            let poll = if scanner.found() {
                 if let Some(end) = exited {
                     return Ok(end);
                 }
-            }
+                exit_poll = (exit_poll * 2).min(exec::STATUS_POLL);
+                exit_poll / 2
+            } else {
+                exec::STATUS_POLL
+            };
             let wake = match (exited, drain_deadline) {
                 (Some(_), Some(d)) => d,
-                _ => (tokio::time::Instant::now() + exec::STATUS_POLL).min(deadline),
+                _ => (tokio::time::Instant::now() + poll).min(deadline),
             };
             tokio::select! {
                 chunk = self.output.recv(), if !scanner.found() => match chunk {

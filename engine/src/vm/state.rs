@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde_json::json;
 use tokio::net::UnixStream;
 
@@ -137,8 +136,26 @@ pub async fn restore(qmp: &mut QmpClient, dir: &Path) -> Result<(), StateError> 
 }
 
 /// What a resumed guest needs: the host's time (its clock stopped at save time) and fresh
-/// entropy (every job resumed from one state starts with the same RNG state).
+/// entropy (every job resumed from one state starts with the same RNG state). The reseed runs
+/// as a guest process while the clock is set, so the two overlap.
 pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), AgentError> {
+    // Mixed-in bytes only reach readers at the next reseed, which a resumed guest would not
+    // do for a while (its clock was stopped): write fresh bytes, then force a reseed
+    // (RNDRESEEDCRNG). perl-base is in Debian's Essential set, so every image has it.
+    let seed: [u8; 32] = rand::random();
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    let req = ExecRequest {
+        path: "/usr/bin/perl".into(),
+        args: vec![
+            "-e".into(),
+            "open(my $f, '>', '/dev/urandom') or die $!; syswrite($f, pack('H*', $ARGV[0])) or die $!; \
+             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";"
+                .into(),
+            hex,
+        ],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+    };
+    let pid = agent.exec(&req, AGENT_TIMEOUT).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -153,46 +170,13 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
         Err(e) => return Err(e),
     }
-    let seed: [u8; 32] = rand::random();
-    let handle = agent
-        .execute(
-            "guest-file-open",
-            json!({"path": "/dev/urandom", "mode": "w"}),
-            AGENT_TIMEOUT,
-        )
-        .await?;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
-    agent
-        .execute(
-            "guest-file-write",
-            json!({"handle": handle, "buf-b64": b64}),
-            AGENT_TIMEOUT,
-        )
-        .await?;
-    agent
-        .execute(
-            "guest-file-close",
-            json!({ "handle": handle }),
-            AGENT_TIMEOUT,
-        )
-        .await?;
-    // Mixed-in bytes only reach readers at the next reseed, which a resumed guest would
-    // not do for a while (its clock was stopped): force it (RNDRESEEDCRNG). perl-base is
-    // in Debian's Essential set, so every image has it.
-    let req = ExecRequest {
-        path: "/usr/bin/perl".into(),
-        args: vec![
-            "-e".into(),
-            "open(my $f, '<', '/dev/urandom') or die $!; ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";".into(),
-        ],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-    };
-    let pid = agent.exec(&req, AGENT_TIMEOUT).await?;
     let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+    let mut poll = Duration::from_millis(5);
     loop {
         match agent.exec_status(pid, AGENT_TIMEOUT).await? {
             ExecStatus::Running if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(Duration::from_millis(50));
             }
             ExecStatus::Exited(0) => return Ok(()),
             other => {
