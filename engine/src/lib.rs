@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod arch;
 pub mod bounded;
+pub mod child;
 pub mod image;
 pub mod qemu;
 pub mod vm;

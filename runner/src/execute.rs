@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use engine::agent::AgentError;
 use engine::bounded::TailBuffer;
-use engine::image::ImageStore;
+use engine::image::{BaseImage, ImageStore};
 use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -24,6 +24,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP_TAIL_BYTES: usize = 64 * 1024;
 /// Largest guest JUnit file we read back.
 const MAX_GUEST_REPORT: usize = 16 << 20;
+/// How many guest JUnit files we read back, and how many bytes in all.
+const MAX_GUEST_REPORTS: usize = 200;
+const MAX_GUEST_REPORTS_TOTAL: usize = 64 << 20;
 /// Largest artifacts archive we read back.
 const MAX_ARTIFACTS: usize = 256 << 20;
 /// Timeout for the runner's own short commands in the guest (unpack, list files).
@@ -87,14 +90,24 @@ pub async fn run_suite(
         reports: Vec::new(),
         artifacts: Vec::new(),
         steps_done: 0,
+        current: None,
     };
     let outcome = tokio::select! {
-        o = tokio::time::timeout(plan.timeout, run_inner(plan, settings, reporters, &mut state)) => match o {
-            Ok(o) => o,
-            Err(_) => Outcome::TimedOut,
-        },
+        o = run_inner(plan, settings, reporters, &mut state) => o,
         _ = cancel.wait_for(|c| *c) => Outcome::Cancelled,
     };
+    // A step cut short by the suite timeout or cancellation ends like the suite, with the
+    // output it had produced.
+    if let Some(step) = state.current.take() {
+        reporters.emit(Event::StepFinished {
+            id: id.clone(),
+            step: step.name,
+            outcome: outcome.clone(),
+            duration: step.started.elapsed(),
+            output_tail: step.tail.text(),
+        });
+        state.steps_done += 1;
+    }
     // Steps that never got to run are reported as skipped.
     let done = state.steps_done;
     let (reports, artifacts) = (
@@ -133,6 +146,24 @@ struct SuiteState<'a> {
     reports: Vec<GuestReport>,
     artifacts: Vec<std::path::PathBuf>,
     steps_done: usize,
+    /// The step running right now, if any.
+    current: Option<RunningStep>,
+}
+
+struct RunningStep {
+    name: String,
+    started: Instant,
+    tail: TailBuffer,
+}
+
+impl RunningStep {
+    fn new(name: &str) -> Self {
+        RunningStep {
+            name: name.to_string(),
+            started: Instant::now(),
+            tail: TailBuffer::new(STEP_TAIL_BYTES),
+        }
+    }
 }
 
 async fn run_inner(
@@ -181,10 +212,29 @@ async fn run_inner(
         Err(o) => return o,
     };
     state.facts.kernel_version = image.manifest.kernel_version.clone();
+    let timed = run_timed(plan, settings, reporters, state, &platform, &image);
+    match tokio::time::timeout(plan.timeout, timed).await {
+        Ok(o) => o,
+        Err(_) => Outcome::TimedOut,
+    }
+}
 
+/// Everything the suite timeout covers: host setup, boot, steps, results — not the image
+/// build before it, which happens once and must not be cut off half-way.
+async fn run_timed(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+    platform: &host::Platform,
+    image: &BaseImage,
+) -> Outcome {
+    let id = plan.id.clone();
     // 2. Host setup commands (e.g. cross-compiling), as steps.
     for cmd in &plan.host_setup {
+        state.current = Some(RunningStep::new(&format!("host: {cmd}")));
         let outcome = host_setup(plan, cmd, reporters).await;
+        state.current = None;
         state.steps_done += 1;
         if !outcome.is_success() {
             return outcome;
@@ -238,11 +288,12 @@ async fn run_inner(
                 .map(|a| a.sha256[..12].to_string())
                 .unwrap_or_default();
             settings.store.states_dir().join(format!(
-                "{image_id}-{disk}-{}-{}c-{}m-qemu{}",
+                "{image_id}-{disk}-{}-{}c-{}m-qemu{}-f{}",
                 platform.accel.accel.name(),
                 plan.cpus,
                 plan.memory_mib,
-                platform.qemu.version
+                platform.qemu.version,
+                engine::vm::state::FORMAT
             ))
         }),
     };
@@ -302,13 +353,12 @@ async fn in_vm(
             step: step.name.clone(),
             index: index + plan.host_setup.len(),
         });
-        let started = Instant::now();
         let mut env = base_env.clone();
         env.push(("RUNNER_STEP".into(), step.name.clone()));
         env.extend(step.env.iter().cloned());
-        let mut tail = TailBuffer::new(STEP_TAIL_BYTES);
+        let current = state.current.insert(RunningStep::new(&step.name));
         let mut live = |bytes: &[u8]| {
-            tail.push(bytes);
+            current.tail.push(bytes);
             reporters.emit(Event::Output {
                 id: id.clone(),
                 bytes: bytes.to_vec(),
@@ -334,15 +384,33 @@ async fn in_vm(
                 signal: Some(sig),
             },
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
+            // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
+            // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
+            Err(VmError::Died {
+                clean_exit: true, ..
+            }) => {
+                let why =
+                    "\nrunner: the guest powered off, rebooted or panicked during this step\n";
+                current.tail.push(why.as_bytes());
+                reporters.emit(Event::Output {
+                    id: id.clone(),
+                    bytes: why.as_bytes().to_vec(),
+                });
+                Outcome::Failed {
+                    exit_code: None,
+                    signal: None,
+                }
+            }
             Err(e) => vm_error(&e, true),
         };
+        let finished = state.current.take().expect("set above");
         state.steps_done += 1;
         reporters.emit(Event::StepFinished {
             id: id.clone(),
             step: step.name.clone(),
             outcome: outcome.clone(),
-            duration: started.elapsed(),
-            output_tail: tail.text(),
+            duration: finished.started.elapsed(),
+            output_tail: finished.tail.text(),
         });
         match &outcome {
             Outcome::Passed => {}
@@ -433,14 +501,20 @@ async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String
     // Patterns are validated (relative, no `..`); quote everything but the glob characters.
     let globs: Vec<String> = patterns.iter().map(|p| shell_glob(p)).collect();
     let script = format!("cd {GUEST_WORKSPACE} || exit 0; for f in {}; do [ -f \"$f\" ] && printf '%s\\n' \"$f\"; done; exit 0", globs.join(" "));
-    let (_, out) = housekeeping(vm, &script).await?;
-    let mut files: Vec<String> = out
+    let (end, out) = housekeeping(vm, &script).await?;
+    if end != CommandEnd::Exited(0) {
+        return Err(infra(
+            InfraKind::Agent,
+            format!("listing result files in the guest failed ({end:?})"),
+        ));
+    }
+    // Overlapping patterns list a file more than once; keep the first.
+    let mut seen = std::collections::HashSet::new();
+    Ok(out
         .lines()
+        .filter(|l| !l.is_empty() && seen.insert(*l))
         .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect();
-    files.dedup();
-    Ok(files)
+        .collect())
 }
 
 /// Quotes a glob for sh, leaving `*`, `?` and `[...]` active.
@@ -461,8 +535,18 @@ async fn collect_results(plan: &SuitePlan, vm: &mut Vm, state: &mut SuiteState<'
     match list_guest_files(vm, &plan.junit).await {
         Ok(files) => {
             for path in files {
+                // Bounded in number and in total, not just per file.
+                let total: usize = state.reports.iter().map(|r| r.xml.len()).sum();
+                if state.reports.len() >= MAX_GUEST_REPORTS || total >= MAX_GUEST_REPORTS_TOTAL {
+                    state.reports.push(GuestReport {
+                        path,
+                        xml: format!("<!-- not read: more than {MAX_GUEST_REPORTS} reports or {} MiB in all -->", MAX_GUEST_REPORTS_TOTAL >> 20),
+                    });
+                    break;
+                }
                 let guest_path = format!("{GUEST_WORKSPACE}/{path}");
-                match vm.read_file(&guest_path, MAX_GUEST_REPORT).await {
+                let limit = MAX_GUEST_REPORT.min(MAX_GUEST_REPORTS_TOTAL - total);
+                match vm.read_file(&guest_path, limit).await {
                     Ok(bytes) => state.reports.push(GuestReport {
                         path,
                         xml: String::from_utf8_lossy(&bytes).into_owned(),
@@ -480,6 +564,18 @@ async fn collect_results(plan: &SuitePlan, vm: &mut Vm, state: &mut SuiteState<'
             }
         }
         Err(o) => return o,
+    }
+    // Failing tests inside the guest's reports (or reports that are not JUnit) fail the suite,
+    // even when every step exited 0.
+    if state
+        .reports
+        .iter()
+        .any(crate::report::junit::guest_report_failed)
+    {
+        outcome = Outcome::Failed {
+            exit_code: None,
+            signal: None,
+        };
     }
     let files = match list_guest_files(vm, &plan.artifacts).await {
         Ok(f) => f,
@@ -541,16 +637,14 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
         .as_ref()
         .map(|w| w.root.clone())
         .unwrap_or_else(|| ".".into());
-    let result = Command::new("/bin/sh")
-        .args(["-e", "-c", cmd])
-        .current_dir(&cwd)
-        .env("RUNNER_ARCH", id.arch.name())
-        .env("RUNNER_SUITE", &id.suite)
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .output()
-        .await;
+    let result = engine::child::output_in_group(
+        Command::new("/bin/sh")
+            .args(["-e", "-c", cmd])
+            .current_dir(&cwd)
+            .env("RUNNER_ARCH", id.arch.name())
+            .env("RUNNER_SUITE", &id.suite),
+    )
+    .await;
     let (outcome, text) = match result {
         Ok(out) => {
             let mut text = out.stdout;

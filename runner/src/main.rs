@@ -30,11 +30,14 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> i32 {
-    let store = ImageStore::new(
-        cli.cache_dir
-            .clone()
-            .unwrap_or_else(ImageStore::default_root),
-    );
+    let root = cli
+        .cache_dir
+        .clone()
+        .unwrap_or_else(ImageStore::default_root);
+    // Overlays name their backing file and QEMU runs in the VM directory: relative paths
+    // would resolve against the wrong directory.
+    let root = std::path::absolute(&root).unwrap_or(root);
+    let store = ImageStore::new(root);
     let status = Status::new(cli.quiet);
     match cli.command {
         Command::Test(args) => {

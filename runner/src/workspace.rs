@@ -90,17 +90,20 @@ pub fn unpack(archive: &[u8], dest: &Path) -> Result<Vec<PathBuf>, WorkspaceErro
     std::fs::create_dir_all(dest).map_err(err)?;
     let mut ar = tar::Archive::new(archive);
     ar.set_preserve_permissions(false);
+    // The guest picks the modes in the archive: never world-writable files on the host.
+    ar.set_mask(0o022);
     ar.set_overwrite(true);
     let mut written = Vec::new();
     for entry in ar.entries().map_err(err)? {
         let mut entry = entry.map_err(err)?;
-        // Only regular files and directories come back; links could point anywhere.
+        // Only regular files come back; links could point anywhere, and directory entries
+        // could carry modes that lock us out (parents are created with default modes).
         let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir()) {
+        if !kind.is_file() {
             continue;
         }
         let rel = entry.path().map_err(err)?.into_owned();
-        if entry.unpack_in(dest).map_err(err)? && kind.is_file() {
+        if entry.unpack_in(dest).map_err(err)? {
             written.push(dest.join(rel));
         }
     }

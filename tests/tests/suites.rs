@@ -201,3 +201,63 @@ fn a_step_timeout_is_an_error_and_stops_the_vm() {
     assert!(xml.contains("<skipped"), "{xml}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn a_daemon_left_by_one_step_does_not_break_the_next() {
+    // The first step leaves a process holding its stdout; the second step must still run
+    // with live output, and the results must still be collected.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        r#"
+[[suite]]
+name = "daemon"
+junit = ["report.xml"]
+  [[suite.step]]
+  name = "start"
+  run = "(while :; do echo tick; sleep 1; done) &"
+  [[suite.step]]
+  name = "use"
+  run = '''
+sleep 2
+echo second-step-ran
+echo '<testsuite name="d" tests="1"><testcase name="t"/></testsuite>' > report.xml
+'''
+"#,
+    )
+    .unwrap();
+    let junit = dir.path().join("junit.xml");
+    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stdout.contains("second-step-ran"), "{r}");
+    let (xml, report) = read_junit(&junit);
+    assert!(report.test_suites.iter().any(|s| s.name.as_str() == "daemon (riscv64) / d"), "{xml}");
+}
+
+#[test]
+fn failing_tests_in_a_guest_report_fail_the_run() {
+    // Every step exits 0, but the guest's own JUnit report records a failure.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        r#"
+[[suite]]
+name = "lying"
+junit = ["r.xml"]
+  [[suite.step]]
+  name = "tests"
+  run = "echo '<testsuite name=\"x\" tests=\"1\" failures=\"1\"><testcase name=\"t\"><failure message=\"no\"/></testcase></testsuite>' > r.xml"
+"#,
+    )
+    .unwrap();
+    let r = runner(dir.path(), &["test", "--arch", "riscv64"]);
+    assert_eq!(r.code, 1, "{r}");
+}
+
+#[test]
+fn a_guest_that_powers_off_mid_step_is_a_test_failure() {
+    // Not an infrastructure error: the test did it (sysrq 'o' powers off at once).
+    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--", "sh", "-c", "echo going; echo o > /proc/sysrq-trigger; sleep 30"]);
+    assert_eq!(r.code, 1, "{r}");
+    assert!(r.stdout.contains("powered off"), "{r}");
+}

@@ -16,8 +16,9 @@ use crate::bounded::read_line_capped;
 /// Longest reply line we accept. Our largest reply is a `guest-file-read` of
 /// `FILE_CHUNK` bytes, base64-encoded; anything far beyond that is a misbehaving guest.
 const MAX_REPLY_LINE: usize = 4 * 1024 * 1024;
-/// Bytes we are willing to skip while looking for the sync delimiter.
-const MAX_SYNC_GARBAGE: usize = 1024 * 1024;
+/// Bytes we are willing to skip while looking for the sync delimiter: at least one whole
+/// reply (a timed-out file read leaves one in flight).
+const MAX_SYNC_GARBAGE: usize = 2 * MAX_REPLY_LINE;
 /// How long one sync attempt waits before sending a fresh one (the agent may not be up yet).
 pub const SYNC_ATTEMPT: Duration = Duration::from_secs(1);
 /// Chunk size for guest-file-read/write.
@@ -162,10 +163,19 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         let mut msg =
             serde_json::to_vec(&json!({"execute": command, "arguments": arguments})).expect("json");
         msg.push(b'\n');
-        self.writer.write_all(&msg).await?;
-        self.writer.flush().await?;
-        // Until the reply is read, a timeout leaves it in flight.
+        // From the first byte written until the reply is read, a timeout leaves the
+        // exchange half-done: the next command must resync.
         self.desynced = true;
+        let timed_out = || AgentError::Timeout {
+            command: command.into(),
+            timeout,
+        };
+        tokio::time::timeout_at(deadline, async {
+            self.writer.write_all(&msg).await?;
+            self.writer.flush().await
+        })
+        .await
+        .map_err(|_| timed_out())??;
         let reply = tokio::time::timeout_at(deadline, self.read_reply(command))
             .await
             .map_err(|_| AgentError::Timeout {

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::process::Command;
@@ -444,10 +443,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn run_tool(cmd: &mut Command, name: &str) -> Result<(), ImageError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
+    let out = crate::child::output_in_group(cmd)
         .await
         .map_err(|e| ImageError::Tool {
             tool: name.into(),

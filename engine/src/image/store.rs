@@ -136,6 +136,40 @@ impl ImageStore {
     }
 }
 
+/// Removes what killed runs left in the cache: image builds that never finished
+/// (`images/.staging-*`, older than any build can take), state saves that never finished
+/// (`states/.saving-*`) and discarded states. Returns how many were removed.
+pub fn sweep_leftovers(store: &ImageStore) -> usize {
+    use std::time::Duration;
+    let rules: [(PathBuf, &str, Duration); 3] = [
+        (
+            store.images_dir(),
+            ".staging-",
+            Duration::from_secs(3 * 3600),
+        ),
+        (store.states_dir(), ".saving-", Duration::from_secs(3600)),
+        (store.states_dir(), ".discarded-", Duration::ZERO),
+    ];
+    let mut removed = 0;
+    for (dir, pattern, min_age) in rules {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let old_enough = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() >= min_age)
+                .unwrap_or(false);
+            if name.contains(pattern) && old_enough && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// Reads an image directory's manifest.
 pub fn load(dir: &Path) -> Result<BaseImage, ImageError> {
     let corrupt = |what: String| ImageError::Corrupt {
@@ -319,6 +353,19 @@ mod tests {
         std::fs::write(&img.rootfs, "DISK").unwrap();
         let err = verify(&img, false).unwrap_err().to_string();
         assert!(err.contains("rootfs.qcow2 checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn sweep_removes_only_stale_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        let fresh = store.images_dir().join(".staging-fresh");
+        let discarded = store.states_dir().join("x.discarded-1234");
+        std::fs::create_dir_all(&fresh).unwrap();
+        std::fs::create_dir_all(&discarded).unwrap();
+        assert_eq!(sweep_leftovers(&store), 1);
+        assert!(fresh.exists(), "a build in progress must not be swept");
+        assert!(!discarded.exists());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct QmpClient {
     writer: OwnedWriteHalf,
     /// Events seen while waiting for replies, oldest first.
     pub events: Vec<Value>,
+    /// Every command carries a fresh id, so a late reply to a timed-out command is never
+    /// taken for the reply to the next one.
+    next_id: u64,
 }
 
 impl QmpClient {
@@ -46,6 +49,7 @@ impl QmpClient {
             reader: BufReader::new(r),
             writer: w,
             events: Vec::new(),
+            next_id: 1,
         };
         let greeting = tokio::time::timeout(timeout, client.read_message())
             .await
@@ -77,7 +81,9 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
@@ -93,7 +99,14 @@ impl QmpClient {
                     timeout,
                 })??;
             if msg.get("event").is_some() {
+                // Bounded: only the most recent events are of interest.
+                if self.events.len() >= 256 {
+                    self.events.remove(0);
+                }
                 self.events.push(msg);
+            } else if msg.get("id").and_then(Value::as_u64) != Some(id) {
+                // The reply to an earlier command that timed out: not ours.
+                continue;
             } else if let Some(ret) = msg.get("return") {
                 return Ok(ret.clone());
             } else if let Some(err) = msg.get("error") {

@@ -31,10 +31,32 @@ pub enum CommandEnd {
     TimedOut,
 }
 
-/// The wrapper: redirect everything to the output port, enter the working directory, run
+/// The FIFO that every command writes its output to; the relay copies it to the port.
+pub const OUTPUT_FIFO: &str = "/run/runner/output";
+
+/// Makes the FIFO (run once per VM, before the relay starts).
+pub const MAKE_FIFO: &str =
+    "mkdir -p /run/runner && rm -f /run/runner/output && mkfifo -m 600 /run/runner/output";
+
+/// The relay: the only process that ever opens the output port. A virtio-serial port can be
+/// open only once, so if commands opened it themselves, a daemon left running by one step
+/// would make the next step's redirect fail. Opening the FIFO read-write keeps the relay
+/// from ever seeing end-of-file; output of such daemons simply flows on.
+pub fn relay_request() -> ExecRequest {
+    ExecRequest {
+        path: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            format!("exec cat <>{OUTPUT_FIFO} >/dev/virtio-ports/{OUTPUT_PORT_NAME}"),
+        ],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+    }
+}
+
+/// The wrapper: redirect everything to the output FIFO, enter the working directory, run
 /// the command, then print the marker so the host knows the output is complete.
 const WRAPPER: &str = r#"dir=$1; marker=$2; shift 2
-exec </dev/null >/dev/virtio-ports/PORT 2>&1
+exec </dev/null >FIFO 2>&1
 cd "$dir" || { printf '%s' "$marker"; exit 126; }
 "$@"
 rc=$?
@@ -50,7 +72,7 @@ pub fn exec_request(
 ) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
-        WRAPPER.replace("PORT", OUTPUT_PORT_NAME),
+        WRAPPER.replace("FIFO", OUTPUT_FIFO),
         "runner-wrapper".to_string(),
         cwd.to_string(),
         marker.to_string(),
@@ -192,7 +214,9 @@ mod tests {
                 "$HOME; rm -rf /"
             ]
         );
-        assert!(req.args[1].contains("/dev/virtio-ports/org.runner.output.0"));
+        assert!(req.args[1].contains(">/run/runner/output 2>&1"));
+        // Only the relay opens the port itself.
+        assert!(relay_request().args[1].contains("/dev/virtio-ports/org.runner.output.0"));
     }
 
     #[test]

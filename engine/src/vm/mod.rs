@@ -73,7 +73,12 @@ pub enum VmError {
     #[error("guest agent failed")]
     Agent(#[from] AgentError),
     #[error("the VM stopped while a command was running ({status}): {stderr}")]
-    Died { status: String, stderr: String },
+    Died {
+        status: String,
+        /// QEMU exited with status 0: the guest shut itself down (or panicked).
+        clean_exit: bool,
+        stderr: String,
+    },
 }
 
 /// The disk a VM boots from.
@@ -163,10 +168,16 @@ impl Vm {
                 }
             }
             // A state that fails once will fail again: drop it; the cold boot saves anew.
-            let _ = std::fs::remove_dir_all(state_dir);
+            state::discard(state_dir);
         }
         let mut vm = Vm::start(cfg, None).await?;
-        vm.start_kind = match (fallback, vm.save_state(state_dir).await) {
+        let saved = vm.save_state(state_dir).await;
+        if let Err(state::StateError::Resume(e)) = saved {
+            // The VM is paused and will not run on: this boot failed.
+            vm.kill().await;
+            return Err(VmError::Qmp(e));
+        }
+        vm.start_kind = match (fallback, saved) {
             (Some(reason), _) => StartKind::ColdFallback(reason),
             (None, Ok(())) => StartKind::ColdSaved,
             (None, Err(e)) => StartKind::ColdFallback(format!("cannot save the VM state: {e}")),
@@ -186,11 +197,14 @@ impl Vm {
             parent: cfg.state_dir.clone(),
             source,
         })?;
+        let mut pinned_state = None;
         let root = match (&cfg.disk, resume_from) {
             // Resuming: the disk must be exactly as it was when the state was saved.
             (DiskSource::Overlay(_), Some(saved)) => {
+                let pinned = state::pin(saved, dir.path())?;
                 let path = dir.join("overlay.qcow2");
-                overlay::create_overlay(&state::disk(saved), &path).await?;
+                overlay::create_overlay(&pinned.disk, &path).await?;
+                pinned_state = Some(pinned);
                 RootDisk {
                     path,
                     format: "qcow2",
@@ -241,14 +255,18 @@ impl Vm {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
             let mut qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
-            if let Some(saved) = resume_from {
-                state::restore(&mut qmp, saved).await?;
+            if let Some(pinned) = &pinned_state {
+                state::restore(&mut qmp, pinned).await?;
             }
             let output = wait_for_socket(&sockets.output).await?;
             let agent_stream = wait_for_socket(&sockets.agent).await?;
             let mut agent = AgentClient::new(agent_stream);
             agent.sync(boot_deadline).await?;
             let version = agent.version(AGENT_TIMEOUT).await?;
+            if resume_from.is_none() {
+                // A resumed VM has its relay already (it was saved with it).
+                start_output_relay(&mut agent).await?;
+            }
             Ok::<_, VmError>((qmp, output, agent, version))
         };
         let result = tokio::select! {
@@ -408,12 +426,14 @@ impl Vm {
     }
 
     async fn died(&mut self) -> VmError {
-        let status = match tokio::time::timeout(Duration::from_secs(2), self.process.wait()).await {
-            Ok(Ok(s)) => s.to_string(),
-            _ => "still running, output port closed".into(),
-        };
+        let (status, clean_exit) =
+            match tokio::time::timeout(Duration::from_secs(2), self.process.wait()).await {
+                Ok(Ok(s)) => (s.to_string(), s.success()),
+                _ => ("still running, output port closed".into(), false),
+            };
         VmError::Died {
             status,
+            clean_exit,
             stderr: self.process.stderr_tail(10),
         }
     }
@@ -445,6 +465,36 @@ impl Vm {
     pub async fn kill(mut self) {
         let _ = self.process.terminate(SIGTERM_GRACE).await;
     }
+}
+
+/// Starts the guest side of live output (see `exec::relay_request`).
+async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), VmError> {
+    let mkfifo = crate::agent::ExecRequest {
+        path: "/bin/sh".into(),
+        args: vec!["-c".into(), exec::MAKE_FIFO.into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+    };
+    let pid = agent.exec(&mkfifo, AGENT_TIMEOUT).await?;
+    let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+    let mut poll = exec::EXIT_POLL_START;
+    loop {
+        match agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
+            ExecStatus::Running if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(exec::STATUS_POLL);
+            }
+            ExecStatus::Exited(0) => break,
+            other => {
+                return Err(VmError::Agent(AgentError::Command {
+                    command: "create the output FIFO".into(),
+                    desc: format!("{other:?}"),
+                }))
+            }
+        }
+    }
+    // The relay runs for the VM's whole life; its status is never collected.
+    agent.exec(&exec::relay_request(), AGENT_TIMEOUT).await?;
+    Ok(())
 }
 
 /// Connects to a UNIX socket QEMU is about to create.

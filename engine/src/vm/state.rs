@@ -23,6 +23,10 @@ const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bumped when what a saved guest contains changes (e.g. processes started after boot), so
+/// that states saved by an older runner are not resumed; callers put it in the state's key.
+pub const FORMAT: u32 = 2;
+
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
 const META: &str = "meta.json";
@@ -41,6 +45,10 @@ pub enum StateError {
     },
     #[error("only VMs on an overlay can be saved")]
     NoOverlay,
+    #[error("the VM could not be resumed after saving it")]
+    Resume(#[source] QmpError),
+    #[error("the saved state changed while it was being read")]
+    Changed,
 }
 
 /// The saved disk of a state directory.
@@ -109,13 +117,21 @@ pub async fn save(qmp: &mut QmpClient, overlay: &Path, dir: &Path) -> Result<(),
         std::fs::copy(overlay, &saved_disk).map_err(io(&saved_disk))?;
         read_only(&saved_disk).map_err(io(&saved_disk))?;
         let meta = staging.path().join(META);
-        std::fs::write(&meta, json!({"format": 1}).to_string()).map_err(io(&meta))?;
+        let id = format!("{:016x}", rand::random::<u64>());
+        std::fs::write(&meta, json!({"format": FORMAT, "id": id}).to_string())
+            .map_err(io(&meta))?;
         Ok::<_, StateError>(())
     }
     .await;
-    let resumed = qmp.execute("cont", None, QMP_TIMEOUT).await;
+    if result.is_err() {
+        // A migration still running would keep the VM from resuming.
+        let _ = qmp.execute("migrate_cancel", None, QMP_TIMEOUT).await;
+    }
+    // The job goes on in this VM: it must run again whatever happened above.
+    qmp.execute("cont", None, QMP_TIMEOUT)
+        .await
+        .map_err(StateError::Resume)?;
     result?;
-    resumed?;
     let staged = staging.keep();
     if std::fs::rename(&staged, dir).is_err() {
         // Another job saved the same state first; theirs is as good as ours.
@@ -124,10 +140,49 @@ pub async fn save(qmp: &mut QmpClient, overlay: &Path, dir: &Path) -> Result<(),
     Ok(())
 }
 
-/// Loads the state in `dir` into a QEMU started with `-incoming defer`, and resumes it.
-pub async fn restore(qmp: &mut QmpClient, dir: &Path) -> Result<(), StateError> {
+/// The files of one saved state, pinned for one VM.
+#[derive(Debug, Clone)]
+pub struct PinnedState {
+    pub ram: PathBuf,
+    pub disk: PathBuf,
+}
+
+/// Hard-links the state's RAM and disk into `vm_dir`, so that the VM reads one consistent
+/// state even if another job replaces or discards `dir` meanwhile. (Where links are not
+/// possible, e.g. across filesystems, the state is used in place.)
+pub fn pin(dir: &Path, vm_dir: &Path) -> Result<PinnedState, StateError> {
+    let id = || std::fs::read_to_string(dir.join(META)).ok();
+    let before = id().ok_or(StateError::Changed)?;
+    let ram = vm_dir.join("state-ram.bin");
+    let disk = vm_dir.join("state-disk.qcow2");
+    let linked = std::fs::hard_link(dir.join(RAM), &ram)
+        .and_then(|_| std::fs::hard_link(dir.join(DISK), &disk));
+    if linked.is_err() {
+        let _ = std::fs::remove_file(&ram);
+        return Ok(PinnedState {
+            ram: dir.join(RAM),
+            disk: dir.join(DISK),
+        });
+    }
+    if id().as_ref() != Some(&before) {
+        return Err(StateError::Changed);
+    }
+    Ok(PinnedState { ram, disk })
+}
+
+/// Gives up on a state that failed: renamed away first, so a job already using it keeps its
+/// files and a job saving a new one can take the name at once.
+pub fn discard(dir: &Path) {
+    let tomb = dir.with_extension(format!("discarded-{:08x}", rand::random::<u32>()));
+    if std::fs::rename(dir, &tomb).is_ok() {
+        let _ = std::fs::remove_dir_all(&tomb);
+    }
+}
+
+/// Loads the state into a QEMU started with `-incoming defer`, and resumes it.
+pub async fn restore(qmp: &mut QmpClient, state: &PinnedState) -> Result<(), StateError> {
     enable_mapped_ram(qmp).await?;
-    let uri = format!("file:{}", dir.join(RAM).display());
+    let uri = format!("file:{}", state.ram.display());
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)
         .await?;
     wait_for_migration(qmp).await?;

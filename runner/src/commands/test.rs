@@ -142,10 +142,11 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
             return code;
         }
     };
-    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir());
+    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
+        + engine::image::store::sweep_leftovers(&settings.store);
     if swept > 0 {
         status.line(&format!(
-            "runner: removed {swept} VM directories left by an earlier run that was killed"
+            "runner: removed {swept} leftovers of earlier runs that were killed (VM directories, unfinished builds)"
         ));
     }
     let command_mode = !args.command.is_empty();

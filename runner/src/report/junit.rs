@@ -137,6 +137,20 @@ pub fn normalise_guest_xml(xml: &str, name: &str) -> String {
     xml.to_string()
 }
 
+/// Whether a guest report records failing tests, or is not a JUnit report at all.
+pub fn guest_report_failed(guest: &GuestReport) -> bool {
+    match Report::deserialize_from_str(&normalise_guest_xml(&guest.xml, &guest.path)) {
+        Ok(r) => r.test_suites.iter().any(|s| {
+            s.failures > 0
+                || s.errors > 0
+                || s.test_cases
+                    .iter()
+                    .any(|c| matches!(c.status, TestCaseStatus::NonSuccess { .. }))
+        }),
+        Err(_) => true,
+    }
+}
+
 /// Merges a guest report's testsuites into `report` under the suite × arch's name. A report
 /// that does not parse becomes a failing testcase in `cases`: the guest's fault, not ours.
 pub fn merge_guest_report(
@@ -391,6 +405,24 @@ mod tests {
             .to_string()
             .unwrap()
             .contains("bad.xml is not valid JUnit XML"));
+    }
+
+    #[test]
+    fn guest_failures_are_detected() {
+        // (xml, failed?)
+        let cases = [
+            ("<testsuite name=\"a\" tests=\"1\"><testcase name=\"x\"/></testsuite>", false),
+            ("<testsuite name=\"a\" tests=\"1\"><testcase name=\"x\"><failure/></testcase></testsuite>", true),
+            ("<testsuite name=\"a\" tests=\"1\"><testcase name=\"x\"><error/></testcase></testsuite>", true),
+            ("<!-- larger than the limit -->", true),
+        ];
+        for (xml, failed) in cases {
+            let g = GuestReport {
+                path: "r.xml".into(),
+                xml: xml.into(),
+            };
+            assert_eq!(guest_report_failed(&g), failed, "{xml}");
+        }
     }
 
     #[test]
