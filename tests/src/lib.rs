@@ -137,3 +137,31 @@ pub fn assert_nothing_left(cache: &Path) {
     let dirs = vm_dirs(cache);
     assert!(dirs.is_empty(), "VM directories left: {dirs:?}");
 }
+
+/// Starts `runner test --arch riscv64 -- sh -c 'echo MARK; sleep 600'` with `cache` and
+/// returns once MARK came out of the guest (a bounded wait: runner itself times out).
+pub fn spawn_until_output(cache: &Path, mark: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(runner_bin())
+        .args([
+            "test",
+            "--arch",
+            "riscv64",
+            "--timeout",
+            "5m",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("echo {mark}; sleep 600"))
+        .env("RUNNER_CACHE_DIR", cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn runner");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = lines.next().expect("a line of output").expect("utf-8");
+    assert_eq!(line, mark);
+    child
+}

@@ -1,13 +1,10 @@
 //! `runner test --arch ARCH -- CMD` against real VMs under QEMU: output, exit codes, timeouts,
 //! and nothing left behind.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    assert_nothing_left, private_cache, runner, runner_bin, runner_with_cache, workspace_root,
-};
+use e2e::{assert_nothing_left, private_cache, runner, runner_with_cache, workspace_root};
 
 #[test]
 fn riscv64_output_and_exit_code_pass_through() {
@@ -85,25 +82,8 @@ fn timeout_kills_the_vm_and_reports_an_error() {
 #[test]
 fn ctrl_c_stops_the_vm_and_exits_130() {
     let cache = private_cache();
-    let mut child = Command::new(runner_bin())
-        .args([
-            "test",
-            "--arch",
-            "riscv64",
-            "--",
-            "sh",
-            "-c",
-            "echo started; sleep 600",
-        ])
-        .env("RUNNER_CACHE_DIR", cache.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn runner");
-    // Wait (bounded) until the command runs in the guest, then interrupt.
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let line = lines.next().expect("a line of output").expect("utf-8");
-    assert_eq!(line, "started");
+    // Returns once the command runs in the guest.
+    let mut child = e2e::spawn_until_output(cache.path(), "started");
     let pid = child.id() as i32;
     assert_eq!(unsafe_free_kill(pid, "INT"), 0);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -229,23 +209,8 @@ fn cold_boot_flag_boots_the_kernel() {
 fn a_killed_runner_takes_its_vm_with_it() {
     // SIGKILL gives runner no chance to clean up; its QEMU must still not outlive it.
     let cache = private_cache();
-    let mut child = Command::new(runner_bin())
-        .args([
-            "test",
-            "--arch",
-            "riscv64",
-            "--",
-            "sh",
-            "-c",
-            "echo started; sleep 600",
-        ])
-        .env("RUNNER_CACHE_DIR", cache.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn runner");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("output").expect("utf-8"), "started");
+    // Returns once the command runs in the guest.
+    let mut child = e2e::spawn_until_output(cache.path(), "started");
     let fragment = cache.path().display().to_string();
     assert!(
         !e2e::qemu_processes_using(&fragment).is_empty(),

@@ -227,11 +227,26 @@ echo '<testsuite name="d" tests="1"><testcase name="t"/></testsuite>' > report.x
     )
     .unwrap();
     let junit = dir.path().join("junit.xml");
-    let r = runner(dir.path(), &["test", "--arch", "riscv64", "--junit", junit.to_str().unwrap()]);
+    let r = runner(
+        dir.path(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
     assert_eq!(r.code, 0, "{r}");
     assert!(r.stdout.contains("second-step-ran"), "{r}");
     let (xml, report) = read_junit(&junit);
-    assert!(report.test_suites.iter().any(|s| s.name.as_str() == "daemon (riscv64) / d"), "{xml}");
+    assert!(
+        report
+            .test_suites
+            .iter()
+            .any(|s| s.name.as_str() == "daemon (riscv64) / d"),
+        "{xml}"
+    );
 }
 
 #[test]
@@ -257,7 +272,18 @@ junit = ["r.xml"]
 #[test]
 fn a_guest_that_powers_off_mid_step_is_a_test_failure() {
     // Not an infrastructure error: the test did it (sysrq 'o' powers off at once).
-    let r = runner(&workspace_root(), &["test", "--arch", "riscv64", "--", "sh", "-c", "echo going; echo o > /proc/sysrq-trigger; sleep 30"]);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--",
+            "sh",
+            "-c",
+            "echo going; echo o > /proc/sysrq-trigger; sleep 30",
+        ],
+    );
     assert_eq!(r.code, 1, "{r}");
     assert!(r.stdout.contains("powered off"), "{r}");
 }

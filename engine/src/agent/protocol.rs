@@ -282,6 +282,26 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         })
     }
 
+    /// Polls `guest-exec-status` for `pid` (quickly at first, then every `max_poll`) until it
+    /// exits or `deadline` passes (then `Running` is returned).
+    pub async fn wait_exit(
+        &mut self,
+        pid: i64,
+        deadline: Instant,
+        max_poll: Duration,
+    ) -> Result<ExecStatus, AgentError> {
+        let mut poll = Duration::from_millis(5);
+        loop {
+            // Never cut this read short: the reply that reports the exit reaps the record.
+            let status = self.exec_status(pid, Duration::from_secs(30)).await?;
+            if status != ExecStatus::Running || Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+            poll = (poll * 2).min(max_poll);
+        }
+    }
+
     async fn file_open(
         &mut self,
         path: &str,

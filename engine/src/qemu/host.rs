@@ -80,33 +80,30 @@ pub async fn qemu_for(arch: Arch) -> Result<QemuBinary, HostError> {
     let path = which(binary).ok_or_else(|| HostError::QemuMissing {
         binary: binary.into(),
     })?;
-    let out = Command::new(&path)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| HostError::Run {
-            binary: binary.into(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = parse_version(&text).unwrap_or_else(|| "unknown".into());
+    // QEMU's stdout for one informational flag.
+    let ask = |flag: &'static str| {
+        let path = path.clone();
+        async move {
+            let out = Command::new(&path)
+                .arg(flag)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| HostError::Run {
+                    binary: binary.into(),
+                    source,
+                })?;
+            Ok::<_, HostError>(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let version = parse_version(&ask("--version").await?).unwrap_or_else(|| "unknown".into());
     if major(&version) < MIN_QEMU_MAJOR {
         return Err(HostError::QemuTooOld {
             binary: binary.into(),
             found: version,
         });
     }
-    let help = Command::new(&path)
-        .arg("-help")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| HostError::Run {
-            binary: binary.into(),
-            source,
-        })?;
-    let sandbox = String::from_utf8_lossy(&help.stdout).contains("-sandbox");
+    let sandbox = ask("-help").await?.contains("-sandbox");
     Ok(QemuBinary {
         path,
         version,

@@ -476,20 +476,13 @@ async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), V
     };
     let pid = agent.exec(&mkfifo, AGENT_TIMEOUT).await?;
     let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
-    let mut poll = exec::EXIT_POLL_START;
-    loop {
-        match agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
-            ExecStatus::Running if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(poll).await;
-                poll = (poll * 2).min(exec::STATUS_POLL);
-            }
-            ExecStatus::Exited(0) => break,
-            other => {
-                return Err(VmError::Agent(AgentError::Command {
-                    command: "create the output FIFO".into(),
-                    desc: format!("{other:?}"),
-                }))
-            }
+    match agent.wait_exit(pid, deadline, exec::STATUS_POLL).await? {
+        ExecStatus::Exited(0) => {}
+        other => {
+            return Err(VmError::Agent(AgentError::Command {
+                command: "create the output FIFO".into(),
+                desc: format!("{other:?}"),
+            }))
         }
     }
     // The relay runs for the VM's whole life; its status is never collected.

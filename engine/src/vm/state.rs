@@ -226,21 +226,15 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         Err(e) => return Err(e),
     }
     let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
-    let mut poll = Duration::from_millis(5);
-    loop {
-        match agent.exec_status(pid, AGENT_TIMEOUT).await? {
-            ExecStatus::Running if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(poll).await;
-                poll = (poll * 2).min(Duration::from_millis(50));
-            }
-            ExecStatus::Exited(0) => return Ok(()),
-            other => {
-                return Err(AgentError::Command {
-                    command: "reseed the guest RNG".into(),
-                    desc: format!("{other:?}"),
-                })
-            }
-        }
+    match agent
+        .wait_exit(pid, deadline, Duration::from_millis(50))
+        .await?
+    {
+        ExecStatus::Exited(0) => Ok(()),
+        other => Err(AgentError::Command {
+            command: "reseed the guest RNG".into(),
+            desc: format!("{other:?}"),
+        }),
     }
 }
 
