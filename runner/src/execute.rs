@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use engine::agent::AgentError;
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore};
-use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -16,24 +15,13 @@ use crate::events::{Event, GuestReport, Reporters, VmFacts};
 use crate::host;
 use crate::outcome::{InfraKind, Outcome};
 use crate::plan::{SuitePlan, GUEST_WORKSPACE};
+use crate::transfer;
 use crate::workspace;
 
 /// Deadline for the agent's first answer on a normal boot (TCG on a busy host included).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Output tail kept per step for reports.
 const STEP_TAIL_BYTES: usize = 64 * 1024;
-/// Largest guest JUnit file we read back.
-const MAX_GUEST_REPORT: usize = 16 << 20;
-/// How many guest JUnit files we read back, and how many bytes in all.
-const MAX_GUEST_REPORTS: usize = 200;
-const MAX_GUEST_REPORTS_TOTAL: usize = 64 << 20;
-/// Largest artifacts archive we read back.
-const MAX_ARTIFACTS: usize = 256 << 20;
-/// Timeout for the runner's own short commands in the guest (unpack, list files).
-const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(120);
-/// Where the workspace archive is staged in the guest.
-const GUEST_WORKSPACE_TAR: &str = "/tmp/runner-workspace.tar";
-const GUEST_ARTIFACTS_TAR: &str = "/tmp/runner-artifacts.tar";
 
 /// What every suite run shares.
 #[derive(Debug, Clone)]
@@ -45,19 +33,19 @@ pub struct RunSettings {
     pub saved_states: bool,
 }
 
-fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
+pub(crate) fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
     Outcome::InfraError {
         kind,
         message: message.into(),
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     engine::image::build::error_chain(e)
 }
 
 /// Classifies a VM failure. Boot problems are `Boot`; anything after boot is `Agent`.
-fn vm_error(e: &VmError, booted: bool) -> Outcome {
+pub(crate) fn vm_error(e: &VmError, booted: bool) -> Outcome {
     let kind = match e {
         VmError::Dir { .. } => InfraKind::Io,
         VmError::Spawn { .. } | VmError::Overlay(_) => InfraKind::Host,
@@ -340,7 +328,7 @@ async fn in_vm(
 ) -> Outcome {
     let id = plan.id.clone();
     if let Some(archive) = archive {
-        if let Err(o) = copy_in(vm, &archive).await {
+        if let Err(o) = transfer::copy_in(vm, &archive).await {
             return o;
         }
     }
@@ -430,7 +418,8 @@ async fn in_vm(
         return o;
     }
     // Results come back even when a step failed: that is when they matter most.
-    let results = collect_results(plan, vm, state).await;
+    let results =
+        transfer::collect_results(plan, vm, &mut state.reports, &mut state.artifacts).await;
     outcomes.push(results);
     Outcome::combine(&outcomes)
 }
@@ -451,175 +440,6 @@ fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
         ("RUNNER_SUITE".into(), plan.id.suite.clone()),
         ("RUNNER_WORKSPACE".into(), GUEST_WORKSPACE.into()),
     ]
-}
-
-/// A short command of the runner's own in the guest; its output is returned, not shown.
-async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String), Outcome> {
-    let mut out = TailBuffer::new(256 * 1024);
-    let env = [
-        (
-            "PATH".to_string(),
-            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
-        ("LANG".into(), "C.UTF-8".into()),
-    ];
-    let end = vm
-        .run(
-            &GuestCommand::Script(script.into()),
-            "/",
-            &env,
-            HOUSEKEEPING_TIMEOUT,
-            &mut |b: &[u8]| out.push(b),
-        )
-        .await
-        .map_err(|e| vm_error(&e, true))?;
-    Ok((end, out.text()))
-}
-
-async fn copy_in(vm: &mut Vm, archive: &[u8]) -> Result<(), Outcome> {
-    vm.write_file(GUEST_WORKSPACE_TAR, archive)
-        .await
-        .map_err(|e| vm_error(&e, true))?;
-    let script = format!("mkdir -p {GUEST_WORKSPACE} && tar -xf {GUEST_WORKSPACE_TAR} -C {GUEST_WORKSPACE} --no-same-owner && rm -f {GUEST_WORKSPACE_TAR}");
-    match housekeeping(vm, &script).await? {
-        (CommandEnd::Exited(0), _) => Ok(()),
-        (end, out) => Err(infra(
-            InfraKind::Agent,
-            format!(
-                "unpacking the workspace in the guest failed ({end:?}): {}",
-                out.trim()
-            ),
-        )),
-    }
-}
-
-/// Lists guest files matching `patterns` (relative to the workspace), one per line.
-async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String>, Outcome> {
-    if patterns.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Patterns are validated (relative, no `..`); quote everything but the glob characters.
-    let globs: Vec<String> = patterns.iter().map(|p| shell_glob(p)).collect();
-    let script = format!("cd {GUEST_WORKSPACE} || exit 0; for f in {}; do [ -f \"$f\" ] && printf '%s\\n' \"$f\"; done; exit 0", globs.join(" "));
-    let (end, out) = housekeeping(vm, &script).await?;
-    if end != CommandEnd::Exited(0) {
-        return Err(infra(
-            InfraKind::Agent,
-            format!("listing result files in the guest failed ({end:?})"),
-        ));
-    }
-    // Overlapping patterns list a file more than once; keep the first.
-    let mut seen = std::collections::HashSet::new();
-    Ok(out
-        .lines()
-        .filter(|l| !l.is_empty() && seen.insert(*l))
-        .map(str::to_string)
-        .collect())
-}
-
-/// Quotes a glob for sh, leaving `*`, `?` and `[...]` active.
-fn shell_glob(pattern: &str) -> String {
-    let mut s = String::new();
-    for c in pattern.chars() {
-        // Glob characters stay active; plain path characters need no quoting.
-        if !("*?[]/._-".contains(c) || c.is_ascii_alphanumeric()) {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s
-}
-
-async fn collect_results(plan: &SuitePlan, vm: &mut Vm, state: &mut SuiteState<'_>) -> Outcome {
-    let mut outcome = Outcome::Passed;
-    match list_guest_files(vm, &plan.junit).await {
-        Ok(files) => {
-            for path in files {
-                // Bounded in number and in total, not just per file.
-                let total: usize = state.reports.iter().map(|r| r.xml.len()).sum();
-                if state.reports.len() >= MAX_GUEST_REPORTS || total >= MAX_GUEST_REPORTS_TOTAL {
-                    state.reports.push(GuestReport {
-                        path,
-                        xml: format!("<!-- not read: more than {MAX_GUEST_REPORTS} reports or {} MiB in all -->", MAX_GUEST_REPORTS_TOTAL >> 20),
-                    });
-                    break;
-                }
-                let guest_path = format!("{GUEST_WORKSPACE}/{path}");
-                let limit = MAX_GUEST_REPORT.min(MAX_GUEST_REPORTS_TOTAL - total);
-                match vm.read_file(&guest_path, limit).await {
-                    Ok(bytes) => state.reports.push(GuestReport {
-                        path,
-                        xml: String::from_utf8_lossy(&bytes).into_owned(),
-                    }),
-                    // An unreadable or oversized report is the guest's doing: a test failure.
-                    Err(VmError::Agent(AgentError::Protocol { detail, .. }))
-                    | Err(VmError::Agent(AgentError::Command { desc: detail, .. })) => {
-                        state.reports.push(GuestReport {
-                            path: path.clone(),
-                            xml: format!("<!-- {detail} -->"),
-                        })
-                    }
-                    Err(e) => return vm_error(&e, true),
-                }
-            }
-        }
-        Err(o) => return o,
-    }
-    // Failing tests inside the guest's reports (or reports that are not JUnit) fail the suite,
-    // even when every step exited 0.
-    if state
-        .reports
-        .iter()
-        .any(crate::report::junit::guest_report_failed)
-    {
-        outcome = Outcome::Failed {
-            exit_code: None,
-            signal: None,
-        };
-    }
-    let files = match list_guest_files(vm, &plan.artifacts).await {
-        Ok(f) => f,
-        Err(o) => return o,
-    };
-    if !files.is_empty() {
-        let list = files
-            .iter()
-            .map(|f| shell_quote(f))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let script = format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}");
-        match housekeeping(vm, &script).await {
-            Ok((CommandEnd::Exited(0), _)) => {
-                match vm.read_file(GUEST_ARTIFACTS_TAR, MAX_ARTIFACTS).await {
-                    Ok(bytes) => match workspace::unpack(&bytes, &plan.out_dir) {
-                        Ok(paths) => state.artifacts = paths,
-                        Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
-                    },
-                    // Too large is the guest's doing (a failure); a broken agent is ours.
-                    Err(VmError::Agent(AgentError::Protocol { .. })) => {
-                        outcome = Outcome::Failed {
-                            exit_code: None,
-                            signal: None,
-                        }
-                    }
-                    Err(e) => outcome = vm_error(&e, true),
-                }
-            }
-            // tar failing on the guest's own files (unreadable, vanished) is a test failure.
-            Ok(_) => {
-                outcome = Outcome::Failed {
-                    exit_code: None,
-                    signal: None,
-                }
-            }
-            Err(o) => return o,
-        }
-    }
-    outcome
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Runs one `host_setup` command on the host, in the workspace, as a reported step.
@@ -678,20 +498,4 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
         output_tail: text,
     });
     outcome
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn globs_stay_globs_and_the_rest_is_quoted() {
-        assert_eq!(shell_glob("build/junit/*.xml"), "build/junit/*.xml");
-        assert_eq!(shell_glob("a b;$(x)"), "a\\ b\\;\\$\\(x\\)");
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-    }
 }

@@ -10,4 +10,5 @@ pub mod outcome;
 pub mod plan;
 pub mod report;
 pub mod suite;
+pub mod transfer;
 pub mod workspace;
