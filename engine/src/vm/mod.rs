@@ -136,8 +136,9 @@ pub struct Vm {
     pub boot_time: Duration,
     pub agent_version: String,
     pub start_kind: StartKind,
-    /// The overlay this VM writes to, when it has one.
+    /// The overlay this VM writes to, and the base image under it, when it has one.
     overlay: Option<PathBuf>,
+    base: Option<PathBuf>,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
@@ -188,7 +189,8 @@ impl Vm {
     /// Saves this VM's state (RAM, devices, disk) under `dir` for later jobs, then resumes it.
     async fn save_state(&mut self, dir: &Path) -> Result<(), state::StateError> {
         let overlay = self.overlay.clone().ok_or(state::StateError::NoOverlay)?;
-        state::save(&mut self.qmp, &overlay, dir).await
+        let base = self.base.clone().ok_or(state::StateError::NoOverlay)?;
+        state::save(&mut self.qmp, &overlay, &base, dir).await
     }
 
     async fn start(cfg: &VmConfig, resume_from: Option<&Path>) -> Result<Vm, VmError> {
@@ -315,6 +317,10 @@ impl Vm {
                 StartKind::Cold
             },
             overlay,
+            base: match &cfg.disk {
+                DiskSource::Overlay(base) => Some(base.clone()),
+                DiskSource::Direct { .. } => None,
+            },
             dir,
         })
     }

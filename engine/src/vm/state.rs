@@ -94,7 +94,12 @@ async fn wait_for_migration(qmp: &mut QmpClient) -> Result<(), StateError> {
 
 /// Saves the running VM (whose disk is `overlay`) to `dir`, then lets it run on. The VM is
 /// resumed on every path, so a failed save never costs the job.
-pub async fn save(qmp: &mut QmpClient, overlay: &Path, dir: &Path) -> Result<(), StateError> {
+pub async fn save(
+    qmp: &mut QmpClient,
+    overlay: &Path,
+    base: &Path,
+    dir: &Path,
+) -> Result<(), StateError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -118,8 +123,8 @@ pub async fn save(qmp: &mut QmpClient, overlay: &Path, dir: &Path) -> Result<(),
         read_only(&saved_disk).map_err(io(&saved_disk))?;
         let meta = staging.path().join(META);
         let id = format!("{:016x}", rand::random::<u64>());
-        std::fs::write(&meta, json!({"format": FORMAT, "id": id}).to_string())
-            .map_err(io(&meta))?;
+        let record = json!({"format": FORMAT, "id": id, "base": base});
+        std::fs::write(&meta, record.to_string()).map_err(io(&meta))?;
         Ok::<_, StateError>(())
     }
     .await;
@@ -168,6 +173,34 @@ pub fn pin(dir: &Path, vm_dir: &Path) -> Result<PinnedState, StateError> {
         return Err(StateError::Changed);
     }
     Ok(PinnedState { ram, disk })
+}
+
+/// Removes saved states that can never be resumed again: written by another state format, or
+/// for a base image that is gone (rebuilt or deleted). Returns how many were removed.
+pub fn prune(states_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(states_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let dir = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.contains(".discarded-") || !dir.is_dir() {
+            continue; // saves in progress and discards are the sweep's business
+        }
+        let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join(META))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let usable = meta.is_some_and(|m| {
+            m["format"].as_u64() == Some(u64::from(FORMAT))
+                && m["base"].as_str().is_some_and(|b| Path::new(b).is_file())
+        });
+        if !usable {
+            discard(&dir);
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Gives up on a state that failed: renamed away first, so a job already using it keeps its
@@ -246,6 +279,46 @@ fn read_only(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_only_resumable_states() {
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("rootfs.qcow2");
+        std::fs::write(&base, "disk").unwrap();
+        // (state name, meta.json, kept?)
+        let cases = [
+            (
+                "good",
+                json!({"format": FORMAT, "base": base}).to_string(),
+                true,
+            ),
+            (
+                "old-format",
+                json!({"format": 1, "base": base}).to_string(),
+                false,
+            ),
+            (
+                "image-gone",
+                json!({"format": FORMAT, "base": "/nonexistent/rootfs.qcow2"}).to_string(),
+                false,
+            ),
+            ("no-meta", String::new(), false),
+        ];
+        for (name, meta, _) in &cases {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            if !meta.is_empty() {
+                std::fs::write(d.join(META), meta).unwrap();
+            }
+        }
+        // A save in progress is left alone.
+        std::fs::create_dir(root.path().join(".saving-x")).unwrap();
+        assert_eq!(prune(root.path()), 3);
+        for (name, _, kept) in cases {
+            assert_eq!(root.path().join(name).exists(), kept, "{name}");
+        }
+        assert!(root.path().join(".saving-x").exists());
+    }
 
     #[test]
     fn completeness_needs_all_three_files() {

@@ -143,10 +143,11 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
         }
     };
     let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
-        + engine::image::store::sweep_leftovers(&settings.store);
+        + engine::image::store::sweep_leftovers(&settings.store)
+        + engine::vm::state::prune(&settings.store.states_dir());
     if swept > 0 {
         status.line(&format!(
-            "runner: removed {swept} leftovers of earlier runs that were killed (VM directories, unfinished builds)"
+            "runner: removed {swept} leftovers of earlier runs (VM directories, unfinished builds, stale saved states)"
         ));
     }
     let command_mode = !args.command.is_empty();
