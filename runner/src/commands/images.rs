@@ -58,8 +58,13 @@ async fn build(
             .await;
             spinner.finish_and_clear();
             image
-        }
-        .await;
+        };
+        // Ctrl-C / SIGTERM drop the build: its staging directory, its tool process groups and
+        // its bake VM all go with it (a plain exit would leave mmdebstrap running).
+        let result = tokio::select! {
+            r = result => r,
+            _ = crate::commands::test::interrupted() => Err(Outcome::Cancelled),
+        };
         match result {
             Ok(image) => status.line(&format!(
                 "{arch}: {} ready ({} packages, kernel {}) in {}",
@@ -71,6 +76,9 @@ async fn build(
             Err(outcome) => {
                 status.error(&outcome_message(&outcome));
                 code = outcome.exit_code();
+                if outcome == Outcome::Cancelled {
+                    break;
+                }
             }
         }
     }

@@ -119,16 +119,21 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
     plan::plan_suites(&file, &args.suites, &arches, &ov).map_err(config)
 }
 
+/// Resolves on the first Ctrl-C or SIGTERM.
+pub async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Cancels the run on Ctrl-C or SIGTERM.
 fn cancel_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        interrupted().await;
         let _ = tx.send(true);
     });
     rx
