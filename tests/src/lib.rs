@@ -89,8 +89,16 @@ pub fn runner_with_cache(cwd: &Path, args: &[&str], cache: &Path) -> Run {
     Run::from(out)
 }
 
-/// PIDs of QEMU processes whose command line names `vm_dir_fragment`.
+/// QEMU processes whose command line contains `fragment`.
 pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
+    processes_using(fragment)
+        .into_iter()
+        .filter(|p| p.contains("qemu-system"))
+        .collect()
+}
+
+/// Live processes (not zombies) whose command line contains `fragment`, as "PID: cmdline".
+pub fn processes_using(fragment: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -99,7 +107,8 @@ pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
         .filter_map(|e| {
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (text.contains("qemu-system") && text.contains(fragment))
+            // A zombie's cmdline is empty, so it never matches.
+            text.contains(fragment)
                 .then(|| format!("{}: {text}", e.file_name().to_string_lossy()))
         })
         .collect()

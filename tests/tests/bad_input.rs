@@ -238,3 +238,69 @@ fn a_guest_that_never_boots_fails_fast_with_its_console() {
     );
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn interrupting_an_image_build_leaves_nothing_running_or_half_built() {
+    // A fresh cache, so a real build starts (it needs the Debian mirror, as CI has).
+    let cache = tempfile::tempdir().unwrap();
+    let fragment = cache.path().display().to_string();
+    let mut child = Command::new(e2e::runner_bin())
+        .args(["images", "build", "--arch", "riscv64"])
+        .env("RUNNER_CACHE_DIR", cache.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the build's own tools run, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !e2e::processes_using(&fragment)
+        .iter()
+        .any(|p| p.contains("mmdebstrap"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mmdebstrap never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "runner exited before building"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runner did not stop within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(130));
+    // SIGKILLed processes take a moment to die.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left = e2e::processes_using(&fragment);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let staging: Vec<_> = std::fs::read_dir(cache.path().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".staging-"))
+        .collect();
+    assert!(staging.is_empty(), "half-built image left: {staging:?}");
+}
