@@ -6,19 +6,18 @@ use std::time::{Duration, Instant};
 
 use e2e::{assert_nothing_left, private_cache, runner, runner_with_cache, workspace_root};
 
+/// `runner test --arch ARCH -- CMD...` from the workspace root, with the shared cache.
+fn in_guest(arch: &str, cmd: &[&str]) -> e2e::Run {
+    let mut args = vec!["test", "--arch", arch, "--"];
+    args.extend_from_slice(cmd);
+    runner(&workspace_root(), &args)
+}
+
 #[test]
 fn riscv64_output_and_exit_code_pass_through() {
-    let r = runner(
-        &workspace_root(),
-        &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--",
-            "sh",
-            "-c",
-            "echo hello from $(uname -m); exit 7",
-        ],
+    let r = in_guest(
+        "riscv64",
+        &["sh", "-c", "echo hello from $(uname -m); exit 7"],
     );
     assert_eq!(r.code, 7, "{r}");
     assert!(r.stdout.contains("hello from riscv64"), "{r}");
@@ -26,20 +25,14 @@ fn riscv64_output_and_exit_code_pass_through() {
 
 #[test]
 fn aarch64_uname_m() {
-    let r = runner(
-        &workspace_root(),
-        &["test", "--arch", "aarch64", "--", "uname", "-m"],
-    );
+    let r = in_guest("aarch64", &["uname", "-m"]);
     assert_eq!(r.code, 0, "{r}");
     assert_eq!(r.stdout.trim(), "aarch64", "{r}");
 }
 
 #[test]
 fn x86_64_uname_m_and_kvm_fallback_is_explained() {
-    let r = runner(
-        &workspace_root(),
-        &["test", "--arch", "x86_64", "--", "uname", "-m"],
-    );
+    let r = in_guest("x86_64", &["uname", "-m"]);
     assert_eq!(r.code, 0, "{r}");
     assert_eq!(r.stdout.trim(), "x86_64", "{r}");
     // A host whose KVM cannot run guests (like our CI machines) must fall back to TCG and
@@ -113,10 +106,7 @@ fn unsafe_free_kill(pid: i32, sig: &str) -> i32 {
 
 #[test]
 fn command_not_found_in_the_guest() {
-    let r = runner(
-        &workspace_root(),
-        &["test", "--arch", "riscv64", "--", "no-such-command-xyz"],
-    );
+    let r = in_guest("riscv64", &["no-such-command-xyz"]);
     assert_eq!(r.code, 127, "{r}");
     assert!(
         r.stderr.contains("no-such-command-xyz") && r.stderr.contains("not found"),
@@ -126,18 +116,7 @@ fn command_not_found_in_the_guest() {
 
 #[test]
 fn signals_are_failures_not_success() {
-    let r = runner(
-        &workspace_root(),
-        &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--",
-            "sh",
-            "-c",
-            "kill -KILL $$",
-        ],
-    );
+    let r = in_guest("riscv64", &["sh", "-c", "kill -KILL $$"]);
     // sh reports a child killed by SIGKILL as 137 (128 + 9): never 0.
     assert_eq!(r.code, 137, "{r}");
 }
@@ -159,12 +138,7 @@ fn resumed_vms_get_the_hosts_clock_and_their_own_randomness() {
     // Jobs resumed from one saved state must not share RNG output or a stale clock.
     let script = "date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     let runs: Vec<_> = (0..2)
-        .map(|_| {
-            runner(
-                &workspace_root(),
-                &["test", "--arch", "riscv64", "--", "sh", "-c", script],
-            )
-        })
+        .map(|_| in_guest("riscv64", &["sh", "-c", script]))
         .collect();
     let host_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

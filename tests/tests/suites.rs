@@ -13,6 +13,20 @@ fn read_junit(path: &Path) -> (String, Report) {
     (xml, report)
 }
 
+/// `runner test --arch riscv64 --junit JUNIT` in `dir`.
+fn test_riscv64_with_junit(dir: &Path, junit: &Path) -> e2e::Run {
+    runner(
+        dir,
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    )
+}
+
 /// Copies an example into a temp dir so runs do not write into the repository.
 fn example(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -30,16 +44,7 @@ fn example(name: &str) -> tempfile::TempDir {
 fn shell_example_passes_with_junit_and_artifacts() {
     let dir = example("shell-suite");
     let junit = dir.path().join("out/junit.xml");
-    let r = runner(
-        dir.path(),
-        &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--junit",
-            junit.to_str().unwrap(),
-        ],
-    );
+    let r = test_riscv64_with_junit(dir.path(), &junit);
     assert_eq!(r.code, 0, "{r}");
     // Live output of both steps, and the summary.
     assert!(r.stdout.contains("arch: riscv64"), "{r}");
@@ -68,16 +73,7 @@ fn shell_example_passes_with_junit_and_artifacts() {
 fn c_example_cross_compiles_on_the_host_and_tests_in_the_guest() {
     let dir = example("c-project");
     let junit = dir.path().join("junit.xml");
-    let r = runner(
-        dir.path(),
-        &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--junit",
-            junit.to_str().unwrap(),
-        ],
-    );
+    let r = test_riscv64_with_junit(dir.path(), &junit);
     assert_eq!(r.code, 0, "{r}");
     let (xml, report) = read_junit(&junit);
     assert!(report.tests >= 3, "{xml}");
@@ -227,16 +223,7 @@ echo '<testsuite name="d" tests="1"><testcase name="t"/></testsuite>' > report.x
     )
     .unwrap();
     let junit = dir.path().join("junit.xml");
-    let r = runner(
-        dir.path(),
-        &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--junit",
-            junit.to_str().unwrap(),
-        ],
-    );
+    let r = test_riscv64_with_junit(dir.path(), &junit);
     assert_eq!(r.code, 0, "{r}");
     assert!(r.stdout.contains("second-step-ran"), "{r}");
     let (xml, report) = read_junit(&junit);
