@@ -201,3 +201,29 @@ fn a_killed_runner_takes_its_vm_with_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn resumed_guests_keep_their_timers_on_every_arch() {
+    // Regression: riscv64 guests resumed from a saved state never woke from sleep (QEMU did
+    // not re-arm the Sstc timer). The second run of each arch is certainly a resumed one.
+    for arch in ["riscv64", "aarch64", "x86_64"] {
+        for _ in 0..2 {
+            let r = runner(
+                &workspace_root(),
+                &[
+                    "test",
+                    "--arch",
+                    arch,
+                    "--timeout",
+                    "60s",
+                    "--",
+                    "sh",
+                    "-c",
+                    "sleep 1; echo slept",
+                ],
+            );
+            assert_eq!(r.code, 0, "{arch}: {r}");
+            assert_eq!(r.stdout.trim(), "slept", "{arch}: {r}");
+        }
+    }
+}

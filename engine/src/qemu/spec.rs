@@ -76,8 +76,11 @@ pub fn machine(arch: Arch) -> &'static str {
 pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
     match (arch, accel) {
         (_, Accel::Kvm) => "host",
-        // The default rv64 model has the extensions Debian's trixie userland targets.
-        (Arch::Riscv64, Accel::Tcg) => "rv64",
+        // The default rv64 model has the extensions Debian's trixie userland targets, minus
+        // Sstc: with it the kernel programs stimecmp directly, and QEMU 10 does not re-arm
+        // that timer after loading a saved VM, so a resumed guest's sleeps never end. Without
+        // it the kernel uses the SBI timer, which survives migration.
+        (Arch::Riscv64, Accel::Tcg) => "rv64,sstc=off",
         // `max` alone emulates the QARMA5 pointer-authentication cipher, which is very slow
         // under TCG; the implementation-defined algorithm is cheap and just as correct.
         (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
@@ -111,7 +114,8 @@ fn push_kv(argv: &mut Vec<OsString>, flag: &str, value: String) {
     argv.push(value.into());
 }
 
-/// The full argument vector (without the binary) for `spec`.
+/// The full argument vector (without the binary) for `spec`. Saved VM states only fit the
+/// exact command line they were saved from: a change here must bump `vm::state::FORMAT`.
 pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     let mut a = Vec::new();
     push(&mut a, &["-nodefaults", "-no-user-config", "-no-reboot"]);
@@ -238,7 +242,13 @@ mod tests {
     fn machine_cpu_and_console_per_arch() {
         // (arch, accel, machine, cpu, console)
         let cases = [
-            (Arch::Riscv64, Accel::Tcg, "virt", "rv64", "console=ttyS0"),
+            (
+                Arch::Riscv64,
+                Accel::Tcg,
+                "virt",
+                "rv64,sstc=off",
+                "console=ttyS0",
+            ),
             (
                 Arch::Aarch64,
                 Accel::Tcg,

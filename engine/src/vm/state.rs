@@ -23,9 +23,10 @@ const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bumped when what a saved guest contains changes (e.g. processes started after boot), so
-/// that states saved by an older runner are not resumed; callers put it in the state's key.
-pub const FORMAT: u32 = 2;
+/// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
+/// relay; 3: riscv64 without Sstc), so that states saved by an older runner are not resumed;
+/// callers put it in the state's key.
+pub const FORMAT: u32 = 3;
 
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
