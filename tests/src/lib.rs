@@ -79,15 +79,55 @@ pub fn runner(cwd: &Path, args: &[&str]) -> Run {
 }
 
 /// Runs `runner ARGS` in `cwd` with the given cache dir.
+///
+/// A watchdog bounds every run: a hang fails the test after [`RUN_DEADLINE`] (with what was
+/// printed so far) instead of holding CI until some default timeout.
 pub fn runner_with_cache(cwd: &Path, args: &[&str], cache: &Path) -> Run {
-    let out = Command::new(runner_bin())
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(runner_bin())
         .args(args)
         .current_dir(cwd)
         .env("RUNNER_CACHE_DIR", cache)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run runner");
-    Run::from(out)
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let run = Run::from(Output {
+                status: std::process::ExitStatus::default(),
+                stdout: out.join().unwrap_or_default(),
+                stderr: err.join().unwrap_or_default(),
+            });
+            panic!("runner {args:?} hung for {RUN_DEADLINE:?}:\n{run}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Run::from(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
+
+/// Longest any single `runner` invocation in the tests may take (an image build included).
+pub const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// QEMU processes whose command line contains `fragment`.
 pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
