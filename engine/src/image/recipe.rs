@@ -71,8 +71,6 @@ pub struct Recipe {
     pub packages: Vec<String>,
     /// Where it came from ("built-in" or a path), for messages.
     pub origin: String,
-    /// The recipe text, hashed to name the built image.
-    text: String,
 }
 
 impl Recipe {
@@ -133,7 +131,6 @@ impl Recipe {
             disk_size_bytes,
             packages: raw.packages,
             origin: origin.into(),
-            text: text.into(),
         })
     }
 
@@ -174,7 +171,6 @@ impl Recipe {
             h.update(b"\n");
         }
         h.update(init_script);
-        let _ = &self.text;
         hex(&h.finalize())[..16].to_string()
     }
 
