@@ -77,9 +77,9 @@ pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
     match (arch, accel) {
         (_, Accel::Kvm) => "host",
         // The default rv64 model has the extensions Debian's trixie userland targets, minus
-        // Sstc: with it the kernel programs stimecmp directly, and QEMU 10 does not re-arm
-        // that timer after loading a saved VM, so a resumed guest's sleeps never end. Without
-        // it the kernel uses the SBI timer, which survives migration.
+        // Sstc: with it, guests resumed from a saved state never wake from sleep (QEMU 10
+        // seemingly does not re-arm the stimecmp timer after loading one). Without it the
+        // kernel uses the SBI timer, which survives. tests/commands.rs checks this.
         (Arch::Riscv64, Accel::Tcg) => "rv64,sstc=off",
         // `max` alone emulates the QARMA5 pointer-authentication cipher, which is very slow
         // under TCG; the implementation-defined algorithm is cheap and just as correct.
