@@ -22,6 +22,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the post-resume reseed-and-sleep may take before the state counts as broken.
+const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
 /// relay; 3: riscv64 without Sstc), so that states saved by an older runner are not resumed;
@@ -238,7 +240,7 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         args: vec![
             "-e".into(),
             "open(my $f, '>', '/dev/urandom') or die $!; syswrite($f, pack('H*', $ARGV[0])) or die $!; \
-             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\";"
+             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; select(undef, undef, undef, 0.02);"
                 .into(),
             hex,
         ],
@@ -259,12 +261,21 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
         Err(e) => return Err(e),
     }
-    let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+    // The process ends with a 20 ms sleep: some saved riscv64 states resume with timers that
+    // never fire (every sleep hangs), and such a VM is useless. Not ending in time is how we
+    // notice; the caller then discards the state and boots cold.
+    let deadline = tokio::time::Instant::now() + RESUME_CHECK_TIMEOUT;
     match agent
         .wait_exit(pid, deadline, Duration::from_millis(50))
         .await?
     {
         ExecStatus::Exited(0) => Ok(()),
+        ExecStatus::Running => Err(AgentError::Command {
+            command: "check the resumed guest".into(),
+            desc: format!(
+                "a 20 ms sleep did not end within {RESUME_CHECK_TIMEOUT:?}: its timers do not fire"
+            ),
+        }),
         other => Err(AgentError::Command {
             command: "reseed the guest RNG".into(),
             desc: format!("{other:?}"),
