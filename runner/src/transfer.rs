@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use engine::agent::AgentError;
-use engine::bounded::TailBuffer;
-use engine::vm::{CommandEnd, GuestCommand, Vm, VmError};
+use engine::vm::{CommandEnd, Vm, VmError};
 
 use crate::events::GuestReport;
 use crate::execute::{chain, infra, vm_error};
@@ -30,7 +29,6 @@ const GUEST_ARTIFACTS_TAR: &str = "/tmp/runner-artifacts.tar";
 
 /// A short command of the runner's own in the guest; its output is returned, not shown.
 async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String), Outcome> {
-    let mut out = TailBuffer::new(256 * 1024);
     let env = [
         (
             "PATH".to_string(),
@@ -38,17 +36,9 @@ async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String),
         ),
         ("LANG".into(), "C.UTF-8".into()),
     ];
-    let end = vm
-        .run(
-            &GuestCommand::Script(script.into()),
-            "/",
-            &env,
-            HOUSEKEEPING_TIMEOUT,
-            &mut |b: &[u8]| out.push(b),
-        )
+    vm.run_script(script, &env, HOUSEKEEPING_TIMEOUT, 256 * 1024)
         .await
-        .map_err(|e| vm_error(&e, true))?;
-    Ok((end, out.text()))
+        .map_err(|e| vm_error(&e, true))
 }
 
 pub(crate) async fn copy_in(vm: &mut Vm, archive: &[u8]) -> Result<(), Outcome> {

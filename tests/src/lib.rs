@@ -78,6 +78,13 @@ pub fn runner(cwd: &Path, args: &[&str]) -> Run {
     runner_with_cache(cwd, args, &cache_dir())
 }
 
+/// `runner test --arch ARCH -- CMD...` from the workspace root, with the shared cache.
+pub fn in_guest(arch: &str, cmd: &[&str]) -> Run {
+    let mut args = vec!["test", "--arch", arch, "--"];
+    args.extend_from_slice(cmd);
+    runner(&workspace_root(), &args)
+}
+
 /// Runs `runner ARGS` in `cwd` with the given cache dir.
 ///
 /// A watchdog bounds every run: a hang fails the test after [`RUN_DEADLINE`] (with what was

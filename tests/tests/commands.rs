@@ -4,14 +4,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::{assert_nothing_left, private_cache, runner, runner_with_cache, workspace_root};
-
-/// `runner test --arch ARCH -- CMD...` from the workspace root, with the shared cache.
-fn in_guest(arch: &str, cmd: &[&str]) -> e2e::Run {
-    let mut args = vec!["test", "--arch", arch, "--"];
-    args.extend_from_slice(cmd);
-    runner(&workspace_root(), &args)
-}
+use e2e::{
+    assert_nothing_left, in_guest, private_cache, runner, runner_with_cache, workspace_root,
+};
 
 #[test]
 fn riscv64_output_and_exit_code_pass_through() {

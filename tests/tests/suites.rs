@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use e2e::{assert_nothing_left, private_cache, runner, runner_with_cache, workspace_root};
+use e2e::{
+    assert_nothing_left, in_guest, private_cache, runner, runner_with_cache, workspace_root,
+};
 use quick_junit::Report;
 
 fn read_junit(path: &Path) -> (String, Report) {
@@ -259,13 +261,9 @@ junit = ["r.xml"]
 #[test]
 fn a_guest_that_powers_off_mid_step_is_a_test_failure() {
     // Not an infrastructure error: the test did it (sysrq 'o' powers off at once).
-    let r = runner(
-        &workspace_root(),
+    let r = in_guest(
+        "riscv64",
         &[
-            "test",
-            "--arch",
-            "riscv64",
-            "--",
             "sh",
             "-c",
             "echo going; echo o > /proc/sysrq-trigger; sleep 30",

@@ -20,7 +20,7 @@ use crate::image::store::{self, Artifact, BaseImage, ImageStore, Manifest};
 use crate::image::ImageError;
 use crate::qemu::host::QemuBinary;
 use crate::qemu::spec::Accel;
-use crate::vm::{CommandEnd, DiskSource, GuestCommand, Vm, VmConfig};
+use crate::vm::{CommandEnd, DiskSource, Vm, VmConfig};
 
 /// How long the bake VM may take to boot (first boot of a fresh disk).
 const BAKE_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -388,35 +388,28 @@ async fn bake(
         "PATH".to_string(),
         "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
     )];
-    let mut log = crate::bounded::TailBuffer::new(16 * 1024);
-    let end = vm
-        .run(
-            &GuestCommand::Script(BAKE_SCRIPT.into()),
-            "/",
-            &env,
-            BAKE_TIMEOUT,
-            &mut |b: &[u8]| log.push(b),
-        )
+    let (end, log) = vm
+        .run_script(BAKE_SCRIPT, &env, BAKE_TIMEOUT, 16 * 1024)
         .await
         .map_err(|e| bake_err(error_chain(&e)))?;
     if end != CommandEnd::Exited(0) {
         vm.kill().await;
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(bake_err(format!(
             "{end:?}; last output:\n{}",
-            log.last_lines(20)
+            tail.join("\n")
         )));
     }
     // Make the filesystem clean before QEMU goes away: freezing ext4 commits the journal
     // and clears its needs-recovery flag, so job VMs mount it without a replay. (A
     // read-only remount is refused while qemu-ga and tini hold files open.)
-    let mut out = crate::bounded::TailBuffer::new(4096);
-    let freeze = vm
-        .run(
-            &GuestCommand::Script("sync; fsfreeze --freeze /".into()),
-            "/",
+    let (freeze, out) = vm
+        .run_script(
+            "sync; fsfreeze --freeze /",
             &env,
             Duration::from_secs(60),
-            &mut |b: &[u8]| out.push(b),
+            4096,
         )
         .await
         .map_err(|e| bake_err(error_chain(&e)))?;
@@ -424,7 +417,7 @@ async fn bake(
         vm.kill().await;
         return Err(bake_err(format!(
             "could not freeze the root filesystem ({freeze:?}): {}",
-            out.text().trim()
+            out.trim()
         )));
     }
     vm.shutdown().await.map_err(|e| bake_err(error_chain(&e)))

@@ -421,6 +421,23 @@ impl Vm {
         }
     }
 
+    /// Runs a shell script of the caller's own (not a user's step) in `/` with `env`, and
+    /// returns how it ended with the last `keep` bytes of its output.
+    pub async fn run_script(
+        &mut self,
+        script: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        keep: usize,
+    ) -> Result<(CommandEnd, String), VmError> {
+        let mut out = crate::bounded::TailBuffer::new(keep);
+        let cmd = GuestCommand::Script(script.into());
+        let end = self
+            .run(&cmd, "/", env, timeout, &mut |b: &[u8]| out.push(b))
+            .await?;
+        Ok((end, out.text()))
+    }
+
     async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
         Ok(
             match self.agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
