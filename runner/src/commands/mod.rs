@@ -2,4 +2,5 @@
 
 pub mod doctor;
 pub mod images;
+pub mod serve;
 pub mod test;
