@@ -13,6 +13,7 @@ pub mod outcome;
 pub mod plan;
 pub mod report;
 pub mod serve;
+pub mod sources;
 pub mod suite;
 pub mod transfer;
 pub mod workspace;
