@@ -436,6 +436,10 @@ const CONCLUSIONS: [&str; 7] = [
     "action_required",
 ];
 
+fn non_empty(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_str).is_some_and(|s| !s.is_empty())
+}
+
 /// Checks a create or update body the way GitHub validates it.
 fn body_problems(body: &Value, create: bool) -> Vec<String> {
     let mut p = Vec::new();
@@ -444,11 +448,7 @@ fn body_problems(body: &Value, create: bool) -> Vec<String> {
     };
     if create {
         for k in ["name", "head_sha"] {
-            if !obj
-                .get(k)
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-            {
+            if !non_empty(obj.get(k)) {
                 p.push(format!("'{k}' is required on create"));
             }
         }
@@ -470,11 +470,7 @@ fn body_problems(body: &Value, create: bool) -> Vec<String> {
     }
     if let Some(out) = obj.get("output") {
         for k in ["title", "summary"] {
-            if !out
-                .get(k)
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-            {
+            if !non_empty(out.get(k)) {
                 p.push(format!("output.{k} is required with output"));
             }
         }
