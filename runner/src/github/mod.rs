@@ -16,6 +16,7 @@ pub mod report;
 pub mod reporter;
 pub mod retry;
 pub mod service;
+pub mod summary;
 pub mod webhook;
 
 use std::sync::Arc;

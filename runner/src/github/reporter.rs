@@ -23,37 +23,32 @@ pub enum Milestone {
     Finished(Box<RunRecord>),
 }
 
-/// Collects a run's results and hands milestones to [`publish`].
+/// Collects what a report of one run needs from the event stream: its steps and a bounded
+/// tail of its output. Shared by the check-run reporter and `runner test --summary`.
 #[derive(Debug)]
-pub struct CheckRunReporter {
-    tx: mpsc::UnboundedSender<Milestone>,
+pub struct RunCollector {
     steps: Vec<StepRecord>,
     log: TailBuffer,
 }
 
-impl CheckRunReporter {
-    pub fn new() -> (CheckRunReporter, mpsc::UnboundedReceiver<Milestone>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            CheckRunReporter {
-                tx,
-                steps: Vec::new(),
-                log: TailBuffer::new(LOG_TAIL_BYTES),
-            },
-            rx,
-        )
+impl Default for RunCollector {
+    fn default() -> Self {
+        RunCollector {
+            steps: Vec::new(),
+            log: TailBuffer::new(LOG_TAIL_BYTES),
+        }
     }
 }
 
-impl Reporter for CheckRunReporter {
-    fn on_event(&mut self, event: &Event) {
-        // A closed channel means the publisher is gone (shutdown); nothing left to tell.
+impl RunCollector {
+    /// Takes in one event; returns a milestone when one was reached.
+    pub fn on_event(&mut self, event: &Event) -> Option<Milestone> {
         match event {
             Event::VmBooted { facts, .. } => {
-                let _ = self.tx.send(Milestone::Booted {
+                return Some(Milestone::Booted {
                     at: SystemTime::now(),
                     vm_id: facts.vm_id.clone(),
-                });
+                })
             }
             Event::StepStarted { step, .. } => {
                 self.log.push(format!("\n--- step {step}\n").as_bytes());
@@ -80,7 +75,7 @@ impl Reporter for CheckRunReporter {
                 reports,
                 ..
             } => {
-                let _ = self.tx.send(Milestone::Finished(Box::new(RunRecord {
+                let run = RunRecord {
                     id: id.clone(),
                     outcome: outcome.clone(),
                     duration: *duration,
@@ -88,9 +83,41 @@ impl Reporter for CheckRunReporter {
                     steps: std::mem::take(&mut self.steps),
                     reports: reports.clone(),
                     log_tail: self.log.text(),
-                })));
+                };
+                self.log = TailBuffer::new(LOG_TAIL_BYTES);
+                return Some(Milestone::Finished(Box::new(run)));
             }
             Event::SuiteStarted { .. } | Event::ImageProgress { .. } | Event::VmBooting { .. } => {}
+        }
+        None
+    }
+}
+
+/// Collects a run's results and hands milestones to [`publish`].
+#[derive(Debug)]
+pub struct CheckRunReporter {
+    tx: mpsc::UnboundedSender<Milestone>,
+    collector: RunCollector,
+}
+
+impl CheckRunReporter {
+    pub fn new() -> (CheckRunReporter, mpsc::UnboundedReceiver<Milestone>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            CheckRunReporter {
+                tx,
+                collector: RunCollector::default(),
+            },
+            rx,
+        )
+    }
+}
+
+impl Reporter for CheckRunReporter {
+    fn on_event(&mut self, event: &Event) {
+        if let Some(m) = self.collector.on_event(event) {
+            // A closed channel means the publisher is gone (shutdown); nothing left to tell.
+            let _ = self.tx.send(m);
         }
     }
 }
