@@ -189,14 +189,22 @@ arch = ["riscv64"]
         )
     }
 
-    /// Sends `signal` and waits for the process to exit; returns its exit code.
-    fn stop(mut self, signal: &str) -> (i32, String) {
+    fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .unwrap()
             .success();
         assert!(ok);
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its exit code.
+    fn stop(self, signal: &str) -> (i32, String) {
+        self.signal(signal);
+        self.wait_exit(signal)
+    }
+
+    fn wait_exit(mut self, signal: &str) -> (i32, String) {
         let deadline = Instant::now() + PROCESS_DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -278,6 +286,31 @@ fn git_repo(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
     }
     let sha = git(&["rev-parse", "HEAD"]).trim().to_string();
     (dir, sha)
+}
+
+/// Adds a commit with `files` that only `refs/pull/N/head` reaches (the base repository's
+/// branches stay where they were); returns its SHA.
+fn pull_head(repo: &Path, number: u32, files: &[(&str, &str)]) -> String {
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=Fork", "-c", "user.email=fork@example.com"])
+            .args(args)
+            .current_dir(repo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    git(&["checkout", "-q", "-b", "fork-work"]);
+    for (path, text) in files {
+        std::fs::write(repo.join(path), text).unwrap();
+    }
+    git(&["commit", "-q", "-am", "fork change"]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    git(&["update-ref", &format!("refs/pull/{number}/head"), &sha]);
+    git(&["checkout", "-q", "main"]);
+    git(&["branch", "-q", "-D", "fork-work"]);
+    sha
 }
 
 fn repository(name: &str, clone_url: &str) -> serde_json::Value {
@@ -625,9 +658,30 @@ fn bad_repositories_get_one_check_run_that_says_why() {
     let (code, _) = serve.deliver("check_suite", "bad-4", &check_suite("gone", &missing, &sha));
     assert_eq!(code, 202);
 
-    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, 4));
+    // 5. A pull request from a fork: its head exists only under refs/pull/N/head of the base
+    // repository (no branch reaches it), as on GitHub.
+    let (base, base_sha) = git_repo(&[("README", "base\n")]);
+    let fork_sha = pull_head(base.path(), 5, &[("README", "from a fork\n")]);
+    assert_ne!(fork_sha, base_sha);
+    let base_url = base.path().display().to_string();
+    let pr = json!({"action": "opened", "number": 5,
+        "pull_request": {"number": 5, "head": {"sha": fork_sha, "ref": "feature",
+                         "repo": repository("fork-of-base", "/elsewhere")}},
+        "repository": repository("base", &base_url), "installation": {"id": INSTALLATION}});
+    let (code, _) = serve.deliver("pull_request", "bad-5", &pr);
+    assert_eq!(code, 202);
+    // The same pull request from a branch of the base repository is left to its check suite.
+    let mut same = pr.clone();
+    same["pull_request"]["head"]["repo"] = repository("base", &base_url);
+    let (code, text) = serve.deliver("pull_request", "bad-6", &same);
+    assert_eq!((code, text.as_str()), (200, "ignored\n"));
+
+    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, 5));
     assert!(ok, "{runs:#?}\n{}", serve.log());
-    assert_eq!(runs.len(), 4, "the duplicate must not have run: {runs:#?}");
+    assert_eq!(runs.len(), 5, "the duplicate must not have run: {runs:#?}");
+    let r = runs.iter().find(|r| r.repo == "octo/base").unwrap();
+    assert_eq!(r.head_sha, fork_sha);
+    assert_eq!(r.conclusion.as_deref(), Some("neutral"), "{r:#?}");
     let of = |repo: &str| {
         runs.iter()
             .find(|r| r.repo == format!("octo/{repo}"))
@@ -674,5 +728,60 @@ fn bad_repositories_get_one_check_run_that_says_why() {
     let (code, log) = serve.stop("TERM");
     assert_eq!(code, 0, "{log}");
     assert!(!log.contains("FINAL RESULT NOT DELIVERED"), "{log}");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
+fn sigquit_drains_new_deliveries_get_503_accepted_ones_finish() {
+    let keys = Keys::new();
+    let fake = FakeGithub::start(APP_ID, &keys.public_pem);
+    let cache = private_cache();
+    // GitHub keeps the accepted job busy for a while: two secondary rate limits in a row.
+    fake.inject(
+        "POST",
+        "/repos/octo/",
+        &[Failure::RetryAfter(2), Failure::RetryAfter(2)],
+    );
+    let serve = Serve::start(&keys, &fake, cache.path(), "");
+    let (empty, sha) = git_repo(&[("README", "hello\n")]);
+    let url = empty.path().display().to_string();
+    let (code, _) = serve.deliver("check_suite", "drain-1", &check_suite("empty", &url, &sha));
+    assert_eq!(code, 202);
+    // Wait until the job is inside its retries, then drain.
+    let deadline = Instant::now() + FAST_DEADLINE;
+    while !fake
+        .requests()
+        .iter()
+        .any(|r| r.path.ends_with("/check-runs"))
+    {
+        assert!(Instant::now() < deadline, "{}", serve.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve.signal("QUIT");
+    let deadline = Instant::now() + FAST_DEADLINE;
+    let refused = loop {
+        let (code, text) =
+            serve.deliver("check_suite", "drain-2", &check_suite("empty", &url, &sha));
+        if code == 503 {
+            break text;
+        }
+        // Until the signal is handled the delivery is still taken; it then finishes too.
+        assert_eq!(code, 202);
+        assert!(Instant::now() < deadline, "{}", serve.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(refused, "shutting down\n");
+    let (code, log) = serve.wait_exit("QUIT");
+    assert_eq!(code, 0, "{log}");
+    // The accepted delivery was reported before the process exited.
+    let runs = fake.check_runs();
+    assert!(
+        !runs.is_empty()
+            && runs
+                .iter()
+                .all(|r| r.conclusion.as_deref() == Some("neutral")),
+        "{runs:#?}\n{log}"
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
     assert_nothing_left(cache.path());
 }
