@@ -759,9 +759,11 @@ fn sigquit_drains_new_deliveries_get_503_accepted_ones_finish() {
     }
     serve.signal("QUIT");
     let deadline = Instant::now() + FAST_DEADLINE;
+    let mut attempt = 0;
     let refused = loop {
-        let (code, text) =
-            serve.deliver("check_suite", "drain-2", &check_suite("empty", &url, &sha));
+        attempt += 1;
+        let id = format!("drain-2-{attempt}");
+        let (code, text) = serve.deliver("check_suite", &id, &check_suite("empty", &url, &sha));
         if code == 503 {
             break text;
         }
