@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::fake_github::{CheckRun, Failure, FakeGithub};
-use e2e::{assert_nothing_left, private_cache, runner_bin};
+use e2e::{assert_nothing_left, private_cache, runner_bin, runner_with_cache};
 use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
@@ -786,4 +786,53 @@ fn sigquit_drains_new_deliveries_get_503_accepted_ones_finish() {
     );
     assert_eq!(fake.violations(), Vec::<String>::new());
     assert_nothing_left(cache.path());
+}
+
+#[test]
+fn unusable_configs_are_refused_at_start_with_one_line() {
+    let keys = Keys::new();
+    let cache = private_cache();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let key = keys.private_key().display().to_string();
+    // (config [github] body, exit code, fragment of the error line)
+    let cases = [
+        (
+            format!("listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"{key}\""),
+            78,
+            "needs webhook_secret or webhook_secret_file",
+        ),
+        (
+            format!("listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"{key}.missing\"\nwebhook_secret = \"s\""),
+            78,
+            "cannot read private_key_path",
+        ),
+        (
+            format!("listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"{key}\"\nwebhook_secret_file = \"/nonexistent/secret\""),
+            78,
+            "cannot read webhook_secret_file /nonexistent/secret",
+        ),
+        (
+            format!("listen = \"127.0.0.1:{port}\"\napp_id = 1\nprivate_key_path = \"{key}\"\nwebhook_secret = \"s\""),
+            69,
+            &format!("cannot listen on 127.0.0.1:{port}"),
+        ),
+    ];
+    for (body, code, frag) in cases {
+        let config = keys.dir.path().join("bad.toml");
+        std::fs::write(&config, format!("[github]\n{body}\n")).unwrap();
+        let r = runner_with_cache(
+            keys.dir.path(),
+            &["serve", "--config", config.to_str().unwrap()],
+            cache.path(),
+        );
+        assert_eq!(r.code, code, "{body}\n{r}");
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("runner: error: "))
+            .unwrap_or_else(|| panic!("no error line: {r}"));
+        assert!(line.contains(frag), "{frag:?} not in {line}");
+    }
+    drop(taken);
 }

@@ -31,14 +31,9 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Serves the GitHub App until the service drains and every accepted delivery has been
-/// reported. Problems that make serving impossible are logged as errors.
-pub async fn serve(config: GithubConfig, ctx: ServeContext) {
-    if let Err(e) = try_serve(config, ctx).await {
-        tracing::error!(error = %e, "the GitHub App service stopped");
-    }
-}
-
-async fn try_serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String> {
+/// reported. An error means it could not serve at all (e.g. the address is taken): one line
+/// that says why, for `runner serve` to log and exit on.
+pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String> {
     let creds = config.credentials()?;
     let max_body = config.max_body()?;
     let clone_timeout = config.clone_timeout()?;

@@ -9,7 +9,9 @@ use engine::bounded::TailBuffer;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::checks::{CheckRunUpdate, Checks, Completion, Conclusion, Output, Repo, Status};
+use super::checks::{
+    CheckRunUpdate, Checks, ChecksError, Completion, Conclusion, Output, Repo, Status,
+};
 use super::report::{self, RunRecord, StepRecord, SuiteLines};
 use crate::events::{Event, Reporter};
 
@@ -204,7 +206,31 @@ pub async fn publish(
 pub async fn finish(checks: &Checks, repo: &Repo, id: u64, completion: Completion) {
     let conclusion = completion.conclusion;
     let title = completion.output.title.clone();
-    match checks.complete(repo, id, completion).await {
+    let summary = completion.output.summary.clone();
+    let result = match checks.complete(repo, id, completion).await {
+        // GitHub refused what we sent (an annotation it did not like, say): the verdict
+        // matters more than the details, so complete it again with the verdict alone rather
+        // than leave the check run in progress.
+        Err(e @ ChecksError::Refused { .. }) => {
+            tracing::warn!(check_run_id = id, error = %super::chain(&e), "GitHub refused the full result; sending the conclusion alone");
+            let bare = Completion {
+                conclusion,
+                output: Output {
+                    title: title.clone(),
+                    summary: format!(
+                        "{}\n\n*GitHub refused this run's annotations or log ({}); see the runner service's log.*",
+                        report::truncate(&summary, 60_000),
+                        report::truncate(&super::chain(&e), 500)
+                    ),
+                    ..Default::default()
+                },
+                annotations: Vec::new(),
+            };
+            checks.complete(repo, id, bare).await
+        }
+        other => other,
+    };
+    match result {
         Ok(()) => tracing::info!(check_run_id = id, ?conclusion, "check run completed"),
         Err(e) => tracing::error!(
             check_run_id = id,
@@ -215,5 +241,70 @@ pub async fn finish(checks: &Checks, repo: &Repo, id: u64, completion: Completio
             error = %super::chain(&e),
             "FINAL RESULT NOT DELIVERED: GitHub refused or could not be reached after all retries"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{RunId, VmFacts};
+    use crate::outcome::Outcome;
+    use std::time::Duration;
+
+    #[test]
+    fn collector_turns_events_into_milestones() {
+        let id = RunId {
+            suite: "unit".into(),
+            arch: engine::Arch::Riscv64,
+        };
+        let mut c = RunCollector::default();
+        assert!(c
+            .on_event(&Event::SuiteStarted {
+                id: id.clone(),
+                steps: 1
+            })
+            .is_none());
+        let booted = c.on_event(&Event::VmBooted {
+            id: id.clone(),
+            facts: VmFacts {
+                vm_id: "vm-1".into(),
+                ..Default::default()
+            },
+        });
+        assert!(matches!(booted, Some(Milestone::Booted { vm_id, .. }) if vm_id == "vm-1"));
+        c.on_event(&Event::StepStarted {
+            id: id.clone(),
+            step: "t".into(),
+            index: 0,
+        });
+        // More output than the tail keeps: only the end survives.
+        c.on_event(&Event::Output {
+            id: id.clone(),
+            bytes: vec![b'x'; LOG_TAIL_BYTES * 2],
+        });
+        c.on_event(&Event::Output {
+            id: id.clone(),
+            bytes: b"the end\n".to_vec(),
+        });
+        c.on_event(&Event::StepFinished {
+            id: id.clone(),
+            step: "t".into(),
+            outcome: Outcome::Passed,
+            duration: Duration::from_secs(1),
+            output_tail: String::new(),
+        });
+        let Some(Milestone::Finished(run)) = c.on_event(&Event::SuiteFinished {
+            id: id.clone(),
+            outcome: Outcome::Passed,
+            duration: Duration::from_secs(2),
+            facts: VmFacts::default(),
+            reports: Vec::new(),
+            artifacts: Vec::new(),
+        }) else {
+            panic!("no Finished milestone")
+        };
+        assert_eq!(run.steps.len(), 1);
+        assert!(run.log_tail.len() <= LOG_TAIL_BYTES);
+        assert!(run.log_tail.ends_with("the end\n"));
     }
 }

@@ -192,3 +192,28 @@ fn accept(s: &Server, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static
     ));
     (StatusCode::ACCEPTED, "accepted\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tracker_is_idle_only_when_every_job_is_done() {
+        let t = Tracker::new();
+        t.idle().await; // no jobs: at once
+        let a = t.start();
+        let b = t.start();
+        drop(a);
+        let waiting = tokio::spawn({
+            let t = t.clone();
+            async move { t.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("idle after the last job")
+            .unwrap();
+    }
+}
