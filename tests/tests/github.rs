@@ -396,7 +396,10 @@ fn check_suite_runs_each_suite_in_a_vm_and_reports_check_runs() {
         "check runs did not complete: {runs:#?}\n{}",
         serve.log()
     );
-    eprintln!("two suites reported in {:?}", t0.elapsed());
+    eprintln!(
+        "webhook answered in {answered:?}; two suites reported in {:?}",
+        t0.elapsed()
+    );
     assert_eq!(runs.len(), 2, "{runs:#?}");
     for r in &runs {
         // Queued on receipt, in progress once the VM booted, then completed.

@@ -50,6 +50,10 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String
     let work_dir = ctx.settings.store.root().join("github");
     std::fs::create_dir_all(&work_dir)
         .map_err(|e| format!("cannot create {}: {e}", work_dir.display()))?;
+    let swept = sweep_checkouts(&work_dir, STALE_CHECKOUT);
+    if swept > 0 {
+        tracing::info!(swept, "removed checkouts left by an earlier service");
+    }
     let shared = Arc::new(job::Shared {
         app,
         checks,
@@ -71,4 +75,59 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String
     )
     .await
     .map_err(|e| format!("webhook server failed: {e}"))
+}
+
+/// A checkout untouched for this long belongs to no running job (the longest suite timeout
+/// anyone sets is hours, not a day): a killed service left it.
+const STALE_CHECKOUT: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// Removes `github-*` checkouts in `dir` older than `age`. Age, not "everything": another
+/// service may share the cache directory and be using its own checkouts right now.
+fn sweep_checkouts(dir: &std::path::Path, age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|d| d > age);
+        if stale
+            && e.file_name().to_string_lossy().starts_with("github-")
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_old_checkouts_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["github-old", "github-new", "other-old"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+        for name in ["github-old", "other-old"] {
+            std::fs::File::open(dir.path().join(name))
+                .unwrap()
+                .set_modified(two_days_ago)
+                .unwrap();
+        }
+        assert_eq!(sweep_checkouts(dir.path(), STALE_CHECKOUT), 1);
+        assert!(!dir.path().join("github-old").exists());
+        // A fresh checkout may belong to a running job; other names are not ours.
+        assert!(dir.path().join("github-new").exists());
+        assert!(dir.path().join("other-old").exists());
+    }
 }
