@@ -57,7 +57,12 @@ pub async fn run(config_path: &Path, settings: RunSettings) -> i32 {
         });
     }
     if let Some(gh) = config.github.clone() {
-        services.spawn(crate::github::serve(gh, ctx.clone()));
+        let ctx = ctx.clone();
+        services.spawn(async move {
+            crate::github::serve(gh, ctx)
+                .await
+                .map_err(|e| crate::execute::chain(&e))
+        });
     }
     let mut failed = false;
     let (mut quit, mut term, mut int) = match (

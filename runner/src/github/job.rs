@@ -284,13 +284,10 @@ async fn run_plan(
         }
     };
     let (rep, rx) = CheckRunReporter::new();
-    let publisher = tokio::spawn(reporter::publish(
-        shared.checks.clone(),
-        repo,
-        id,
-        rx,
-        render,
-    ));
+    // In the current span: the publisher's logs then name the delivery, repo and suite.
+    let publisher = tokio::spawn(
+        reporter::publish(shared.checks.clone(), repo, id, rx, render).in_current_span(),
+    );
     let mut reporters = Reporters::default();
     reporters.add(Box::new(rep));
     let outcome = run_suite(

@@ -30,26 +30,52 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     crate::execute::chain(e)
 }
 
+/// Why the GitHub App service cannot serve at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The `[github]` section or a file it names (checked again: it may have changed).
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot set up the App")]
+    App(#[source] app::AppError),
+    #[error("cannot create the checkout directory {path}")]
+    WorkDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the webhook server failed")]
+    Server(#[source] std::io::Error),
+}
+
 /// Serves the GitHub App until the service drains and every accepted delivery has been
-/// reported. An error means it could not serve at all (e.g. the address is taken): one line
-/// that says why, for `runner serve` to log and exit on.
-pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String> {
-    let creds = config.credentials()?;
-    let max_body = config.max_body()?;
-    let clone_timeout = config.clone_timeout()?;
+/// reported. An error means it could not serve at all (e.g. the address is taken), for
+/// `runner serve` to report and exit on.
+pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeError> {
+    let creds = config.credentials().map_err(ServeError::Config)?;
+    let max_body = config.max_body().map_err(ServeError::Config)?;
+    let clone_timeout = config.clone_timeout().map_err(ServeError::Config)?;
     let app = app::App::new(
         config.app_id,
         &creds.private_key_pem,
         &config.api_url,
         retry::DEFAULT,
     )
-    .map_err(|e| chain(&e))?;
+    .map_err(ServeError::App)?;
     let app = Arc::new(app);
     let checks = checks::Checks::new(&config.api_url, app.clone(), retry::DEFAULT);
     // Checkouts live beside the VM directories: same disk, cleaned with the job.
     let work_dir = ctx.settings.store.root().join("github");
-    std::fs::create_dir_all(&work_dir)
-        .map_err(|e| format!("cannot create {}: {e}", work_dir.display()))?;
+    std::fs::create_dir_all(&work_dir).map_err(|source| ServeError::WorkDir {
+        path: work_dir.clone(),
+        source,
+    })?;
     let swept = sweep_checkouts(&work_dir, STALE_CHECKOUT);
     if swept > 0 {
         tracing::info!(swept, "removed checkouts left by an earlier service");
@@ -65,7 +91,10 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     service::serve(
         listener,
         &config.webhook_path,
@@ -74,7 +103,7 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), String
         shared,
     )
     .await
-    .map_err(|e| format!("webhook server failed: {e}"))
+    .map_err(ServeError::Server)
 }
 
 /// A checkout untouched for this long belongs to no running job (the longest suite timeout
