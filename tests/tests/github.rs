@@ -370,6 +370,19 @@ junit = ["reports/*.xml"]
   [[suite.step]]
   name = "calc"
   run = "sh tests/calc.sh"
+
+[[suite]]
+name = "many"
+junit = ["many.xml"]
+
+  [[suite.step]]
+  name = "generate"
+  run = '''
+{ echo '<testsuite name="many">'
+  for i in $(seq 1 120); do echo "<testcase name=\"t$i\"><failure message=\"failure $i\"/></testcase>"; done
+  echo '</testsuite>'; } > many.xml
+exit 1
+'''
 "#;
 
 #[test]
@@ -382,6 +395,8 @@ fn check_suite_runs_each_suite_in_a_vm_and_reports_check_runs() {
     let url = repo.path().display().to_string();
 
     let t0 = Instant::now();
+    // GitHub hiccups on the first update; it is retried.
+    fake.inject("PATCH", "/repos/octo/demo/", &[Failure::ServerError]);
     let (code, _) = serve.deliver("check_suite", "vm-1", &check_suite("demo", &url, &sha));
     let answered = t0.elapsed();
     assert_eq!(code, 202, "{}", serve.log());
@@ -390,17 +405,17 @@ fn check_suite_runs_each_suite_in_a_vm_and_reports_check_runs() {
         "answered after {answered:?}"
     );
 
-    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 2));
+    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 3));
     assert!(
         ok,
         "check runs did not complete: {runs:#?}\n{}",
         serve.log()
     );
     eprintln!(
-        "webhook answered in {answered:?}; two suites reported in {:?}",
+        "webhook answered in {answered:?}; three suites reported in {:?}",
         t0.elapsed()
     );
-    assert_eq!(runs.len(), 2, "{runs:#?}");
+    assert_eq!(runs.len(), 3, "{runs:#?}");
     for r in &runs {
         // Queued on receipt, in progress once the VM booted, then completed.
         assert_eq!(r.statuses, ["queued", "in_progress", "completed"], "{r:#?}");
@@ -462,13 +477,24 @@ fn check_suite_runs_each_suite_in_a_vm_and_reports_check_runs() {
         .unwrap_or("")
         .contains("calc: 1 failure(s) on riscv64"));
 
+    // 120 failing tests and the failing step: 121 annotations, 50 per request at most, and
+    // the check run completed only with the last batch.
+    let many = by_name(&runs, "runner / many (riscv64)")[0];
+    assert_eq!(many.annotations.len(), 121, "{:?}", many.annotation_batches);
+    assert_eq!(many.annotation_batches, [50, 50, 21]);
+    assert!(
+        many.title().contains("120 of 120 tests failed"),
+        "{}",
+        many.title()
+    );
+
     // Re-requesting the failed check run runs that suite × arch again, and only that one.
     let rerun = json!({"action": "rerequested",
         "check_run": {"id": unit.id, "head_sha": sha, "name": unit.name, "external_id": "unit/riscv64"},
         "repository": repository("demo", &url), "installation": {"id": INSTALLATION}});
     let (code, _) = serve.deliver("check_run", "vm-2", &rerun);
     assert_eq!(code, 202);
-    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 3));
+    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 4));
     assert!(ok, "re-run did not complete: {runs:#?}\n{}", serve.log());
     assert_eq!(
         by_name(&runs, "runner / unit (riscv64)").len(),
@@ -480,7 +506,11 @@ fn check_suite_runs_each_suite_in_a_vm_and_reports_check_runs() {
         1,
         "{runs:#?}"
     );
-    assert_eq!(runs[2].conclusion.as_deref(), Some("failure"));
+    assert_eq!(runs.len(), 4, "{runs:#?}");
+    assert_eq!(runs[3].name, "runner / unit (riscv64)");
+    assert_eq!(runs[3].conclusion.as_deref(), Some("failure"));
+    // The injected 502 was retried.
+    assert_eq!(fake.requests().iter().filter(|r| r.status == 0).count(), 1);
 
     // One token served every call (cached), and every request had the right shape.
     let token_requests = fake
