@@ -34,6 +34,8 @@ pub const CHECK_PREFIX: &str = "runner";
 pub const EXTERNAL_ID_ALL: &str = "all";
 /// Commits fetched: the tested one is enough (its history stays out of the guest anyway).
 const CLONE_DEPTH: u32 = 1;
+/// Clones at once: a burst of pushes must not start a hundred git processes.
+pub const PARALLEL_CHECKOUTS: usize = 4;
 
 /// What every job of the service shares.
 #[derive(Debug)]
@@ -47,6 +49,8 @@ pub struct Shared {
     pub clone_timeout: Duration,
     /// Where checkouts are made (one temporary directory per job).
     pub work_dir: PathBuf,
+    /// Permits for [`PARALLEL_CHECKOUTS`].
+    pub checkouts: tokio::sync::Semaphore,
 }
 
 /// `runner / unit (riscv64)`.
@@ -109,8 +113,15 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         dest: src.clone(),
         timeout: shared.clone_timeout,
     };
+    let permit = shared
+        .checkouts
+        .acquire()
+        .await
+        .expect("the checkout semaphore is never closed");
     let started = std::time::Instant::now();
-    match sources::checkout(&checkout, shared.ctx.shutdown.abort_receiver()).await {
+    let fetched = sources::checkout(&checkout, shared.ctx.shutdown.abort_receiver()).await;
+    drop(permit);
+    match fetched {
         Ok(done) => {
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -453,5 +464,37 @@ async fn create_completed(
             error = %super::chain(&e),
             "FINAL RESULT NOT DELIVERED: cannot create the check run"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str, allow_host_setup: bool) -> Result<(), (String, u32)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SUITE_FILE_NAME);
+        std::fs::write(&path, text).unwrap();
+        let file = SuiteFile::parse(&path, text).unwrap();
+        allowed(&file, dir.path(), allow_host_setup, &SuiteLines::scan(text))
+    }
+
+    #[test]
+    fn a_repository_cannot_reach_out_of_its_vm() {
+        let step = "  [[suite.step]]\n  name = \"t\"\n  run = \"true\"\n";
+        let plain = format!("[[suite]]\nname = \"a\"\n{step}");
+        assert!(check(&plain, false).is_ok());
+        // host_setup runs on the host: refused unless the operator allows it, on its suite.
+        let host = format!("[[suite]]\nname = \"a\"\n{step}\n[[suite]]\nname = \"b\"\nhost_setup = [\"make\"]\n{step}");
+        let (msg, line) = check(&host, false).unwrap_err();
+        assert!(msg.contains("suite 'b' has host_setup"), "{msg}");
+        assert_eq!(line, 8, "the name line of suite b");
+        assert!(check(&host, true).is_ok());
+        // The workspace must stay inside the checkout.
+        for path in ["..", "/", "sub/../.."] {
+            let ws = format!("[workspace]\npath = \"{path}\"\n{plain}");
+            let e = check(&ws, true).unwrap_err();
+            assert!(e.0.contains("inside the repository"), "{path}: {e:?}");
+        }
     }
 }

@@ -88,6 +88,7 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
         allow_host_setup: config.allow_host_setup,
         clone_timeout,
         work_dir,
+        checkouts: tokio::sync::Semaphore::new(job::PARALLEL_CHECKOUTS),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
