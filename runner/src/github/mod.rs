@@ -4,9 +4,10 @@
 //! How a delivery flows through the modules:
 //! `service` (axum: body cap, answer at once) → `webhook` (signature, de-duplication) →
 //! `events` (payload → what to run) → `job` (checkout, runner.toml, plans, scheduler slot,
-//! `execute::run_suite`) → `reporter` (events → milestones) → `report` (conclusion, summary,
-//! annotations) → `checks` (Checks API, batching, `retry`) with tokens from `app`.
+//! `execute::run_suite`) → `reporter` (events → milestones) → `report` (conclusion, summary, text)
+//! and `annotate` (annotations) → `checks` (Checks API, batching, `retry`) with tokens from `app`.
 
+pub mod annotate;
 pub mod app;
 pub mod checks;
 pub mod config;

@@ -1,29 +1,22 @@
 //! What a check run shows: the conclusion (from the one `Outcome`), a title, a markdown
 //! summary (counts, duration, failing and slowest tests, steps, the VM's facts), the log tail
-//! as text, and annotations for failing tests and steps. Pure functions: the guest's JUnit
-//! files and the suite file's text in, GitHub's shapes out — within GitHub's limits.
+//! as text, and (from `annotate`) annotations for failing tests and steps. Pure functions:
+//! the guest's JUnit files and the suite file's text in, GitHub's shapes out — within
+//! GitHub's limits.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
-
-use super::checks::{Annotation, Conclusion, Level, Output, MAX_OUTPUT_CHARS};
+pub use super::annotate::SuiteLines;
+use super::annotate::{self, Case};
+use super::checks::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
 use crate::events::{GuestReport, RunId, VmFacts};
 use crate::outcome::{InfraKind, Outcome};
-use crate::report::junit::normalise_guest_xml;
 
-/// Annotations per check run; past this the summary says how many more failed. (GitHub
-/// takes more, 50 per request, but nobody reads the 501st.)
-pub const MAX_ANNOTATIONS: usize = 500;
 /// Failing tests listed in the summary, and slowest tests shown.
 const LIST_FAILING: usize = 50;
 const LIST_SLOWEST: usize = 10;
-/// Output lines of a failing step shown in its annotation.
-const STEP_DETAIL_LINES: usize = 40;
-/// Longest annotation message / raw_details we send (GitHub allows 64 KB).
-const MAX_ANNOTATION_TEXT: usize = 4096;
-const MAX_TITLE: usize = 200;
+pub(super) const MAX_TITLE: usize = 200;
 
 /// Cuts `s` to at most `max` bytes, at a character boundary (keeps the start). Bytes, not
 /// characters: a text within `max` bytes is within `max` characters whichever GitHub counts.
@@ -69,7 +62,7 @@ pub fn mask(text: &str, secrets: &[String]) -> String {
 }
 
 /// One line of untrusted text made safe inside a markdown table cell or inline code.
-fn cell(s: &str) -> String {
+pub(super) fn cell(s: &str) -> String {
     let one_line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -121,68 +114,6 @@ pub fn conclusion(outcome: &Outcome) -> (Conclusion, String) {
     }
 }
 
-/// Where suites and steps are defined in runner.toml, for annotations.
-#[derive(Debug, Clone, Default)]
-pub struct SuiteLines {
-    /// (suite, step or None, 1-based line of its `name = ...`).
-    entries: Vec<(String, Option<String>, u32)>,
-}
-
-impl SuiteLines {
-    /// Scans the text of runner.toml for `name = ...` under `[[suite]]` and `[[suite.step]]`.
-    /// A plain line scan is enough: the file has already parsed, names are unique.
-    pub fn scan(text: &str) -> SuiteLines {
-        #[derive(PartialEq)]
-        enum In {
-            Other,
-            Suite,
-            Step,
-        }
-        let mut at = In::Other;
-        let mut suite = String::new();
-        let mut entries = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let t = line.trim();
-            if t.starts_with("[[suite.step]]") {
-                at = In::Step;
-            } else if t.starts_with("[[suite]]") {
-                at = In::Suite;
-            } else if t.starts_with('[') {
-                at = In::Other;
-            } else if let Some(v) = t.strip_prefix("name").map(str::trim_start) {
-                let Some(v) = v.strip_prefix('=') else {
-                    continue;
-                };
-                let name = v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
-                let line_no = i as u32 + 1;
-                match at {
-                    In::Suite => {
-                        suite = name.clone();
-                        entries.push((name, None, line_no));
-                    }
-                    In::Step => entries.push((suite.clone(), Some(name), line_no)),
-                    In::Other => {}
-                }
-            }
-        }
-        SuiteLines { entries }
-    }
-
-    pub fn suite(&self, suite: &str) -> u32 {
-        self.entries
-            .iter()
-            .find(|(s, step, _)| s == suite && step.is_none())
-            .map_or(1, |e| e.2)
-    }
-
-    pub fn step(&self, suite: &str, step: &str) -> u32 {
-        self.entries
-            .iter()
-            .find(|(s, st, _)| s == suite && st.as_deref() == Some(step))
-            .map_or_else(|| self.suite(suite), |e| e.2)
-    }
-}
-
 /// One step as it ended.
 #[derive(Debug, Clone)]
 pub struct StepRecord {
@@ -205,103 +136,6 @@ pub struct RunRecord {
     pub log_tail: String,
 }
 
-/// A test case from the guest's JUnit files.
-#[derive(Debug, Clone)]
-struct Case {
-    name: String,
-    failed: bool,
-    skipped: bool,
-    message: String,
-    details: String,
-    time: Option<Duration>,
-    file: Option<String>,
-    line: Option<u32>,
-    /// The report it came from.
-    source: String,
-}
-
-fn cases(reports: &[GuestReport]) -> Vec<Case> {
-    let mut out = Vec::new();
-    for g in reports {
-        let parsed = Report::deserialize_from_str(&normalise_guest_xml(&g.xml, &g.path));
-        let Ok(report) = parsed else {
-            out.push(Case {
-                name: format!("junit report {}", g.path),
-                failed: true,
-                skipped: false,
-                message: format!("{} is not valid JUnit XML", g.path),
-                details: String::new(),
-                time: None,
-                file: None,
-                line: None,
-                source: g.path.clone(),
-            });
-            continue;
-        };
-        for suite in &report.test_suites {
-            for c in &suite.test_cases {
-                let name = match &c.classname {
-                    Some(cls) if !cls.is_empty() => format!("{}.{}", cls.as_str(), c.name.as_str()),
-                    _ => c.name.as_str().to_string(),
-                };
-                let extra = |k: &str| {
-                    c.extra
-                        .iter()
-                        .find(|(key, _)| key.as_str() == k)
-                        .map(|(_, v)| v.as_str().to_string())
-                };
-                let (failed, skipped, message, details) = match &c.status {
-                    TestCaseStatus::NonSuccess {
-                        kind,
-                        message,
-                        description,
-                        ..
-                    } => {
-                        let kind = match kind {
-                            NonSuccessKind::Failure => "failed",
-                            NonSuccessKind::Error => "error",
-                        };
-                        let message = message
-                            .as_ref()
-                            .map(|m| m.as_str().to_string())
-                            .filter(|m| !m.is_empty())
-                            .unwrap_or_else(|| kind.to_string());
-                        let details = description.as_ref().map(|d| d.as_str().to_string());
-                        (true, false, message, details.unwrap_or_default())
-                    }
-                    TestCaseStatus::Skipped { .. } => (false, true, String::new(), String::new()),
-                    TestCaseStatus::Success { .. } => (false, false, String::new(), String::new()),
-                };
-                out.push(Case {
-                    name,
-                    failed,
-                    skipped,
-                    message,
-                    details,
-                    time: c.time,
-                    file: extra("file"),
-                    line: extra("line").and_then(|l| l.trim().parse().ok()),
-                    source: g.path.clone(),
-                });
-            }
-        }
-    }
-    out
-}
-
-/// Turns a path from a JUnit report into one relative to the repository, if it is one.
-fn repo_path(file: &str, exists: &dyn Fn(&str) -> bool) -> Option<String> {
-    let rel = file
-        .strip_prefix(crate::plan::GUEST_WORKSPACE)
-        .map(|r| r.trim_start_matches('/'))
-        .unwrap_or(file);
-    let rel = rel.trim_start_matches("./");
-    let safe = !rel.is_empty()
-        && !rel.starts_with('/')
-        && !rel.split('/').any(|c| c == ".." || c.is_empty());
-    (safe && exists(rel)).then(|| rel.to_string())
-}
-
 /// What to show on a finished check run.
 #[derive(Debug, Clone)]
 pub struct Rendered {
@@ -321,7 +155,7 @@ pub fn render(
     secrets: &[String],
 ) -> Rendered {
     let (conclusion, headline) = conclusion(&run.outcome);
-    let all = cases(&run.reports);
+    let all = annotate::cases(&run.reports);
     let failing: Vec<&Case> = all.iter().filter(|c| c.failed).collect();
     let skipped = all.iter().filter(|c| c.skipped).count();
     let passed = all.len() - failing.len() - skipped;
@@ -459,7 +293,7 @@ pub fn render(
         ))
     };
 
-    let annotations = annotations(run, &failing, suite_file, lines, exists, secrets);
+    let annotations = annotate::annotations(run, &failing, suite_file, lines, exists, secrets);
     Rendered {
         conclusion,
         output: Output {
@@ -470,68 +304,6 @@ pub fn render(
         },
         annotations,
     }
-}
-
-fn annotations(
-    run: &RunRecord,
-    failing: &[&Case],
-    suite_file: &str,
-    lines: &SuiteLines,
-    exists: &dyn Fn(&str) -> bool,
-    secrets: &[String],
-) -> Vec<Annotation> {
-    let arch = run.id.arch.name();
-    let suite_line = lines.suite(&run.id.suite);
-    let mut out = Vec::new();
-    for c in failing.iter().take(MAX_ANNOTATIONS) {
-        let located = c
-            .file
-            .as_deref()
-            .and_then(|f| repo_path(f, exists))
-            .map(|p| (p, c.line.unwrap_or(1).max(1)));
-        let (path, line) = located.unwrap_or_else(|| (suite_file.to_string(), suite_line));
-        let message = mask(&c.message, secrets);
-        let details = mask(&c.details, secrets);
-        out.push(Annotation {
-            path,
-            start_line: line,
-            end_line: line,
-            annotation_level: Level::Failure,
-            message: truncate(&message, MAX_ANNOTATION_TEXT).to_string(),
-            title: Some(truncate(&format!("{} failed on {arch}", c.name), MAX_TITLE).to_string()),
-            raw_details: (!details.is_empty())
-                .then(|| truncate(&details, MAX_ANNOTATION_TEXT).to_string())
-                .or_else(|| Some(format!("from {}", c.source))),
-        });
-    }
-    // Steps that failed on their own (a non-zero exit, a timeout) point at their definition.
-    for st in &run.steps {
-        if out.len() >= MAX_ANNOTATIONS {
-            break;
-        }
-        let what = match &st.outcome {
-            Outcome::Failed { .. } => st.outcome.to_string(),
-            Outcome::TimedOut => "timed out".into(),
-            _ => continue,
-        };
-        let tail = mask(&st.output_tail, secrets);
-        let last: Vec<&str> = tail.lines().collect();
-        let last = last[last.len().saturating_sub(STEP_DETAIL_LINES)..].join("\n");
-        let line = lines.step(&run.id.suite, &st.name);
-        out.push(Annotation {
-            path: suite_file.to_string(),
-            start_line: line,
-            end_line: line,
-            annotation_level: Level::Failure,
-            message: format!("step '{}' {what} on {arch}", cell(&st.name)),
-            title: Some(
-                truncate(&format!("{} / {}", run.id.suite, st.name), MAX_TITLE).to_string(),
-            ),
-            raw_details: (!last.is_empty())
-                .then(|| truncate_front(&last, MAX_ANNOTATION_TEXT).to_string()),
-        });
-    }
-    out
 }
 
 /// The one neutral check run for a repository without runner.toml.
@@ -552,6 +324,8 @@ Try it locally first with `runner test --arch riscv64`."
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::github::annotate::tests::SUITE_TOML;
+    use crate::github::annotate::MAX_ANNOTATIONS;
     use engine::Arch;
 
     #[test]
@@ -608,42 +382,6 @@ mod tests {
         assert!(fitted.chars().count() <= MAX_OUTPUT_CHARS);
         assert!(fitted.ends_with("limit.*"));
         assert_eq!(fit_output("short".into()), "short");
-    }
-
-    const SUITE_TOML: &str = r#"[defaults]
-arch = ["riscv64"]
-name = "not a suite"
-
-[[suite]]
-name = "unit"
-junit = ["reports/*.xml"]
-
-  [[suite.step]]
-  name = "build"
-  run = "true"
-
-  [[suite.step]]
-  name = 'tests'
-  run = "false"
-
-[[suite]]
-name="other"
-  [[suite.step]]
-  name = "tests"
-  run = "true"
-"#;
-
-    #[test]
-    fn suite_and_step_lines() {
-        let l = SuiteLines::scan(SUITE_TOML);
-        assert_eq!(l.suite("unit"), 6);
-        assert_eq!(l.step("unit", "build"), 10);
-        assert_eq!(l.step("unit", "tests"), 14);
-        assert_eq!(l.suite("other"), 18);
-        assert_eq!(l.step("other", "tests"), 20);
-        // Unknown names fall back to the suite, then to line 1.
-        assert_eq!(l.step("unit", "nope"), 6);
-        assert_eq!(l.suite("nope"), 1);
     }
 
     fn record(reports: Vec<GuestReport>, log: &str) -> RunRecord {
