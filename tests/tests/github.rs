@@ -173,6 +173,27 @@ arch = ["riscv64"]
         (code, body)
     }
 
+    /// Sends only the headers of a POST whose body would be `length` bytes; returns the
+    /// status the server answers with before reading any of it.
+    fn post_announcing(&self, length: usize) -> u16 {
+        let mut stream = std::net::TcpStream::connect(&self.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let req = format!(
+            "POST /github/webhook HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nX-Hub-Signature-256: sha256=00\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        stream.write_all(req.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.take(1 << 20).read_to_end(&mut response);
+        let text = String::from_utf8_lossy(&response);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends a correctly signed delivery of `event`.
     fn deliver(&self, event: &str, delivery: &str, body: &serde_json::Value) -> (u16, String) {
         let body = body.to_string();
@@ -621,12 +642,9 @@ fn unsigned_or_tampered_webhooks_get_401_and_nothing_happens() {
     let (code, _) = serve.deliver("check_suite", "d-4", &json!({"action": "requested"}));
     assert_eq!(code, 400);
     // A body over the cap is refused before anyone reads it.
-    let huge = vec![b' '; 2 << 20];
-    let (code, _) = serve.post(
-        &[("X-Hub-Signature-256", sign(SECRET.as_bytes(), &huge))],
-        &huge,
-    );
-    assert_eq!(code, 413);
+    // (Announced, not sent: a server that answers mid-upload may reset the connection and
+    // lose its own answer, which would make this test flaky rather than the server wrong.)
+    assert_eq!(serve.post_announcing(2 << 20), 413);
 
     // The server keeps serving, and not one API call was made.
     let (code, _) = serve.deliver("ping", "d-5", &json!({}));

@@ -1,7 +1,8 @@
 //! The webhook server (axum). A delivery is answered within milliseconds — GitHub gives up
 //! after 10 s — and its work runs in a background task:
 //!
-//! 1. body larger than `max_body_size` → 413 (axum's body limit, before anything reads it);
+//! 1. body larger than `max_body_size` → 413 (an announced length is refused before a byte
+//!    of the body is read; a chunked body is read up to the cap);
 //! 2. signature missing or wrong → 401, and nothing else happens;
 //! 3. draining (SIGQUIT or SIGTERM) → 503: the delivery shows as failed in the App's
 //!    "Recent deliveries" and can be redelivered once a service runs again — better than
@@ -12,8 +13,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
@@ -73,6 +75,7 @@ impl Default for Tracker {
 #[derive(Debug)]
 struct Server {
     secret: Vec<u8>,
+    max_body: usize,
     dedupe: Dedupe,
     tracker: Tracker,
     shared: Arc<Shared>,
@@ -90,6 +93,7 @@ pub async fn serve(
     let shutdown = shared.ctx.shutdown.clone();
     let server = Arc::new(Server {
         secret,
+        max_body,
         dedupe: Dedupe::new(DEDUPE_CAPACITY),
         tracker: tracker.clone(),
         shared,
@@ -97,7 +101,6 @@ pub async fn serve(
     let app = Router::new()
         .route(webhook_path, post(delivery))
         .route("/healthz", get(health))
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(server);
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, path = webhook_path, "GitHub webhook server listening");
@@ -125,8 +128,25 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 async fn delivery(
     State(s): State<Arc<Server>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> (StatusCode, &'static str) {
+    const TOO_LARGE: (StatusCode, &str) = (StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
+    let announced = header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > s.max_body as u64) {
+        tracing::warn!(
+            announced,
+            max = s.max_body,
+            "webhook refused: body too large"
+        );
+        return TOO_LARGE;
+    }
+    let body: Bytes = match axum::body::to_bytes(body, s.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, max = s.max_body, "webhook refused: body too large or cut off");
+            return TOO_LARGE;
+        }
+    };
     accept(&s, &headers, &body)
 }
 
