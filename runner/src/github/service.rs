@@ -26,6 +26,10 @@ use super::events::{self, Trigger};
 use super::job::{self, Shared};
 use super::webhook::{self, Dedupe, DEDUPE_CAPACITY};
 
+/// Longest a delivery's body may take to arrive (GitHub sends it at once; 25 MB takes well
+/// under a second on any link GitHub would use).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Counts jobs that have not finished reporting, so the server can stop only when they did.
 #[derive(Debug, Clone)]
 pub struct Tracker {
@@ -140,11 +144,17 @@ async fn delivery(
         );
         return TOO_LARGE;
     }
-    let body: Bytes = match axum::body::to_bytes(body, s.max_body).await {
-        Ok(b) => b,
-        Err(e) => {
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, s.max_body));
+    let body: Bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, max = s.max_body, "webhook refused: body too large or cut off");
             return TOO_LARGE;
+        }
+        Err(_) => {
+            // A sender trickling bytes must not hold a connection (and its memory) forever.
+            tracing::warn!(timeout = ?BODY_TIMEOUT, "webhook refused: body not received in time");
+            return (StatusCode::REQUEST_TIMEOUT, "body not received in time\n");
         }
     };
     accept(&s, &headers, &body)
