@@ -4,6 +4,7 @@
 //! expires, so a long test run never reports with a token that dies mid-request.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use octocrab::models::{AppId, InstallationToken};
@@ -69,7 +70,10 @@ struct Cached {
 /// The App's identity and its installation tokens.
 pub struct App {
     crab: Octocrab,
-    tokens: Mutex<HashMap<u64, Cached>>,
+    /// Per installation: its lock (one fetch at a time) and its cached token. The outer lock
+    /// is held only to find the entry, so one installation's slow fetch (GitHub asking us to
+    /// wait) never delays another's.
+    tokens: std::sync::Mutex<HashMap<u64, Arc<Mutex<Option<Cached>>>>>,
     policy: retry::Policy,
 }
 
@@ -105,7 +109,7 @@ impl App {
             .map_err(client)?;
         Ok(App {
             crab,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: std::sync::Mutex::new(HashMap::new()),
             policy,
         })
     }
@@ -113,10 +117,11 @@ impl App {
     /// A token for `installation`, from the cache while it has more than
     /// [`REFRESH_MARGIN`] to live.
     pub async fn token(&self, installation: u64) -> Result<Token, AppError> {
-        // One lock over fetching too: concurrent jobs of one delivery need one token, not
-        // one each.
-        let mut tokens = self.tokens.lock().await;
-        if let Some(c) = tokens.get(&installation) {
+        let entry = self.entry(installation);
+        // Held over the fetch: concurrent jobs of one installation need one token, not one
+        // each.
+        let mut cached = entry.lock().await;
+        if let Some(c) = cached.as_ref() {
             if SystemTime::now() < c.refresh_at {
                 return Ok(c.token.clone());
             }
@@ -125,22 +130,29 @@ impl App {
         let refresh_at = expires_at
             .checked_sub(REFRESH_MARGIN)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        tokens.insert(
-            installation,
-            Cached {
-                token: token.clone(),
-                refresh_at,
-            },
-        );
+        *cached = Some(Cached {
+            token: token.clone(),
+            refresh_at,
+        });
         Ok(token)
+    }
+
+    fn entry(&self, installation: u64) -> Arc<Mutex<Option<Cached>>> {
+        self.tokens
+            .lock()
+            .expect("token map lock")
+            .entry(installation)
+            .or_default()
+            .clone()
     }
 
     /// Drops a token GitHub no longer accepts (revoked, or the installation's permissions
     /// changed), so that the next call fetches a new one.
     pub async fn forget(&self, installation: u64, token: &Token) {
-        let mut tokens = self.tokens.lock().await;
-        if tokens.get(&installation).is_some_and(|c| &c.token == token) {
-            tokens.remove(&installation);
+        let entry = self.entry(installation);
+        let mut cached = entry.lock().await;
+        if cached.as_ref().is_some_and(|c| &c.token == token) {
+            *cached = None;
         }
     }
 
