@@ -7,6 +7,7 @@ pub mod events;
 pub mod execute;
 pub mod exit;
 pub mod host;
+pub mod matrix;
 pub mod outcome;
 pub mod plan;
 pub mod report;

@@ -2,4 +2,5 @@
 
 pub mod doctor;
 pub mod images;
+pub mod matrix;
 pub mod test;
