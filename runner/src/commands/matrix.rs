@@ -181,7 +181,7 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         ));
     }
     status.line(&format!(
-        "runner matrix: {} cells from {}, {jobs} at a time, up to {} retries",
+        "runner matrix: {} cells from {}, {jobs} at a time, retries per failing cell: {}",
         cells.len(),
         spec.origin,
         spec.retries

@@ -115,6 +115,12 @@ impl Change {
         }
     }
 
+    /// "3 new failures", "1 fixed".
+    pub fn count_text(self, n: usize) -> String {
+        let plural = n != 1 && matches!(self, Change::NewFailure | Change::NewTest);
+        format!("{n} {}{}", self.label(), if plural { "s" } else { "" })
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Change::NewFailure => "new failure",

@@ -66,7 +66,7 @@ pub fn headline(results: &RunResults) -> String {
         .into_iter()
         .map(|c| (c, results.count(c)))
         .filter(|(_, n)| *n > 0)
-        .map(|(c, n)| format!("{n} {}", c.label()))
+        .map(|(c, n)| c.count_text(n))
         .collect();
     if !changes.is_empty() {
         line.push_str(&format!(" · {}", changes.join(", ")));

@@ -71,6 +71,18 @@ fn anchor(cell: &CellResult) -> String {
     format!("cell-{safe}")
 }
 
+/// The cell's status, with the last attempt's outcome when it says more ("failed (exit
+/// 2)"), or what the last attempt did when the cell is flaky.
+pub fn status_text(c: &CellResult) -> String {
+    if c.status == Status::Flaky {
+        format!("flaky (passed on attempt {})", c.attempts)
+    } else if c.outcome != c.status.label() && c.status != Status::Error {
+        c.outcome.clone()
+    } else {
+        c.status.label().to_string()
+    }
+}
+
 /// A sparkline of `points` (seconds) as inline SVG; the last point is this run.
 fn sparkline(points: &[f64]) -> String {
     if points.len() < 2 {
@@ -120,8 +132,8 @@ table.grid { border-collapse: separate; border-spacing: 4px; }
 .badge.flaky { background: #f9c513; } .badge.still-failing { background: #959da5; color: white; }
 .badge.new-test { background: #0366d6; color: white; } .badge.slow { background: #6f42c1; color: white; }
 ul.changes li { margin: .2rem 0; }
-section.regressions { border-left: 4px solid #d73a49; padding-left: .8rem; }
-section.fixes { border-left: 4px solid #28a745; padding-left: .8rem; }
+section.changes-regressions { border-left: 4px solid #d73a49; padding-left: .8rem; }
+section.changes-fixes { border-left: 4px solid #28a745; padding-left: .8rem; }
 details.cell { margin: .6rem 0; border: 1px solid #d1d5da; border-radius: 6px; background: white; }
 details.cell > summary { padding: .5rem .7rem; cursor: pointer; border-radius: 6px; }
 details.cell .body { padding: .3rem .9rem .8rem; }
@@ -250,7 +262,7 @@ pub fn render(results: &RunResults, history: &History) -> String {
         }
         let _ = writeln!(
             h,
-            "<section class=\"{section}\" id=\"{section}\"><h2>{title}: {}</h2><ul class=\"changes\">",
+            "<section class=\"changes-{section}\" id=\"{section}\"><h2>{title}: {}</h2><ul class=\"changes\">",
             list.len()
         );
         for (cell, test) in list {
@@ -309,7 +321,7 @@ pub fn render(results: &RunResults, history: &History) -> String {
             anchor(c),
             class(c.status),
             esc(&c.key),
-            esc(&c.outcome),
+            esc(&status_text(c)),
             esc(&counts_text(c)),
             human_secs(c.duration_s),
         );
