@@ -18,7 +18,7 @@ use crate::matrix::history::History;
 use crate::matrix::progress::Progress;
 use crate::matrix::report;
 use crate::matrix::results::{human_secs, Change, RunInfo, RunResults, SCHEMA, VERSION};
-use crate::matrix::run::{run_matrix, PlannedCell, Schedule};
+use crate::matrix::run::{run_matrix, start_order, PlannedCell, Schedule};
 use crate::matrix::spec::{MatrixSpec, MAX_RETRIES};
 use crate::plan::{self, Overrides};
 use crate::report::console::Status;
@@ -192,7 +192,26 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         retries: spec.retries,
         fail_fast: args.fail_fast,
     };
-    let ran = run_matrix(cells, schedule, settings, progress, cancel_on_signals()).await;
+    // Longest cells first, by their last duration in the history.
+    let previous = history.previous();
+    let expected: Vec<Option<f64>> = cells
+        .iter()
+        .map(|c| {
+            previous
+                .and_then(|p| p.cell(&c.cell.key()))
+                .map(|pc| pc.duration_s)
+        })
+        .collect();
+    let order = start_order(&expected);
+    let ran = run_matrix(
+        cells,
+        Some(order),
+        schedule,
+        settings,
+        progress,
+        cancel_on_signals(),
+    )
+    .await;
 
     let mut results = RunResults {
         schema: SCHEMA.into(),

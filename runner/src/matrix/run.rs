@@ -103,9 +103,66 @@ async fn prepare_images(
     failed
 }
 
-/// Runs every cell; returns when all have ended (or were cancelled).
+/// Runs one cell: attempts in fresh VMs until one needs no retry or the retries are used.
+async fn run_cell(
+    planned: &PlannedCell,
+    retries: u32,
+    settings: &RunSettings,
+    progress: &Progress,
+    stop: watch::Receiver<bool>,
+) -> Vec<Attempt> {
+    let image = &planned.plan.image;
+    let mut attempts = Vec::new();
+    for n in 1..=retries + 1 {
+        if *stop.borrow() {
+            break;
+        }
+        let recorder = Recorder::new(image);
+        let mut reporters = Reporters::default();
+        reporters.add(Box::new(recorder.clone()));
+        reporters.add(Box::new(progress.cell_started(&planned.cell.key(), n)));
+        let outcome = run_suite(&planned.plan, settings, &mut reporters, stop.clone()).await;
+        drop(reporters);
+        attempts.push(recorder.take());
+        if !attempt::worth_retrying(&outcome) {
+            break;
+        }
+    }
+    if attempts.is_empty() {
+        attempts.push(Attempt::without_vm(Outcome::Cancelled, image));
+    }
+    attempts
+}
+
+/// The order cells start in: by `expected` duration, longest first (so the long cells do
+/// not end up last, alone on an otherwise idle host); cells without one first of all (they
+/// may be long), then in the order given.
+pub fn start_order(expected: &[Option<f64>]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..expected.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| expected[i].unwrap_or(f64::INFINITY);
+        key(b).total_cmp(&key(a))
+    });
+    order
+}
+
+fn schedule_order(cells: &[PlannedCell], order: Option<Vec<usize>>) -> Option<Vec<usize>> {
+    order.filter(|o| {
+        let mut sorted = o.clone();
+        sorted.sort_unstable();
+        sorted == (0..cells.len()).collect::<Vec<_>>()
+    })
+}
+
+fn order_or_default(order: Option<Vec<usize>>, n: usize) -> Vec<usize> {
+    order.unwrap_or_else(|| (0..n).collect())
+}
+
+/// Runs every cell, starting them in `order` (indexes into `cells`; default: as given);
+/// returns when all have ended (or were cancelled).
 pub async fn run_matrix(
     cells: Vec<PlannedCell>,
+    order: Option<Vec<usize>>,
     schedule: Schedule,
     settings: RunSettings,
     progress: Progress,
@@ -126,70 +183,70 @@ pub async fn run_matrix(
     }
     let slots = Arc::new(Semaphore::new(schedule.jobs.max(1)));
     let settings = Arc::new(settings);
-    let mut tasks = JoinSet::new();
-    for (index, planned) in cells.iter().cloned().enumerate() {
-        let image_problem = unusable
-            .get(&(planned.plan.image.clone(), planned.plan.id.arch))
-            .cloned();
-        let (slots, settings, progress, mut stop) = (
-            slots.clone(),
-            settings.clone(),
-            progress.clone(),
-            stop.clone(),
-        );
-        tasks.spawn(async move {
-            let image = planned.plan.image.clone();
-            if let Some(outcome) = image_problem {
-                return (index, vec![Attempt::without_vm(outcome, &image)]);
-            }
-            // Wait for a free slot, unless the run is stopped meanwhile.
-            let _slot = tokio::select! {
-                s = slots.acquire_owned() => s.ok(),
-                _ = stop.wait_for(|s| *s) => None,
-            };
-            let mut attempts = Vec::new();
-            if _slot.is_some() {
-                for n in 1..=schedule.retries + 1 {
-                    if *stop.borrow() {
-                        break;
-                    }
-                    let recorder = Recorder::new(&image);
-                    let mut reporters = Reporters::default();
-                    reporters.add(Box::new(recorder.clone()));
-                    reporters.add(Box::new(progress.cell_started(&planned.cell.key(), n)));
-                    let outcome =
-                        run_suite(&planned.plan, &settings, &mut reporters, stop.clone()).await;
-                    drop(reporters);
-                    attempts.push(recorder.take());
-                    if !attempt::worth_retrying(&outcome) {
-                        break;
-                    }
-                }
-            }
-            if attempts.is_empty() {
-                attempts.push(Attempt::without_vm(Outcome::Cancelled, &image));
-            }
-            (index, attempts)
-        });
-    }
     let mut results: Vec<Option<CellResult>> = vec![None; cells.len()];
+    // Cells start in `order` (longest first, when the caller knows durations): the slot is
+    // taken here, before the cell's task exists, so the order is exactly this one.
+    let mut waiting = order_or_default(schedule_order(&cells, order), cells.len()).into_iter();
+    let mut next = waiting.next();
+    let mut tasks = JoinSet::new();
     let mut done = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let (index, attempts) = match joined {
-            Ok(r) => r,
-            // A panicking cell task is a bug; the others go on and it shows up as missing.
-            Err(e) => {
-                progress.line(&format!("runner: internal error in a cell: {e}"));
-                continue;
+    let mut stop_seen = stop.clone();
+    loop {
+        let stopped = *stop_seen.borrow();
+        if stopped {
+            // Everything not started yet ends as cancelled (or as its image's error).
+            for index in next.take().into_iter().chain(waiting.by_ref()) {
+                let outcome = unusable
+                    .get(&(cells[index].plan.image.clone(), cells[index].plan.id.arch))
+                    .cloned()
+                    .unwrap_or(Outcome::Cancelled);
+                results[index] = Some(attempt::merge(
+                    &cells[index].cell,
+                    &[Attempt::without_vm(outcome, &cells[index].plan.image)],
+                ));
             }
-        };
-        let result = attempt::merge(&cells[index].cell, &attempts);
-        done += 1;
-        progress.cell_finished(done, &result);
-        if schedule.fail_fast && result.status.is_failing() {
-            let _ = stop_tx.send(true);
         }
-        results[index] = Some(result);
+        if next.is_none() && tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            slot = slots.clone().acquire_owned(), if next.is_some() => {
+                let index = next.take().expect("guarded");
+                next = waiting.next();
+                let planned = cells[index].clone();
+                let image_problem = unusable
+                    .get(&(planned.plan.image.clone(), planned.plan.id.arch))
+                    .cloned();
+                let (settings, progress, stop) = (settings.clone(), progress.clone(), stop.clone());
+                let slot = slot.expect("the semaphore is never closed");
+                tasks.spawn(async move {
+                    let _slot = slot;
+                    let attempts = match image_problem {
+                        Some(outcome) => vec![Attempt::without_vm(outcome, &planned.plan.image)],
+                        None => run_cell(&planned, schedule.retries, &settings, &progress, stop).await,
+                    };
+                    (index, attempts)
+                });
+            }
+            Some(joined) = tasks.join_next() => {
+                let (index, attempts) = match joined {
+                    Ok(r) => r,
+                    // A panicking cell task is a bug; the others go on, it ends as an error.
+                    Err(e) => {
+                        progress.line(&format!("runner: internal error in a cell: {e}"));
+                        continue;
+                    }
+                };
+                let result = attempt::merge(&cells[index].cell, &attempts);
+                done += 1;
+                progress.cell_finished(done, &result);
+                if schedule.fail_fast && result.status.is_failing() {
+                    let _ = stop_tx.send(true);
+                }
+                results[index] = Some(result);
+            }
+            _ = stop_seen.changed(), if !stopped => {}
+        }
     }
     progress.finish();
     let interrupted = *cancel.borrow();
@@ -212,4 +269,23 @@ pub async fn run_matrix(
         })
         .collect();
     Ran { cells, interrupted }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_cells_start_first_and_unknown_ones_before_them() {
+        // (expected durations, start order)
+        let cases: [(&[Option<f64>], &[usize]); 3] = [
+            (&[Some(1.0), Some(5.0), Some(3.0)], &[1, 2, 0]),
+            (&[Some(1.0), None, Some(3.0)], &[1, 2, 0]),
+            // Ties and unknowns keep the given order.
+            (&[None, None, Some(2.0), Some(2.0)], &[0, 1, 2, 3]),
+        ];
+        for (expected, want) in cases {
+            assert_eq!(start_order(expected), want, "{expected:?}");
+        }
+    }
 }
