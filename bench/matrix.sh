@@ -3,9 +3,10 @@
 # aarch64; the shell example's tests) with --jobs 1 and with --jobs 2, the speed-up, and the
 # peak memory of the whole run (runner plus every QEMU it started, summed, sampled).
 #
-# Usage: bench/matrix.sh [--runs N] [--warmup N] [--no-build]
+# Usage: bench/matrix.sh [--runs N] [--warmup N] [--cpus N] [--no-build]
 #   --runs      counted runs of each --jobs value (default 5); the two alternate
 #   --warmup    uncounted runs of each first (default 1: saves VM states if there are none)
+#   --cpus      vCPUs per VM (default 2, runner's default)
 #   --no-build  use target/release/runner as it is (default: cargo build --release -p runner)
 # Environment: RUNNER_CACHE_DIR (as runner), RUNNER (binary, default target/release/runner).
 # Needs the riscv64 and aarch64 images cached (runner images build --arch riscv64,aarch64).
@@ -16,17 +17,20 @@ root=$(dirname "$here")
 runs=5
 warmup=1
 build=1
+cpus=2
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=${2:?--runs needs a number}; shift 2 ;;
         --warmup) warmup=${2:?--warmup needs a number}; shift 2 ;;
+        --cpus) cpus=${2:?--cpus needs a number}; shift 2 ;;
         --no-build) build=0; shift ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "matrix.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case $runs in ''|*[!0-9]*|0) echo "matrix.sh: --runs must be a positive integer" >&2; exit 2 ;; esac
 case $warmup in ''|*[!0-9]*) echo "matrix.sh: --warmup must be a non-negative integer" >&2; exit 2 ;; esac
+case $cpus in ''|*[!0-9]*|0) echo "matrix.sh: --cpus must be a positive integer" >&2; exit 2 ;; esac
 
 runner=${RUNNER:-$root/target/release/runner}
 if [ "$build" = 1 ] && [ -z "${RUNNER:-}" ]; then
@@ -59,10 +63,11 @@ junit = ["build/junit/*.xml"]
   name = "unit"
   run = "sh tests/run.sh build/junit/shell.xml"
 TOML
-cat >"$work/bench.toml" <<'TOML'
+cat >"$work/bench.toml" <<TOML
 suites = ["system", "unit"]
 arch = ["riscv64", "aarch64"]
 retries = 0
+cpus = $cpus
 TOML
 
 now() { date +%s.%N; }
@@ -117,7 +122,7 @@ one_run() {
 }
 
 cd "$work"
-echo "matrix.sh: 4 cells (system, unit × riscv64, aarch64), $runs runs per --jobs after $warmup warm-up" >&2
+echo "matrix.sh: 4 cells (system, unit × riscv64, aarch64), $cpus vCPUs each, $runs runs per --jobs after $warmup warm-up" >&2
 for _ in $(seq "$warmup"); do one_run 1 >/dev/null; one_run 2 >/dev/null; done
 : >"$work/j1"
 : >"$work/j2"
