@@ -234,7 +234,7 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         c.trend_s = history.trend(&c.key);
     }
     classify::classify(&mut results, history.previous(), &spec.history);
-    if let Err(e) = report::write_all(&args.out, &results, &history) {
+    if let Err(e) = report::write_all(&args.out, &results) {
         status.error(&e.to_string());
         return exit::IO;
     }

@@ -6,7 +6,6 @@
 
 use std::fmt::Write;
 
-use super::super::history::History;
 use super::super::results::{human_secs, CellResult, Change, RunResults, Status};
 use super::grid::{headline, Grid};
 use super::markdown::counts_text;
@@ -145,7 +144,7 @@ svg.trend { vertical-align: middle; color: #586069; }
 code { font-family: ui-monospace, monospace; }
 "#;
 
-pub fn render(results: &RunResults, history: &History) -> String {
+pub fn render(results: &RunResults) -> String {
     let mut h = String::new();
     let title = format!("Nightly matrix: {}", headline(results));
     let _ = write!(
@@ -199,7 +198,7 @@ pub fn render(results: &RunResults, history: &History) -> String {
                 .iter()
                 .filter(|t| t.change == Some(Change::Fixed))
                 .count();
-            let mut trend = history.trend(&c.key);
+            let mut trend = c.trend_s.clone();
             if c.completed() {
                 trend.push(c.duration_s);
             }
