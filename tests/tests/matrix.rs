@@ -344,6 +344,53 @@ fn cancelled_matrix_writes_a_partial_report_and_stops_every_vm() {
 }
 
 #[test]
+fn a_cell_whose_image_cannot_be_built_is_an_error_cell_and_the_rest_run() {
+    let cache = private_cache();
+    let dir = project();
+    let p = dir.path();
+    // A project image whose mirror refuses connections: its build fails fast.
+    std::fs::create_dir(p.join("images")).unwrap();
+    std::fs::write(
+        p.join("images/unreachable.toml"),
+        "name = \"unreachable\"\ndescription = \"mirror down\"\ndistribution = \"trixie\"\nmirror = \"http://127.0.0.1:9/debian\"\ndisk_size = \"4G\"\npackages = []\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("two-images.toml"),
+        "suites = ['calc']\narch = ['riscv64']\nimage = ['debian-13', 'unreachable']\n",
+    )
+    .unwrap();
+    let r = runner_with_cache(
+        p,
+        &["matrix", "two-images.toml", "--fail-on", "never"],
+        cache.path(),
+    );
+    assert_eq!(r.code, 0, "--fail-on never\n{r}");
+    assert!(
+        r.stderr
+            .contains("image unreachable for riscv64 cannot be used"),
+        "{r}"
+    );
+    let results = read_json(&p.join("matrix-report/results.json"));
+    assert_eq!(cell(&results, "calc/riscv64/debian-13")["status"], "passed");
+    let broken = cell(&results, "calc/riscv64/unreachable");
+    assert_eq!(broken["status"], "error", "{broken:#}");
+    assert_eq!(broken["attempts"], 1, "an image failure is not retried");
+    assert!(
+        broken["message"].as_str().unwrap().contains("mmdebstrap"),
+        "{broken:#}"
+    );
+    assert_eq!(test(broken, "(setup)")["change"], "new_failure");
+    let md = std::fs::read_to_string(p.join("matrix-report/summary.md")).unwrap();
+    assert!(
+        md.contains("| suite | riscv64 · debian-13 | riscv64 · unreachable |"),
+        "{md}"
+    );
+    assert!(md.contains("Infrastructure errors"), "{md}");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
 fn bad_matrix_input_is_refused_with_one_line() {
     let dir = project();
     let p = dir.path();

@@ -92,9 +92,10 @@ async fn prepare_images(
             _ = cancel.wait_for(|c| *c) => Err(Outcome::Cancelled),
         };
         if let Err(outcome) = result {
-            if outcome != Outcome::Cancelled {
+            if let Outcome::InfraError { message, .. } = &outcome {
+                let first = message.lines().next().unwrap_or_default();
                 progress.line(&format!(
-                    "image {image} for {arch} is not usable: {outcome}"
+                    "image {image} for {arch} cannot be used, its cells are error cells: {first}"
                 ));
             }
             failed.insert((image, arch), outcome);
