@@ -282,6 +282,37 @@ fn matrix_reports_a_regression_a_flaky_test_and_then_the_fix() {
 }
 
 #[test]
+fn the_shipped_example_matrix_produces_the_four_reports() {
+    let cache = private_cache();
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(e2e::workspace_root().join("examples/shell-suite/."))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r = runner_with_cache(
+        dir.path(),
+        &["matrix", "nightly.toml", "--jobs", "2", "--history", "h"],
+        cache.path(),
+    );
+    assert_eq!(r.code, 0, "{r}");
+    let out = dir.path().join("matrix-report");
+    for f in ["junit.xml", "results.json", "summary.md", "index.html"] {
+        assert!(out.join(f).is_file(), "{f}\n{r}");
+    }
+    let results = read_json(&out.join("results.json"));
+    for arch in ["riscv64", "aarch64", "x86_64"] {
+        let c = cell(&results, &format!("smoke/{arch}/debian-13"));
+        assert_eq!(c["status"], "passed", "{c:#}");
+        assert!(!c["kernel_version"].as_str().unwrap().is_empty(), "{c:#}");
+    }
+    assert!(r.stderr.contains("3 cells: 3 passed"), "{r}");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
 fn cancelled_matrix_writes_a_partial_report_and_stops_every_vm() {
     let cache = private_cache();
     let dir = tempfile::tempdir().unwrap();

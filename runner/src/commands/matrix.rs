@@ -50,7 +50,7 @@ fn spec(args: &MatrixArgs) -> Result<MatrixSpec, Refusal> {
             .map(|a| {
                 a.trim()
                     .parse::<Arch>()
-                    .map_err(|e| Refusal(format!("--arch: {e}"), exit::USAGE))
+                    .map_err(|e| config(format!("--arch: {e}")))
             })
             .collect::<Result<_, _>>()?;
         // --arch replaces the arch axis; included cells on other arches go too.

@@ -62,8 +62,13 @@ pub enum MatrixError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// `at` is `:LINE:COLUMN` when toml knows where, else empty.
+    #[error("{}{at}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        at: String,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
     #[error(transparent)]
@@ -218,8 +223,15 @@ impl MatrixSpec {
     pub fn parse(path: &Path, text: &str) -> Result<Self, MatrixError> {
         let raw: RawMatrix = toml::from_str(text).map_err(|e| MatrixError::Parse {
             path: path.into(),
-            // toml's message spans lines (a code excerpt); its first line says what.
-            message: e.message().to_string(),
+            at: e
+                .span()
+                .map(|span| {
+                    let (line, column) = suite::line_column(text, span.start);
+                    format!(":{line}:{column}")
+                })
+                .unwrap_or_default(),
+            // toml's Display spans lines (a code excerpt); its message alone is one line.
+            message: e.message().trim().to_string(),
         })?;
         let origin = path.display().to_string();
         let invalid = |message: String| MatrixError::Invalid {
@@ -585,7 +597,7 @@ arch = ["x86_64"]
             ("suites = ['nope']", Err("no suite named 'nope'")),
             ("[[exclude]]\nsuite = 'nope'", Err("no suite named 'nope'")),
             ("image = ['debian-99']", Err("unknown image 'debian-99'")),
-            ("colour = 'red'", Err("unknown field `colour`")),
+            ("colour = 'red'", Err("nightly.toml:1:1: unknown field `colour`")),
             ("[[include]]\nimage = 'custom'", Err("needs both suite and arch")),
             (
                 "[[include]]\nsuite = 'x86only'\narch = 'riscv64'",
