@@ -418,6 +418,37 @@ fn a_cell_whose_image_cannot_be_built_is_an_error_cell_and_the_rest_run() {
         "{md}"
     );
     assert!(md.contains("Infrastructure errors"), "{md}");
+
+    // --fail-fast, one cell at a time, the broken image first: the other cell never runs.
+    std::fs::write(
+        p.join("two-images.toml"),
+        "suites = ['calc']\narch = ['riscv64']\nimage = ['unreachable', 'debian-13']\n",
+    )
+    .unwrap();
+    let r = runner_with_cache(
+        p,
+        &[
+            "matrix",
+            "two-images.toml",
+            "--fail-fast",
+            "--jobs",
+            "1",
+            "--out",
+            "ff",
+        ],
+        cache.path(),
+    );
+    assert_eq!(r.code, 1, "the error cell is a new failure\n{r}");
+    let results = read_json(&p.join("ff/results.json"));
+    assert_eq!(
+        cell(&results, "calc/riscv64/unreachable")["status"],
+        "error"
+    );
+    assert_eq!(
+        cell(&results, "calc/riscv64/debian-13")["status"],
+        "cancelled"
+    );
+    assert_eq!(results["run"]["complete"], false);
     assert_nothing_left(cache.path());
 }
 

@@ -17,7 +17,9 @@ use crate::matrix::classify;
 use crate::matrix::history::History;
 use crate::matrix::progress::Progress;
 use crate::matrix::report;
-use crate::matrix::results::{human_secs, Change, RunInfo, RunResults, SCHEMA, VERSION};
+use crate::matrix::results::{
+    human_secs, Change, RunInfo, RunResults, Status as CellStatus, SCHEMA, VERSION,
+};
 use crate::matrix::run::{run_matrix, start_order, PlannedCell, Schedule};
 use crate::matrix::spec::{MatrixSpec, MAX_RETRIES};
 use crate::plan::{self, Overrides};
@@ -221,7 +223,8 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
             started_at,
             finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             duration_s: started.elapsed().as_secs_f64(),
-            complete: !ran.interrupted,
+            // Cancelled by a signal, or cells stopped by --fail-fast: not a baseline.
+            complete: !ran.cells.iter().any(|c| c.status == CellStatus::Cancelled),
             runner_version: env!("CARGO_PKG_VERSION").into(),
             jobs,
             retries: spec.retries,

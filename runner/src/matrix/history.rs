@@ -105,7 +105,8 @@ impl History {
         h
     }
 
-    /// The run to compare with: the newest complete one.
+    /// The run to compare with: the newest complete one (a run cut short by a signal or
+    /// by --fail-fast says little about the tests it did not run).
     pub fn previous(&self) -> Option<&RunResults> {
         self.runs
             .iter()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::attempt::{self, Attempt, Recorder};
@@ -189,7 +189,9 @@ pub async fn run_matrix(
     // taken here, before the cell's task exists, so the order is exactly this one.
     let mut waiting = order_or_default(schedule_order(&cells, order), cells.len()).into_iter();
     let mut next = waiting.next();
-    let mut tasks = JoinSet::new();
+    // Each task hands its slot back with its result, so the slot is free only once the
+    // result has been handled (a fail-fast stop is sent before another cell can start).
+    let mut tasks: JoinSet<(usize, Vec<Attempt>, OwnedSemaphorePermit)> = JoinSet::new();
     let mut done = 0;
     let mut stop_seen = stop.clone();
     loop {
@@ -210,27 +212,12 @@ pub async fn run_matrix(
         if next.is_none() && tasks.is_empty() {
             break;
         }
+        // Finished cells and a stop are handled before another cell starts, so that a
+        // fail-fast failure or a signal never lets one more cell slip in.
         tokio::select! {
-            slot = slots.clone().acquire_owned(), if next.is_some() => {
-                let index = next.take().expect("guarded");
-                next = waiting.next();
-                let planned = cells[index].clone();
-                let image_problem = unusable
-                    .get(&(planned.plan.image.clone(), planned.plan.id.arch))
-                    .cloned();
-                let (settings, progress, stop) = (settings.clone(), progress.clone(), stop.clone());
-                let slot = slot.expect("the semaphore is never closed");
-                tasks.spawn(async move {
-                    let _slot = slot;
-                    let attempts = match image_problem {
-                        Some(outcome) => vec![Attempt::without_vm(outcome, &planned.plan.image)],
-                        None => run_cell(&planned, schedule.retries, &settings, &progress, stop).await,
-                    };
-                    (index, attempts)
-                });
-            }
+            biased;
             Some(joined) = tasks.join_next() => {
-                let (index, attempts) = match joined {
+                let (index, attempts, slot) = match joined {
                     Ok(r) => r,
                     // A panicking cell task is a bug; the others go on, it ends as an error.
                     Err(e) => {
@@ -245,8 +232,32 @@ pub async fn run_matrix(
                     let _ = stop_tx.send(true);
                 }
                 results[index] = Some(result);
+                drop(slot);
             }
             _ = stop_seen.changed(), if !stopped => {}
+            slot = slots.clone().acquire_owned(), if next.is_some() => {
+                let index = next.take().expect("guarded");
+                next = waiting.next();
+                let planned = cells[index].clone();
+                let image_problem = unusable
+                    .get(&(planned.plan.image.clone(), planned.plan.id.arch))
+                    .cloned();
+                let (settings, progress, stop) =
+                    (settings.clone(), progress.clone(), stop.clone());
+                let slot = slot.expect("the semaphore is never closed");
+                tasks.spawn(async move {
+                    let attempts = match image_problem {
+                        Some(outcome) => {
+                            vec![Attempt::without_vm(outcome, &planned.plan.image)]
+                        }
+                        None => {
+                            run_cell(&planned, schedule.retries, &settings, &progress, stop)
+                                .await
+                        }
+                    };
+                    (index, attempts, slot)
+                });
+            }
         }
     }
     progress.finish();
