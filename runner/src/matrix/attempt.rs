@@ -2,6 +2,7 @@
 //! attempts of a cell merge into its result: the last attempt decides, and a cell or test
 //! that failed before passing on a re-run is *flaky* — neither passed nor failed.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,7 +181,7 @@ pub fn tests_of(attempt: &Attempt) -> Vec<TestResult> {
         });
     }
     // Names are the tests' identity across attempts and runs: make repeats unique.
-    let mut seen = std::collections::HashMap::<String, u32>::new();
+    let mut seen = HashMap::<String, u32>::new();
     for t in &mut tests {
         let n = seen.entry(t.name.clone()).or_default();
         *n += 1;
@@ -265,20 +266,26 @@ fn guest_tests(report: &GuestReport, out: &mut Vec<TestResult>) {
 pub fn merge(cell: &Cell, attempts: &[Attempt]) -> CellResult {
     let last = attempts.last().expect("a cell has at least one attempt");
     let per_attempt: Vec<Vec<TestResult>> = attempts.iter().map(tests_of).collect();
+    // By name, per attempt: a guest may report thousands of tests, so no linear searches.
+    let by_name: Vec<HashMap<&str, &TestResult>> = per_attempt
+        .iter()
+        .map(|a| a.iter().map(|t| (t.name.as_str(), t)).collect())
+        .collect();
     let mut tests = per_attempt.last().cloned().unwrap_or_default();
     // Tests only seen in earlier attempts still count (e.g. a guest report lost to a
     // timeout in the last attempt): keep their latest result.
+    let mut seen: HashSet<String> = tests.iter().map(|t| t.name.clone()).collect();
     for earlier in per_attempt.iter().rev().skip(1) {
         for t in earlier {
-            if !tests.iter().any(|x| x.name == t.name) {
+            if seen.insert(t.name.clone()) {
                 tests.push(t.clone());
             }
         }
     }
     for t in &mut tests {
-        let history: Vec<&TestResult> = per_attempt
+        let history: Vec<&TestResult> = by_name
             .iter()
-            .filter_map(|a| a.iter().find(|x| x.name == t.name))
+            .filter_map(|a| a.get(t.name.as_str()).copied())
             .collect();
         t.attempts = history.len() as u32;
         let failed_before = history

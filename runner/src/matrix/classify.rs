@@ -17,7 +17,7 @@
 //! A cell is a slowdown when both runs ran to the end and its last attempt took more than
 //! `slowdown_percent` longer *and* at least `slowdown_min` more than last time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::attempt::SETUP_TEST;
 use super::results::{Change, Comparison, RemovedTest, RunResults, Slowdown, Status};
@@ -32,14 +32,24 @@ pub fn classify(results: &mut RunResults, previous: Option<&RunResults>, h: &His
             continue;
         }
         let prev_cell = previous.and_then(|p| p.cell(&cell.key));
+        // By name: cells may hold thousands of tests.
+        let before: HashMap<&str, Status> = prev_cell
+            .map(|c| {
+                c.tests
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.status))
+                    .collect()
+            })
+            .unwrap_or_default();
         for t in &mut cell.tests {
-            let before = prev_cell.and_then(|c| c.tests.iter().find(|x| x.name == t.name));
-            t.change = change_of(t.status, before.map(|b| b.status), previous.is_some());
+            let was = before.get(t.name.as_str()).copied();
+            t.change = change_of(t.status, was, previous.is_some());
         }
         if let Some(pc) = prev_cell {
             if cell.completed() {
+                let now: HashSet<String> = cell.tests.iter().map(|t| t.name.clone()).collect();
                 for old in &pc.tests {
-                    if cell.tests.iter().any(|t| t.name == old.name) {
+                    if now.contains(&old.name) {
                         continue;
                     }
                     if old.name == SETUP_TEST {

@@ -12,6 +12,21 @@ use super::markdown::counts_text;
 
 /// Runs drawn in a cell's duration trend (this one included).
 const TREND_POINTS: usize = 20;
+/// Most entries per list and failing tests per cell shown (a page that stays usable when
+/// a whole suite breaks; results.json has them all).
+const MAX_SHOWN: usize = 200;
+
+/// "… and N more" when a list was cut at [`MAX_SHOWN`].
+fn more(total: usize, tag: &str) -> String {
+    if total > MAX_SHOWN {
+        format!(
+            "<{tag} class=\"more\">… and {} more (all of them are in results.json)</{tag}>",
+            total - MAX_SHOWN
+        )
+    } else {
+        String::new()
+    }
+}
 
 /// Text made safe for HTML element content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -264,7 +279,8 @@ pub fn render(results: &RunResults) -> String {
             "<section class=\"changes-{section}\" id=\"{section}\"><h2>{title}: {}</h2><ul class=\"changes\">",
             list.len()
         );
-        for (cell, test) in list {
+        let total = list.len();
+        for (cell, test) in list.into_iter().take(MAX_SHOWN) {
             let _ = writeln!(
                 h,
                 "<li><a href=\"#{}\"><code>{}</code></a> — <code>{}</code>{}</li>",
@@ -278,6 +294,7 @@ pub fn render(results: &RunResults) -> String {
                     .unwrap_or_default()
             );
         }
+        h.push_str(&more(total, "li"));
         h.push_str("</ul></section>\n");
     }
     if let Some(c) = results
@@ -290,7 +307,7 @@ pub fn render(results: &RunResults) -> String {
             "<section id=\"removed\"><h2>Removed tests: {}</h2><ul class=\"changes\">",
             c.removed.len()
         );
-        for r in &c.removed {
+        for r in c.removed.iter().take(MAX_SHOWN) {
             let _ = writeln!(
                 h,
                 "<li><code>{}</code> — <code>{}</code></li>",
@@ -298,6 +315,7 @@ pub fn render(results: &RunResults) -> String {
                 esc(&r.test)
             );
         }
+        h.push_str(&more(c.removed.len(), "li"));
         h.push_str("</ul></section>\n");
     }
 
@@ -358,7 +376,8 @@ pub fn render(results: &RunResults) -> String {
         if failing.is_empty() {
             h.push_str("<p>No failing tests.</p>");
         }
-        for t in failing {
+        let total = failing.len();
+        for t in failing.into_iter().take(MAX_SHOWN) {
             let _ = write!(
                 h,
                 "<div class=\"test {}\"><span class=\"name\">{}</span> <span class=\"status\">{}</span>{}{}",
@@ -386,6 +405,7 @@ pub fn render(results: &RunResults) -> String {
             }
             h.push_str("</div>");
         }
+        h.push_str(&more(total, "p"));
         h.push_str("</div></details>\n");
     }
     h.push_str("</body></html>\n");

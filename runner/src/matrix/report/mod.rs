@@ -140,6 +140,28 @@ mod tests {
     }
 
     #[test]
+    fn html_lists_are_capped_when_a_whole_suite_breaks() {
+        let mut r = results();
+        let many: Vec<TestResult> = (0..500)
+            .map(|i| TestResult {
+                name: format!("t{i}"),
+                kind: TestKind::Test,
+                status: Status::Failed,
+                duration_s: 0.0,
+                attempts: 1,
+                message: None,
+                log_tail: None,
+                change: Some(Change::NewFailure),
+            })
+            .collect();
+        r.cells[0].tests = many;
+        let html = html::render(&r);
+        // The regressions list and the cell's details each show 200 of 500.
+        assert_eq!(html.matches("and 300 more").count(), 2, "{html}");
+        assert!(html.contains("<code>t199</code>") && !html.contains("<code>t200</code>"));
+    }
+
+    #[test]
     fn junit_has_one_testsuite_per_cell_with_facts() {
         let xml = junit::render(&results());
         let report = quick_junit::Report::deserialize_from_str(&xml).unwrap();
