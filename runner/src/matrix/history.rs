@@ -12,6 +12,19 @@ use std::path::{Path, PathBuf};
 
 use super::results::RunResults;
 
+/// Why a run could not be kept (the run itself is never affected).
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("no usable history directory; this run is not kept")]
+    Unusable,
+    #[error("cannot keep this run in {dir}: {source}")]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 const MARKER: &str = "HISTORY";
 const MARKER_TEXT: &str = "runner matrix history, format 1\n";
 const RUN_PREFIX: &str = "run-";
@@ -127,10 +140,10 @@ impl History {
     }
 
     /// Keeps `results` and prunes to the newest `keep` runs. Returns the file written, or a
-    /// warning. Only files this history read successfully are ever pruned.
-    pub fn save(&mut self, results: &RunResults, keep: usize) -> Result<PathBuf, String> {
+    /// the reason it could not be. Only files this history read successfully are pruned.
+    pub fn save(&mut self, results: &RunResults, keep: usize) -> Result<PathBuf, HistoryError> {
         let Some(dir) = &self.dir else {
-            return Err("no usable history directory; this run is not kept".into());
+            return Err(HistoryError::Unusable);
         };
         let stamp: String = results
             .run
@@ -143,9 +156,12 @@ impl History {
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, results.to_json())
             .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| {
+            .map_err(|source| {
                 let _ = std::fs::remove_file(&tmp);
-                format!("cannot keep this run in {}: {e}", dir.display())
+                HistoryError::Write {
+                    dir: dir.clone(),
+                    source,
+                }
             })?;
         self.runs.push((name, results.clone()));
         while self.runs.len() > keep {
