@@ -139,7 +139,7 @@ impl History {
             .collect()
     }
 
-    /// Keeps `results` and prunes to the newest `keep` runs. Returns the file written, or a
+    /// Keeps `results` and prunes to the newest `keep` runs. Returns the file written, or
     /// the reason it could not be. Only files this history read successfully are pruned.
     pub fn save(&mut self, results: &RunResults, keep: usize) -> Result<PathBuf, HistoryError> {
         let Some(dir) = &self.dir else {
