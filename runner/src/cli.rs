@@ -32,6 +32,18 @@ pub enum Command {
     Doctor,
     /// Run suites × architectures × images in parallel and report what regressed.
     Matrix(MatrixArgs),
+    /// Run as a service: a GitLab runner and/or a GitHub App, jobs in fresh VMs.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The service's config file (TOML; see the README).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Accelerator for every job's VM.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

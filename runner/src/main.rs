@@ -60,6 +60,15 @@ async fn run(cli: Cli) -> i32 {
             };
             commands::matrix::run(args, settings, status).await
         }
+        Command::Serve(args) => {
+            let settings = RunSettings {
+                store,
+                accel: args.accel,
+                boot_timeout: boot_timeout(),
+                saved_states: true,
+            };
+            commands::serve::run(&args.config, settings).await
+        }
     }
 }
 

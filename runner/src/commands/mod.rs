@@ -3,4 +3,5 @@
 pub mod doctor;
 pub mod images;
 pub mod matrix;
+pub mod serve;
 pub mod test;

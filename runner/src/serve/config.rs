@@ -1,0 +1,209 @@
+//! The `runner serve` config file. Key names follow gitlab-runner's `config.toml` where one
+//! exists, with the same meaning (`concurrent`, `check_interval`, `shutdown_timeout`,
+//! `[[runners]]` with `name`, `url`, `token`, `limit`, …); our own keys sit beside them.
+//! Unknown keys are errors: a misspelt key silently ignored is worse than a refusal.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::github::GithubConfig;
+use crate::gitlab::RunnerEntry;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// VMs running at once, over all services (gitlab-runner: jobs at once).
+    #[serde(default = "default_concurrent")]
+    pub concurrent: usize,
+    /// Seconds between job requests when there was none (gitlab-runner's default: 3).
+    #[serde(default = "default_check_interval")]
+    pub check_interval: u64,
+    /// Seconds to wait for running jobs to be reported after SIGTERM/SIGINT before exiting.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: u64,
+    /// Log format: "text" (default) or "json".
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// GitLab runner entries.
+    #[serde(default)]
+    pub runners: Vec<RunnerEntry>,
+    /// The GitHub App, if this service is one.
+    pub github: Option<GithubConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_concurrent() -> usize {
+    1
+}
+fn default_check_interval() -> u64 {
+    3
+}
+fn default_shutdown_timeout() -> u64 {
+    30
+}
+
+impl ServeConfig {
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_secs(self.check_interval.max(1))
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout)
+    }
+}
+
+/// Why the config cannot be used; always one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        ServeConfig::parse(path, &text)
+    }
+
+    /// Parses `text` (the contents of `path`, which names it in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
+        let config: ServeConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let (line, column) = crate::suite::line_column(text, span.start);
+                    ConfigError::Syntax {
+                        path: path.into(),
+                        line,
+                        column,
+                        message,
+                    }
+                }
+                None => ConfigError::Invalid {
+                    path: path.into(),
+                    message,
+                },
+            }
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
+        if config.runners.is_empty() && config.github.is_none() {
+            return Err(invalid(
+                "nothing to serve: add a [[runners]] entry (GitLab) or a [github] section".into(),
+            ));
+        }
+        if config.concurrent == 0 {
+            return Err(invalid("concurrent must be at least 1".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &config.runners {
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(format!(
+                    "two [[runners]] entries are named '{}': names must be unique (they label logs)",
+                    r.name
+                )));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// serde helper: an architecture name, refused with the list of known ones.
+pub(crate) fn de_arch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<engine::Arch, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|e: engine::arch::UnknownArch| serde::de::Error::custom(e.to_string()))
+}
+
+/// serde helper: a list of architecture names.
+pub(crate) fn de_arches<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<engine::Arch>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e: engine::arch::UnknownArch| serde::de::Error::custom(e.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
+        ServeConfig::parse(Path::new("serve.toml"), text)
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let c = parse(
+            r#"
+concurrent = 2
+check_interval = 3
+[[runners]]
+name = "riscv64-emu"
+url = "https://gitlab.example.com"
+token = "glrt-abc"
+arch = "riscv64"
+image = "debian-13"
+limit = 2
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.concurrent, 2);
+        assert_eq!(c.runners.len(), 1);
+        assert_eq!(c.runners[0].arch, engine::Arch::Riscv64);
+        assert_eq!(c.shutdown_timeout, 30);
+    }
+
+    #[test]
+    fn errors_have_line_and_column() {
+        let e = parse("concurrent = 2\n[[runners]]\nname = \"x\"\nurl = \"u\"\ntoken = \"t\"\narch = \"mips\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("serve.toml:6:8: "), "{e}");
+        assert!(e.contains("mips"), "{e}");
+        let e = parse("concurent = 2\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("serve.toml:1:1: ") && e.contains("concurent"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_config_is_refused() {
+        let e = parse("concurrent = 1\n").unwrap_err().to_string();
+        assert!(e.contains("nothing to serve"), "{e}");
+    }
+}
