@@ -30,6 +30,8 @@ pub enum Command {
     Images(ImagesCommand),
     /// Check this host: QEMU per architecture, KVM, the image cache.
     Doctor,
+    /// Run suites × architectures × images in parallel and report what regressed.
+    Matrix(MatrixArgs),
     /// Run as a service: a GitLab runner and/or a GitHub App, jobs in fresh VMs.
     Serve(ServeArgs),
 }
@@ -100,6 +102,43 @@ pub struct TestArgs {
     /// The command to run in the guest instead of runner.toml's suites.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MatrixArgs {
+    /// Matrix file (e.g. nightly.toml). Without one: every suite of ./runner.toml.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Architectures, replacing the matrix file's (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Cells run at once [default: as many VMs as the host's cores and memory fit].
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Where the reports go.
+    #[arg(long, value_name = "DIR", default_value = "matrix-report")]
+    pub out: PathBuf,
+    /// Keep each run's results here and compare with the previous run.
+    #[arg(long, value_name = "DIR")]
+    pub history: Option<PathBuf>,
+    /// Runs kept in the history [default: the matrix file's, else 30].
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Re-runs of a failing cell [default: the matrix file's, else 1].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+    /// What makes the exit status non-zero [default: the matrix file's, else regression].
+    #[arg(long, value_enum)]
+    pub fail_on: Option<crate::matrix::spec::FailOn>,
+    /// Stop every other cell at the first cell that fails (after its retries).
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Always boot the kernel; do not resume from (or save) a VM state saved after boot.
+    #[arg(long)]
+    pub cold_boot: bool,
 }
 
 #[derive(Debug, Subcommand)]

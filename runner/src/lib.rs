@@ -9,6 +9,7 @@ pub mod exit;
 pub mod github;
 pub mod gitlab;
 pub mod host;
+pub mod matrix;
 pub mod outcome;
 pub mod plan;
 pub mod report;

@@ -51,6 +51,15 @@ async fn run(cli: Cli) -> i32 {
         }
         Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
         Command::Doctor => commands::doctor::run(&store).await,
+        Command::Matrix(args) => {
+            let settings = RunSettings {
+                store,
+                accel: args.accel,
+                boot_timeout: boot_timeout(),
+                saved_states: !args.cold_boot,
+            };
+            commands::matrix::run(args, settings, status).await
+        }
         Command::Serve(args) => {
             let settings = RunSettings {
                 store,

@@ -2,5 +2,6 @@
 
 pub mod doctor;
 pub mod images;
+pub mod matrix;
 pub mod serve;
 pub mod test;

@@ -1,0 +1,307 @@
+//! `runner matrix`: read the matrix (or every suite of runner.toml), plan its cells, run
+//! them in parallel, compare with the history, write the four reports, and turn the result
+//! into the exit status chosen by `--fail-on`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use engine::image::Recipe;
+use engine::Arch;
+use tokio::sync::watch;
+
+use crate::capacity::HostResources;
+use crate::cli::MatrixArgs;
+use crate::execute::RunSettings;
+use crate::exit;
+use crate::matrix::classify;
+use crate::matrix::history::History;
+use crate::matrix::progress::Progress;
+use crate::matrix::report;
+use crate::matrix::results::{
+    human_secs, Change, RunInfo, RunResults, Status as CellStatus, SCHEMA, VERSION,
+};
+use crate::matrix::run::{run_matrix, start_order, PlannedCell, Schedule};
+use crate::matrix::spec::{MatrixSpec, MAX_RETRIES};
+use crate::plan::{self, Overrides};
+use crate::report::console::Status;
+use crate::suite::{self, SuiteFile};
+
+/// A bad input found before anything ran: message and exit code.
+struct Refusal(String, i32);
+
+fn config(msg: impl Into<String>) -> Refusal {
+    Refusal(msg.into(), exit::CONFIG)
+}
+
+/// The matrix spec with the command line's overrides applied.
+fn spec(args: &MatrixArgs) -> Result<MatrixSpec, Refusal> {
+    let mut spec = match &args.file {
+        Some(f) if !f.is_file() => {
+            return Err(config(format!(
+                "no matrix file {}: give an existing file (see examples/shell-suite/nightly.toml) or none to run every suite of ./runner.toml",
+                f.display()
+            )))
+        }
+        Some(f) => MatrixSpec::load(f).map_err(|e| config(e.to_string()))?,
+        None => MatrixSpec::from_suites_file(PathBuf::from(suite::SUITE_FILE_NAME)),
+    };
+    if !args.arch.is_empty() {
+        spec.arches = args
+            .arch
+            .iter()
+            .map(|a| {
+                a.trim()
+                    .parse::<Arch>()
+                    .map_err(|e| config(format!("--arch: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        // --arch replaces the arch axis; included cells on other arches go too.
+        let keep = spec.arches.clone();
+        spec.include
+            .retain(|i| i.arch.is_none_or(|a| keep.contains(&a)));
+    }
+    if let Some(r) = args.retries {
+        if r > MAX_RETRIES {
+            return Err(Refusal(
+                format!("--retries {r} is more than {MAX_RETRIES}"),
+                exit::USAGE,
+            ));
+        }
+        spec.retries = r;
+    }
+    if let Some(f) = args.fail_on {
+        spec.fail_on = f;
+    }
+    if let Some(k) = args.keep {
+        if k == 0 {
+            return Err(Refusal("--keep must be at least 1".into(), exit::USAGE));
+        }
+        spec.history.keep = k;
+    }
+    if args.jobs == Some(0) {
+        return Err(Refusal("--jobs must be at least 1".into(), exit::USAGE));
+    }
+    Ok(spec)
+}
+
+/// The cells and their plans.
+fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal> {
+    if !spec.suites_file.is_file() {
+        return Err(config(format!(
+            "no suite file {}: runner matrix runs the suites of a runner.toml (set suites_file in the matrix file, or run it where runner.toml is)",
+            spec.suites_file.display()
+        )));
+    }
+    let file = SuiteFile::load(&spec.suites_file).map_err(|e| config(e.to_string()))?;
+    let project_dir = spec
+        .suites_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let image_exists = |name: &str| {
+        if name.ends_with(".toml") {
+            Recipe::load(&project_dir.join(name)).is_ok()
+        } else {
+            Recipe::find(name, Some(&project_dir)).is_ok()
+        }
+    };
+    let cells = spec
+        .expand(&file, &image_exists)
+        .map_err(|e| config(e.to_string()))?;
+    cells
+        .into_iter()
+        .map(|cell| {
+            let ov = Overrides {
+                image: Some(cell.image.clone()),
+                timeout: cell.timeout,
+                cpus: spec.cpus,
+                memory_mib: spec.memory_mib,
+                out: Some(out.join("artifacts").join(&cell.image)),
+            };
+            let mut plans =
+                plan::plan_suites(&file, std::slice::from_ref(&cell.suite), &[cell.arch], &ov)
+                    .map_err(config)?;
+            let plan = plans.pop().ok_or_else(|| {
+                config(format!(
+                    "{}: nothing to run for {}",
+                    spec.origin,
+                    cell.key()
+                ))
+            })?;
+            Ok(PlannedCell { cell, plan })
+        })
+        .collect()
+}
+
+fn cancel_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        super::test::interrupted().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32 {
+    let started = Instant::now();
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let (spec, cells) = match spec(&args).and_then(|s| {
+        let cells = plan_cells(&s, &args.out)?;
+        Ok((s, cells))
+    }) {
+        Ok(x) => x,
+        Err(Refusal(msg, code)) => {
+            status.error(&msg);
+            return code;
+        }
+    };
+    let mut history = match &args.history {
+        Some(dir) => History::open(dir),
+        None => History::none(),
+    };
+    for w in &history.warnings {
+        status.line(&format!("runner: warning: {w}"));
+    }
+    let jobs = args.jobs.unwrap_or_else(|| {
+        // The biggest VM of the matrix decides how many fit.
+        let cpus = cells.iter().map(|c| c.plan.cpus).max().unwrap_or(1);
+        let mem = cells
+            .iter()
+            .map(|c| c.plan.memory_mib)
+            .max()
+            .unwrap_or(1024);
+        HostResources::detect().default_parallel_vms(cpus, mem)
+    });
+    let jobs = jobs.min(cells.len()).max(1);
+    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
+        + engine::image::store::sweep_leftovers(&settings.store)
+        + engine::vm::state::prune(&settings.store.states_dir());
+    if swept > 0 {
+        status.line(&format!(
+            "runner: removed {swept} leftovers of earlier runs (VM directories, unfinished builds, stale saved states)"
+        ));
+    }
+    status.line(&format!(
+        "runner matrix: {} cells from {}, {jobs} at a time, retries per failing cell: {}",
+        cells.len(),
+        spec.origin,
+        spec.retries
+    ));
+    let progress = Progress::new(status, cells.len());
+    let schedule = Schedule {
+        jobs,
+        retries: spec.retries,
+        fail_fast: args.fail_fast,
+    };
+    // Longest cells first, by their last duration in the history.
+    let previous = history.previous();
+    let expected: Vec<Option<f64>> = cells
+        .iter()
+        .map(|c| {
+            previous
+                .and_then(|p| p.cell(&c.cell.key()))
+                .map(|pc| pc.duration_s)
+        })
+        .collect();
+    let order = start_order(&expected);
+    let ran = run_matrix(
+        cells,
+        Some(order),
+        schedule,
+        settings,
+        progress,
+        cancel_on_signals(),
+    )
+    .await;
+
+    let mut results = RunResults {
+        schema: SCHEMA.into(),
+        version: VERSION,
+        run: RunInfo {
+            id: format!("{:08x}", rand::random::<u32>()),
+            started_at,
+            finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            duration_s: started.elapsed().as_secs_f64(),
+            // Cancelled by a signal, or cells stopped by --fail-fast: not a baseline.
+            complete: !ran.cells.iter().any(|c| c.status == CellStatus::Cancelled),
+            runner_version: env!("CARGO_PKG_VERSION").into(),
+            jobs,
+            retries: spec.retries,
+            fail_on: spec.fail_on.name().into(),
+        },
+        cells: ran.cells,
+        comparison: None,
+    };
+    for c in &mut results.cells {
+        c.trend_s = history.trend(&c.key);
+    }
+    classify::classify(&mut results, history.previous(), &spec.history);
+    if let Err(e) = report::write_all(&args.out, &results) {
+        status.error(&e.to_string());
+        return exit::IO;
+    }
+    // A cancelled run is not kept: its missing cells would read as removed tests next time.
+    if args.history.is_some() {
+        if ran.interrupted {
+            status.line("runner: the run was cancelled; it is not added to the history");
+        } else if let Err(w) = history.save(&results, spec.history.keep) {
+            status.line(&format!("runner: warning: {w}"));
+        }
+    }
+    summary(&status, &results, &args.out);
+    if ran.interrupted {
+        status.error("cancelled: every VM was stopped; the partial report is written");
+        return exit::CANCELLED;
+    }
+    classify::exit_status(&results, spec.fail_on)
+}
+
+/// The end of the run on the terminal: each cell, what changed, where the reports are.
+fn summary(status: &Status, results: &RunResults, out: &Path) {
+    status.line("=== matrix summary");
+    for c in &results.cells {
+        let mut line = format!(
+            "{:<10} {} in {}",
+            c.status.label().to_uppercase(),
+            c.key,
+            human_secs(c.duration_s)
+        );
+        if c.attempts > 1 {
+            line.push_str(&format!(" ({} attempts)", c.attempts));
+        }
+        if let Some(m) = c.message.as_deref().and_then(|m| m.lines().next()) {
+            line.push_str(&format!(": {m}"));
+        }
+        status.line(&line);
+    }
+    for change in [
+        Change::NewFailure,
+        Change::Fixed,
+        Change::Flaky,
+        Change::StillFailing,
+    ] {
+        for (cell, test) in results.changed(change) {
+            status.line(&format!(
+                "{:<14} {} {}",
+                change.label(),
+                cell.key,
+                test.name
+            ));
+        }
+    }
+    for c in results.cells.iter().filter(|c| c.slowdown.is_some()) {
+        let s = c.slowdown.as_ref().expect("filtered");
+        status.line(&format!(
+            "slowdown       {}: {} -> {}",
+            c.key,
+            human_secs(s.previous_s),
+            human_secs(s.current_s)
+        ));
+    }
+    status.line(&format!(
+        "{} · reports in {}/ (index.html, summary.md, junit.xml, results.json)",
+        crate::matrix::report::grid::headline(results),
+        out.display()
+    ));
+}

@@ -1,0 +1,20 @@
+//! `runner matrix`: many suites × architectures × images in parallel, compared with the
+//! previous run, reported as JUnit, JSON, Markdown and one HTML page.
+//!
+//! The pieces, in the order data flows through them:
+//! - [`spec`]: the matrix file and its expansion into cells (include / exclude);
+//! - [`run`]: images prepared once, cells scheduled up to `--jobs`, retries, cancellation;
+//!   [`attempt`] records each attempt from the run's events and merges attempts (flaky);
+//!   [`progress`] draws it live;
+//! - [`results`]: the run as data — exactly `results.json`;
+//! - [`history`] and [`classify`]: earlier runs, what changed, the exit status;
+//! - [`report`]: junit.xml, results.json, summary.md, index.html.
+
+pub mod attempt;
+pub mod classify;
+pub mod history;
+pub mod progress;
+pub mod report;
+pub mod results;
+pub mod run;
+pub mod spec;
