@@ -105,14 +105,12 @@ pub fn sweep_all(parent: &Path) -> usize {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system") {
-                if cmdline.contains(&needle) {
-                    // QEMU leads its own process group (see QemuProcess::spawn).
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            let is_qemu = cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system");
+            if is_qemu && cmdline.contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

@@ -93,7 +93,7 @@ impl ServeConfig {
 
     /// Parses `text` (the contents of `path`, which names it in messages).
     pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
-        let config: ServeConfig = toml::from_str(text).map_err(|e| {
+        let mut config: ServeConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => {
@@ -122,6 +122,11 @@ impl ServeConfig {
         }
         if config.concurrent == 0 {
             return Err(invalid("concurrent must be at least 1".into()));
+        }
+        let check_interval = config.check_interval();
+        for r in &mut config.runners {
+            r.check_interval = check_interval;
+            r.memory_mib().map_err(invalid)?;
         }
         let mut names = std::collections::HashSet::new();
         for r in &config.runners {
