@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: find (or build) the `runner` binary, run it, and check
 //! that nothing is left behind (QEMU processes, VM directories).
 
+pub mod fake_gitlab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Once;

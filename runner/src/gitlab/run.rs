@@ -775,7 +775,8 @@ impl Reporter for TraceReporter {
                 id.arch
             )),
             Event::VmBooted { facts, .. } => {
-                self.span.record("vm_id", facts.vm_id.as_str());
+                self.span
+                    .record("vm_id", tracing::field::display(&facts.vm_id));
                 let _enter = self.span.enter();
                 tracing::info!(
                     start = %facts.start,

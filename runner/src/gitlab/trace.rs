@@ -17,7 +17,10 @@ use super::mask::Masker;
 pub const MAX_PATCH: usize = 1 << 20;
 /// Trace interval until GitLab says otherwise (gitlab-runner's default).
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(3);
-/// A `PUT state=running` goes out when nothing was sent for this long.
+/// A `PUT state=running` goes out when nothing was sent for this long (gitlab-runner's 30 s),
+/// or for one trace update interval when that is shorter: replies are the only way GitLab can
+/// tell a silent job that it was cancelled. GitLab sets the interval (it raises it when nobody
+/// watches the log), so it also controls the load.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long the final log and state are retried through outages before giving up.
 pub const FINAL_DEADLINE: Duration = Duration::from_secs(600);
@@ -175,7 +178,9 @@ impl Uploader {
                     }
                     let ok = if self.log.bytes().len() > self.sent {
                         self.patch_once(signals).await
-                    } else if last_contact.elapsed() >= KEEPALIVE {
+                    } else if last_contact.elapsed() >= KEEPALIVE.min(self.interval) {
+                        // A silent job still asks every interval: cancellation only ever
+                        // arrives in a reply, and a cancelled job must stop within seconds.
                         self.keepalive(signals).await
                     } else {
                         Some(true)
@@ -285,11 +290,8 @@ impl Uploader {
                 tracing::error!("gave up reporting the job to GitLab after {FINAL_DEADLINE:?}");
                 return false;
             }
-            if self.gone {
-                return false;
-            }
-            // 1. The rest of the log.
-            if self.sent < self.log.bytes().len() {
+            // 1. The rest of the log (unless GitLab refuses it: the state still goes out).
+            if !self.gone && self.sent < self.log.bytes().len() {
                 match self.patch_once(&signals).await {
                     Some(true) => backoff.reset(),
                     Some(false) => {}
@@ -321,10 +323,11 @@ impl Uploader {
                     let wait = reply.update_interval().unwrap_or(self.interval);
                     tokio::time::sleep(wait).await;
                 }
-                412 => {
+                412 if !self.gone => {
                     tracing::warn!("GitLab's copy of the log differs (412): sending it again");
                     self.sent = 0;
                 }
+                412 => return false,
                 403 | 404 => {
                     tracing::warn!(status = %reply.status, "GitLab no longer accepts updates for this job");
                     return false;
