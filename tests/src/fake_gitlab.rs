@@ -288,9 +288,9 @@ fn job_token_refusal(s: &mut State, id: u64, headers: &HeaderMap) -> Option<Resp
     if sent != Some(job.token.as_str()) {
         s.violations
             .push(format!("job {id}: call without the right JOB-TOKEN"));
-        return Err((StatusCode::FORBIDDEN, Json403).into_response());
+        return Some((StatusCode::FORBIDDEN, Json403).into_response());
     }
-    Ok(())
+    None
 }
 
 fn status_headers(s: &State, status: &str) -> HeaderMap {
