@@ -520,7 +520,7 @@ fn git_job_clones_a_local_bare_repository_on_the_host() {
     );
     job["git_info"]["repo_url"] = json!(format!("file://{}", bare.display()));
     job["git_info"]["sha"] = json!(sha);
-    let _ = gl.enqueue(job);
+    gl.enqueue(job);
     let j = gl.wait_final(501, JOB_DEADLINE);
     let log = trace(&j);
     assert_eq!(j.final_update.unwrap()["state"], "success", "{log}");
