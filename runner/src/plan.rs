@@ -259,3 +259,44 @@ pub fn plan_command(
         files: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_decides_which_steps_run() {
+        // (when, suite still succeeding, runs)
+        let cases = [
+            (StepWhen::OnSuccess, true, true),
+            (StepWhen::OnSuccess, false, false),
+            (StepWhen::OnFailure, true, false),
+            (StepWhen::OnFailure, false, true),
+            (StepWhen::Always, true, true),
+            (StepWhen::Always, false, true),
+        ];
+        for (when, ok, runs) in cases {
+            assert_eq!(when.runs(ok), runs, "{when:?} after success={ok}");
+        }
+    }
+
+    #[test]
+    fn cleanup_steps_extend_the_hard_deadline() {
+        let mut p = plan_command(
+            vec!["true".into()],
+            Arch::Riscv64,
+            None,
+            &Overrides::default(),
+        );
+        p.timeout = Duration::from_secs(60);
+        assert_eq!(p.hard_deadline(), Duration::from_secs(60));
+        let mut after = p.steps[0].clone();
+        after.when = StepWhen::Always;
+        after.timeout = Duration::from_secs(300);
+        p.steps.push(after);
+        assert_eq!(
+            p.hard_deadline(),
+            Duration::from_secs(60 + 300) + CLEANUP_RESULTS_ALLOWANCE
+        );
+    }
+}

@@ -165,7 +165,11 @@ fn job_runs_in_riscv64_streams_masked_log_uploads_junit_and_survives_outages() {
             "sleep 2; echo done",
         ],
         &["echo after-script-ran"],
-        &[("MY_SECRET", secret, true), ("GIT_STRATEGY", "none", false)],
+        &[
+            ("MY_SECRET", secret, true),
+            ("GIT_STRATEGY", "none", false),
+            ("RUNNER_STEP_JUNIT", "true", false),
+        ],
         600,
     );
     job["artifacts"] = json!([
@@ -232,7 +236,13 @@ fn job_runs_in_riscv64_streams_masked_log_uploads_junit_and_survives_outages() {
     flate2::read::MultiGzDecoder::new(&junit.data[..])
         .read_to_string(&mut xml)
         .unwrap();
+    // With RUNNER_STEP_JUNIT the report is the runner's own: a testcase per step, the
+    // guest's report merged in.
     assert!(xml.contains("guest_ok"), "{xml}");
+    assert!(
+        xml.contains("name=\"script\"") && xml.contains("name=\"after_script\""),
+        "{xml}"
+    );
     let archive = j2
         .artifacts
         .iter()
