@@ -422,6 +422,7 @@ async fn in_vm(
         let mut env = base_env.clone();
         env.push(("RUNNER_STEP".into(), step.name.clone()));
         env.extend(step.env.iter().cloned());
+        let env = last_wins(env);
         let (timeout, stop) = match step.when {
             StepWhen::OnSuccess => (
                 step.timeout
@@ -524,6 +525,10 @@ async fn in_vm(
             _ => return Outcome::combine(&[so_far, outcome]),
         }
     }
+    // An interrupt that came while only cleanup steps ran still ends the run as cancelled.
+    if *interrupt.borrow() && so_far.is_success() {
+        so_far = Outcome::Cancelled;
+    }
     // Results come back even when a step failed: that is when they matter most.
     let results =
         transfer::collect_results(plan, vm, &mut state.reports, &mut state.artifacts).await;
@@ -564,6 +569,19 @@ async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
             .map_err(|e| vm_error(&e, true))?;
     }
     Ok(())
+}
+
+/// One entry per name, the last one winning (a step's env overrides the suite's): with
+/// duplicates, which one a program sees depends on its libc.
+fn last_wins(env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<(String, String)> = env
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    out.reverse();
+    out
 }
 
 /// The guest environment (qga replaces the guest's environment, so it is complete).
@@ -640,4 +658,23 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
         output_tail: text,
     });
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_env_entries_override_earlier_ones() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            last_wins(env(&[("A", "1"), ("B", "2"), ("A", "3")])),
+            env(&[("B", "2"), ("A", "3")])
+        );
+    }
 }

@@ -34,6 +34,8 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 /// After `quit`, how long QEMU gets to exit before SIGTERM.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// After the agent's connection broke mid-command, how long QEMU gets to show it is exiting.
+const DIED_GRACE: Duration = Duration::from_secs(2);
 /// How long killing a left-running command's process tree may take (SIGTERM grace included).
 const KILL_TREE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks of live output buffered between the port reader and the consumer. When full, the
@@ -384,7 +386,11 @@ impl Vm {
         let request = exec::exec_request(cmd, cwd, env, &marker);
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
-        let pid = self.agent.exec(&request, AGENT_TIMEOUT).await?;
+        let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
+            Ok(pid) => pid,
+            // A command that powers the guest off at once can take the agent's reply with it.
+            Err(e) => return Err(self.agent_or_died(e).await),
+        };
         self.left_running = Some(pid);
         let mut exited: Option<CommandEnd> = None;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
@@ -412,7 +418,7 @@ impl Vm {
                         if !out.is_empty() { on_output(&out); }
                         // The command printed its marker: its status is ready now.
                         if scanner.found() && exited.is_none() {
-                            exited = self.poll_status(pid).await?;
+                            exited = self.poll_status_or_died(pid).await?;
                         }
                     }
                     None => {
@@ -439,7 +445,7 @@ impl Vm {
                         if !rest.is_empty() { on_output(&rest); }
                         return Ok(CommandEnd::TimedOut);
                     }
-                    exited = self.poll_status(pid).await?;
+                    exited = self.poll_status_or_died(pid).await?;
                     if exited.is_some() && !scanner.found() {
                         drain_deadline = Some(tokio::time::Instant::now() + exec::OUTPUT_DRAIN);
                     }
@@ -493,6 +499,25 @@ impl Vm {
                 desc: format!("{end:?}: {}", out.trim()),
             })),
         }
+    }
+
+    /// [`Vm::poll_status`] while a command runs: when the agent's connection breaks because
+    /// QEMU is exiting (the guest powered off or panicked), that is what gets reported — not
+    /// an agent failure, which would make the guest's doing look like an infrastructure error.
+    async fn poll_status_or_died(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
+        match self.poll_status(pid).await {
+            Err(VmError::Agent(e)) => Err(self.agent_or_died(e).await),
+            other => other,
+        }
+    }
+
+    /// An agent failure, or `Died` when QEMU turns out to be exiting.
+    async fn agent_or_died(&mut self, e: AgentError) -> VmError {
+        let exiting = tokio::time::timeout(DIED_GRACE, self.process.wait()).await;
+        if matches!(exiting, Ok(Ok(_))) {
+            return self.died().await;
+        }
+        VmError::Agent(e)
     }
 
     async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
