@@ -105,7 +105,7 @@ fn rand_suffix() -> String {
 
 fn config(url: &str) -> String {
     format!(
-        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n\n[[runners]]\nname = \"riscv64-emu\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"debian-13\"\nlimit = 2\n"
+        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n\n[[runners]]\nname = \"riscv64-emu\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"debian-13\"\nlimit = 2\noutput_limit = 2048\n"
     )
 }
 
@@ -331,6 +331,32 @@ fn failing_and_timed_out_jobs_report_reason_exit_code_and_still_run_after_script
         "{fin}\n{log}"
     );
     assert!(log.contains("after-timeout"), "{log}");
+
+    // A log past output_limit (2 MiB here) is cut with a notice, sent in patches of at most
+    // 1 MiB (the fake refuses larger ones), and its checksum still matches.
+    gl.enqueue(job_payload(
+        203,
+        &["seq 1 400000", "echo tail-marker"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    let j = gl.wait_final(203, JOB_DEADLINE);
+    let fin = j.final_update.clone().unwrap();
+    assert_eq!(fin["state"], "success", "{fin}");
+    assert!(j.patches >= 2, "{} patches", j.patches);
+    assert!(
+        j.trace.len() < 2 * 1024 * 1024 + 1024,
+        "{} bytes",
+        j.trace.len()
+    );
+    let log = trace(&j);
+    assert!(
+        log.contains("exceeded limit of 2097152 bytes"),
+        "{}",
+        &log[log.len() - 300..]
+    );
+    assert!(!log.contains("tail-marker"));
     assert_serve_clean(cache.path(), Duration::from_secs(10));
     assert_eq!(gl.violations(), Vec::<String>::new());
 }
@@ -551,7 +577,14 @@ fn bad_jobs_and_bad_entries_fail_alone_while_the_service_keeps_serving() {
         config(&gl.url),
         url = gl.url
     );
+    let cfg = format!(
+        "{cfg}\n[[runners]]\nname = \"unreachable\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"legacy-token\"\narch = \"riscv64\"\n"
+    );
     let serve = Serve::start(cache.path(), &cfg);
+    serve.wait_log(
+        "cannot reach GitLab at http://127.0.0.1:9",
+        Duration::from_secs(30),
+    );
     serve.wait_log(
         "rejects the token of runner 'wrong-token'",
         Duration::from_secs(30),
@@ -598,4 +631,23 @@ fn bad_jobs_and_bad_entries_fail_alone_while_the_service_keeps_serving() {
         trace(&j)
     );
     assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn a_malformed_config_is_refused_with_line_and_column() {
+    let cache = private_cache();
+    let mut serve = Serve::start(
+        cache.path(),
+        "concurrent = 2\n[[runners]]\nname = \"x\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"t\"\narch = \"mips\"\n",
+    );
+    let status = serve.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(78), "{}", serve.log());
+    let log = serve.log();
+    let line = log.lines().next().unwrap_or_default();
+    assert!(
+        line.starts_with("runner: error: ")
+            && line.contains("serve.toml:6:8")
+            && line.contains("mips"),
+        "{log}"
+    );
 }
