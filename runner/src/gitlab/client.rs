@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 const REQUEST_JOB_TIMEOUT: Duration = Duration::from_secs(70);
 /// Timeout of any other call (artifact uploads get more, by size).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest reply body read from GitLab.
+const MAX_REPLY: usize = 16 << 20;
 /// First and last backoff step (gitlab-runner: 100 ms → 60 s).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -25,6 +27,8 @@ pub enum ClientError {
     Transport { url: String, message: String },
     #[error("cannot build the HTTP client: {0}")]
     Build(String),
+    #[error("GitLab at {url} sent a reply larger than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
 }
 
 /// What came back from one call.
@@ -161,13 +165,20 @@ impl Client {
             .map_err(|e| self.transport(e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        // Replies we read are small JSON documents; cap what we keep.
-        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
-        let body = if body.len() > 16 << 20 {
-            body.slice(..16 << 20)
-        } else {
-            body
-        };
+        // Replies are JSON documents (a job payload is the largest): read at most
+        // MAX_REPLY, chunk by chunk, whatever the server claims or sends.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(e))? {
+            if body.len() + chunk.len() > MAX_REPLY {
+                return Err(ClientError::TooLarge {
+                    url: self.url.clone(),
+                    limit: MAX_REPLY,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = bytes::Bytes::from(body);
         Ok(Reply {
             status,
             headers,

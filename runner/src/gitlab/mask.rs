@@ -5,11 +5,23 @@
 /// What a secret is replaced with (GitLab's own marker).
 pub const MASK: &[u8] = b"[MASKED]";
 
+/// Characters a token after a known prefix (`glpat-…`) is made of.
+fn token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+/// A prefix followed by fewer token characters is left alone (e.g. "glpat-" in prose).
+const MIN_TOKEN_BODY: usize = 8;
+/// Longest token body held back waiting for its end.
+const MAX_TOKEN_BODY: usize = 4096;
+
 /// A streaming replacer of secrets.
 #[derive(Debug)]
 pub struct Masker {
     /// Longest first, so that a secret containing another is masked whole.
     secrets: Vec<Vec<u8>>,
+    /// Token prefixes (GitLab's `token_mask_prefixes`, e.g. `glpat-`): a prefix followed by
+    /// token characters is masked whatever the token is, keeping the prefix.
+    prefixes: Vec<Vec<u8>>,
     pending: Vec<u8>,
 }
 
@@ -26,13 +38,24 @@ impl Masker {
         secrets.dedup();
         Masker {
             secrets,
+            prefixes: Vec::new(),
             pending: Vec::new(),
         }
     }
 
+    /// Also masks tokens that start with one of `prefixes`.
+    pub fn with_prefixes(mut self, prefixes: impl IntoIterator<Item = String>) -> Self {
+        self.prefixes = prefixes
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(String::into_bytes)
+            .collect();
+        self
+    }
+
     /// Feeds a chunk; returns what is certainly safe to send.
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
-        if self.secrets.is_empty() {
+        if self.secrets.is_empty() && self.prefixes.is_empty() {
             return chunk.to_vec();
         }
         self.pending.extend_from_slice(chunk);
@@ -62,7 +85,28 @@ impl Masker {
                     continue 'outer;
                 }
             }
-            if !last && self.secrets.iter().any(|s| s.starts_with(rest)) {
+            for prefix in &self.prefixes {
+                if rest.starts_with(prefix) {
+                    let body = rest[prefix.len()..]
+                        .iter()
+                        .take_while(|b| token_char(**b))
+                        .count();
+                    // (Bounded: a run longer than any token is masked as it stands.)
+                    if !last && prefix.len() + body == rest.len() && body < MAX_TOKEN_BODY {
+                        // The token may go on in the next chunk.
+                        break 'outer;
+                    }
+                    if body >= MIN_TOKEN_BODY {
+                        out.extend_from_slice(prefix);
+                        out.extend_from_slice(MASK);
+                        i += prefix.len() + body;
+                        continue 'outer;
+                    }
+                }
+            }
+            let could_become =
+                |candidates: &Vec<Vec<u8>>| candidates.iter().any(|s| s.starts_with(rest));
+            if !last && (could_become(&self.secrets) || could_become(&self.prefixes)) {
                 // Could still become a secret: wait for more.
                 break;
             }
@@ -122,6 +166,37 @@ mod tests {
         ];
         for (secrets, chunks, want) in cases {
             assert_eq!(masked(secrets, &chunks), want, "{secrets:?} {chunks:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_with_known_prefixes_are_masked() {
+        let run = |chunks: &[&[u8]]| {
+            let mut m = Masker::new(Vec::new()).with_prefixes(["glpat-".to_string()]);
+            let mut out = Vec::new();
+            for c in chunks {
+                out.extend(m.feed(c));
+            }
+            out.extend(m.flush());
+            String::from_utf8(out).unwrap()
+        };
+        // (chunks, expected)
+        let cases: Vec<(Vec<&[u8]>, &str)> = vec![
+            // whole token, in the middle of a line
+            (vec![b"t=glpat-AbC123xyz_-9 ok"], "t=glpat-[MASKED] ok"),
+            // split inside the prefix and inside the token
+            (
+                vec![b"t=glp", b"at-AbC1", b"23xyz ok"],
+                "t=glpat-[MASKED] ok",
+            ),
+            // a token at the very end of the log
+            (vec![b"glpat-AbC123xyz"], "glpat-[MASKED]"),
+            // the prefix alone, or a too-short body, is prose
+            (vec![b"use glpat- tokens"], "use glpat- tokens"),
+            (vec![b"glpat-abc"], "glpat-abc"),
+        ];
+        for (chunks, want) in cases {
+            assert_eq!(run(&chunks), want, "{chunks:?}");
         }
     }
 }

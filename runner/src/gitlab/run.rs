@@ -84,9 +84,9 @@ async fn run_job_inner(
 ) {
     let picked_up = std::time::Instant::now();
     let parsed = Job::parse(&body);
-    let secrets = match &parsed {
-        Ok(j) => j.secrets(),
-        Err(_) => vec![handle.token.clone()],
+    let (secrets, prefixes) = match &parsed {
+        Ok(j) => (j.secrets(), j.features.token_mask_prefixes.clone()),
+        Err(_) => (vec![handle.token.clone()], Vec::new()),
     };
     tracing::info!(
         name = parsed
@@ -100,7 +100,7 @@ async fn run_job_inner(
         handle.id,
         handle.token.clone(),
         ectx.info.clone(),
-        JobLog::new(secrets, ectx.entry.output_limit_bytes()),
+        JobLog::new(secrets, prefixes, ectx.entry.output_limit_bytes()),
     );
     let signals = Signals::new();
     // Tell GitLab at once that the job runs (and learn if it is already cancelled).

@@ -35,9 +35,9 @@ pub struct JobLog {
 }
 
 impl JobLog {
-    pub fn new(secrets: Vec<String>, limit: usize) -> Self {
+    pub fn new(secrets: Vec<String>, token_prefixes: Vec<String>, limit: usize) -> Self {
         JobLog {
-            masker: Masker::new(secrets),
+            masker: Masker::new(secrets).with_prefixes(token_prefixes),
             buf: Vec::new(),
             limit,
             truncated: false,
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn log_masks_caps_and_checksums() {
-        let mut log = JobLog::new(vec!["topsecret".into()], 64);
+        let mut log = JobLog::new(vec!["topsecret".into()], vec![], 64);
         log.push(b"a topsec");
         log.push(b"ret b\n");
         log.finish();
@@ -360,7 +360,7 @@ mod tests {
             log.checksum(),
             format!("crc32:{:08x}", crc32fast::hash(b"a [MASKED] b\n"))
         );
-        let mut big = JobLog::new(vec![], 10);
+        let mut big = JobLog::new(vec![], vec![], 10);
         big.push(&[b'x'; 25]);
         big.push(b"LATER");
         let text = String::from_utf8_lossy(big.bytes()).into_owned();
