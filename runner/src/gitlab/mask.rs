@@ -170,6 +170,37 @@ mod tests {
     }
 
     #[test]
+    fn streaming_equals_masking_the_whole_log_at_once() {
+        use rand::{Rng, SeedableRng};
+        // Random logs over a small alphabet (so secrets and near-misses occur often), cut at
+        // random places: the stream must come out as if masked in one piece.
+        let secrets = ["abcab", "bcabca", "cccc"];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let len = rng.gen_range(0..60);
+            let log: Vec<u8> = (0..len).map(|_| b"abc"[rng.gen_range(0..3)]).collect();
+            let whole = masked(&secrets, &[&log]);
+            let mut chunks = Vec::new();
+            let mut rest = &log[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=rest.len().min(7));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(
+                masked(&secrets, &chunks),
+                whole,
+                "{:?}",
+                String::from_utf8_lossy(&log)
+            );
+            assert!(
+                !whole.contains("cccc") && !whole.contains("abcab"),
+                "{whole}"
+            );
+        }
+    }
+
+    #[test]
     fn tokens_with_known_prefixes_are_masked() {
         let run = |chunks: &[&[u8]]| {
             let mut m = Masker::new(Vec::new()).with_prefixes(["glpat-".to_string()]);
