@@ -111,7 +111,7 @@ pub fn features() -> Value {
         "cache": false,
         "shared": false,
         "upload_multiple_artifacts": true,
-        "upload_raw_artifacts": true,
+        "upload_raw_artifacts": false,
         "session": false,
         "terminal": false,
         "refspecs": true,

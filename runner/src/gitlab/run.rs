@@ -194,6 +194,16 @@ async fn execute(
             return failed("script_failure", None);
         }
     };
+    for a in job
+        .artifacts
+        .iter()
+        .filter(|a| a.artifact_type != "junit" && a.artifact_type != "archive")
+    {
+        say(&format!(
+            "\x1b[33;1mWARNING: artifacts of type '{}' are not supported by this runner and are not uploaded\x1b[0;m\n",
+            a.artifact_type
+        ));
+    }
     say(&format!(
         "Using {} on {} ({} vCPUs, {} MiB)\n",
         prepared.plan.image, prepared.plan.id.arch, prepared.plan.cpus, prepared.plan.memory_mib
