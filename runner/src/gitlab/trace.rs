@@ -185,7 +185,10 @@ impl Uploader {
                     } else {
                         Some(true)
                     };
+                    // A backlog (more than one patch's worth) goes out without waiting.
+                    let backlog = self.log.bytes().len() > self.sent;
                     next = Instant::now() + match ok {
+                        Some(true) if backlog => { last_contact = Instant::now(); backoff.reset(); Duration::ZERO }
                         Some(true) => { last_contact = Instant::now(); backoff.reset(); self.interval }
                         Some(false) => self.interval,
                         // Transient failure: try again sooner than the interval only if the
