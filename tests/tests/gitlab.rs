@@ -624,6 +624,10 @@ fn bad_jobs_and_bad_entries_fail_alone_while_the_service_keeps_serving() {
         600,
     ));
     let j = gl.wait_final(603, JOB_DEADLINE);
+    eprintln!(
+        "figures: one-line job, pick-up → final state {:.2} s",
+        (j.finished.unwrap() - j.picked_up.unwrap()).as_secs_f64()
+    );
     assert_eq!(
         j.final_update.as_ref().unwrap()["state"],
         "success",
