@@ -565,6 +565,33 @@ fn git_job_clones_a_local_bare_repository_on_the_host() {
         "{log}"
     );
     assert!(log.contains("/workspace"), "{log}");
+    assert!(!log.contains("jobtoken-501-secret"), "{log}");
+
+    // GIT_STRATEGY fetch keeps a per-project checkout on the host between jobs.
+    for id in [502, 503] {
+        let mut job = job_payload(
+            id,
+            &["cat hello.txt"],
+            &[],
+            &[("GIT_STRATEGY", "fetch", false)],
+            600,
+        );
+        job["git_info"]["repo_url"] = json!(format!("file://{}", bare.display()));
+        job["git_info"]["sha"] = json!(sha);
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{log}"
+        );
+        assert!(log.contains("hello from git"), "{log}");
+        if id == 503 {
+            assert!(log.contains("Fetching changes into"), "{log}");
+            assert!(log.contains("serve-builds"), "{log}");
+        }
+    }
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }
 
