@@ -1,11 +1,17 @@
 //! Job artifacts for GitLab: JUnit reports as `junit.xml.gz` (one gzip member per report,
 //! concatenated, GitLab's `gzip` format) and archive artifacts as one zip, uploaded with
 //! `POST /jobs/:id/artifacts` — following a 307, retrying 5xx, and giving up on 403/413.
+//! [`upload_results`] decides what goes up after a run (by the artifacts' `when`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::client::{Backoff, Client};
+use super::job::{Job, When};
+use super::prepare::Prepared;
+use super::reporter::Found;
+use super::run::EntryContext;
+use crate::outcome::Outcome;
 
 /// Upload attempts through 5xx/transport errors.
 const UPLOAD_ATTEMPTS: usize = 5;
@@ -131,6 +137,114 @@ pub async fn upload(
         kind,
         message: format!("no success after {UPLOAD_ATTEMPTS} attempts"),
     })
+}
+
+/// Uploads the JUnit report and the archive artifacts whose `when` fits the outcome.
+pub async fn upload_results(
+    ectx: &EntryContext,
+    job: &Job,
+    prepared: &Prepared,
+    outcome: &Outcome,
+    found: Found,
+    step_junit: &std::path::Path,
+    say: &(dyn Fn(&str) + Sync),
+) {
+    let success = outcome.is_success();
+    let fits = |w: When| match w {
+        When::OnSuccess => success,
+        When::OnFailure => !success,
+        When::Always => true,
+    };
+    // JUnit: the guest's reports, or the runner's step report (which already merges them).
+    let junit_when = prepared
+        .junit
+        .as_ref()
+        .map(|a| a.when)
+        .unwrap_or(When::Always);
+    let mut xmls: Vec<Vec<u8>> = Vec::new();
+    if prepared.step_junit {
+        if let Ok(x) = std::fs::read(step_junit) {
+            xmls.push(x);
+        }
+    } else {
+        xmls.extend(found.reports.iter().map(|r| r.xml.clone().into_bytes()));
+    }
+    if !xmls.is_empty() && fits(junit_when) {
+        say(&format!(
+            "Uploading JUnit report ({} file(s))\n",
+            xmls.len()
+        ));
+        let expire = prepared
+            .junit
+            .as_ref()
+            .map(|a| a.expire_in.as_str())
+            .unwrap_or("");
+        let result = match gzip_members(xmls.iter().map(|x| x.as_slice())) {
+            Ok(data) => {
+                upload(
+                    &ectx.client,
+                    job.id,
+                    &job.token,
+                    Upload {
+                        file_name: "junit.xml.gz",
+                        data,
+                        artifact_type: "junit",
+                        artifact_format: "gzip",
+                        expire_in: expire,
+                    },
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => say("JUnit report uploaded\n"),
+            Err(e) => {
+                tracing::warn!("{e}");
+                say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
+            }
+        }
+    }
+    if let Some(a) = &prepared.archive {
+        if !found.artifacts.is_empty() && fits(a.when) {
+            say(&format!(
+                "Uploading artifacts ({} file(s))\n",
+                found.artifacts.len()
+            ));
+            let result = match zip_files(&prepared.plan.out_dir, &found.artifacts) {
+                Ok(data) => {
+                    let name = if a.name.is_empty() {
+                        "artifacts.zip".to_string()
+                    } else {
+                        format!("{}.zip", a.name)
+                    };
+                    upload(
+                        &ectx.client,
+                        job.id,
+                        &job.token,
+                        Upload {
+                            file_name: &name,
+                            data,
+                            artifact_type: "archive",
+                            artifact_format: "zip",
+                            expire_in: &a.expire_in,
+                        },
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => say("Artifacts uploaded\n"),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
+                }
+            }
+        } else if found.artifacts.is_empty() && fits(a.when) {
+            say("WARNING: no files matched the artifact paths\n");
+        }
+    }
 }
 
 #[cfg(test)]

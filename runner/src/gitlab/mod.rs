@@ -4,6 +4,8 @@
 //! - `config` — the `[[runners]]` entry (gitlab-runner's keys plus ours)
 //! - `service` — verify, the poll loop, limits, `system_id`
 //! - `run` — one job: payload → plan → sources → VM → artifacts → final state
+//! - `prepare` — a job payload becomes a `SuitePlan` (arch/image, variables, steps)
+//! - `reporter` — run events as job log text
 //! - `job` — payload types and variable expansion
 //! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
@@ -16,6 +18,8 @@ pub mod client;
 pub mod config;
 pub mod job;
 pub mod mask;
+pub mod prepare;
+pub mod reporter;
 pub mod run;
 pub mod script;
 pub mod service;
