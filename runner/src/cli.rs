@@ -66,6 +66,10 @@ pub struct TestArgs {
     /// Write a JUnit XML report here.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Append a markdown summary per suite × arch (counts, failing and slowest tests, VM
+    /// facts) to FILE, e.g. "$GITHUB_STEP_SUMMARY" in GitHub Actions.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
     /// Timeout for the command, or for each suite (e.g. 90s, 10m). Overrides runner.toml.
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
@@ -117,6 +121,16 @@ pub enum ImagesCommand {
         /// Accelerator for the one-time bake boot.
         #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
         accel: AccelArg,
+    },
+    /// Print an image's cache key (NAME-ARCH-HASH, its directory under images/), one line
+    /// per architecture: it changes exactly when the image would be rebuilt (for CI caches).
+    Key {
+        /// Guest architecture(s), comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        arch: Vec<String>,
+        /// Recipe: a name (images/NAME.toml in this project, or built-in) or a .toml path.
+        #[arg(default_value = "debian-13")]
+        recipe: String,
     },
     /// List cached images and whether they are intact.
     List,

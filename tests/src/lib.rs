@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: find (or build) the `runner` binary, run it, and check
 //! that nothing is left behind (QEMU processes, VM directories).
 
+pub mod fake_github;
 pub mod fake_gitlab;
 
 use std::path::{Path, PathBuf};
@@ -22,11 +23,29 @@ pub fn runner_bin() -> PathBuf {
     }
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
-        let status = Command::new(env!("CARGO"))
+        let mut build = Command::new(env!("CARGO"));
+        build
             .args(["build", "--quiet", "-p", "runner", "--bin", "runner"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo build");
+            .current_dir(workspace_root());
+        // `cargo test` gives this process the test crate's CARGO_PKG_*/CARGO_MANIFEST_* vars.
+        // Build scripts that watch them (ring's does) would see them "changed" and rebuild,
+        // and the next plain `cargo build` would rebuild back: minutes per switch.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    key.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build.status().expect("cargo build");
         assert!(status.success(), "building runner failed");
     });
     workspace_root().join("target/debug/runner")

@@ -18,6 +18,7 @@ pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32
             force,
             accel,
         } => build(store, &arch, &recipe, mirror, force, accel, status).await,
+        ImagesCommand::Key { arch, recipe } => key(&arch, &recipe, status),
         ImagesCommand::List => list(store),
         ImagesCommand::Verify => verify(store),
     }
@@ -83,6 +84,36 @@ async fn build(
         }
     }
     code
+}
+
+/// Prints the cache key of `recipe` for each of `arches`: the same name as the image's
+/// directory, computed without building anything (no QEMU needed).
+fn key(arches: &[String], recipe: &str, status: &Status) -> i32 {
+    let cwd = std::env::current_dir().ok();
+    let loaded = if recipe.ends_with(".toml") {
+        engine::image::recipe::Recipe::load(std::path::Path::new(recipe))
+    } else {
+        engine::image::recipe::Recipe::find(recipe, cwd.as_deref())
+    };
+    let recipe = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            status.error(&engine::image::build::error_chain(&e));
+            return exit::CONFIG;
+        }
+    };
+    for name in arches {
+        let arch: Arch = match name.trim().parse() {
+            Ok(a) => a,
+            Err(e) => {
+                status.error(&e.to_string());
+                return exit::CONFIG;
+            }
+        };
+        let hash = recipe.hash(arch, engine::image::initramfs::INIT_SCRIPT);
+        println!("{}-{arch}-{hash}", recipe.name);
+    }
+    exit::SUCCESS
 }
 
 pub fn outcome_message(o: &Outcome) -> String {

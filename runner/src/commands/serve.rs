@@ -60,13 +60,24 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         scheduler,
         shutdown,
     };
-    let mut services = JoinSet::new();
+    // Each service ends with Ok, or Err when it could not serve at all.
+    let mut services: JoinSet<Result<(), String>> = JoinSet::new();
     for entry in config.runners.clone() {
-        services.spawn(crate::gitlab::serve(entry, ctx.clone()));
+        let ctx = ctx.clone();
+        services.spawn(async move {
+            crate::gitlab::serve(entry, ctx).await;
+            Ok(())
+        });
     }
     if let Some(gh) = config.github.clone() {
-        services.spawn(crate::github::serve(gh, ctx.clone()));
+        let ctx = ctx.clone();
+        services.spawn(async move {
+            crate::github::serve(gh, ctx)
+                .await
+                .map_err(|e| crate::execute::chain(&e))
+        });
     }
+    let mut failed = false;
     let (mut quit, mut term, mut int) = match (
         signal(SignalKind::quit()),
         signal(SignalKind::terminate()),
@@ -86,6 +97,12 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
                     None => break,
                     Some(Err(e)) if e.is_panic() => {
                         tracing::error!("a service panicked: {e}; stopping the others");
+                        controller.abort();
+                    }
+                    Some(Ok(Err(e))) => {
+                        tracing::error!("cannot serve: {e}; stopping the others");
+                        eprintln!("runner: error: {e}");
+                        failed = true;
                         controller.abort();
                     }
                     Some(_) => {}
@@ -114,6 +131,9 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         }
     }
     tracing::info!("all services stopped");
+    if failed {
+        return exit::HOST;
+    }
     exit::SUCCESS
 }
 

@@ -161,6 +161,11 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
     if let Some(path) = &args.junit {
         reporters.add(Box::new(JunitReporter::new(path.clone())));
     }
+    if let Some(path) = &args.summary {
+        reporters.add(Box::new(crate::github::summary::MarkdownSummary::new(
+            path.clone(),
+        )));
+    }
     let cancel = cancel_on_signals();
     let mut outcomes = Vec::new();
     for plan in &plans {

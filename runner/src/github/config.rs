@@ -1,11 +1,22 @@
 //! The `[github]` section of the serve config: the App, its webhook endpoint, defaults.
+//!
+//! Two stages, like the suite file: serde reads the keys ([`GithubConfig`]), then
+//! [`GithubConfig::credentials`] reads the files they name (the App key, the webhook secret)
+//! so that `runner serve` refuses to start with a clear message instead of failing on the
+//! first webhook.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::serve::config::de_arches;
+
+/// GitHub's own cap on a webhook payload.
+pub const DEFAULT_MAX_BODY: &str = "25M";
+/// Deadline for cloning a repository at the head SHA.
+pub const DEFAULT_CLONE_TIMEOUT: &str = "10m";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +35,16 @@ pub struct GithubConfig {
     /// Architectures for repositories whose runner.toml names none.
     #[serde(default = "default_arches", deserialize_with = "de_arches")]
     pub arch: Vec<engine::Arch>,
+    /// Largest webhook body accepted ("25M"); larger deliveries get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_size: String,
+    /// Deadline for one clone of a repository ("10m").
+    #[serde(default = "default_clone_timeout")]
+    pub clone_timeout: String,
+    /// Let a repository's `host_setup` commands run on this host. Off by default: anyone who
+    /// can open a pull request could otherwise run commands here, outside any VM.
+    #[serde(default)]
+    pub allow_host_setup: bool,
 }
 
 fn default_webhook_path() -> String {
@@ -34,4 +55,200 @@ fn default_api_url() -> String {
 }
 fn default_arches() -> Vec<engine::Arch> {
     vec![engine::Arch::Riscv64]
+}
+fn default_max_body() -> String {
+    DEFAULT_MAX_BODY.into()
+}
+fn default_clone_timeout() -> String {
+    DEFAULT_CLONE_TIMEOUT.into()
+}
+
+/// What the files named by the config contain, checked.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The App's RSA private key, as PEM text.
+    pub private_key_pem: Vec<u8>,
+    pub webhook_secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets, not even in debug output.
+        f.write_str("Credentials(..)")
+    }
+}
+
+impl GithubConfig {
+    /// Checks what can be checked without touching the disk. Messages name the key.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.webhook_secret, &self.webhook_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "[github] has both webhook_secret and webhook_secret_file: keep one".into(),
+                )
+            }
+            (None, None) => {
+                return Err(
+                    "[github] needs webhook_secret or webhook_secret_file (the secret set on the App's webhook)"
+                        .into(),
+                )
+            }
+            (Some(s), None) if s.is_empty() => {
+                return Err("[github] webhook_secret is empty".into())
+            }
+            _ => {}
+        }
+        if !self.webhook_path.starts_with('/') {
+            return Err(format!(
+                "[github] webhook_path '{}' must start with '/'",
+                self.webhook_path
+            ));
+        }
+        if self.arch.is_empty() {
+            return Err("[github] arch must name at least one architecture".into());
+        }
+        let url = reqwest::Url::parse(&self.api_url)
+            .map_err(|e| format!("[github] api_url '{}' is not a URL: {e}", self.api_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "[github] api_url '{}' must be http(s)",
+                self.api_url
+            ));
+        }
+        self.max_body()?;
+        self.clone_timeout()?;
+        Ok(())
+    }
+
+    /// The body cap in bytes.
+    pub fn max_body(&self) -> Result<usize, String> {
+        match crate::suite::parse_size(&self.max_body_size) {
+            Ok(b) if (1024..=(1 << 30)).contains(&b) => Ok(b as usize),
+            _ => Err(format!(
+                "[github] max_body_size '{}' must be a size between 1K and 1G, e.g. \"25M\"",
+                self.max_body_size
+            )),
+        }
+    }
+
+    pub fn clone_timeout(&self) -> Result<Duration, String> {
+        match humantime::parse_duration(&self.clone_timeout) {
+            Ok(d) if d > Duration::ZERO => Ok(d),
+            _ => Err(format!(
+                "[github] clone_timeout '{}' is not a duration like \"10m\"",
+                self.clone_timeout
+            )),
+        }
+    }
+
+    /// Reads the App key and the webhook secret, refusing what cannot work.
+    pub fn credentials(&self) -> Result<Credentials, String> {
+        self.check()?;
+        let key = std::fs::read(&self.private_key_path).map_err(|e| {
+            format!(
+                "[github] cannot read private_key_path {}: {e}",
+                self.private_key_path.display()
+            )
+        })?;
+        // The same parser octocrab signs with: a key it cannot use is refused now.
+        jsonwebtoken::EncodingKey::from_rsa_pem(&key).map_err(|e| {
+            format!(
+                "[github] private_key_path {} is not an RSA private key in PEM form ({e}); download one from the App's settings page",
+                self.private_key_path.display()
+            )
+        })?;
+        let secret = match (&self.webhook_secret, &self.webhook_secret_file) {
+            (Some(s), _) => s.as_bytes().to_vec(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!(
+                        "[github] cannot read webhook_secret_file {}: {e}",
+                        path.display()
+                    )
+                })?;
+                // Files usually end with a newline the secret does not contain.
+                let secret = text.trim_end_matches(['\r', '\n']).to_string();
+                if secret.is_empty() {
+                    return Err(format!(
+                        "[github] webhook_secret_file {} is empty",
+                        path.display()
+                    ));
+                }
+                secret.into_bytes()
+            }
+            (None, None) => unreachable!("check() requires one"),
+        };
+        Ok(Credentials {
+            private_key_pem: key,
+            webhook_secret: secret,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> GithubConfig {
+        toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/nonexistent\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn exactly_one_secret() {
+        // (extra keys, expected error fragment or None)
+        let cases = [
+            ("", Some("needs webhook_secret")),
+            (
+                "webhook_secret = \"a\"\nwebhook_secret_file = \"/f\"",
+                Some("both"),
+            ),
+            ("webhook_secret = \"\"", Some("empty")),
+            ("webhook_secret = \"s\"", None),
+            ("webhook_secret = \"s\"\nwebhook_path = \"x\"", Some("'/'")),
+            (
+                "webhook_secret = \"s\"\napi_url = \"ftp://x\"",
+                Some("http"),
+            ),
+            (
+                "webhook_secret = \"s\"\nmax_body_size = \"2\"",
+                Some("max_body"),
+            ),
+        ];
+        for (extra, want) in cases {
+            let got = parse(extra).check();
+            match want {
+                None => assert!(got.is_ok(), "{extra}: {got:?}"),
+                Some(frag) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(frag), "{extra}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unreadable_key_is_named() {
+        let e = parse("webhook_secret = \"s\"").credentials().unwrap_err();
+        assert!(e.contains("private_key_path /nonexistent"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "not a key").unwrap();
+        let mut c = parse("webhook_secret = \"s\"");
+        c.private_key_path = key;
+        let e = c.credentials().unwrap_err();
+        assert!(e.contains("not an RSA private key"), "{e}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("webhook_secret = \"s\"");
+        assert_eq!(c.webhook_path, "/github/webhook");
+        assert_eq!(c.api_url, "https://api.github.com");
+        assert_eq!(c.max_body().unwrap(), 25 << 20);
+        assert_eq!(c.clone_timeout().unwrap(), Duration::from_secs(600));
+        assert!(!c.allow_host_setup);
+    }
 }

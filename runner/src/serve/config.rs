@@ -88,7 +88,15 @@ impl ServeConfig {
             path: path.into(),
             source,
         })?;
-        ServeConfig::parse(path, &text)
+        let config = ServeConfig::parse(path, &text)?;
+        // The files the [github] section names must be usable now, not at the first webhook.
+        if let Some(gh) = &config.github {
+            gh.credentials().map_err(|message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })?;
+        }
+        Ok(config)
     }
 
     /// Parses `text` (the contents of `path`, which names it in messages).
@@ -122,6 +130,9 @@ impl ServeConfig {
         }
         if config.concurrent == 0 {
             return Err(invalid("concurrent must be at least 1".into()));
+        }
+        if let Some(gh) = &config.github {
+            gh.check().map_err(invalid)?;
         }
         let check_interval = config.check_interval();
         for r in &mut config.runners {

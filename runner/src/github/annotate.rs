@@ -1,0 +1,284 @@
+//! Where a failure is shown in the code: annotations for failing JUnit test cases (at the
+//! file and line the report names when that file is in the repository, else on the suite in
+//! runner.toml) and for failing steps (on their `name` line in runner.toml). Also the reading
+//! of the guest's JUnit files into test cases, which the summary uses too.
+
+use std::time::Duration;
+
+use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
+
+use super::checks::{Annotation, Level};
+use super::report::{cell, mask, truncate, truncate_front, RunRecord, MAX_TITLE};
+use crate::events::GuestReport;
+use crate::outcome::Outcome;
+use crate::report::junit::normalise_guest_xml;
+
+/// Annotations per check run; past this the summary says how many more failed. (GitHub
+/// takes more, 50 per request, but nobody reads the 501st.)
+pub const MAX_ANNOTATIONS: usize = 500;
+/// Output lines of a failing step shown in its annotation.
+const STEP_DETAIL_LINES: usize = 40;
+/// Longest annotation message / raw_details we send (GitHub allows 64 KB).
+const MAX_ANNOTATION_TEXT: usize = 4096;
+
+/// Where suites and steps are defined in runner.toml, for annotations.
+#[derive(Debug, Clone, Default)]
+pub struct SuiteLines {
+    /// (suite, step or None, 1-based line of its `name = ...`).
+    entries: Vec<(String, Option<String>, u32)>,
+}
+
+impl SuiteLines {
+    /// Scans the text of runner.toml for `name = ...` under `[[suite]]` and `[[suite.step]]`.
+    /// A plain line scan is enough: the file has already parsed, names are unique.
+    pub fn scan(text: &str) -> SuiteLines {
+        #[derive(PartialEq)]
+        enum In {
+            Other,
+            Suite,
+            Step,
+        }
+        let mut at = In::Other;
+        let mut suite = String::new();
+        let mut entries = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.starts_with("[[suite.step]]") {
+                at = In::Step;
+            } else if t.starts_with("[[suite]]") {
+                at = In::Suite;
+            } else if t.starts_with('[') {
+                at = In::Other;
+            } else if let Some(v) = t.strip_prefix("name").map(str::trim_start) {
+                let Some(v) = v.strip_prefix('=') else {
+                    continue;
+                };
+                let name = v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+                let line_no = i as u32 + 1;
+                match at {
+                    In::Suite => {
+                        suite = name.clone();
+                        entries.push((name, None, line_no));
+                    }
+                    In::Step => entries.push((suite.clone(), Some(name), line_no)),
+                    In::Other => {}
+                }
+            }
+        }
+        SuiteLines { entries }
+    }
+
+    pub fn suite(&self, suite: &str) -> u32 {
+        self.entries
+            .iter()
+            .find(|(s, step, _)| s == suite && step.is_none())
+            .map_or(1, |e| e.2)
+    }
+
+    pub fn step(&self, suite: &str, step: &str) -> u32 {
+        self.entries
+            .iter()
+            .find(|(s, st, _)| s == suite && st.as_deref() == Some(step))
+            .map_or_else(|| self.suite(suite), |e| e.2)
+    }
+}
+
+/// A test case from the guest's JUnit files.
+#[derive(Debug, Clone)]
+pub(super) struct Case {
+    pub(super) name: String,
+    pub(super) failed: bool,
+    pub(super) skipped: bool,
+    pub(super) message: String,
+    pub(super) details: String,
+    pub(super) time: Option<Duration>,
+    pub(super) file: Option<String>,
+    pub(super) line: Option<u32>,
+    /// The report it came from.
+    pub(super) source: String,
+}
+
+pub(super) fn cases(reports: &[GuestReport]) -> Vec<Case> {
+    let mut out = Vec::new();
+    for g in reports {
+        let parsed = Report::deserialize_from_str(&normalise_guest_xml(&g.xml, &g.path));
+        let Ok(report) = parsed else {
+            out.push(Case {
+                name: format!("junit report {}", g.path),
+                failed: true,
+                skipped: false,
+                message: format!("{} is not valid JUnit XML", g.path),
+                details: String::new(),
+                time: None,
+                file: None,
+                line: None,
+                source: g.path.clone(),
+            });
+            continue;
+        };
+        for suite in &report.test_suites {
+            for c in &suite.test_cases {
+                let name = match &c.classname {
+                    Some(cls) if !cls.is_empty() => format!("{}.{}", cls.as_str(), c.name.as_str()),
+                    _ => c.name.as_str().to_string(),
+                };
+                let extra = |k: &str| {
+                    c.extra
+                        .iter()
+                        .find(|(key, _)| key.as_str() == k)
+                        .map(|(_, v)| v.as_str().to_string())
+                };
+                let (failed, skipped, message, details) = match &c.status {
+                    TestCaseStatus::NonSuccess {
+                        kind,
+                        message,
+                        description,
+                        ..
+                    } => {
+                        let kind = match kind {
+                            NonSuccessKind::Failure => "failed",
+                            NonSuccessKind::Error => "error",
+                        };
+                        let message = message
+                            .as_ref()
+                            .map(|m| m.as_str().to_string())
+                            .filter(|m| !m.is_empty())
+                            .unwrap_or_else(|| kind.to_string());
+                        let details = description.as_ref().map(|d| d.as_str().to_string());
+                        (true, false, message, details.unwrap_or_default())
+                    }
+                    TestCaseStatus::Skipped { .. } => (false, true, String::new(), String::new()),
+                    TestCaseStatus::Success { .. } => (false, false, String::new(), String::new()),
+                };
+                out.push(Case {
+                    name,
+                    failed,
+                    skipped,
+                    message,
+                    details,
+                    time: c.time,
+                    file: extra("file"),
+                    line: extra("line").and_then(|l| l.trim().parse().ok()),
+                    source: g.path.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Turns a path from a JUnit report into one relative to the repository, if it is one.
+fn repo_path(file: &str, exists: &dyn Fn(&str) -> bool) -> Option<String> {
+    let rel = file
+        .strip_prefix(crate::plan::GUEST_WORKSPACE)
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or(file);
+    let rel = rel.trim_start_matches("./");
+    let safe = !rel.is_empty()
+        && !rel.starts_with('/')
+        && !rel.split('/').any(|c| c == ".." || c.is_empty());
+    (safe && exists(rel)).then(|| rel.to_string())
+}
+
+pub(super) fn annotations(
+    run: &RunRecord,
+    failing: &[&Case],
+    suite_file: &str,
+    lines: &SuiteLines,
+    exists: &dyn Fn(&str) -> bool,
+    secrets: &[String],
+) -> Vec<Annotation> {
+    let arch = run.id.arch.name();
+    let suite_line = lines.suite(&run.id.suite);
+    let mut out = Vec::new();
+    for c in failing.iter().take(MAX_ANNOTATIONS) {
+        let located = c
+            .file
+            .as_deref()
+            .and_then(|f| repo_path(f, exists))
+            .map(|p| (p, c.line.unwrap_or(1).max(1)));
+        let (path, line) = located.unwrap_or_else(|| (suite_file.to_string(), suite_line));
+        let message = mask(&c.message, secrets);
+        let details = mask(&c.details, secrets);
+        out.push(Annotation {
+            path,
+            start_line: line,
+            end_line: line,
+            annotation_level: Level::Failure,
+            message: truncate(&message, MAX_ANNOTATION_TEXT).to_string(),
+            title: Some(truncate(&format!("{} failed on {arch}", c.name), MAX_TITLE).to_string()),
+            raw_details: (!details.is_empty())
+                .then(|| truncate(&details, MAX_ANNOTATION_TEXT).to_string())
+                .or_else(|| Some(format!("from {}", c.source))),
+        });
+    }
+    // Steps that failed on their own (a non-zero exit, a timeout) point at their definition.
+    for st in &run.steps {
+        if out.len() >= MAX_ANNOTATIONS {
+            break;
+        }
+        let what = match &st.outcome {
+            Outcome::Failed { .. } => st.outcome.to_string(),
+            Outcome::TimedOut => "timed out".into(),
+            _ => continue,
+        };
+        let tail = mask(&st.output_tail, secrets);
+        let last: Vec<&str> = tail.lines().collect();
+        let last = last[last.len().saturating_sub(STEP_DETAIL_LINES)..].join("\n");
+        let line = lines.step(&run.id.suite, &st.name);
+        out.push(Annotation {
+            path: suite_file.to_string(),
+            start_line: line,
+            end_line: line,
+            annotation_level: Level::Failure,
+            message: format!("step '{}' {what} on {arch}", cell(&st.name)),
+            title: Some(
+                truncate(&format!("{} / {}", run.id.suite, st.name), MAX_TITLE).to_string(),
+            ),
+            raw_details: (!last.is_empty())
+                .then(|| truncate_front(&last, MAX_ANNOTATION_TEXT).to_string()),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const SUITE_TOML: &str = r#"[defaults]
+arch = ["riscv64"]
+name = "not a suite"
+
+[[suite]]
+name = "unit"
+junit = ["reports/*.xml"]
+
+  [[suite.step]]
+  name = "build"
+  run = "true"
+
+  [[suite.step]]
+  name = 'tests'
+  run = "false"
+
+[[suite]]
+name="other"
+  [[suite.step]]
+  name = "tests"
+  run = "true"
+"#;
+
+    #[test]
+    fn suite_and_step_lines() {
+        let l = SuiteLines::scan(SUITE_TOML);
+        assert_eq!(l.suite("unit"), 6);
+        assert_eq!(l.step("unit", "build"), 10);
+        assert_eq!(l.step("unit", "tests"), 14);
+        assert_eq!(l.suite("other"), 18);
+        assert_eq!(l.step("other", "tests"), 20);
+        // Unknown names fall back to the suite, then to line 1.
+        assert_eq!(l.step("unit", "nope"), 6);
+        assert_eq!(l.suite("nope"), 1);
+    }
+}

@@ -1,0 +1,526 @@
+//! What a check run shows: the conclusion (from the one `Outcome`), a title, a markdown
+//! summary (counts, duration, failing and slowest tests, steps, the VM's facts), the log tail
+//! as text, and (from `annotate`) annotations for failing tests and steps. Pure functions:
+//! the guest's JUnit files and the suite file's text in, GitHub's shapes out — within
+//! GitHub's limits.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+pub use super::annotate::SuiteLines;
+use super::annotate::{self, Case};
+use super::checks::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
+use crate::events::{GuestReport, RunId, VmFacts};
+use crate::outcome::{InfraKind, Outcome};
+
+/// Failing tests listed in the summary, and slowest tests shown.
+const LIST_FAILING: usize = 50;
+const LIST_SLOWEST: usize = 10;
+pub(super) const MAX_TITLE: usize = 200;
+
+/// Cuts `s` to at most `max` bytes, at a character boundary (keeps the start). Bytes, not
+/// characters: a text within `max` bytes is within `max` characters whichever GitHub counts.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Cuts `s` to at most `max` bytes, keeping the end.
+pub fn truncate_front(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// `s` within GitHub's output limit, with a note when something was cut.
+fn fit_output(s: String) -> String {
+    if s.len() <= MAX_OUTPUT_CHARS {
+        return s;
+    }
+    const NOTE: &str = "\n\n*… cut to fit GitHub's 65,535-character limit.*";
+    format!("{}{NOTE}", truncate(&s, MAX_OUTPUT_CHARS - NOTE.len()))
+}
+
+/// Replaces every occurrence of each (non-empty) secret with `[MASKED]`.
+pub fn mask(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(s.as_str(), "[MASKED]");
+    }
+    out
+}
+
+/// One line of untrusted text made safe inside a markdown table cell or inline code.
+pub(super) fn cell(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    truncate(&one_line, MAX_TITLE)
+        .replace('|', "\\|")
+        .replace('`', "'")
+}
+
+fn secs(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// The check run's conclusion and headline for `outcome`: THE mapping from the one
+/// classification. An infrastructure error is a failure whose title says it was not the
+/// tests' fault.
+pub fn conclusion(outcome: &Outcome) -> (Conclusion, String) {
+    match outcome {
+        Outcome::Passed => (Conclusion::Success, "passed".into()),
+        Outcome::Skipped => (Conclusion::Skipped, "skipped".into()),
+        Outcome::Failed { .. } => (Conclusion::Failure, outcome.to_string()),
+        Outcome::TimedOut => (
+            Conclusion::TimedOut,
+            "timed out (the VM was stopped)".into(),
+        ),
+        Outcome::Cancelled => (
+            Conclusion::Cancelled,
+            "cancelled (the runner service stopped or the run was superseded)".into(),
+        ),
+        Outcome::InfraError { kind, message } => {
+            let what = match kind {
+                InfraKind::Config => "bad configuration",
+                InfraKind::Host => "the host lacks something",
+                InfraKind::Image => "base image unusable",
+                InfraKind::Boot => "the VM did not boot",
+                InfraKind::Agent => "the VM failed after boot",
+                InfraKind::Io => "host I/O failed",
+            };
+            let first = message.lines().next().unwrap_or_default();
+            (
+                Conclusion::Failure,
+                format!("infrastructure error, not a test failure: {what}: {first}"),
+            )
+        }
+    }
+}
+
+/// One step as it ended.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub name: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub output_tail: String,
+}
+
+/// Everything known about one suite × arch run when it ends.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub facts: VmFacts,
+    pub steps: Vec<StepRecord>,
+    pub reports: Vec<GuestReport>,
+    /// The tail of the guest's output over all steps.
+    pub log_tail: String,
+}
+
+/// What to show on a finished check run.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub conclusion: Conclusion,
+    pub output: Output,
+    pub annotations: Vec<Annotation>,
+}
+
+/// Renders `run`. `suite_file` is runner.toml's path in the repository, `lines` its
+/// definitions, `exists` says whether a repository-relative path exists at the tested commit,
+/// `secrets` are masked in everything the guest wrote.
+pub fn render(
+    run: &RunRecord,
+    suite_file: &str,
+    lines: &SuiteLines,
+    exists: &dyn Fn(&str) -> bool,
+    secrets: &[String],
+) -> Rendered {
+    let (conclusion, headline) = conclusion(&run.outcome);
+    let all = annotate::cases(&run.reports);
+    let failing: Vec<&Case> = all.iter().filter(|c| c.failed).collect();
+    let skipped = all.iter().filter(|c| c.skipped).count();
+    let passed = all.len() - failing.len() - skipped;
+    let arch = run.id.arch.name();
+
+    let title = if all.is_empty() {
+        format!("{} on {arch}: {headline}", run.id.suite)
+    } else if failing.is_empty() {
+        format!(
+            "{} on {arch}: {headline} — {} tests passed",
+            run.id.suite, passed
+        )
+    } else {
+        format!(
+            "{} on {arch}: {headline} — {} of {} tests failed",
+            run.id.suite,
+            failing.len(),
+            all.len()
+        )
+    };
+
+    let mut s = String::new();
+    let _ = writeln!(s, "## {}\n", cell(&title));
+    if let Outcome::InfraError { message, .. } = &run.outcome {
+        let _ = writeln!(
+            s,
+            "The run did not get to a verdict on the tests: the runner or its VM failed.\n\n```text\n{}\n```\n",
+            truncate(&mask(message, secrets), 4000).replace("```", "'''")
+        );
+    }
+    if all.is_empty() {
+        // No JUnit report: the steps are the tests.
+        let count = |f: fn(&Outcome) -> bool| run.steps.iter().filter(|st| f(&st.outcome)).count();
+        let _ = writeln!(
+            s,
+            "| steps | passed | failed | skipped | duration |\n|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} |\n",
+            run.steps.len(),
+            count(|o| *o == Outcome::Passed),
+            count(|o| !o.is_success()),
+            count(|o| *o == Outcome::Skipped),
+            secs(run.duration)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "| tests | passed | failed | skipped | duration |\n|---:|---:|---:|---:|---:|\n| {} | {passed} | {} | {skipped} | {} |\n",
+            all.len(),
+            failing.len(),
+            secs(run.duration)
+        );
+    }
+    if !failing.is_empty() {
+        let _ = writeln!(s, "### Failing tests\n");
+        for c in failing.iter().take(LIST_FAILING) {
+            let _ = writeln!(
+                s,
+                "- `{}` — {}",
+                cell(&c.name),
+                cell(&mask(&c.message, secrets))
+            );
+        }
+        if failing.len() > LIST_FAILING {
+            let _ = writeln!(s, "- … and {} more", failing.len() - LIST_FAILING);
+        }
+        s.push('\n');
+    }
+    if !run.steps.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Steps\n\n| step | result | duration |\n|---|---|---:|"
+        );
+        for st in &run.steps {
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} |",
+                cell(&st.name),
+                cell(&st.outcome.to_string()),
+                secs(st.duration)
+            );
+        }
+        s.push('\n');
+    }
+    let mut timed: Vec<&Case> = all.iter().filter(|c| c.time.is_some()).collect();
+    timed.sort_by_key(|c| std::cmp::Reverse(c.time));
+    if !timed.is_empty() {
+        let _ = writeln!(s, "### Slowest tests\n\n| test | time |\n|---|---:|");
+        for c in timed.iter().take(LIST_SLOWEST) {
+            let _ = writeln!(
+                s,
+                "| `{}` | {} |",
+                cell(&c.name),
+                secs(c.time.unwrap_or_default())
+            );
+        }
+        s.push('\n');
+    }
+    let f = &run.facts;
+    let _ = writeln!(
+        s,
+        "### Environment\n\n| | |\n|---|---|\n| architecture | {arch} |"
+    );
+    for (k, v) in [
+        ("image", f.image.as_str()),
+        ("accelerator", f.accel.as_str()),
+        ("QEMU", f.qemu_version.as_str()),
+        ("guest kernel", f.kernel_version.as_str()),
+        ("VM start", f.start.as_str()),
+        ("VM id", f.vm_id.as_str()),
+    ] {
+        if !v.is_empty() {
+            let _ = writeln!(s, "| {k} | {} |", cell(v));
+        }
+    }
+    if let Some(b) = f.boot_time {
+        let _ = writeln!(s, "| boot time | {} |", secs(b));
+    }
+
+    let log = mask(&run.log_tail, secrets);
+    let text = if log.trim().is_empty() {
+        None
+    } else {
+        // A fence longer than any run of backticks in the log cannot be closed by it.
+        let longest = log.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+        let fence = "`".repeat(longest.max(2) + 1);
+        let room = MAX_OUTPUT_CHARS - 200 - 2 * fence.len();
+        let cut = log.len() > room;
+        Some(format!(
+            "{}Last output of the guest:\n\n{fence}text\n{}\n{fence}\n",
+            if cut {
+                "*(earlier output cut)*\n\n"
+            } else {
+                ""
+            },
+            truncate_front(&log, room)
+        ))
+    };
+
+    let annotations = annotate::annotations(run, &failing, suite_file, lines, exists, secrets);
+    Rendered {
+        conclusion,
+        output: Output {
+            title: truncate(&title, MAX_TITLE).to_string(),
+            summary: fit_output(s),
+            text: text.map(fit_output),
+            annotations: Vec::new(),
+        },
+        annotations,
+    }
+}
+
+/// The one neutral check run for a repository without runner.toml.
+pub fn missing_suite_file() -> Output {
+    Output {
+        title: "No runner.toml in this repository".into(),
+        summary: "This repository has the runner App installed, but no `runner.toml` at its root, \
+so nothing was run.\n\nTo test in emulated riscv64, aarch64 or x86_64 VMs, add a `runner.toml`:\n\n\
+```toml\n[defaults]\narch = [\"riscv64\", \"aarch64\"]\n\n[[suite]]\nname = \"unit\"\njunit = [\"junit.xml\"]\n\n  \
+[[suite.step]]\n  name = \"test\"\n  run = \"./run-tests --junit junit.xml\"\n```\n\n\
+Each suite × architecture then gets its own check run named `runner / SUITE (ARCH)`. \
+Try it locally first with `runner test --arch riscv64`."
+            .into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::github::annotate::tests::SUITE_TOML;
+    use crate::github::annotate::MAX_ANNOTATIONS;
+    use engine::Arch;
+
+    #[test]
+    fn every_outcome_maps_to_one_conclusion() {
+        // (outcome, conclusion, a fragment of the headline)
+        let cases = [
+            (Outcome::Passed, Conclusion::Success, "passed"),
+            (
+                Outcome::Failed {
+                    exit_code: Some(3),
+                    signal: None,
+                },
+                Conclusion::Failure,
+                "exit 3",
+            ),
+            (
+                Outcome::Failed {
+                    exit_code: None,
+                    signal: Some(9),
+                },
+                Conclusion::Failure,
+                "signal 9",
+            ),
+            (Outcome::TimedOut, Conclusion::TimedOut, "timed out"),
+            (Outcome::Cancelled, Conclusion::Cancelled, "cancelled"),
+            (Outcome::Skipped, Conclusion::Skipped, "skipped"),
+            // Infrastructure errors are failures whose title says whose fault it was.
+            (
+                Outcome::InfraError {
+                    kind: InfraKind::Boot,
+                    message: "agent never answered\nconsole tail".into(),
+                },
+                Conclusion::Failure,
+                "infrastructure error, not a test failure: the VM did not boot: agent never answered",
+            ),
+        ];
+        for (o, c, frag) in cases {
+            let (got, title) = conclusion(&o);
+            assert_eq!(got, c, "{o}");
+            assert!(title.contains(frag), "{o}: {title}");
+            assert!(!title.contains('\n'), "{title}");
+        }
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries_and_limits() {
+        // "é" is two bytes: cutting at an odd byte must step back.
+        assert_eq!(truncate("éé", 3), "é");
+        assert_eq!(truncate_front("éé", 3), "é");
+        assert_eq!(truncate("abc", 10), "abc");
+        let huge = "ü".repeat(70_000);
+        let fitted = fit_output(huge.clone());
+        assert!(fitted.len() <= MAX_OUTPUT_CHARS, "{}", fitted.len());
+        assert!(fitted.chars().count() <= MAX_OUTPUT_CHARS);
+        assert!(fitted.ends_with("limit.*"));
+        assert_eq!(fit_output("short".into()), "short");
+    }
+
+    fn record(reports: Vec<GuestReport>, log: &str) -> RunRecord {
+        RunRecord {
+            id: RunId {
+                suite: "unit".into(),
+                arch: Arch::Riscv64,
+            },
+            outcome: Outcome::Failed {
+                exit_code: Some(3),
+                signal: None,
+            },
+            duration: Duration::from_millis(12_345),
+            facts: VmFacts {
+                image: "debian-13".into(),
+                accel: "tcg".into(),
+                qemu_version: "10.0.2".into(),
+                ..Default::default()
+            },
+            steps: vec![StepRecord {
+                name: "tests".into(),
+                outcome: Outcome::Failed {
+                    exit_code: Some(3),
+                    signal: None,
+                },
+                duration: Duration::from_secs(2),
+                output_tail: "line 1\nsecret ghs_abcdef here\n".into(),
+            }],
+            reports,
+            log_tail: log.into(),
+        }
+    }
+
+    #[test]
+    fn failing_tests_become_annotations_where_the_report_says() {
+        let xml = r#"<testsuite name="calc" tests="3" failures="2">
+  <testcase classname="calc" name="adds" time="0.5"/>
+  <testcase classname="calc" name="divides" file="/workspace/src/calc.py" line="42" time="1.5"><failure message="expected 2 | got 3">trace ghs_abcdef</failure></testcase>
+  <testcase classname="calc" name="rounds" file="../../etc/passwd" line="1"><failure message="off by one"/></testcase>
+</testsuite>"#;
+        let run = record(
+            vec![GuestReport {
+                path: "reports/calc.xml".into(),
+                xml: xml.into(),
+            }],
+            "building\n```\ndone ghs_abcdef\n",
+        );
+        let exists = |p: &str| p == "src/calc.py";
+        let secrets = vec!["ghs_abcdef".to_string()];
+        let r = render(
+            &run,
+            "runner.toml",
+            &SuiteLines::scan(SUITE_TOML),
+            &exists,
+            &secrets,
+        );
+        assert_eq!(r.conclusion, Conclusion::Failure);
+        assert!(
+            r.output.title.contains("2 of 3 tests failed"),
+            "{}",
+            r.output.title
+        );
+        // Two test annotations and one for the failing step.
+        assert_eq!(r.annotations.len(), 3, "{:#?}", r.annotations);
+        let a = &r.annotations[0];
+        assert_eq!((a.path.as_str(), a.start_line), ("src/calc.py", 42));
+        assert_eq!(a.message, "expected 2 | got 3");
+        // A path leaving the repository falls back to the suite's line in runner.toml.
+        let b = &r.annotations[1];
+        assert_eq!((b.path.as_str(), b.start_line), ("runner.toml", 6));
+        let step = &r.annotations[2];
+        assert_eq!((step.path.as_str(), step.start_line), ("runner.toml", 14));
+        // Secrets never reach GitHub.
+        let all = format!("{r:?}");
+        assert!(!all.contains("ghs_abcdef"), "{all}");
+        // The summary has counts, the failing tests (escaped), slowest tests and facts.
+        let s = &r.output.summary;
+        for frag in [
+            "| 3 | 1 | 2 | 0 | 12.3 s |",
+            "`calc.divides` — expected 2 \\| got 3",
+            "### Slowest tests",
+            "| `calc.divides` | 1.5 s |",
+            "| `calc.adds` | 500 ms |",
+            "| QEMU | 10.0.2 |",
+            "| accelerator | tcg |",
+        ] {
+            assert!(s.contains(frag), "{frag:?} not in:\n{s}");
+        }
+        // The log's own ``` cannot close our fence.
+        let text = r.output.text.unwrap();
+        assert!(text.contains("````text\n"), "{text}");
+    }
+
+    #[test]
+    fn broken_junit_is_a_failing_case_on_runner_toml() {
+        let run = record(
+            vec![GuestReport {
+                path: "reports/bad.xml".into(),
+                xml: "<testsuite".into(),
+            }],
+            "",
+        );
+        let r = render(
+            &run,
+            "runner.toml",
+            &SuiteLines::scan(SUITE_TOML),
+            &|_| true,
+            &[],
+        );
+        assert!(r.annotations[0].message.contains("not valid JUnit"));
+        assert_eq!(r.annotations[0].path, "runner.toml");
+        assert!(r.output.text.is_none());
+    }
+
+    #[test]
+    fn huge_logs_and_many_failures_stay_within_limits() {
+        let mut xml = String::from("<testsuite name=\"many\">");
+        for i in 0..(MAX_ANNOTATIONS + 20) {
+            let _ = write!(
+                xml,
+                "<testcase name=\"t{i}\"><failure message=\"{}\"/></testcase>",
+                "x".repeat(300)
+            );
+        }
+        xml.push_str("</testsuite>");
+        let log = "ä".repeat(200_000);
+        let run = record(
+            vec![GuestReport {
+                path: "r.xml".into(),
+                xml,
+            }],
+            &log,
+        );
+        let r = render(&run, "runner.toml", &SuiteLines::default(), &|_| true, &[]);
+        assert_eq!(r.annotations.len(), MAX_ANNOTATIONS);
+        assert!(r.output.summary.chars().count() <= MAX_OUTPUT_CHARS);
+        let text = r.output.text.unwrap();
+        assert!(text.len() <= MAX_OUTPUT_CHARS, "{}", text.len());
+        assert!(text.starts_with("*(earlier output cut)*"));
+        assert!(r.output.summary.contains("and 470 more"));
+    }
+}

@@ -1,0 +1,310 @@
+//! The check run as a reporter of one suite × arch run. The executor's `Reporter` trait is
+//! synchronous and must never wait on GitHub, so [`CheckRunReporter`] only keeps what the
+//! report needs (steps, a bounded log tail) and sends two milestones — VM booted, suite
+//! finished — through a channel to [`publish`], an async task that PATCHes the check run.
+
+use std::time::SystemTime;
+
+use engine::bounded::TailBuffer;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::checks::{
+    CheckRunUpdate, Checks, ChecksError, Completion, Conclusion, Output, Repo, Status,
+};
+use super::report::{self, RunRecord, StepRecord, SuiteLines};
+use crate::events::{Event, Reporter};
+
+/// Guest output kept for `output.text` (GitHub shows at most 64 KiB anyway).
+const LOG_TAIL_BYTES: usize = 60 * 1024;
+
+/// What the publishing task is told.
+#[derive(Debug)]
+pub enum Milestone {
+    Booted { at: SystemTime, vm_id: String },
+    Finished(Box<RunRecord>),
+}
+
+/// Collects what a report of one run needs from the event stream: its steps and a bounded
+/// tail of its output. Shared by the check-run reporter and `runner test --summary`.
+#[derive(Debug)]
+pub struct RunCollector {
+    steps: Vec<StepRecord>,
+    log: TailBuffer,
+}
+
+impl Default for RunCollector {
+    fn default() -> Self {
+        RunCollector {
+            steps: Vec::new(),
+            log: TailBuffer::new(LOG_TAIL_BYTES),
+        }
+    }
+}
+
+impl RunCollector {
+    /// Takes in one event; returns a milestone when one was reached.
+    pub fn on_event(&mut self, event: &Event) -> Option<Milestone> {
+        match event {
+            Event::VmBooted { facts, .. } => {
+                return Some(Milestone::Booted {
+                    at: SystemTime::now(),
+                    vm_id: facts.vm_id.clone(),
+                })
+            }
+            Event::StepStarted { step, .. } => {
+                self.log.push(format!("\n--- step {step}\n").as_bytes());
+            }
+            Event::Output { bytes, .. } => self.log.push(bytes),
+            Event::Note { message } => self.log.push(format!("runner: {message}\n").as_bytes()),
+            Event::StepFinished {
+                step,
+                outcome,
+                duration,
+                output_tail,
+                ..
+            } => self.steps.push(StepRecord {
+                name: step.clone(),
+                outcome: outcome.clone(),
+                duration: *duration,
+                output_tail: output_tail.clone(),
+            }),
+            Event::SuiteFinished {
+                id,
+                outcome,
+                duration,
+                facts,
+                reports,
+                ..
+            } => {
+                let run = RunRecord {
+                    id: id.clone(),
+                    outcome: outcome.clone(),
+                    duration: *duration,
+                    facts: facts.clone(),
+                    steps: std::mem::take(&mut self.steps),
+                    reports: reports.clone(),
+                    log_tail: self.log.text(),
+                };
+                self.log = TailBuffer::new(LOG_TAIL_BYTES);
+                return Some(Milestone::Finished(Box::new(run)));
+            }
+            Event::SuiteStarted { .. } | Event::ImageProgress { .. } | Event::VmBooting { .. } => {}
+        }
+        None
+    }
+}
+
+/// Collects a run's results and hands milestones to [`publish`].
+#[derive(Debug)]
+pub struct CheckRunReporter {
+    tx: mpsc::UnboundedSender<Milestone>,
+    collector: RunCollector,
+}
+
+impl CheckRunReporter {
+    pub fn new() -> (CheckRunReporter, mpsc::UnboundedReceiver<Milestone>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            CheckRunReporter {
+                tx,
+                collector: RunCollector::default(),
+            },
+            rx,
+        )
+    }
+}
+
+impl Reporter for CheckRunReporter {
+    fn on_event(&mut self, event: &Event) {
+        if let Some(m) = self.collector.on_event(event) {
+            // A closed channel means the publisher is gone (shutdown); nothing left to tell.
+            let _ = self.tx.send(m);
+        }
+    }
+}
+
+/// What rendering a finished run needs besides the run.
+#[derive(Debug, Clone)]
+pub struct RenderContext {
+    /// runner.toml's path in the repository.
+    pub suite_file: String,
+    pub lines: SuiteLines,
+    /// The checkout, to tell which paths from JUnit reports exist in the repository.
+    pub checkout: std::path::PathBuf,
+    pub secrets: Vec<String>,
+}
+
+/// PATCHes check run `id` as milestones arrive; returns once it is completed. A run that
+/// ends without a result (the reporter dropped early) is completed as a failure rather than
+/// left `in_progress` forever.
+pub async fn publish(
+    checks: Checks,
+    repo: Repo,
+    id: u64,
+    mut rx: mpsc::UnboundedReceiver<Milestone>,
+    render: RenderContext,
+) {
+    let span = tracing::info_span!("check_run", check_run_id = id);
+    async move {
+        while let Some(m) = rx.recv().await {
+            match m {
+                Milestone::Booted { at, vm_id } => {
+                    tracing::info!(vm_id, "VM booted; check run in progress");
+                    let update = CheckRunUpdate {
+                        status: Some(Status::InProgress),
+                        started_at: Some(super::checks::timestamp(at)),
+                        ..Default::default()
+                    };
+                    if let Err(e) = checks.update(&repo, id, &update).await {
+                        // Not fatal: the final result still goes out.
+                        tracing::warn!(error = %super::chain(&e), "cannot mark the check run in progress");
+                    }
+                }
+                Milestone::Finished(run) => {
+                    let exists = |p: &str| render.checkout.join(p).is_file();
+                    let r = report::render(
+                        &run,
+                        &render.suite_file,
+                        &render.lines,
+                        &exists,
+                        &render.secrets,
+                    );
+                    tracing::info!(
+                        outcome = %run.outcome,
+                        conclusion = ?r.conclusion,
+                        annotations = r.annotations.len(),
+                        "run finished; completing the check run"
+                    );
+                    let completion = Completion {
+                        conclusion: r.conclusion,
+                        output: r.output,
+                        annotations: r.annotations,
+                    };
+                    finish(&checks, &repo, id, completion).await;
+                    return;
+                }
+            }
+        }
+        let completion = Completion {
+            conclusion: Conclusion::Failure,
+            output: Output {
+                title: "infrastructure error, not a test failure: the run ended without a result".into(),
+                summary: "The runner lost track of this run (an internal error); see the service's log.".into(),
+                ..Default::default()
+            },
+            annotations: Vec::new(),
+        };
+        finish(&checks, &repo, id, completion).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Completes a check run; a final result that cannot be delivered is logged as an error
+/// with everything needed to understand it — never dropped silently.
+pub async fn finish(checks: &Checks, repo: &Repo, id: u64, completion: Completion) {
+    let conclusion = completion.conclusion;
+    let title = completion.output.title.clone();
+    let summary = completion.output.summary.clone();
+    let result = match checks.complete(repo, id, completion).await {
+        // GitHub refused what we sent (an annotation it did not like, say): the verdict
+        // matters more than the details, so complete it again with the verdict alone rather
+        // than leave the check run in progress.
+        Err(e @ ChecksError::Refused { .. }) => {
+            tracing::warn!(check_run_id = id, error = %super::chain(&e), "GitHub refused the full result; sending the conclusion alone");
+            let bare = Completion {
+                conclusion,
+                output: Output {
+                    title: title.clone(),
+                    summary: format!(
+                        "{}\n\n*GitHub refused this run's annotations or log ({}); see the runner service's log.*",
+                        report::truncate(&summary, 60_000),
+                        report::truncate(&super::chain(&e), 500)
+                    ),
+                    ..Default::default()
+                },
+                annotations: Vec::new(),
+            };
+            checks.complete(repo, id, bare).await
+        }
+        other => other,
+    };
+    match result {
+        Ok(()) => tracing::info!(check_run_id = id, ?conclusion, "check run completed"),
+        Err(e) => tracing::error!(
+            check_run_id = id,
+            owner = %repo.owner,
+            repo = %repo.name,
+            ?conclusion,
+            title,
+            error = %super::chain(&e),
+            "FINAL RESULT NOT DELIVERED: GitHub refused or could not be reached after all retries"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{RunId, VmFacts};
+    use crate::outcome::Outcome;
+    use std::time::Duration;
+
+    #[test]
+    fn collector_turns_events_into_milestones() {
+        let id = RunId {
+            suite: "unit".into(),
+            arch: engine::Arch::Riscv64,
+        };
+        let mut c = RunCollector::default();
+        assert!(c
+            .on_event(&Event::SuiteStarted {
+                id: id.clone(),
+                steps: 1
+            })
+            .is_none());
+        let booted = c.on_event(&Event::VmBooted {
+            id: id.clone(),
+            facts: VmFacts {
+                vm_id: "vm-1".into(),
+                ..Default::default()
+            },
+        });
+        assert!(matches!(booted, Some(Milestone::Booted { vm_id, .. }) if vm_id == "vm-1"));
+        c.on_event(&Event::StepStarted {
+            id: id.clone(),
+            step: "t".into(),
+            index: 0,
+        });
+        // More output than the tail keeps: only the end survives.
+        c.on_event(&Event::Output {
+            id: id.clone(),
+            bytes: vec![b'x'; LOG_TAIL_BYTES * 2],
+        });
+        c.on_event(&Event::Output {
+            id: id.clone(),
+            bytes: b"the end\n".to_vec(),
+        });
+        c.on_event(&Event::StepFinished {
+            id: id.clone(),
+            step: "t".into(),
+            outcome: Outcome::Passed,
+            duration: Duration::from_secs(1),
+            output_tail: String::new(),
+        });
+        let Some(Milestone::Finished(run)) = c.on_event(&Event::SuiteFinished {
+            id: id.clone(),
+            outcome: Outcome::Passed,
+            duration: Duration::from_secs(2),
+            facts: VmFacts::default(),
+            reports: Vec::new(),
+            artifacts: Vec::new(),
+        }) else {
+            panic!("no Finished milestone")
+        };
+        assert_eq!(run.steps.len(), 1);
+        assert!(run.log_tail.len() <= LOG_TAIL_BYTES);
+        assert!(run.log_tail.ends_with("the end\n"));
+    }
+}

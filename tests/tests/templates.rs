@@ -1,0 +1,468 @@
+//! The CI templates under ci-templates/github/ cannot rot: each is parsed as YAML, every
+//! `runner ...` command in its scripts (including ones inside `$(...)`) is expanded the way
+//! the Actions runner would — inputs at their defaults, each matrix value, the job's and
+//! step's `env` — and parsed by runner's real command line (`Cli::try_parse_from`). A flag
+//! that no longer exists, a misspelt variable or an unknown input fails here, not in a user's
+//! pipeline.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::Parser as _;
+use e2e::{cache_dir, runner, workspace_root};
+use runner::cli::Cli;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn templates() -> Vec<(PathBuf, Yaml)> {
+    let dir = workspace_root().join("ci-templates/github");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("ci-templates/github") {
+        let path = entry.unwrap().path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "yml" && ext != "yaml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut docs = YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+        assert_eq!(docs.len(), 1, "{}", path.display());
+        out.push((path, docs.remove(0)));
+    }
+    assert!(!out.is_empty(), "no templates in {}", dir.display());
+    out
+}
+
+fn scalar(y: &Yaml) -> Option<String> {
+    match y {
+        Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// What `${{ ... }}` and `$VAR` expand to for one job and matrix combination.
+struct Context {
+    inputs: HashMap<String, String>,
+    matrix: HashMap<String, String>,
+    env: HashMap<String, String>,
+}
+
+impl Context {
+    /// Evaluates the expressions this project's templates use; others become "x".
+    fn expr(&self, e: &str) -> String {
+        let e = e.trim();
+        if let Some(name) = e.strip_prefix("inputs.") {
+            return self
+                .inputs
+                .get(name)
+                .unwrap_or_else(|| panic!("unknown input '{name}'"))
+                .clone();
+        }
+        if let Some(name) = e.strip_prefix("matrix.") {
+            return self
+                .matrix
+                .get(name)
+                .unwrap_or_else(|| panic!("unknown matrix key '{name}'"))
+                .clone();
+        }
+        if let Some(name) = e.strip_prefix("env.") {
+            return self
+                .env
+                .get(name)
+                .unwrap_or_else(|| panic!("unknown env '{name}'"))
+                .clone();
+        }
+        "x".into()
+    }
+
+    fn expand_exprs(&self, s: &str) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("${{") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..].find("}}").expect("unclosed ${{") + start;
+            out.push_str(&self.expr(&rest[start + 3..end]));
+            rest = &rest[end + 2..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// A shell variable: the job's or step's env, or one the Actions runner sets.
+    fn var(&self, name: &str) -> String {
+        match name {
+            "GITHUB_OUTPUT" | "GITHUB_STEP_SUMMARY" | "GITHUB_PATH" | "GITHUB_ENV" => {
+                "/tmp/github-file".into()
+            }
+            "HOME" => "/root".into(),
+            _ => self
+                .env
+                .get(name)
+                .unwrap_or_else(|| panic!("script uses ${name}, which no env defines"))
+                .clone(),
+        }
+    }
+}
+
+/// The value given to variables a script sets itself.
+const SCRIPT_VALUE: &str = "script-value";
+
+/// Names a script assigns: `NAME=value` at a command's start and `for NAME in`.
+fn script_variables(script: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in script.lines() {
+        for part in line.split([';', '&', '|']) {
+            let t = part.trim_start();
+            let t = t.strip_prefix("export ").unwrap_or(t);
+            if let Some(rest) = t.strip_prefix("for ") {
+                if let Some(name) = rest.split_whitespace().next() {
+                    names.push(name.to_string());
+                }
+            } else if let Some((name, _)) = t.split_once('=') {
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Splits a command line the way sh would for the simple forms templates use: words,
+/// "double quotes" (with $VAR expanded), 'single quotes', $VAR and ${VAR}.
+fn words(line: &str, ctx: &Context) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (None | Some('"'), '$') => {
+                let braced = chars.peek() == Some(&'{');
+                if braced {
+                    chars.next();
+                }
+                let mut name = String::new();
+                while let Some(&n) = chars.peek() {
+                    if n.is_ascii_alphanumeric() || n == '_' {
+                        name.push(n);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if braced {
+                    assert_eq!(chars.next(), Some('}'), "in {line}");
+                }
+                let value = ctx.var(&name);
+                if quote.is_none() {
+                    // Unquoted: sh splits the value into words.
+                    for (i, part) in value.split_whitespace().enumerate() {
+                        if i > 0 {
+                            out.push(std::mem::take(&mut cur));
+                        }
+                        cur.push_str(part);
+                        in_word = true;
+                    }
+                } else {
+                    cur.push_str(&value);
+                    in_word = true;
+                }
+            }
+            (_, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(quote.is_none(), "unclosed quote in {line}");
+    if in_word {
+        out.push(cur);
+    }
+    out
+}
+
+/// Every `runner ...` command in a script: at the start of a line, after `&&`, `||`, `;`,
+/// `|`, or inside `$(...)`.
+fn runner_commands(script: &str) -> Vec<String> {
+    let joined = script.replace("\\\n", " ");
+    let mut found = Vec::new();
+    for line in joined.lines() {
+        let mut starts = vec![0];
+        for sep in ["&&", "||", ";", "|", "$("] {
+            starts.extend(line.match_indices(sep).map(|(i, _)| i + sep.len()));
+        }
+        for s in starts {
+            let rest = line[s..].trim_start();
+            if !rest.starts_with("runner ") {
+                continue;
+            }
+            // Up to the end of this command.
+            let inside_subst = line[..s].ends_with("$(");
+            let end = if inside_subst {
+                let mut depth = 1;
+                let mut end = rest.len();
+                for (i, c) in rest.char_indices() {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = i;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                end
+            } else {
+                ["&&", "||", ";", " | ", " >"]
+                    .iter()
+                    .filter_map(|t| rest.find(t))
+                    .min()
+                    .unwrap_or(rest.len())
+            };
+            found.push(rest[..end].trim().to_string());
+        }
+    }
+    found
+}
+
+fn hash_env(y: &Yaml, ctx: &Context) -> HashMap<String, String> {
+    y.as_hash()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| {
+                    (
+                        scalar(k).unwrap(),
+                        ctx.expand_exprs(&scalar(v).unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_runner_command_in_the_templates_parses_with_the_real_cli() {
+    let mut checked = 0;
+    for (path, doc) in templates() {
+        let name = path.display();
+        let on = &doc["on"];
+        assert!(!on.is_badvalue(), "{name}: no `on:`");
+        // Inputs at their defaults (required ones get a plausible value).
+        let mut inputs = HashMap::new();
+        if let Some(h) = on["workflow_call"]["inputs"].as_hash() {
+            for (k, v) in h {
+                let value = scalar(&v["default"]).unwrap_or_else(|| "owner/name".into());
+                inputs.insert(scalar(k).unwrap(), value);
+            }
+        }
+        let jobs = doc["jobs"]
+            .as_hash()
+            .unwrap_or_else(|| panic!("{name}: no jobs"));
+        for (job_name, job) in jobs {
+            let job_name = scalar(job_name).unwrap();
+            // Each matrix value of each key (the templates use one key per matrix).
+            let mut combos = vec![HashMap::new()];
+            if let Some(m) = job["strategy"]["matrix"].as_hash() {
+                combos.clear();
+                for (k, v) in m {
+                    let key = scalar(k).unwrap();
+                    let values: Vec<String> = match v {
+                        Yaml::Array(a) => a.iter().filter_map(scalar).collect(),
+                        other => {
+                            // fromJSON(inputs.X): the input's default, as JSON.
+                            let e = scalar(other).unwrap();
+                            let input = e
+                                .split("inputs.")
+                                .nth(1)
+                                .and_then(|r| r.split(')').next())
+                                .unwrap_or_else(|| panic!("{name}: matrix {key} = {e}"));
+                            let json: Vec<String> =
+                                serde_json::from_str(&inputs[input.trim()]).unwrap();
+                            json
+                        }
+                    };
+                    assert!(!values.is_empty(), "{name}: empty matrix {key}");
+                    combos.extend(
+                        values
+                            .into_iter()
+                            .map(|v| HashMap::from([(key.clone(), v)])),
+                    );
+                }
+            }
+            for matrix in combos {
+                let mut ctx = Context {
+                    inputs: inputs.clone(),
+                    matrix,
+                    env: HashMap::new(),
+                };
+                ctx.env = hash_env(&doc["env"], &ctx);
+                let job_env = hash_env(&job["env"], &ctx);
+                ctx.env.extend(job_env);
+                let steps = job["steps"]
+                    .as_vec()
+                    .unwrap_or_else(|| panic!("{name}: job {job_name} has no steps"));
+                for step in steps {
+                    let uses = step["uses"].as_str();
+                    let run = step["run"].as_str();
+                    assert!(
+                        uses.is_some() != run.is_some(),
+                        "{name}: a step needs exactly one of uses/run: {step:?}"
+                    );
+                    if let Some(u) = uses {
+                        // Pinned: a moving default branch would change CI under users' feet.
+                        let local = u.starts_with("./") || u.starts_with("docker://");
+                        assert!(local || u.contains('@'), "{name}: unpinned action {u}");
+                    }
+                    let Some(script) = run else { continue };
+                    let saved = ctx.env.clone();
+                    let step_env = hash_env(&step["env"], &ctx);
+                    ctx.env.extend(step_env);
+                    let script = ctx.expand_exprs(script);
+                    // Variables the script sets itself (`NAME=...`, `for NAME in`) are fine;
+                    // their value is unknown here.
+                    for name in script_variables(&script) {
+                        ctx.env.entry(name).or_insert_with(|| SCRIPT_VALUE.into());
+                    }
+                    for cmd in runner_commands(&script) {
+                        let argv = words(&cmd, &ctx);
+                        match Cli::try_parse_from(&argv) {
+                            Err(e) => panic!("{name}: job {job_name}: `{cmd}` → {argv:?} is not a valid runner command line:\n{e}"),
+                            // Values clap leaves as strings: the architectures at least.
+                            Ok(Cli { command: runner::cli::Command::Test(t), .. }) => {
+                                for a in t.arch.iter().filter(|a| *a != SCRIPT_VALUE) {
+                                    assert!(["riscv64", "aarch64", "x86_64"].contains(&a.as_str()), "{name}: arch {a}");
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                        checked += 1;
+                    }
+                    ctx.env = saved;
+                }
+            }
+        }
+    }
+    assert!(checked >= 3, "only {checked} runner commands found");
+}
+
+#[test]
+fn the_matrix_workflow_caches_on_the_image_key_and_reports() {
+    let (_, doc) = templates()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("runner-matrix.yml"))
+        .expect("runner-matrix.yml");
+    assert!(
+        !doc["on"]["workflow_call"].is_badvalue(),
+        "reusable workflow"
+    );
+    let job = &doc["jobs"]["test"];
+    assert_eq!(
+        job["strategy"]["fail-fast"].as_bool(),
+        Some(false),
+        "one arch failing must not cancel the others"
+    );
+    let steps = job["steps"].as_vec().unwrap();
+    let step = |pred: &dyn Fn(&Yaml) -> bool| steps.iter().find(|s| pred(s)).cloned();
+    let key_step = step(&|s| s["id"].as_str() == Some("image-key")).expect("image-key step");
+    assert!(key_step["run"]
+        .as_str()
+        .unwrap()
+        .contains("runner images key"));
+    let cache = step(&|s| {
+        s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("actions/cache@"))
+            && s["with"]["path"].as_str() == Some("~/.cache/runner/images")
+    })
+    .expect("an actions/cache step for the images");
+    assert!(cache["with"]["key"]
+        .as_str()
+        .unwrap()
+        .contains("steps.image-key.outputs.key"));
+    let test = step(&|s| s["run"].as_str().is_some_and(|r| r.contains("runner test")))
+        .expect("runner test step");
+    let run = test["run"].as_str().unwrap();
+    for flag in ["--arch", "--junit", "--summary \"$GITHUB_STEP_SUMMARY\""] {
+        assert!(run.contains(flag), "{flag} missing: {run}");
+    }
+    let upload = step(&|s| {
+        s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+    })
+    .expect("upload step");
+    assert_eq!(
+        upload["if"].as_str(),
+        Some("always()"),
+        "upload failing runs too"
+    );
+}
+
+#[test]
+fn images_key_names_the_cached_image_directory() {
+    // scripts/test builds the images before the tests; the key must name that directory.
+    let r = runner(
+        &workspace_root(),
+        &["images", "key", "--arch", "riscv64,aarch64"],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    let keys: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(keys.len(), 2, "{r}");
+    for (key, arch) in keys.iter().zip(["riscv64", "aarch64"]) {
+        let hash = key
+            .strip_prefix(&format!("debian-13-{arch}-"))
+            .unwrap_or_else(|| panic!("{key}"));
+        assert!(
+            hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+            "{key}"
+        );
+    }
+    let riscv = cache_dir().join("images").join(keys[0]);
+    assert!(
+        riscv.join("manifest.json").is_file(),
+        "{} is not the cached image",
+        riscv.display()
+    );
+    // A bad architecture is a config error, as everywhere else.
+    let r = runner(&workspace_root(), &["images", "key", "--arch", "mips"]);
+    assert_eq!(r.code, 78, "{r}");
+}
+
+#[test]
+fn the_word_splitter_and_command_finder_work() {
+    let ctx = Context {
+        inputs: HashMap::new(),
+        matrix: HashMap::new(),
+        env: HashMap::from([("A".to_string(), "x y".to_string())]),
+    };
+    assert_eq!(
+        words(r#"runner test --arch "$A" '$A' ${A}"#, &ctx),
+        ["runner", "test", "--arch", "x y", "$A", "x", "y"]
+    );
+    let script = "echo \"k=$(runner images key --arch \"$A\")\" >> f\nrunner test \\\n  --arch z && echo done\n";
+    assert_eq!(
+        script_variables("X=1; for a in b c; do echo; done\nexport Y=2 && echo Z=3"),
+        ["X", "a", "Y"]
+    );
+    assert_eq!(
+        runner_commands(script),
+        ["runner images key --arch \"$A\"", "runner test    --arch z"]
+    );
+}
