@@ -1,6 +1,12 @@
 //! The suite executor: runs one `SuitePlan` — image, host setup, boot, workspace copy,
 //! steps with live output, results back, stop — and reports every stage as events. It
 //! classifies every ending into one `Outcome`.
+//!
+//! Steps follow GitLab's rules, which include the suite file's as a special case: a step runs
+//! when its `when` fits how the suite is going (`OnSuccess` steps stop after the first failure;
+//! `OnFailure`/`Always` steps run after a failure, a timeout or a graceful interrupt, with
+//! their own timeout). The caller can stop a run two ways ([`Controls`]): *cancel* kills the
+//! VM at once; *interrupt* stops the running step gracefully, then runs the cleanup steps.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +20,7 @@ use crate::cli::AccelArg;
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
 use crate::host;
 use crate::outcome::{InfraKind, Outcome};
-use crate::plan::{SuitePlan, GUEST_WORKSPACE};
+use crate::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::transfer;
 use crate::workspace;
 
@@ -31,6 +37,30 @@ pub struct RunSettings {
     pub boot_timeout: Duration,
     /// Resume VMs from saved states (and save them on first boot); off with `--cold-boot`.
     pub saved_states: bool,
+    /// Parent of the per-VM directories; `None`: the store's `vms/`. `runner serve` uses a
+    /// directory of its own that it can sweep completely at start.
+    pub vms_dir: Option<std::path::PathBuf>,
+}
+
+/// How a caller stops a run.
+#[derive(Debug, Clone)]
+pub struct Controls {
+    /// Turns true: stop now — the VM is killed and the run ends `Cancelled`.
+    pub cancel: watch::Receiver<bool>,
+    /// Turns true: stop gracefully — the running `OnSuccess` step is stopped (its process
+    /// tree killed), no further `OnSuccess` step starts, `OnFailure`/`Always` steps still run
+    /// and results are collected; the run ends `Cancelled`.
+    pub interrupt: watch::Receiver<bool>,
+}
+
+impl Controls {
+    /// Controls with only a hard cancel (the interrupt never fires).
+    pub fn cancel_only(cancel: watch::Receiver<bool>) -> Self {
+        Controls {
+            cancel,
+            interrupt: watch::channel(false).1,
+        }
+    }
 }
 
 pub(crate) fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
@@ -61,8 +91,22 @@ pub async fn run_suite(
     plan: &SuitePlan,
     settings: &RunSettings,
     reporters: &mut Reporters,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> Outcome {
+    run_suite_with(plan, settings, reporters, Controls::cancel_only(cancel)).await
+}
+
+/// [`run_suite`] with a graceful interrupt as well (see [`Controls`]).
+pub async fn run_suite_with(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    reporters: &mut Reporters,
+    controls: Controls,
+) -> Outcome {
+    let Controls {
+        mut cancel,
+        interrupt,
+    } = controls;
     let started = Instant::now();
     let id = plan.id.clone();
     reporters.emit(Event::SuiteStarted {
@@ -81,7 +125,7 @@ pub async fn run_suite(
         current: None,
     };
     let outcome = tokio::select! {
-        o = run_inner(plan, settings, reporters, &mut state) => o,
+        o = run_inner(plan, settings, reporters, &mut state, interrupt) => o,
         _ = cancel.wait_for(|c| *c) => Outcome::Cancelled,
     };
     // A step cut short by the suite timeout or cancellation ends like the suite, with the
@@ -159,6 +203,7 @@ async fn run_inner(
     settings: &RunSettings,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
+    interrupt: watch::Receiver<bool>,
 ) -> Outcome {
     let id = plan.id.clone();
     // 1. Host: QEMU, accelerator, image.
@@ -200,8 +245,12 @@ async fn run_inner(
         Err(o) => return o,
     };
     state.facts.kernel_version = image.manifest.kernel_version.clone();
-    let timed = run_timed(plan, settings, reporters, state, &platform, &image);
-    match tokio::time::timeout(plan.timeout, timed).await {
+    let timed = run_timed(
+        plan, settings, reporters, state, &platform, &image, interrupt,
+    );
+    // The suite timeout itself is enforced step by step (cleanup steps may outlive it); this
+    // is the backstop for everything, boot and result collection included.
+    match tokio::time::timeout(plan.hard_deadline(), timed).await {
         Ok(o) => o,
         Err(_) => Outcome::TimedOut,
     }
@@ -216,8 +265,10 @@ async fn run_timed(
     state: &mut SuiteState<'_>,
     platform: &host::Platform,
     image: &BaseImage,
+    interrupt: watch::Receiver<bool>,
 ) -> Outcome {
     let id = plan.id.clone();
+    let deadline = tokio::time::Instant::now() + plan.timeout;
     // 2. Host setup commands (e.g. cross-compiling), as steps.
     for cmd in &plan.host_setup {
         state.current = Some(RunningStep::new(&format!("host: {cmd}")));
@@ -260,7 +311,10 @@ async fn run_timed(
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),
         disk: DiskSource::Overlay(image.rootfs.clone()),
-        state_dir: settings.store.vms_dir(),
+        state_dir: settings
+            .vms_dir
+            .clone()
+            .unwrap_or_else(|| settings.store.vms_dir()),
         boot_timeout: settings.boot_timeout,
         saved_state: settings.saved_states.then(|| {
             // A state fits only the exact VM it was saved from: key it on all of it.
@@ -308,7 +362,10 @@ async fn run_timed(
         facts: state.facts.clone(),
     });
 
-    let outcome = in_vm(plan, &mut vm, archive, reporters, state).await;
+    let outcome = in_vm(
+        plan, &mut vm, archive, reporters, state, deadline, interrupt,
+    )
+    .await;
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
     match outcome {
         Outcome::TimedOut => vm.kill().await,
@@ -325,6 +382,8 @@ async fn in_vm(
     archive: Option<Vec<u8>>,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
+    deadline: tokio::time::Instant,
+    mut interrupt: watch::Receiver<bool>,
 ) -> Outcome {
     let id = plan.id.clone();
     if let Some(archive) = archive {
@@ -332,10 +391,29 @@ async fn in_vm(
             return o;
         }
     }
+    if let Err(o) = write_files(vm, &plan.files).await {
+        return o;
+    }
     let base_env = guest_env(plan);
-    let mut outcomes = Vec::new();
-    let mut stop: Option<Outcome> = None;
+    // How the suite is going so far; decides which steps still run.
+    let mut so_far = Outcome::Passed;
+    // Cleanup steps are only ever cancelled hard, never interrupted.
+    let (_, mut never) = watch::channel(false);
     for (index, step) in plan.steps.iter().enumerate() {
+        if *interrupt.borrow() && so_far.is_success() {
+            so_far = Outcome::Cancelled;
+        }
+        if !step.when.runs(so_far.is_success()) {
+            state.steps_done += 1;
+            reporters.emit(Event::StepFinished {
+                id: id.clone(),
+                step: step.name.clone(),
+                outcome: Outcome::Skipped,
+                duration: Duration::ZERO,
+                output_tail: String::new(),
+            });
+            continue;
+        }
         reporters.emit(Event::StepStarted {
             id: id.clone(),
             step: step.name.clone(),
@@ -344,6 +422,15 @@ async fn in_vm(
         let mut env = base_env.clone();
         env.push(("RUNNER_STEP".into(), step.name.clone()));
         env.extend(step.env.iter().cloned());
+        let env = last_wins(env);
+        let (timeout, stop) = match step.when {
+            StepWhen::OnSuccess => (
+                step.timeout
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+                &mut interrupt,
+            ),
+            _ => (step.timeout, &mut never),
+        };
         let current = state.current.insert(RunningStep::new(&step.name));
         let mut live = |bytes: &[u8]| {
             current.tail.push(bytes);
@@ -353,11 +440,12 @@ async fn in_vm(
             });
         };
         let result = vm
-            .run(
+            .run_stoppable(
                 &step.command,
                 GUEST_WORKSPACE,
                 &env,
-                step.timeout,
+                timeout,
+                stop,
                 &mut live,
             )
             .await;
@@ -372,6 +460,7 @@ async fn in_vm(
                 signal: Some(sig),
             },
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
+            Ok(CommandEnd::Stopped) => Outcome::Cancelled,
             // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
             // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
             Err(VmError::Died {
@@ -384,10 +473,21 @@ async fn in_vm(
                     id: id.clone(),
                     bytes: why.as_bytes().to_vec(),
                 });
-                Outcome::Failed {
+                // Nothing more can run in it.
+                let finished = state.current.take().expect("set above");
+                state.steps_done += 1;
+                let failed = Outcome::Failed {
                     exit_code: None,
                     signal: None,
-                }
+                };
+                reporters.emit(Event::StepFinished {
+                    id: id.clone(),
+                    step: step.name.clone(),
+                    outcome: failed.clone(),
+                    duration: finished.started.elapsed(),
+                    output_tail: finished.tail.text(),
+                });
+                return Outcome::combine(&[so_far, failed]);
             }
             Err(e) => vm_error(&e, true),
         };
@@ -403,25 +503,85 @@ async fn in_vm(
         match &outcome {
             Outcome::Passed => {}
             Outcome::Failed { .. } if step.allow_failure => {}
-            Outcome::Failed { .. } => {
-                outcomes.push(outcome);
-                break;
+            Outcome::Failed { .. } => so_far = Outcome::combine(&[so_far, outcome]),
+            Outcome::TimedOut | Outcome::Cancelled => {
+                if !(step.allow_failure && outcome == Outcome::TimedOut) {
+                    so_far = Outcome::combine(&[so_far, outcome]);
+                }
+                // The command still runs. Kill it only when a later step needs the VM;
+                // otherwise the VM goes, and the command with it.
+                let succeeded = so_far.is_success();
+                let more = plan.steps[index + 1..]
+                    .iter()
+                    .any(|s| s.when.runs(succeeded));
+                if !more {
+                    return so_far;
+                }
+                if let Err(e) = vm.stop_command().await {
+                    return Outcome::combine(&[so_far, vm_error(&e, true)]);
+                }
             }
-            _ => {
-                // Timeout or a broken VM: nothing more can run in it.
-                stop = Some(outcome);
-                break;
-            }
+            // A broken VM: nothing more can run in it.
+            _ => return Outcome::combine(&[so_far, outcome]),
         }
     }
-    if let Some(o) = stop {
-        return o;
+    // An interrupt that came while only cleanup steps ran still ends the run as cancelled.
+    if *interrupt.borrow() && so_far.is_success() {
+        so_far = Outcome::Cancelled;
     }
     // Results come back even when a step failed: that is when they matter most.
     let results =
         transfer::collect_results(plan, vm, &mut state.reports, &mut state.artifacts).await;
-    outcomes.push(results);
-    Outcome::combine(&outcomes)
+    Outcome::combine(&[so_far, results])
+}
+
+/// Writes the plan's files into the guest (parent directories first).
+async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let parents: Vec<String> = files
+        .iter()
+        .filter_map(|f| std::path::Path::new(&f.path).parent())
+        .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
+        .collect();
+    let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+    let script = format!("umask 077; mkdir -p {}", parents.join(" "));
+    match vm
+        .run_script(&script, &env, Duration::from_secs(30), 4096)
+        .await
+    {
+        Ok((CommandEnd::Exited(0), _)) => {}
+        Ok((end, out)) => {
+            return Err(infra(
+                InfraKind::Agent,
+                format!(
+                    "creating directories in the guest failed ({end:?}): {}",
+                    out.trim()
+                ),
+            ))
+        }
+        Err(e) => return Err(vm_error(&e, true)),
+    }
+    for f in files {
+        vm.write_file(&f.path, &f.contents)
+            .await
+            .map_err(|e| vm_error(&e, true))?;
+    }
+    Ok(())
+}
+
+/// One entry per name, the last one winning (a step's env overrides the suite's): with
+/// duplicates, which one a program sees depends on its libc.
+fn last_wins(env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<(String, String)> = env
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    out.reverse();
+    out
 }
 
 /// The guest environment (qga replaces the guest's environment, so it is complete).
@@ -498,4 +658,23 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
         output_tail: text,
     });
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_env_entries_override_earlier_ones() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            last_wins(env(&[("A", "1"), ("B", "2"), ("A", "3")])),
+            env(&[("B", "2"), ("A", "3")])
+        );
+    }
 }

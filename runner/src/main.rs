@@ -46,6 +46,7 @@ async fn run(cli: Cli) -> i32 {
                 accel: args.accel,
                 boot_timeout: boot_timeout(),
                 saved_states: !args.cold_boot,
+                vms_dir: None,
             };
             commands::test::run(args, settings, status).await
         }
@@ -66,6 +67,8 @@ async fn run(cli: Cli) -> i32 {
                 accel: args.accel,
                 boot_timeout: boot_timeout(),
                 saved_states: true,
+                // commands::serve picks its own directory (swept completely at start).
+                vms_dir: None,
             };
             commands::serve::run(&args.config, settings).await
         }

@@ -27,14 +27,52 @@ pub struct WorkspacePlan {
     pub max_size: u64,
 }
 
+/// When a step runs, given how the steps before it went (GitLab's `when`). A suite file's
+/// steps are all `OnSuccess`: the first failure ends the suite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepWhen {
+    /// Only while everything before it passed.
+    #[default]
+    OnSuccess,
+    /// Only after something failed, timed out or was cancelled gracefully.
+    OnFailure,
+    /// In any case (e.g. GitLab's after_script).
+    Always,
+}
+
+impl StepWhen {
+    /// Whether a step with this `when` runs when the steps before it `succeeded` (or not).
+    pub fn runs(self, succeeded: bool) -> bool {
+        match self {
+            StepWhen::OnSuccess => succeeded,
+            StepWhen::OnFailure => !succeeded,
+            StepWhen::Always => true,
+        }
+    }
+}
+
 /// One step to run in the guest.
 #[derive(Debug, Clone)]
 pub struct StepPlan {
     pub name: String,
     pub command: GuestCommand,
+    /// For `OnSuccess` steps also capped by what is left of the suite's timeout; steps that
+    /// run after a failure (`OnFailure`, `Always`) have only their own, so that a cleanup step
+    /// still runs after the suite timed out.
     pub timeout: Duration,
     pub env: Vec<(String, String)>,
+    /// A failure (or timeout) of this step does not fail the suite.
     pub allow_failure: bool,
+    pub when: StepWhen,
+}
+
+/// A file written into the guest after boot, before the first step (e.g. GitLab's file
+/// variables).
+#[derive(Debug, Clone)]
+pub struct GuestFile {
+    /// Absolute path in the guest; parent directories are created.
+    pub path: String,
+    pub contents: Vec<u8>,
 }
 
 /// One suite on one architecture.
@@ -55,7 +93,31 @@ pub struct SuitePlan {
     pub memory_mib: u32,
     /// Where artifacts of this suite × arch are copied back to.
     pub out_dir: PathBuf,
+    /// Files to write into the guest before the first step.
+    pub files: Vec<GuestFile>,
 }
+
+impl SuitePlan {
+    /// The longest a run of this plan may take: the suite timeout, plus the own timeouts of
+    /// the steps that may run after it passed (they are not cut short by it), plus time to
+    /// bring results back after those.
+    pub fn hard_deadline(&self) -> Duration {
+        let cleanup: Duration = self
+            .steps
+            .iter()
+            .filter(|s| s.when != StepWhen::OnSuccess)
+            .map(|s| s.timeout)
+            .sum();
+        if cleanup.is_zero() {
+            self.timeout
+        } else {
+            self.timeout + cleanup + CLEANUP_RESULTS_ALLOWANCE
+        }
+    }
+}
+
+/// Extra time after cleanup steps for killing the timed-out command and collecting results.
+const CLEANUP_RESULTS_ALLOWANCE: Duration = Duration::from_secs(180);
 
 /// Settings from the command line that override the suite file.
 #[derive(Debug, Clone, Default)]
@@ -132,6 +194,7 @@ pub fn plan_suites(
                         timeout: s.timeout.min(timeout),
                         env: s.env.clone(),
                         allow_failure: s.allow_failure,
+                        when: StepWhen::OnSuccess,
                     })
                     .collect(),
                 timeout,
@@ -140,6 +203,7 @@ pub fn plan_suites(
                 cpus: ov.cpus.unwrap_or(file.defaults.cpus),
                 memory_mib: ov.memory_mib.unwrap_or(file.defaults.memory_mib),
                 out_dir: out_root.join(format!("{}-{arch}", suite.name)),
+                files: Vec::new(),
             });
         }
     }
@@ -181,6 +245,7 @@ pub fn plan_command(
             timeout,
             env: Vec::new(),
             allow_failure: false,
+            when: StepWhen::OnSuccess,
         }],
         timeout,
         junit: Vec::new(),
@@ -191,5 +256,47 @@ pub fn plan_command(
             .out
             .clone()
             .unwrap_or_else(|| PathBuf::from("runner-out")),
+        files: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_decides_which_steps_run() {
+        // (when, suite still succeeding, runs)
+        let cases = [
+            (StepWhen::OnSuccess, true, true),
+            (StepWhen::OnSuccess, false, false),
+            (StepWhen::OnFailure, true, false),
+            (StepWhen::OnFailure, false, true),
+            (StepWhen::Always, true, true),
+            (StepWhen::Always, false, true),
+        ];
+        for (when, ok, runs) in cases {
+            assert_eq!(when.runs(ok), runs, "{when:?} after success={ok}");
+        }
+    }
+
+    #[test]
+    fn cleanup_steps_extend_the_hard_deadline() {
+        let mut p = plan_command(
+            vec!["true".into()],
+            Arch::Riscv64,
+            None,
+            &Overrides::default(),
+        );
+        p.timeout = Duration::from_secs(60);
+        assert_eq!(p.hard_deadline(), Duration::from_secs(60));
+        let mut after = p.steps[0].clone();
+        after.when = StepWhen::Always;
+        after.timeout = Duration::from_secs(300);
+        p.steps.push(after);
+        assert_eq!(
+            p.hard_deadline(),
+            Duration::from_secs(60 + 300) + CLEANUP_RESULTS_ALLOWANCE
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! that nothing is left behind (QEMU processes, VM directories).
 
 pub mod fake_github;
+pub mod fake_gitlab;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -181,11 +182,17 @@ pub fn processes_using(fragment: &str) -> Vec<String> {
         .collect()
 }
 
-/// Entries in the cache's per-VM directory.
+/// Entries in the cache's per-VM directories: `vms/` (`runner test`) and `serve-vms/`
+/// (`runner serve`, which keeps its VMs apart so that it can sweep them all at start).
 pub fn vm_dirs(cache: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(cache.join("vms"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    ["vms", "serve-vms"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(cache.join(d))
+                .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// A private cache dir that shares the real image cache (symlinked `images/` and `states/`)

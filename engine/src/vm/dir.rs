@@ -87,6 +87,48 @@ pub fn sweep_abandoned(parent: &Path) -> usize {
     removed
 }
 
+/// Removes everything under `parent` and kills any QEMU whose command line names it. Only for
+/// a parent that one process owns exclusively (`runner serve` holds a lock on it): every
+/// entry there belongs to a predecessor that died (SIGKILL, power loss), so nothing is young
+/// enough to be spared. Returns how many entries were removed.
+pub fn sweep_all(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let needle = parent.to_string_lossy().into_owned();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let is_qemu = cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system");
+            if is_qemu && cmdline.contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +165,16 @@ mod tests {
             fresh.path().exists(),
             "a young directory may belong to a VM starting up"
         );
+    }
+
+    #[test]
+    fn sweep_all_removes_everything() {
+        let parent = tempfile::tempdir().unwrap();
+        let fresh = VmDir::create(parent.path()).unwrap();
+        std::fs::write(fresh.join("qmp.sock"), "x").unwrap();
+        std::fs::write(parent.path().join("stray"), "x").unwrap();
+        assert_eq!(sweep_all(parent.path()), 2);
+        assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
     }
 
     #[test]

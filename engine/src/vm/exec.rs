@@ -28,8 +28,27 @@ pub enum GuestCommand {
 pub enum CommandEnd {
     Exited(i32),
     Signaled(i32),
+    /// Still running when the timeout passed (stop it with `Vm::stop_command` or stop the VM).
     TimedOut,
+    /// Still running when the caller asked to stop (see `Vm::run_stoppable`).
+    Stopped,
 }
+
+/// Kills the process tree of a guest command (its wrapper's pid is `$1`): SIGTERM to the
+/// whole tree, up to 3 s for it to go, then SIGKILL to whatever is left. Children are listed
+/// before their parents are signalled, so nothing escapes by being reparented to PID 1.
+pub const KILL_TREE: &str = r#"tree() { for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }
+pids=$(tree "$1")
+kill -TERM $pids 2>/dev/null
+i=0
+while [ $i -lt 30 ]; do
+  alive=
+  for p in $pids; do [ -e /proc/$p/exe ] && alive=1; done
+  [ -z "$alive" ] && exit 0
+  sleep 0.1; i=$((i+1))
+done
+kill -KILL $pids 2>/dev/null
+exit 0"#;
 
 /// The FIFO that every command writes its output to; the relay copies it to the port.
 pub const OUTPUT_FIFO: &str = "/run/runner/output";

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::agent::{AgentClient, AgentError, ExecStatus};
 use crate::arch::Arch;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
-pub use dir::{sweep_abandoned, VmDir};
+pub use dir::{sweep_abandoned, sweep_all, VmDir};
 pub use exec::{CommandEnd, GuestCommand};
 use overlay::OverlayError;
 
@@ -34,6 +34,10 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 /// After `quit`, how long QEMU gets to exit before SIGTERM.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// After the agent's connection broke mid-command, how long QEMU gets to show it is exiting.
+const DIED_GRACE: Duration = Duration::from_secs(2);
+/// How long killing a left-running command's process tree may take (SIGTERM grace included).
+const KILL_TREE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks of live output buffered between the port reader and the consumer. When full, the
 /// reader stops reading and the guest blocks on write: memory stays bounded.
 const OUTPUT_QUEUE: usize = 64;
@@ -139,6 +143,8 @@ pub struct Vm {
     /// The overlay this VM writes to, and the base image under it, when it has one.
     overlay: Option<PathBuf>,
     base: Option<PathBuf>,
+    /// The wrapper pid of a command that timed out or was stopped and may still run.
+    left_running: Option<i64>,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
@@ -321,6 +327,7 @@ impl Vm {
                 DiskSource::Overlay(base) => Some(base.clone()),
                 DiskSource::Direct { .. } => None,
             },
+            left_running: None,
             dir,
         })
     }
@@ -355,13 +362,36 @@ impl Vm {
         timeout: Duration,
         on_output: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<CommandEnd, VmError> {
+        // Nobody holds the sender: this stop never fires.
+        let (_, mut never) = watch::channel(false);
+        self.run_stoppable(cmd, cwd, env, timeout, &mut never, on_output)
+            .await
+    }
+
+    /// Like [`Vm::run`], but also returns [`CommandEnd::Stopped`] as soon as `stop` turns
+    /// true (e.g. a graceful job cancel). A stopped or timed-out command keeps running until
+    /// [`Vm::stop_command`] kills it or the VM stops.
+    pub async fn run_stoppable(
+        &mut self,
+        cmd: &GuestCommand,
+        cwd: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        stop: &mut watch::Receiver<bool>,
+        on_output: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<CommandEnd, VmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let marker = exec::new_marker();
         let mut scanner = exec::MarkerScanner::new(&marker);
         let request = exec::exec_request(cmd, cwd, env, &marker);
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
-        let pid = self.agent.exec(&request, AGENT_TIMEOUT).await?;
+        let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
+            Ok(pid) => pid,
+            // A command that powers the guest off at once can take the agent's reply with it.
+            Err(e) => return Err(self.agent_or_died(e).await),
+        };
+        self.left_running = Some(pid);
         let mut exited: Option<CommandEnd> = None;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
@@ -369,6 +399,7 @@ impl Vm {
         loop {
             let poll = if scanner.found() {
                 if let Some(end) = exited {
+                    self.left_running = None;
                     return Ok(end);
                 }
                 exit_poll = (exit_poll * 2).min(exec::STATUS_POLL);
@@ -387,7 +418,7 @@ impl Vm {
                         if !out.is_empty() { on_output(&out); }
                         // The command printed its marker: its status is ready now.
                         if scanner.found() && exited.is_none() {
-                            exited = self.poll_status(pid).await?;
+                            exited = self.poll_status_or_died(pid).await?;
                         }
                     }
                     None => {
@@ -395,12 +426,18 @@ impl Vm {
                         return Err(self.died().await);
                     }
                 },
+                _ = stopped(stop), if exited.is_none() => {
+                    let rest = scanner.flush();
+                    if !rest.is_empty() { on_output(&rest); }
+                    return Ok(CommandEnd::Stopped);
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     if let Some(end) = exited {
                         // The command ended but its marker never came (e.g. the output port
                         // could not be opened): hand over what we have.
                         let rest = scanner.flush();
                         if !rest.is_empty() { on_output(&rest); }
+                        self.left_running = None;
                         return Ok(end);
                     }
                     if tokio::time::Instant::now() >= deadline {
@@ -408,7 +445,7 @@ impl Vm {
                         if !rest.is_empty() { on_output(&rest); }
                         return Ok(CommandEnd::TimedOut);
                     }
-                    exited = self.poll_status(pid).await?;
+                    exited = self.poll_status_or_died(pid).await?;
                     if exited.is_some() && !scanner.found() {
                         drain_deadline = Some(tokio::time::Instant::now() + exec::OUTPUT_DRAIN);
                     }
@@ -436,6 +473,51 @@ impl Vm {
             .run(&cmd, "/", env, timeout, &mut |b: &[u8]| out.push(b))
             .await?;
         Ok((end, out.text()))
+    }
+
+    /// Kills the command a timed-out or stopped [`Vm::run_stoppable`] left running (its whole
+    /// process tree in the guest), so that the VM can run further commands (e.g. cleanup
+    /// steps). Does nothing when no command was left running.
+    pub async fn stop_command(&mut self) -> Result<(), VmError> {
+        let Some(pid) = self.left_running.take() else {
+            return Ok(());
+        };
+        let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let script = format!("set -- {pid}\n{}", exec::KILL_TREE);
+        match self
+            .run_script(&script, &env, KILL_TREE_TIMEOUT, 4096)
+            .await?
+        {
+            (CommandEnd::Exited(0), _) => {
+                // The wrapper's exit status is waiting in the agent; collect it so that the
+                // agent forgets the process (a status is reaped by the reply that reports it).
+                let _ = self.poll_status(pid).await;
+                Ok(())
+            }
+            (end, out) => Err(VmError::Agent(AgentError::Command {
+                command: format!("stop guest command {pid}"),
+                desc: format!("{end:?}: {}", out.trim()),
+            })),
+        }
+    }
+
+    /// [`Vm::poll_status`] while a command runs: when the agent's connection breaks because
+    /// QEMU is exiting (the guest powered off or panicked), that is what gets reported — not
+    /// an agent failure, which would make the guest's doing look like an infrastructure error.
+    async fn poll_status_or_died(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
+        match self.poll_status(pid).await {
+            Err(VmError::Agent(e)) => Err(self.agent_or_died(e).await),
+            other => other,
+        }
+    }
+
+    /// An agent failure, or `Died` when QEMU turns out to be exiting.
+    async fn agent_or_died(&mut self, e: AgentError) -> VmError {
+        let exiting = tokio::time::timeout(DIED_GRACE, self.process.wait()).await;
+        if matches!(exiting, Ok(Ok(_))) {
+            return self.died().await;
+        }
+        VmError::Agent(e)
     }
 
     async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
@@ -487,6 +569,13 @@ impl Vm {
     /// Stops the VM at once (timeouts, cancellation): SIGTERM, then SIGKILL.
     pub async fn kill(mut self) {
         let _ = self.process.terminate(SIGTERM_GRACE).await;
+    }
+}
+
+/// Resolves when `stop` turns true; never when its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -16,7 +16,7 @@ use crate::exit;
 use crate::serve::config::LogFormat;
 use crate::serve::{Scheduler, ServeConfig, ServeContext, ShutdownController};
 
-pub async fn run(config_path: &Path, settings: RunSettings) -> i32 {
+pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
     let config = match ServeConfig::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -25,12 +25,25 @@ pub async fn run(config_path: &Path, settings: RunSettings) -> i32 {
         }
     };
     init_logging(config.log_format);
-    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
+    // The service's VMs live in a directory of their own, locked for as long as we run:
+    // whatever is in it at start belongs to a predecessor that died (even a second ago), so
+    // it all goes, with any QEMU still naming it.
+    let vms_dir = settings.store.root().join("serve-vms");
+    let _lock = match lock_serve_dir(&settings.store.root().join("serve.lock")) {
+        Ok(l) => l,
+        Err(message) => {
+            eprintln!("runner: error: {message}");
+            return exit::HOST;
+        }
+    };
+    let swept = engine::vm::sweep_all(&vms_dir)
+        + engine::vm::sweep_abandoned(&settings.store.vms_dir())
         + engine::image::store::sweep_leftovers(&settings.store)
         + engine::vm::state::prune(&settings.store.states_dir());
     if swept > 0 {
         tracing::info!(swept, "removed leftovers of earlier runs");
     }
+    settings.vms_dir = Some(vms_dir);
     let host = HostResources::detect();
     let scheduler = Arc::new(Scheduler::new(config.concurrent, host));
     tracing::info!(
@@ -124,12 +137,36 @@ pub async fn run(config_path: &Path, settings: RunSettings) -> i32 {
     exit::SUCCESS
 }
 
+/// Takes the lock that makes this process the only `runner serve` of its cache dir.
+fn lock_serve_dir(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        format!(
+            "another `runner serve` uses the cache dir of {}; give each its own --cache-dir",
+            path.display()
+        )
+    })
+}
+
 /// Structured logs on stderr; `RUNNER_LOG` sets the filter (default `info`).
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person watching, not in files or journald.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,8 +1,12 @@
-//! A `[[runners]]` entry of the serve config: gitlab-runner's keys plus ours (arch, image).
+//! A `[[runners]]` entry of the serve config: gitlab-runner's keys (`name`, `url`, `token`,
+//! `limit`, `request_concurrency`, `output_limit`) with their meaning, plus ours: which
+//! architectures and images this entry runs, and the VM size.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::serve::config::de_arch;
+use crate::serve::config::{de_arch, de_arches};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,12 +26,71 @@ pub struct RunnerEntry {
     /// Log size cap per job, in KiB (gitlab-runner's default: 4096).
     #[serde(default = "default_output_limit")]
     pub output_limit: u64,
-    /// Guest architecture for this entry's jobs.
+    /// Default guest architecture for this entry's jobs.
     #[serde(deserialize_with = "de_arch")]
     pub arch: engine::Arch,
-    /// Base image (recipe name) for this entry's jobs.
+    /// Default base image (recipe name) for this entry's jobs.
     #[serde(default = "default_image")]
     pub image: String,
+    /// Architectures a job may pick with the `RUNNER_ARCH` variable (default: only `arch`).
+    #[serde(default, deserialize_with = "de_arches")]
+    pub allowed_arches: Vec<engine::Arch>,
+    /// Images a job may pick with the `RUNNER_IMAGE` variable (default: only `image`).
+    #[serde(default)]
+    pub allowed_images: Vec<String>,
+    /// vCPUs per job VM.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest memory per job VM, e.g. "1G" or "512M" (counts against the host's VM budget).
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// Seconds a git checkout on the host may take.
+    #[serde(default = "default_clone_timeout")]
+    pub clone_timeout: u64,
+    /// Add the runner's own step-level JUnit report to every job's uploads (a job can also
+    /// ask for it with `RUNNER_STEP_JUNIT=true`).
+    #[serde(default)]
+    pub step_junit: bool,
+    /// Set from the top-level `check_interval`: seconds between job requests when idle.
+    #[serde(skip, default = "default_check_interval")]
+    pub check_interval: Duration,
+}
+
+impl RunnerEntry {
+    /// Architectures jobs of this entry may run on (the default one first).
+    pub fn arches(&self) -> Vec<engine::Arch> {
+        let mut v = vec![self.arch];
+        v.extend(self.allowed_arches.iter().filter(|a| **a != self.arch));
+        v
+    }
+
+    /// Images jobs of this entry may use (the default one first).
+    pub fn images(&self) -> Vec<String> {
+        let mut v = vec![self.image.clone()];
+        v.extend(
+            self.allowed_images
+                .iter()
+                .filter(|i| **i != self.image)
+                .cloned(),
+        );
+        v
+    }
+
+    /// Guest memory in MiB, or why `memory` is not a size.
+    pub fn memory_mib(&self) -> Result<u32, String> {
+        match crate::suite::parse_size(&self.memory) {
+            Ok(b) if (128 << 20..=64 << 30).contains(&b) => Ok((b >> 20) as u32),
+            _ => Err(format!(
+                "runner '{}': memory '{}' must be a size between 128M and 64G",
+                self.name, self.memory
+            )),
+        }
+    }
+
+    /// The log cap in bytes.
+    pub fn output_limit_bytes(&self) -> usize {
+        (self.output_limit.max(1) as usize).saturating_mul(1024)
+    }
 }
 
 fn one() -> usize {
@@ -38,4 +101,16 @@ fn default_output_limit() -> u64 {
 }
 fn default_image() -> String {
     crate::plan::DEFAULT_IMAGE.to_string()
+}
+fn default_cpus() -> u32 {
+    crate::plan::DEFAULT_CPUS
+}
+fn default_memory() -> String {
+    "1G".into()
+}
+fn default_clone_timeout() -> u64 {
+    600
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(3)
 }

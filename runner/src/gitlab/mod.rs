@@ -1,15 +1,29 @@
 //! GitLab intake: `runner serve` acting as a GitLab runner. Each `[[runners]]` entry polls
 //! its GitLab for jobs, runs each in a fresh VM and reports log, state and artifacts back.
+//!
+//! - `config` — the `[[runners]]` entry (gitlab-runner's keys plus ours)
+//! - `service` — verify, the poll loop, limits, `system_id`
+//! - `run` — one job: payload → plan → sources → VM → artifacts → final state
+//! - `prepare` — a job payload becomes a `SuitePlan` (arch/image, variables, steps)
+//! - `reporter` — run events as job log text
+//! - `job` — payload types and variable expansion
+//! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
+//! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
+//! - `mask` — streaming secret masking
+//! - `artifacts` — JUnit (gzip) and archive (zip) uploads
+//! - `client` — the REST API and the retry backoff
 
+pub mod artifacts;
+pub mod client;
 pub mod config;
+pub mod job;
+pub mod mask;
+pub mod prepare;
+pub mod reporter;
+pub mod run;
+pub mod script;
+pub mod service;
+pub mod trace;
 
 pub use config::RunnerEntry;
-
-use crate::serve::ServeContext;
-
-/// Serves one runner entry until the context's shutdown says to stop.
-pub async fn serve(entry: RunnerEntry, ctx: ServeContext) {
-    let _ = entry;
-    // Placeholder until the GitLab service lands: take no jobs, stop on drain.
-    ctx.shutdown.draining().await;
-}
+pub use service::serve;

@@ -101,7 +101,7 @@ impl ServeConfig {
 
     /// Parses `text` (the contents of `path`, which names it in messages).
     pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
-        let config: ServeConfig = toml::from_str(text).map_err(|e| {
+        let mut config: ServeConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => {
@@ -133,6 +133,11 @@ impl ServeConfig {
         }
         if let Some(gh) = &config.github {
             gh.check().map_err(invalid)?;
+        }
+        let check_interval = config.check_interval();
+        for r in &mut config.runners {
+            r.check_interval = check_interval;
+            r.memory_mib().map_err(invalid)?;
         }
         let mut names = std::collections::HashSet::new();
         for r in &config.runners {

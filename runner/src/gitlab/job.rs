@@ -1,0 +1,305 @@
+//! The job payload GitLab hands out (`POST /jobs/request` → 201), as serde types. Unknown
+//! fields are ignored (GitLab adds fields all the time); `null` where a list is expected
+//! counts as empty. Parsing happens in two stages so that a payload too broken to run can
+//! still be reported against its job: [`JobHandle`] (id and token) first, then [`Job`].
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Deserializer};
+
+/// Just enough of a payload to report on the job, even when the rest is unusable.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JobHandle {
+    pub id: u64,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub token: String,
+    #[serde(default)]
+    pub allow_git_fetch: bool,
+    pub job_info: JobInfo,
+    pub git_info: GitInfo,
+    pub runner_info: RunnerInfo,
+    #[serde(default, deserialize_with = "null_default")]
+    pub variables: Vec<Variable>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub steps: Vec<Step>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub artifacts: Vec<Artifact>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub features: Features,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JobInfo {
+    pub name: String,
+    #[serde(default)]
+    pub stage: String,
+    #[serde(default)]
+    pub project_id: u64,
+    #[serde(default)]
+    pub project_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GitInfo {
+    pub repo_url: String,
+    #[serde(rename = "ref", default)]
+    pub git_ref: String,
+    pub sha: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub refspecs: Vec<String>,
+    #[serde(default)]
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerInfo {
+    /// Job timeout in seconds.
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Variable {
+    pub key: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub value: String,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub file: bool,
+    #[serde(default)]
+    pub masked: bool,
+    #[serde(default)]
+    pub raw: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Step {
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub script: Vec<String>,
+    /// Seconds; 0 when GitLab sends none.
+    #[serde(default)]
+    pub timeout: u64,
+    #[serde(default = "on_success")]
+    pub when: When,
+    #[serde(default)]
+    pub allow_failure: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    OnSuccess,
+    OnFailure,
+    Always,
+}
+
+fn on_success() -> When {
+    When::OnSuccess
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Artifact {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub paths: Vec<String>,
+    #[serde(default = "on_success")]
+    pub when: When,
+    #[serde(default = "archive", deserialize_with = "null_archive")]
+    pub artifact_type: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub artifact_format: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub expire_in: String,
+}
+
+fn archive() -> String {
+    "archive".into()
+}
+
+fn null_archive<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(archive))
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Features {
+    #[serde(default, deserialize_with = "null_default")]
+    pub failure_reasons: Vec<String>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub token_mask_prefixes: Vec<String>,
+}
+
+/// `null` (or a missing field) as the type's default.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Why a payload cannot be run; one line, shown in the job log and the service log.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("the job payload from GitLab is not usable: {0}")]
+    Payload(#[source] serde_json::Error),
+    #[error("the job payload from GitLab is not usable: field `{field}`: {source}")]
+    Field {
+        field: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Job {
+    pub fn parse(body: &[u8]) -> Result<Job, JobError> {
+        serde_json::from_slice(body).map_err(|e| Job::explain(body, e))
+    }
+
+    /// Names the top-level field that broke parsing (serde_json's message has only a
+    /// line and column, which mean nothing to whoever reads the job log).
+    fn explain(body: &[u8], e: serde_json::Error) -> JobError {
+        fn check<T: serde::de::DeserializeOwned>(
+            v: &serde_json::Value,
+        ) -> Option<serde_json::Error> {
+            serde_json::from_value::<T>(v.clone()).err()
+        }
+        type Check = fn(&serde_json::Value) -> Option<serde_json::Error>;
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+            return JobError::Payload(e);
+        };
+        let null = serde_json::Value::Null;
+        let fields: [(&'static str, Check); 9] = [
+            ("id", check::<u64>),
+            ("token", check::<String>),
+            ("job_info", check::<JobInfo>),
+            ("git_info", check::<GitInfo>),
+            ("runner_info", check::<RunnerInfo>),
+            ("variables", check::<Option<Vec<Variable>>>),
+            ("steps", check::<Option<Vec<Step>>>),
+            ("artifacts", check::<Option<Vec<Artifact>>>),
+            ("features", check::<Option<Features>>),
+        ];
+        for (field, check) in fields {
+            if let Some(source) = check(map.get(field).unwrap_or(&null)) {
+                return JobError::Field { field, source };
+            }
+        }
+        JobError::Payload(e)
+    }
+
+    /// The value of variable `key` as GitLab sent it (the last one wins, as in GitLab).
+    pub fn var(&self, key: &str) -> Option<&str> {
+        self.variables
+            .iter()
+            .rev()
+            .find(|v| v.key == key)
+            .map(|v| v.value.as_str())
+    }
+
+    /// Values to mask in the log: masked variables, plus the job token (always secret).
+    pub fn secrets(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .variables
+            .iter()
+            .filter(|v| v.masked && !v.value.is_empty())
+            .map(|v| v.value.clone())
+            .collect();
+        s.push(self.token.clone());
+        s
+    }
+}
+
+/// Expands `$NAME` and `${NAME}` in `value` from `vars` (unknown names become empty, `$$` is
+/// a literal `$`), as GitLab does for variables that are not `raw`.
+pub fn expand(value: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            match r.find('}') {
+                Some(end) => {
+                    out.push_str(vars.get(&r[..end]).map(String::as_str).unwrap_or(""));
+                    rest = &r[end + 1..];
+                }
+                None => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        } else {
+            let len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            if len == 0 {
+                out.push('$');
+            } else {
+                out.push_str(vars.get(&after[..len]).map(String::as_str).unwrap_or(""));
+            }
+            rest = &after[len..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expansion() {
+        let vars: HashMap<String, String> = [("A", "1"), ("B_2", "two")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // (input, expected)
+        let cases = [
+            ("x$A-y", "x1-y"),
+            ("${B_2}x", "twox"),
+            ("$$A", "$A"),            // escaped dollar
+            ("$NOPE.", "."),          // unknown: empty
+            ("cost: 5$", "cost: 5$"), // trailing dollar stays
+            ("${A", "${A"),           // unclosed brace stays
+        ];
+        for (input, want) in cases {
+            assert_eq!(expand(input, &vars), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_nulls_are_fine() {
+        let body = br#"{"id":7,"token":"t","new_field":{"x":1},"job_info":{"name":"j","project_id":1},
+            "git_info":{"repo_url":"https://x/y.git","sha":"abc","refspecs":null},
+            "runner_info":{"timeout":3600},"variables":null,"steps":[{"name":"script","script":["true"],"when":"on_success"}],
+            "artifacts":null,"features":null}"#;
+        let job = Job::parse(body).unwrap();
+        assert_eq!(job.id, 7);
+        assert!(job.artifacts.is_empty() && job.variables.is_empty());
+        assert_eq!(job.steps[0].when, When::OnSuccess);
+    }
+
+    #[test]
+    fn bad_fields_are_refused_but_the_handle_survives() {
+        let body =
+            br#"{"id":8,"token":"t","job_info":{"name":"j"},"git_info":{"repo_url":"u","sha":"s"},
+            "runner_info":{"timeout":"soon"}}"#;
+        let e = Job::parse(body).unwrap_err().to_string();
+        assert!(e.contains("not usable") && e.contains("runner_info"), "{e}");
+        let h: JobHandle = serde_json::from_slice(body).unwrap();
+        assert_eq!(h.id, 8);
+    }
+}

@@ -1,0 +1,338 @@
+//! A GitLab job becomes a `SuitePlan`: architecture and image (the entry's, or the
+//! `RUNNER_ARCH`/`RUNNER_IMAGE` variables within what the entry allows), variables (expanded
+//! unless raw; file variables as guest files), steps (bash scripts with GitLab's `when` and
+//! timeouts), JUnit and archive artifact paths, and the host-side checkout. Everything wrong
+//! with a job is found here, before any VM starts, as one line for its log.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use engine::vm::GuestCommand;
+
+use super::config::RunnerEntry;
+use super::job::{self, Artifact, Job, When};
+use super::script;
+use crate::events::RunId;
+use crate::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::sources::{Checkout, GitStrategy};
+
+/// The job variable that picks another architecture among the entry's `allowed_arches`.
+pub const ARCH_VARIABLE: &str = "RUNNER_ARCH";
+/// The job variable that picks another image among the entry's `allowed_images`.
+pub const IMAGE_VARIABLE: &str = "RUNNER_IMAGE";
+/// The job variable that adds the runner's step-level JUnit report (`true`/`1`).
+pub const STEP_JUNIT_VARIABLE: &str = "RUNNER_STEP_JUNIT";
+/// The job variable for after_script's timeout (e.g. `10m`); GitLab's default is 5 minutes.
+pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
+pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Where `file: true` variables are written in the guest (the variable holds the path).
+const GUEST_FILE_VARIABLES: &str = "/tmp/runner-job/variables";
+/// Largest source tree copied into the guest.
+pub const MAX_SOURCES: u64 = 2 << 30;
+
+/// A job turned into a plan, plus what happens around it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub plan: SuitePlan,
+    pub checkout: Option<Checkout>,
+    pub step_junit: bool,
+    pub junit: Option<Artifact>,
+    pub archive: Option<Artifact>,
+}
+
+/// Validates the job against the entry and builds its plan. Errors are the job's fault
+/// (one line for its log).
+pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result<Prepared, String> {
+    let arch = match job.var(ARCH_VARIABLE).filter(|v| !v.is_empty()) {
+        None => entry.arch,
+        Some(name) => {
+            let allowed = entry.arches();
+            let arch: engine::Arch = name
+                .parse()
+                .map_err(|e: engine::arch::UnknownArch| e.to_string())?;
+            if !allowed.contains(&arch) {
+                return Err(format!(
+                    "{ARCH_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
+                    entry.name,
+                    allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            arch
+        }
+    };
+    let image = match job.var(IMAGE_VARIABLE).filter(|v| !v.is_empty()) {
+        None => entry.image.clone(),
+        Some(name) => {
+            let allowed = entry.images();
+            if !allowed.iter().any(|i| i == name) {
+                return Err(format!(
+                    "{IMAGE_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_images",
+                    entry.name,
+                    allowed.join(", ")
+                ));
+            }
+            name.to_string()
+        }
+    };
+    let timeout = Duration::from_secs(job.runner_info.timeout.max(1));
+
+    // Variables: expanded unless raw; file variables become files whose path is the value.
+    let raw: HashMap<String, String> = job
+        .variables
+        .iter()
+        .map(|v| (v.key.clone(), v.value.clone()))
+        .collect();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut files = Vec::new();
+    for v in &job.variables {
+        if !valid_name(&v.key) {
+            continue;
+        }
+        if v.file {
+            let path = format!("{GUEST_FILE_VARIABLES}/{}", v.key);
+            files.push(GuestFile {
+                path: path.clone(),
+                contents: v.value.clone().into_bytes(),
+            });
+            env.push((v.key.clone(), path));
+        } else if v.raw {
+            env.push((v.key.clone(), v.value.clone()));
+        } else {
+            env.push((v.key.clone(), job::expand(&v.value, &raw)));
+        }
+    }
+    // What gitlab-runner itself adds.
+    for (k, val) in [
+        ("CI_PROJECT_DIR", GUEST_WORKSPACE),
+        ("CI_BUILDS_DIR", "/"),
+        ("CI_SERVER", "yes"),
+        ("GITLAB_CI", "true"),
+        ("CI", "true"),
+        ("CI_RUNNER_EXECUTABLE_ARCH", arch.name()),
+    ] {
+        env.push((k.to_string(), val.to_string()));
+    }
+
+    let after_timeout = match job.var(AFTER_SCRIPT_TIMEOUT_VARIABLE) {
+        Some(t) => humantime::parse_duration(t).map_err(|_| {
+            format!("{AFTER_SCRIPT_TIMEOUT_VARIABLE}='{t}' is not a duration like 90s or 10m")
+        })?,
+        None => AFTER_SCRIPT_TIMEOUT,
+    };
+    if job.steps.is_empty() {
+        return Err("the job has no steps (script) to run".into());
+    }
+    let steps = job
+        .steps
+        .iter()
+        .map(|s| {
+            let after = s.name == "after_script";
+            StepPlan {
+                name: s.name.clone(),
+                // bash like gitlab-runner's shell executor (Debian images always have it).
+                command: GuestCommand::Argv(vec![
+                    "/bin/bash".into(),
+                    "-c".into(),
+                    script::step_script(&s.script),
+                ]),
+                timeout: if after {
+                    after_timeout
+                } else if s.timeout > 0 {
+                    Duration::from_secs(s.timeout).min(timeout)
+                } else {
+                    timeout
+                },
+                env: Vec::new(),
+                // after_script never changes the job's result (GitLab).
+                allow_failure: after || s.allow_failure,
+                when: match s.when {
+                    When::OnSuccess => StepWhen::OnSuccess,
+                    When::OnFailure => StepWhen::OnFailure,
+                    When::Always => StepWhen::Always,
+                },
+            }
+        })
+        .map(|mut s| {
+            s.env = env.clone();
+            s
+        })
+        .collect();
+
+    let junit = job
+        .artifacts
+        .iter()
+        .find(|a| a.artifact_type == "junit")
+        .cloned();
+    let archive = job
+        .artifacts
+        .iter()
+        .find(|a| a.artifact_type == "archive")
+        .cloned();
+    let junit_paths = junit.as_ref().map(|a| a.paths.clone()).unwrap_or_default();
+    let archive_paths: Vec<String> = archive
+        .as_ref()
+        .map(|a| a.paths.iter().flat_map(|p| file_globs(p)).collect())
+        .unwrap_or_default();
+    for p in junit_paths.iter().chain(&archive_paths) {
+        if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "artifact path '{p}' must be relative to the project directory, without '..'"
+            ));
+        }
+    }
+
+    let strategy = match job.var("GIT_STRATEGY") {
+        Some(s) => s.parse::<GitStrategy>()?,
+        None if job.allow_git_fetch => GitStrategy::Fetch,
+        None => GitStrategy::Clone,
+    };
+    let depth = match job.var("GIT_DEPTH").filter(|d| !d.is_empty()) {
+        Some(d) => Some(
+            d.parse::<u32>()
+                .map_err(|_| format!("GIT_DEPTH '{d}' is not a number"))?,
+        ),
+        None => Some(job.git_info.depth),
+    }
+    .filter(|d| *d > 0);
+    let checkout = (strategy != GitStrategy::None).then(|| Checkout {
+        url: job.git_info.repo_url.clone(),
+        sha: job.git_info.sha.clone(),
+        refspecs: job.git_info.refspecs.clone(),
+        depth,
+        strategy,
+        auth: None,
+        dest: work.join("src"),
+        timeout: Duration::from_secs(entry.clone_timeout.max(1)),
+    });
+
+    let step_junit = entry.step_junit
+        || matches!(
+            job.var(STEP_JUNIT_VARIABLE).map(|v| v.to_ascii_lowercase()),
+            Some(ref v) if v == "true" || v == "1" || v == "yes"
+        );
+    let plan = SuitePlan {
+        id: RunId {
+            suite: job.job_info.name.clone(),
+            arch,
+        },
+        image,
+        project_dir: std::env::current_dir().ok(),
+        workspace: None,
+        host_setup: Vec::new(),
+        steps,
+        timeout,
+        junit: junit_paths,
+        artifacts: archive_paths,
+        cpus: entry.cpus,
+        memory_mib: entry.memory_mib()?,
+        out_dir: work.join("artifacts"),
+        files,
+    };
+    Ok(Prepared {
+        plan,
+        checkout,
+        step_junit,
+        junit,
+        archive,
+    })
+}
+
+/// Guest globs for an archive path: the path itself, and, in case it names a directory, the
+/// files up to three levels below it (the guest-side lister matches files only).
+fn file_globs(p: &str) -> Vec<String> {
+    let p = p.trim_end_matches('/');
+    if p.contains(['*', '?', '[']) {
+        return vec![p.to_string()];
+    }
+    vec![
+        p.to_string(),
+        format!("{p}/*"),
+        format!("{p}/*/*"),
+        format!("{p}/*/*/*"),
+    ]
+}
+
+fn valid_name(k: &str) -> bool {
+    let mut c = k.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> RunnerEntry {
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\nallowed_arches=['aarch64']\n",
+        )
+        .unwrap();
+        cfg.runners[0].clone()
+    }
+
+    fn job(vars: &str) -> Job {
+        Job::parse(format!(r#"{{"id":1,"token":"jt","job_info":{{"name":"unit","project_id":5}},
+            "git_info":{{"repo_url":"https://gitlab-ci-token:jt@h/p.git","sha":"0123456789012345678901234567890123456789","depth":20}},
+            "runner_info":{{"timeout":600}},"variables":[{vars}],
+            "steps":[{{"name":"script","script":["echo hi"],"timeout":600,"when":"on_success"}},
+                     {{"name":"after_script","script":["echo bye"],"timeout":600,"when":"always"}}],
+            "artifacts":[{{"name":"junit","paths":["report.xml"],"when":"always","artifact_type":"junit","artifact_format":"gzip"}}]}}"#).as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_job_becomes_a_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(
+            r#"{"key":"A","value":"1"},{"key":"B","value":"x$A"},{"key":"R","value":"x$A","raw":true},
+            {"key":"F","value":"file body","file":true},{"key":"GIT_STRATEGY","value":"none"},{"key":"RUNNER_ARCH","value":"aarch64"}"#,
+        );
+        let p = prepare(&entry(), &j, dir.path()).unwrap();
+        assert_eq!(p.plan.id.arch, engine::Arch::Aarch64);
+        assert!(p.checkout.is_none());
+        let env = &p.plan.steps[0].env;
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("B"), Some("x1"));
+        assert_eq!(get("R"), Some("x$A"));
+        assert_eq!(get("F"), Some("/tmp/runner-job/variables/F"));
+        assert_eq!(get("CI_PROJECT_DIR"), Some("/workspace"));
+        assert_eq!(p.plan.files[0].contents, b"file body");
+        assert_eq!(p.plan.steps[1].when, StepWhen::Always);
+        assert!(p.plan.steps[1].allow_failure);
+        assert_eq!(p.plan.steps[1].timeout, AFTER_SCRIPT_TIMEOUT);
+        assert_eq!(p.plan.junit, ["report.xml"]);
+    }
+
+    #[test]
+    fn git_settings_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = prepare(
+            &entry(),
+            &job(r#"{"key":"GIT_DEPTH","value":"3"}"#),
+            dir.path(),
+        )
+        .unwrap();
+        let c = p.checkout.unwrap();
+        assert_eq!(c.strategy, GitStrategy::Clone);
+        assert_eq!(c.depth, Some(3));
+        // (variables, expected message part)
+        let cases = [
+            (r#"{"key":"RUNNER_ARCH","value":"x86_64"}"#, "not allowed"),
+            (r#"{"key":"RUNNER_ARCH","value":"mips"}"#, "mips"),
+            (
+                r#"{"key":"RUNNER_IMAGE","value":"other"}"#,
+                "allowed_images",
+            ),
+            (r#"{"key":"GIT_STRATEGY","value":"svn"}"#, "GIT_STRATEGY"),
+            (r#"{"key":"GIT_DEPTH","value":"deep"}"#, "GIT_DEPTH"),
+        ];
+        for (vars, want) in cases {
+            let e = prepare(&entry(), &job(vars), dir.path()).unwrap_err();
+            assert!(e.contains(want), "{vars}: {e}");
+        }
+    }
+}

@@ -1,0 +1,684 @@
+//! `runner serve` as a GitLab runner, end to end: the real binary against the fake GitLab
+//! (a real HTTP server), jobs running in real riscv64 VMs. Every wait polls under a deadline.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::fake_gitlab::{job_payload, FakeGitlab, JobRecord};
+use e2e::{private_cache, qemu_processes_using, runner_bin};
+use serde_json::json;
+
+const TOKEN: &str = "glrt-test-token-1234";
+/// Upper bound for one short job, VM included (resumed VMs take ~1 s; a cold boot ~10 s).
+const JOB_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A running `runner serve`, killed (SIGKILL) if a test ends without stopping it.
+struct Serve {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(cache: &Path, config: &str) -> Serve {
+        let path = cache.join("serve.toml");
+        std::fs::write(&path, config).expect("config");
+        let log = cache.join(format!("serve-{}.log", rand_suffix()));
+        let child = Command::new(runner_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUNNER_CACHE_DIR", cache)
+            .env("RUNNER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn runner serve");
+        Serve { child, log }
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            // Bounded: the service log of one test is small, but never read without limit.
+            let _ = f.by_ref().take(4 << 20).read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "runner serve did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls the service log until it contains `text`.
+    fn wait_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "'{text}' not in the service log within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn config(url: &str) -> String {
+    format!(
+        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n\n[[runners]]\nname = \"riscv64-emu\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"debian-13\"\nlimit = 2\noutput_limit = 2048\n"
+    )
+}
+
+/// No QEMU of this cache runs and the service's VM directory is empty (polled: a VM being
+/// torn down may take a moment).
+fn assert_serve_clean(cache: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let procs = qemu_processes_using(&cache.display().to_string());
+        let dirs: Vec<PathBuf> = std::fs::read_dir(cache.join("serve-vms"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if procs.is_empty() && dirs.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind after {timeout:?}: QEMU {procs:?}, VM dirs {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn trace(j: &JobRecord) -> String {
+    String::from_utf8_lossy(&j.trace).into_owned()
+}
+
+/// Waits until the fake has seen at least `n` job requests.
+fn wait_requests(gl: &FakeGitlab, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gl.with(|s| s.requests.len()) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the runner never asked for a job"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn job_runs_in_riscv64_streams_masked_log_uploads_junit_and_survives_outages() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let mut serve = Serve::start(cache.path(), &config(&gl.url));
+    // Enqueue after the first (empty) poll, so the next request must carry last_update.
+    wait_requests(&gl, 1);
+    let secret = "Zq9Xk-unique-secret-77";
+    let mut job = job_payload(
+        101,
+        &[
+            "echo \"hello from $(uname -m) in $CI_PROJECT_DIR\"",
+            "echo \"secret: $MY_SECRET\"",
+            // The secret leaves the guest in two writes a second apart: two chunks.
+            "printf 'split-%s' \"${MY_SECRET:0:8}\"; sleep 1.5; printf '%s-end\\n' \"${MY_SECRET:8}\"",
+            "mkdir -p out && printf '<testsuite name=\"t\" tests=\"1\"><testcase classname=\"c\" name=\"guest_ok\"/></testsuite>' > out/report.xml",
+            "echo data > out/data.txt",
+            "sleep 2; echo done",
+        ],
+        &["echo after-script-ran"],
+        &[
+            ("MY_SECRET", secret, true),
+            ("GIT_STRATEGY", "none", false),
+            ("RUNNER_STEP_JUNIT", "true", false),
+        ],
+        600,
+    );
+    job["artifacts"] = json!([
+        {"name": "junit", "untracked": false, "paths": ["out/report.xml"], "when": "always",
+         "artifact_type": "junit", "artifact_format": "gzip", "expire_in": "1 week"},
+        {"name": "files", "untracked": false, "paths": ["out/data.txt"], "when": "on_success",
+         "artifact_type": "archive", "artifact_format": "zip", "expire_in": null},
+    ]);
+    gl.enqueue(job);
+    let started = Instant::now();
+    let j = gl.wait_job(101, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("hello from")
+    });
+    let to_output = started.elapsed();
+    // GitLab briefly down while the job runs: a burst of 502s, then a log that lost its tail
+    // (416 with a shorter Range), then 503s on the final update.
+    gl.with(|s| {
+        s.fail_next = 3;
+        s.lose_trace_once = true;
+        s.fail_final_puts = 2;
+    });
+    let j2 = gl.wait_final(101, JOB_DEADLINE);
+    let log = trace(&j2);
+    eprintln!(
+        "figures: enqueue → first output in GitLab {:.2} s; pick-up → final state {:.2} s",
+        to_output.as_secs_f64(),
+        (j2.finished.unwrap() - j.picked_up.unwrap()).as_secs_f64()
+    );
+    let fin = j2.final_update.clone().unwrap();
+    assert_eq!(fin["state"], "success", "{fin}\n{log}");
+    // The first PUT says running, right after pick-up.
+    assert_eq!(j2.updates[0]["state"], "running");
+    // Lines are echoed like gitlab-runner's shell executor, then run.
+    assert!(
+        log.contains("$ echo \"hello from $(uname -m) in $CI_PROJECT_DIR\""),
+        "{log}"
+    );
+    assert!(log.contains("hello from riscv64 in /workspace"), "{log}");
+    assert!(
+        log.contains("after-script-ran") && log.contains("done"),
+        "{log}"
+    );
+    // Masked: whole, split across chunks, and never even a prefix.
+    assert!(log.contains("secret: [MASKED]"), "{log}");
+    assert!(log.contains("split-[MASKED]-end"), "{log}");
+    assert!(!log.contains(&secret[..8]), "{log}");
+    assert!(!log.contains("jobtoken-101-secret"), "{log}");
+    // The fake checked crc32 and size of the whole log against its own copy (412 otherwise);
+    // after the 416 the runner resumed from GitLab's offset, so no mismatch was needed.
+    assert_eq!(
+        fin["output"]["bytesize"].as_u64(),
+        Some(j2.trace.len() as u64)
+    );
+    // JUnit: gzip members, type and format both as query and form fields.
+    let junit = j2
+        .artifacts
+        .iter()
+        .find(|a| a.query.get("artifact_type").map(String::as_str) == Some("junit"))
+        .unwrap_or_else(|| panic!("no junit upload: {:?}", j2.artifacts));
+    assert_eq!(junit.file_name, "junit.xml.gz");
+    assert_eq!(junit.query["artifact_format"], "gzip");
+    assert_eq!(junit.fields["artifact_type"], "junit");
+    let mut xml = String::new();
+    flate2::read::MultiGzDecoder::new(&junit.data[..])
+        .read_to_string(&mut xml)
+        .unwrap();
+    // With RUNNER_STEP_JUNIT the report is the runner's own: a testcase per step, the
+    // guest's report merged in.
+    assert!(xml.contains("guest_ok"), "{xml}");
+    assert!(
+        xml.contains("name=\"script\"") && xml.contains("name=\"after_script\""),
+        "{xml}"
+    );
+    let archive = j2
+        .artifacts
+        .iter()
+        .find(|a| a.query.get("artifact_type").map(String::as_str) == Some("archive"))
+        .unwrap_or_else(|| panic!("no archive upload: {:?}", j2.artifacts));
+    assert_eq!(archive.query["artifact_format"], "zip");
+    assert!(
+        archive.data.windows(11).any(|w| w == b"out/data.tx"),
+        "zip lacks out/data.txt"
+    );
+    // What the runner sent when asking for jobs.
+    let requests = gl.with(|s| s.requests.clone());
+    let req = &requests[1];
+    assert!(req["system_id"].as_str().unwrap().len() == 14, "{req}");
+    assert_eq!(req["last_update"], "lu-1", "{req}");
+    for f in [
+        "multi_build_steps",
+        "return_exit_code",
+        "trace_checksum",
+        "cancel_gracefully",
+        "masking",
+    ] {
+        assert_eq!(req["info"]["features"][f], true, "{f}: {req}");
+    }
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+    serve.signal("TERM");
+    assert!(
+        serve.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        serve.log()
+    );
+    // Every log line of the job names it; those after boot name the VM too.
+    let service_log = serve.log();
+    let vm_line = service_log
+        .lines()
+        .find(|l| l.contains("VM ready"))
+        .unwrap_or_else(|| panic!("{service_log}"));
+    assert!(
+        vm_line.contains("job_id=101") && vm_line.contains("vm_id=vm-"),
+        "{vm_line}"
+    );
+}
+
+#[test]
+fn failing_and_timed_out_jobs_report_reason_exit_code_and_still_run_after_script() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    gl.enqueue(job_payload(
+        201,
+        &["echo before", "exit 3", "echo never-printed"],
+        &["echo cleanup-ran"],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    let j = gl.wait_final(201, JOB_DEADLINE);
+    let log = trace(&j);
+    let fin = j.final_update.unwrap();
+    assert_eq!(fin["state"], "failed", "{log}");
+    assert_eq!(fin["failure_reason"], "script_failure", "{fin}");
+    assert_eq!(fin["exit_code"], 3, "{fin}");
+    assert!(
+        log.contains("before") && log.contains("cleanup-ran"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("never-printed"),
+        "stopped at the first failing line:\n{log}"
+    );
+    assert!(log.contains("ERROR: Job failed: exit code 3"), "{log}");
+
+    // Job timeout: the job fails as job_execution_timeout, after_script still runs.
+    gl.enqueue(job_payload(
+        202,
+        &["echo started", "sleep 600"],
+        &["echo after-timeout"],
+        &[("GIT_STRATEGY", "none", false)],
+        12,
+    ));
+    let j = gl.wait_final(202, JOB_DEADLINE);
+    let log = trace(&j);
+    let fin = j.final_update.unwrap();
+    assert_eq!(
+        fin["failure_reason"], "job_execution_timeout",
+        "{fin}\n{log}"
+    );
+    assert!(log.contains("after-timeout"), "{log}");
+
+    // A log past output_limit (2 MiB here) is cut with a notice, sent in patches of at most
+    // 1 MiB (the fake refuses larger ones), and its checksum still matches.
+    gl.enqueue(job_payload(
+        203,
+        &["seq 1 400000", "echo tail-marker"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    let j = gl.wait_final(203, JOB_DEADLINE);
+    let fin = j.final_update.clone().unwrap();
+    assert_eq!(fin["state"], "success", "{fin}");
+    assert!(j.patches >= 2, "{} patches", j.patches);
+    assert!(
+        j.trace.len() < 2 * 1024 * 1024 + 1024,
+        "{} bytes",
+        j.trace.len()
+    );
+    let log = trace(&j);
+    assert!(
+        log.contains("exceeded limit of 2097152 bytes"),
+        "{}",
+        &log[log.len() - 300..]
+    );
+    assert!(!log.contains("tail-marker"));
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+    assert_eq!(gl.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn cancel_mid_job_graceful_and_hard_tear_the_vm_down_within_seconds() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    // Graceful: Job-Status canceling stops the script, after_script runs, VM goes.
+    gl.enqueue(job_payload(
+        301,
+        &["echo started", "sleep 600"],
+        &["echo after-cancel"],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    gl.wait_job(301, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("started")
+    });
+    let asked = Instant::now();
+    gl.set_status(301, "canceling");
+    let j = gl.wait_final(301, Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+    eprintln!(
+        "figures: graceful cancel → final state {:.2} s",
+        took.as_secs_f64()
+    );
+    let log = trace(&j);
+    assert_eq!(j.final_update.unwrap()["state"], "failed");
+    assert!(log.contains("after-cancel"), "{log}");
+
+    // Hard: Job-Status canceled aborts at once, no after_script.
+    gl.enqueue(job_payload(
+        302,
+        &["echo started", "sleep 600"],
+        &["echo should-not-run"],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    gl.wait_job(302, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("started")
+    });
+    let asked = Instant::now();
+    gl.set_status(302, "canceled");
+    // The fake refuses log patches of a canceled job (403) like GitLab; the runner still
+    // sends its final state.
+    gl.wait_job(302, Duration::from_secs(30), "a final PUT attempt", |j| {
+        j.updates.iter().any(|u| u["state"] == "failed")
+    });
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+    eprintln!(
+        "figures: hard cancel → VM gone {:.2} s",
+        asked.elapsed().as_secs_f64()
+    );
+    assert!(!trace(&gl.job(302)).contains("should-not-run"));
+}
+
+#[test]
+fn sigquit_drains_sigterm_aborts_and_sigkill_restart_leaves_nothing_behind() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    // SIGQUIT: the running job finishes, no new job is taken, the service exits 0.
+    let mut serve = Serve::start(cache.path(), &config(&gl.url));
+    gl.enqueue(job_payload(
+        401,
+        &["echo started", "sleep 3", "echo finished"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    gl.wait_job(401, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("started")
+    });
+    serve.signal("QUIT");
+    serve.wait_log("SIGQUIT", Duration::from_secs(10));
+    gl.enqueue(job_payload(402, &["echo no"], &[], &[], 600));
+    let status = serve.wait_exit(JOB_DEADLINE);
+    assert!(status.success(), "{status:?}\n{}", serve.log());
+    let j = gl.job(401);
+    assert_eq!(
+        j.final_update.as_ref().unwrap()["state"],
+        "success",
+        "{}",
+        trace(&j)
+    );
+    assert!(trace(&j).contains("finished"));
+    assert_eq!(
+        gl.with(|s| s.queue.len()),
+        1,
+        "a draining runner took a new job"
+    );
+    assert_serve_clean(cache.path(), Duration::from_secs(5));
+
+    // SIGTERM: the running job is aborted and reported as runner_system_failure.
+    gl.with(|s| s.queue.clear());
+    let mut serve = Serve::start(cache.path(), &config(&gl.url));
+    gl.enqueue(job_payload(
+        403,
+        &["echo started", "sleep 600"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    gl.wait_job(403, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("started")
+    });
+    serve.signal("TERM");
+    serve.wait_exit(Duration::from_secs(40));
+    let j = gl.job(403);
+    let fin = j
+        .final_update
+        .clone()
+        .unwrap_or_else(|| panic!("no final update:\n{}", serve.log()));
+    assert_eq!(fin["failure_reason"], "runner_system_failure", "{fin}");
+    assert_serve_clean(cache.path(), Duration::from_secs(5));
+
+    // SIGKILL mid-job: the VM's directory stays behind; the next start removes it at once.
+    let mut serve = Serve::start(cache.path(), &config(&gl.url));
+    gl.enqueue(job_payload(
+        404,
+        &["echo started", "sleep 600"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    gl.wait_job(404, JOB_DEADLINE, "output", |j| {
+        trace(j).contains("started")
+    });
+    serve.signal("KILL");
+    serve.wait_exit(Duration::from_secs(10));
+    let left: Vec<_> = std::fs::read_dir(cache.path().join("serve-vms"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        !left.is_empty(),
+        "expected the killed service's VM directory to remain"
+    );
+    let mut serve = Serve::start(cache.path(), &config(&gl.url));
+    serve.wait_log("polling for jobs", Duration::from_secs(30));
+    assert_serve_clean(cache.path(), Duration::from_secs(5));
+    serve.signal("TERM");
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(gl.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn git_job_clones_a_local_bare_repository_on_the_host() {
+    let cache = private_cache();
+    let repo = tempfile::tempdir().unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let work = repo.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("hello.txt"), "hello from git\n").unwrap();
+    git(&work, &["add", "hello.txt"]);
+    git(&work, &["commit", "-q", "-m", "first"]);
+    let sha = git(&work, &["rev-parse", "HEAD"]);
+    let bare = repo.path().join("demo.git");
+    git(
+        repo.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    let mut job = job_payload(
+        501,
+        &["cat hello.txt", "test -d .git && echo has-git-dir", "pwd"],
+        &[],
+        &[("GIT_STRATEGY", "clone", false), ("GIT_DEPTH", "1", false)],
+        600,
+    );
+    job["git_info"]["repo_url"] = json!(format!("file://{}", bare.display()));
+    job["git_info"]["sha"] = json!(sha);
+    gl.enqueue(job);
+    let j = gl.wait_final(501, JOB_DEADLINE);
+    let log = trace(&j);
+    assert_eq!(j.final_update.unwrap()["state"], "success", "{log}");
+    assert!(
+        log.contains("hello from git") && log.contains("has-git-dir"),
+        "{log}"
+    );
+    assert!(log.contains("/workspace"), "{log}");
+    assert!(!log.contains("jobtoken-501-secret"), "{log}");
+
+    // GIT_STRATEGY fetch keeps a per-project checkout on the host between jobs.
+    for id in [502, 503] {
+        let mut job = job_payload(
+            id,
+            &["cat hello.txt"],
+            &[],
+            &[("GIT_STRATEGY", "fetch", false)],
+            600,
+        );
+        job["git_info"]["repo_url"] = json!(format!("file://{}", bare.display()));
+        job["git_info"]["sha"] = json!(sha);
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{log}"
+        );
+        assert!(log.contains("hello from git"), "{log}");
+        if id == 503 {
+            assert!(log.contains("Fetching changes into"), "{log}");
+            assert!(log.contains("serve-builds"), "{log}");
+        }
+    }
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn bad_jobs_and_bad_entries_fail_alone_while_the_service_keeps_serving() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}\n[[runners]]\nname = \"wrong-token\"\nurl = \"{url}\"\ntoken = \"glrt-not-the-right-one\"\narch = \"riscv64\"\n\n[[runners]]\nname = \"bad-image\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"no-such-image\"\n",
+        config(&gl.url),
+        url = gl.url
+    );
+    let cfg = format!(
+        "{cfg}\n[[runners]]\nname = \"unreachable\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"legacy-token\"\narch = \"riscv64\"\n"
+    );
+    let serve = Serve::start(cache.path(), &cfg);
+    serve.wait_log(
+        "cannot reach GitLab at http://127.0.0.1:9",
+        Duration::from_secs(30),
+    );
+    serve.wait_log(
+        "rejects the token of runner 'wrong-token'",
+        Duration::from_secs(30),
+    );
+    serve.wait_log(
+        "image 'no-such-image' cannot be used",
+        Duration::from_secs(30),
+    );
+    // A payload with a field of the wrong type fails that job only (no VM is started).
+    let mut bad = job_payload(601, &["echo x"], &[], &[], 600);
+    bad["runner_info"]["timeout"] = json!("soon");
+    gl.enqueue(bad);
+    let j = gl.wait_final(601, Duration::from_secs(30));
+    let fin = j.final_update.clone().unwrap();
+    assert_eq!(fin["state"], "failed");
+    assert!(trace(&j).contains("runner_info"), "{}", trace(&j));
+    // A job asking for an architecture the entry does not allow fails with a clear message.
+    gl.enqueue(job_payload(
+        602,
+        &["echo x"],
+        &[],
+        &[("RUNNER_ARCH", "x86_64", false)],
+        600,
+    ));
+    let j = gl.wait_final(602, Duration::from_secs(30));
+    assert!(
+        trace(&j).contains("RUNNER_ARCH=x86_64 is not allowed"),
+        "{}",
+        trace(&j)
+    );
+    // And the service still runs good jobs.
+    gl.enqueue(job_payload(
+        603,
+        &["echo still-serving"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    let j = gl.wait_final(603, JOB_DEADLINE);
+    eprintln!(
+        "figures: one-line job, pick-up → final state {:.2} s",
+        (j.finished.unwrap() - j.picked_up.unwrap()).as_secs_f64()
+    );
+    assert_eq!(
+        j.final_update.as_ref().unwrap()["state"],
+        "success",
+        "{}",
+        trace(&j)
+    );
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn a_malformed_config_is_refused_with_line_and_column() {
+    let cache = private_cache();
+    let mut serve = Serve::start(
+        cache.path(),
+        "concurrent = 2\n[[runners]]\nname = \"x\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"t\"\narch = \"mips\"\n",
+    );
+    let status = serve.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(78), "{}", serve.log());
+    let log = serve.log();
+    let line = log.lines().next().unwrap_or_default();
+    assert!(
+        line.starts_with("runner: error: ")
+            && line.contains("serve.toml:6:8")
+            && line.contains("mips"),
+        "{log}"
+    );
+}
