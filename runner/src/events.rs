@@ -87,6 +87,36 @@ pub enum Event {
     },
 }
 
+/// A finished step as `Event::StepFinished` reported it, for reporters that keep them.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub name: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub output_tail: String,
+}
+
+impl StepRecord {
+    /// The record of a `StepFinished` event; `None` for any other event.
+    pub fn from_event(event: &Event) -> Option<StepRecord> {
+        match event {
+            Event::StepFinished {
+                step,
+                outcome,
+                duration,
+                output_tail,
+                ..
+            } => Some(StepRecord {
+                name: step.clone(),
+                outcome: outcome.clone(),
+                duration: *duration,
+                output_tail: output_tail.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// A consumer of events.
 pub trait Reporter: Send {
     fn on_event(&mut self, event: &Event);

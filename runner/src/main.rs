@@ -39,39 +39,29 @@ async fn run(cli: Cli) -> i32 {
     let root = std::path::absolute(&root).unwrap_or(root);
     let store = ImageStore::new(root);
     let status = Status::new(cli.quiet);
+    // What every VM-running command shares; serve picks its own VM directory (swept
+    // completely at start), the others share the cache's.
+    let settings = |accel, saved_states| RunSettings {
+        store: store.clone(),
+        accel,
+        boot_timeout: boot_timeout(),
+        saved_states,
+        vms_dir: None,
+    };
     match cli.command {
         Command::Test(args) => {
-            let settings = RunSettings {
-                store,
-                accel: args.accel,
-                boot_timeout: boot_timeout(),
-                saved_states: !args.cold_boot,
-                vms_dir: None,
-            };
+            let settings = settings(args.accel, !args.cold_boot);
             commands::test::run(args, settings, status).await
         }
-        Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
-        Command::Doctor => commands::doctor::run(&store).await,
         Command::Matrix(args) => {
-            let settings = RunSettings {
-                store,
-                accel: args.accel,
-                boot_timeout: boot_timeout(),
-                saved_states: !args.cold_boot,
-            };
+            let settings = settings(args.accel, !args.cold_boot);
             commands::matrix::run(args, settings, status).await
         }
         Command::Serve(args) => {
-            let settings = RunSettings {
-                store,
-                accel: args.accel,
-                boot_timeout: boot_timeout(),
-                saved_states: true,
-                // commands::serve picks its own directory (swept completely at start).
-                vms_dir: None,
-            };
-            commands::serve::run(&args.config, settings).await
+            commands::serve::run(&args.config, settings(args.accel, true)).await
         }
+        Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
+        Command::Doctor => commands::doctor::run(&store).await,
     }
 }
 

@@ -174,13 +174,8 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         HostResources::detect().default_parallel_vms(cpus, mem)
     });
     let jobs = jobs.min(cells.len()).max(1);
-    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
-        + engine::image::store::sweep_leftovers(&settings.store)
-        + engine::vm::state::prune(&settings.store.states_dir());
-    if swept > 0 {
-        status.line(&format!(
-            "runner: removed {swept} leftovers of earlier runs (VM directories, unfinished builds, stale saved states)"
-        ));
+    if let Some(line) = super::swept_line(super::sweep_leftovers(&settings.store)) {
+        status.line(&line);
     }
     status.line(&format!(
         "runner matrix: {} cells from {}, {jobs} at a time, retries per failing cell: {}",

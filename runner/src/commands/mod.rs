@@ -5,3 +5,23 @@ pub mod images;
 pub mod matrix;
 pub mod serve;
 pub mod test;
+
+use engine::image::ImageStore;
+
+/// Removes what earlier runs left in the cache (VM directories of dead runners, unfinished
+/// image builds, stale saved states); returns how many. Every VM-running command calls it
+/// at start.
+pub(crate) fn sweep_leftovers(store: &ImageStore) -> usize {
+    engine::vm::sweep_abandoned(&store.vms_dir())
+        + engine::image::store::sweep_leftovers(store)
+        + engine::vm::state::prune(&store.states_dir())
+}
+
+/// The line telling the user about `sweep_leftovers`' work, if there was any.
+pub(crate) fn swept_line(swept: usize) -> Option<String> {
+    (swept > 0).then(|| {
+        format!(
+            "runner: removed {swept} leftovers of earlier runs (VM directories, unfinished builds, stale saved states)"
+        )
+    })
+}

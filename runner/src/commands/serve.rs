@@ -36,10 +36,7 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
             return exit::HOST;
         }
     };
-    let swept = engine::vm::sweep_all(&vms_dir)
-        + engine::vm::sweep_abandoned(&settings.store.vms_dir())
-        + engine::image::store::sweep_leftovers(&settings.store)
-        + engine::vm::state::prune(&settings.store.states_dir());
+    let swept = engine::vm::sweep_all(&vms_dir) + super::sweep_leftovers(&settings.store);
     if swept > 0 {
         tracing::info!(swept, "removed leftovers of earlier runs");
     }

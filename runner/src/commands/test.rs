@@ -147,13 +147,8 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
             return code;
         }
     };
-    let swept = engine::vm::sweep_abandoned(&settings.store.vms_dir())
-        + engine::image::store::sweep_leftovers(&settings.store)
-        + engine::vm::state::prune(&settings.store.states_dir());
-    if swept > 0 {
-        status.line(&format!(
-            "runner: removed {swept} leftovers of earlier runs (VM directories, unfinished builds, stale saved states)"
-        ));
+    if let Some(line) = super::swept_line(super::sweep_leftovers(&settings.store)) {
+        status.line(&line);
     }
     let command_mode = !args.command.is_empty();
     let mut reporters = Reporters::default();

@@ -10,7 +10,7 @@ use std::time::Duration;
 pub use super::annotate::SuiteLines;
 use super::annotate::{self, Case};
 use super::checks::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
-use crate::events::{GuestReport, RunId, VmFacts};
+use crate::events::{GuestReport, RunId, StepRecord, VmFacts};
 use crate::outcome::{InfraKind, Outcome};
 
 /// Failing tests listed in the summary, and slowest tests shown.
@@ -112,15 +112,6 @@ pub fn conclusion(outcome: &Outcome) -> (Conclusion, String) {
             )
         }
     }
-}
-
-/// One step as it ended.
-#[derive(Debug, Clone)]
-pub struct StepRecord {
-    pub name: String,
-    pub outcome: Outcome,
-    pub duration: Duration,
-    pub output_tail: String,
 }
 
 /// Everything known about one suite × arch run when it ends.

@@ -12,8 +12,8 @@ use tracing::Instrument;
 use super::checks::{
     CheckRunUpdate, Checks, ChecksError, Completion, Conclusion, Output, Repo, Status,
 };
-use super::report::{self, RunRecord, StepRecord, SuiteLines};
-use crate::events::{Event, Reporter};
+use super::report::{self, RunRecord, SuiteLines};
+use crate::events::{Event, Reporter, StepRecord};
 
 /// Guest output kept for `output.text` (GitHub shows at most 64 KiB anyway).
 const LOG_TAIL_BYTES: usize = 60 * 1024;
@@ -57,18 +57,7 @@ impl RunCollector {
             }
             Event::Output { bytes, .. } => self.log.push(bytes),
             Event::Note { message } => self.log.push(format!("runner: {message}\n").as_bytes()),
-            Event::StepFinished {
-                step,
-                outcome,
-                duration,
-                output_tail,
-                ..
-            } => self.steps.push(StepRecord {
-                name: step.clone(),
-                outcome: outcome.clone(),
-                duration: *duration,
-                output_tail: output_tail.clone(),
-            }),
+            Event::StepFinished { .. } => self.steps.extend(StepRecord::from_event(event)),
             Event::SuiteFinished {
                 id,
                 outcome,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
 
-use crate::events::{Event, GuestReport, Reporter, VmFacts};
+use crate::events::{Event, GuestReport, Reporter, StepRecord, VmFacts};
 use crate::outcome::Outcome;
 use crate::report::junit::normalise_guest_xml;
 
@@ -23,15 +23,6 @@ const MESSAGE_BYTES: usize = 4 * 1024;
 /// Name of the test standing for a cell that failed outside any step (image, boot, agent),
 /// as in the JUnit report.
 pub const SETUP_TEST: &str = "(setup)";
-
-/// A finished step as the events reported it.
-#[derive(Debug, Clone)]
-pub struct StepRecord {
-    pub name: String,
-    pub outcome: Outcome,
-    pub duration: Duration,
-    pub output_tail: String,
-}
 
 /// Everything one attempt produced.
 #[derive(Debug, Clone)]
@@ -82,18 +73,13 @@ impl Reporter for Recorder {
         let mut a = self.0.lock().expect("recorder lock");
         match event {
             Event::VmBooted { facts, .. } => a.facts = facts.clone(),
-            Event::StepFinished {
-                step,
-                outcome,
-                duration,
-                output_tail,
-                ..
-            } => a.steps.push(StepRecord {
-                name: step.clone(),
-                outcome: outcome.clone(),
-                duration: *duration,
-                output_tail: tail(output_tail, LOG_TAIL_BYTES),
-            }),
+            Event::StepFinished { output_tail, .. } => {
+                a.steps
+                    .extend(StepRecord::from_event(event).map(|r| StepRecord {
+                        output_tail: tail(output_tail, LOG_TAIL_BYTES),
+                        ..r
+                    }))
+            }
             Event::SuiteFinished {
                 outcome,
                 duration,
