@@ -96,20 +96,24 @@ tree_rss() {
         }'
 }
 
-# One matrix run with --jobs $1; prints "seconds peak_tree_kib peak_runner_kib".
+# One matrix run with --jobs $1; prints "seconds peak_tree_kib peak_runner_kib". With $2 =
+# "sample", the process tree's memory is sampled every 0.2 s; timed runs do not sample, because
+# `ps` over every process costs enough CPU on a 2-core host to slow the parallel runs most.
 one_run() {
-    local jobs=$1 start end peak=0 peak_self=0 t s
+    local jobs=$1 mode=${2:-} start end peak=0 peak_self=0 t s
     rm -rf "$work/report"
     start=$(now)
     "$runner" --quiet matrix bench.toml --jobs "$jobs" --out report --fail-on never \
         >/dev/null 2>"$work/stderr" &
     child=$!
-    while kill -0 "$child" 2>/dev/null; do
-        read -r t s < <(tree_rss "$child")
-        [ "$t" -gt "$peak" ] && peak=$t
-        [ "$s" -gt "$peak_self" ] && peak_self=$s
-        sleep 0.1
-    done
+    if [ "$mode" = sample ]; then
+        while kill -0 "$child" 2>/dev/null; do
+            read -r t s < <(tree_rss "$child")
+            [ "$t" -gt "$peak" ] && peak=$t
+            [ "$s" -gt "$peak_self" ] && peak_self=$s
+            sleep 0.2
+        done
+    fi
     wait "$child" || { echo "matrix.sh: runner failed:" >&2; cat "$work/stderr" >&2; exit 1; }
     child=
     end=$(now)
@@ -133,13 +137,16 @@ for i in $(seq "$runs"); do
         echo "  run $i --jobs $j: ${r%% *} s" >&2
     done
 done
+# Memory: one sampled run of each (not timed).
+one_run 1 sample >"$work/m1"
+one_run 2 sample >"$work/m2"
 j1=$(cut -d' ' -f1 "$work/j1" | stats)
 j2=$(cut -d' ' -f1 "$work/j2" | stats)
 m1=$(cut -d' ' -f1 "$work/j1" | median)
 m2=$(cut -d' ' -f1 "$work/j2" | median)
-mem1=$(cut -d' ' -f2 "$work/j1" | sort -g | tail -n1)
-mem2=$(cut -d' ' -f2 "$work/j2" | sort -g | tail -n1)
-self=$(cut -d' ' -f3 "$work/j1" "$work/j2" | sort -g | tail -n1)
+mem1=$(cut -d' ' -f2 "$work/m1")
+mem2=$(cut -d' ' -f2 "$work/m2")
+self=$(cut -d' ' -f3 "$work/m1" "$work/m2" | sort -g | tail -n1)
 echo
 echo "| --jobs | wall time, s (min / median / max) | peak memory, runner + QEMU (MiB) |"
 echo "| --- | --- | --- |"

@@ -300,12 +300,13 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn is_sha(s: &str) -> bool {
+/// Whether `s` is a full commit SHA (SHA-1 or SHA-256), as a checkout needs.
+pub fn is_sha(s: &str) -> bool {
     matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(8)]
+    sha.get(..8).unwrap_or(sha)
 }
 
 #[cfg(test)]

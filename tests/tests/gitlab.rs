@@ -192,6 +192,13 @@ fn job_runs_in_riscv64_streams_masked_log_uploads_junit_and_survives_outages() {
         s.fail_final_puts = 2;
     });
     let j2 = gl.wait_final(101, JOB_DEADLINE);
+    // Every injected fault was met (else this test proves nothing about riding them out),
+    // and the log arrived whole without a resend.
+    assert_eq!(
+        gl.with(|s| (s.fail_next, s.lose_trace_once, s.fail_final_puts)),
+        (0, false, 0)
+    );
+    assert_eq!(j2.checksum_mismatches, 0);
     let log = trace(&j2);
     eprintln!(
         "figures: enqueue → first output in GitLab {:.2} s; pick-up → final state {:.2} s",

@@ -86,7 +86,9 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
             return exit::HOST;
         }
     };
-    let mut aborting = false;
+    // Set by the first SIGTERM/SIGINT; a fixed instant, so that other events (a service
+    // finishing, SIGQUIT) do not restart the wait.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             joined = services.join_next() => {
@@ -110,18 +112,18 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
                 controller.drain();
             }
             _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
-                if aborting {
+                if deadline.is_some() {
                     tracing::warn!("second termination signal: exiting now");
                     return exit::CANCELLED;
                 }
-                aborting = true;
+                deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout());
                 tracing::info!(
                     timeout_s = config.shutdown_timeout,
                     "terminating: cancelling running jobs and reporting them"
                 );
                 controller.abort();
             }
-            _ = tokio::time::sleep(config.shutdown_timeout()), if aborting => {
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                 tracing::warn!("shutdown_timeout passed with jobs still reporting: exiting");
                 return exit::CANCELLED;
             }

@@ -14,7 +14,7 @@ use super::job::{self, Artifact, Job, When};
 use super::script;
 use crate::events::RunId;
 use crate::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
-use crate::sources::{Checkout, GitStrategy};
+use crate::sources::{self, Checkout, GitStrategy};
 
 /// The job variable that picks another architecture among the entry's `allowed_arches`.
 pub const ARCH_VARIABLE: &str = "RUNNER_ARCH";
@@ -194,6 +194,12 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         None => Some(job.git_info.depth),
     }
     .filter(|d| *d > 0);
+    if strategy != GitStrategy::None && !sources::is_sha(&job.git_info.sha) {
+        return Err(format!(
+            "git_info.sha '{}' is not a commit SHA (40 or 64 hex digits)",
+            job.git_info.sha.chars().take(80).collect::<String>()
+        ));
+    }
     let checkout = (strategy != GitStrategy::None).then(|| Checkout {
         url: job.git_info.repo_url.clone(),
         sha: job.git_info.sha.clone(),
@@ -334,5 +340,21 @@ mod tests {
             let e = prepare(&entry(), &job(vars), dir.path()).unwrap_err();
             assert!(e.contains(want), "{vars}: {e}");
         }
+    }
+
+    #[test]
+    fn a_sha_that_is_not_one_fails_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        // Multi-byte characters where a short SHA would be cut once panicked the job's task.
+        for sha in ["abcdefg€€€", "main", ""] {
+            let mut j = job("");
+            j.git_info.sha = sha.to_string();
+            let e = prepare(&entry(), &j, dir.path()).unwrap_err();
+            assert!(e.contains("not a commit SHA"), "{sha}: {e}");
+        }
+        // With GIT_STRATEGY none the SHA is not used, so it is not checked.
+        let mut j = job(r#"{"key":"GIT_STRATEGY","value":"none"}"#);
+        j.git_info.sha = "main".into();
+        assert!(prepare(&entry(), &j, dir.path()).is_ok());
     }
 }

@@ -95,7 +95,11 @@ async fn run_job_inner(
         .update_job(handle.id, &handle.token, &running)
         .await
     {
-        Ok(r) if r.status.is_success() => {}
+        Ok(r) if r.status.is_success() => signals.react(&r),
+        Ok(r) if matches!(r.status.as_u16(), 403 | 404) => {
+            tracing::warn!(status = %r.status, "GitLab no longer wants this job: not running it");
+            signals.cancel.send_replace(true);
+        }
         Ok(r) => tracing::warn!(status = %r.status, "GitLab did not take state=running"),
         Err(e) => tracing::warn!("cannot set the job running: {e}"),
     }
@@ -113,19 +117,30 @@ async fn run_job_inner(
         })
     };
     let (log_tx, log_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let work = execute(
-        &ectx,
-        parsed,
-        log_tx,
-        cancel_rx,
-        signals.interrupt.subscribe(),
-        picked_up,
-    );
+    // The job runs in a task of its own: should it panic, the job is still reported (failed)
+    // instead of being left running in GitLab.
+    let task = {
+        let ectx = ectx.clone();
+        let interrupt = signals.interrupt.subscribe();
+        let resources = (slot, permit);
+        tokio::spawn(
+            async move {
+                execute(
+                    &ectx, parsed, log_tx, cancel_rx, interrupt, picked_up, resources,
+                )
+                .await
+            }
+            .in_current_span(),
+        )
+    };
+    let work = async {
+        task.await.unwrap_or_else(|e| {
+            tracing::error!("the job's task failed: {e}");
+            failed("runner_system_failure", None)
+        })
+    };
     let (state, ()) = tokio::join!(work, uploader.live(log_rx, &signals));
     forward.abort();
-    // The VM is gone: free its place before the (possibly slow) final report.
-    drop(slot);
-    drop(permit);
     let delivered = uploader.finish(state.clone()).await;
     tracing::info!(
         state = %state["state"].as_str().unwrap_or("?"),
@@ -144,6 +159,9 @@ async fn execute(
     cancel: watch::Receiver<bool>,
     interrupt: watch::Receiver<bool>,
     picked_up: std::time::Instant,
+    // The scheduler slot and entry permit: held until the VM is gone, then freed before the
+    // (possibly slow) uploads and final report.
+    resources: (Slot, OwnedSemaphorePermit),
 ) -> Value {
     let say = |s: &str| {
         let _ = log.send(s.as_bytes().to_vec());
@@ -260,6 +278,7 @@ async fn execute(
         Controls { cancel, interrupt },
     )
     .await;
+    drop(resources);
     if let Err(e) = reporters.finish() {
         say(&format!("WARNING: cannot write the step report: {e}\n"));
     }
@@ -366,7 +385,7 @@ impl Drop for FetchGuard<'_> {
 }
 
 fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(8)]
+    sha.get(..8).unwrap_or(sha)
 }
 
 #[cfg(test)]

@@ -22,8 +22,58 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(3);
 /// tell a silent job that it was cancelled. GitLab sets the interval (it raises it when nobody
 /// watches the log), so it also controls the load.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Whole-log resends after a checksum mismatch (412) before giving up: a log that does not
+/// match after this many will not match at all.
+const MAX_LOG_RESENDS: u32 = 3;
 /// How long the final log and state are retried through outages before giving up.
 pub const FINAL_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Extra bytes taken beyond the log's room while a request is in flight: masking may turn a
+/// long secret into the shorter `[MASKED]`, so a little more input can still fit.
+const MASK_MARGIN: usize = 64 * 1024;
+
+/// Output taken from the job while a request to GitLab is in flight, capped.
+struct Pending {
+    bytes: Vec<u8>,
+    cap: usize,
+    /// The job ended (its output channel closed) meanwhile.
+    closed: bool,
+    /// Output was dropped for lack of room.
+    overflowed: bool,
+}
+
+impl Pending {
+    fn new(cap: usize) -> Self {
+        Pending {
+            bytes: Vec::new(),
+            cap,
+            closed: false,
+            overflowed: false,
+        }
+    }
+
+    /// Awaits `request`, taking output from `rx` until it completes.
+    async fn during<T>(
+        &mut self,
+        request: impl std::future::Future<Output = T>,
+        rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    ) -> T {
+        tokio::pin!(request);
+        loop {
+            tokio::select! {
+                r = &mut request => return r,
+                msg = rx.recv(), if !self.closed => match msg {
+                    Some(b) => {
+                        let room = self.cap.saturating_sub(self.bytes.len());
+                        self.overflowed |= b.len() > room;
+                        self.bytes.extend_from_slice(&b[..b.len().min(room)]);
+                    }
+                    None => self.closed = true,
+                },
+            }
+        }
+    }
+}
 
 /// The log as GitLab will see it.
 #[derive(Debug)]
@@ -44,6 +94,16 @@ impl JobLog {
         }
     }
 
+    /// Bytes the log can still take before it is cut (plus a margin for masking, which can
+    /// only shorten what it is given by the secrets' length).
+    fn room(&self) -> usize {
+        if self.truncated {
+            0
+        } else {
+            self.limit.saturating_sub(self.buf.len()) + MASK_MARGIN
+        }
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         let safe = self.masker.feed(bytes);
         self.append(&safe);
@@ -55,6 +115,13 @@ impl JobLog {
         self.append(&rest);
     }
 
+    /// Ends the log here with the "exceeded limit" notice (output was dropped upstream).
+    fn cut(&mut self) {
+        if !self.truncated {
+            self.truncate_notice();
+        }
+    }
+
     fn append(&mut self, bytes: &[u8]) {
         if self.truncated {
             return;
@@ -64,15 +131,19 @@ impl JobLog {
             self.buf.extend_from_slice(bytes);
         } else {
             self.buf.extend_from_slice(&bytes[..room]);
-            self.truncated = true;
-            self.buf.extend_from_slice(
-                format!(
-                    "\n\x1b[31;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
-                    self.limit
-                )
-                .as_bytes(),
-            );
+            self.truncate_notice();
         }
+    }
+
+    fn truncate_notice(&mut self) {
+        self.truncated = true;
+        self.buf.extend_from_slice(
+            format!(
+                "\n\x1b[31;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
+                self.limit
+            )
+            .as_bytes(),
+        );
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -102,7 +173,7 @@ impl Signals {
         }
     }
 
-    fn react(&self, reply: &Reply) {
+    pub(super) fn react(&self, reply: &Reply) {
         match reply.job_status() {
             Some("canceling") => {
                 if !*self.interrupt.borrow() {
@@ -176,15 +247,27 @@ impl Uploader {
                         next = Instant::now() + KEEPALIVE;
                         continue;
                     }
+                    // The guest keeps writing while a request waits on a slow GitLab: go on
+                    // taking its output meanwhile (capped like the log), so that it never
+                    // piles up in the channel.
+                    let cap = self.log.room();
+                    let mut pending = Pending::new(cap);
                     let ok = if self.log.bytes().len() > self.sent {
-                        self.patch_once(signals).await
+                        pending.during(self.patch_once(signals), &mut rx).await
                     } else if last_contact.elapsed() >= KEEPALIVE.min(self.interval) {
                         // A silent job still asks every interval: cancellation only ever
                         // arrives in a reply, and a cancelled job must stop within seconds.
-                        self.keepalive(signals).await
+                        pending.during(self.keepalive(signals), &mut rx).await
                     } else {
                         Some(true)
                     };
+                    self.log.push(&pending.bytes);
+                    if pending.overflowed {
+                        self.log.cut();
+                    }
+                    if pending.closed {
+                        return;
+                    }
                     // A backlog (more than one patch's worth) goes out without waiting.
                     let backlog = self.log.bytes().len() > self.sent;
                     next = Instant::now() + match ok {
@@ -286,6 +369,7 @@ impl Uploader {
         let deadline = Instant::now() + FINAL_DEADLINE;
         let signals = Signals::new();
         let mut backoff = Backoff::default();
+        let mut resends = 0;
         state["token"] = json!(self.token);
         state["info"] = self.info.clone();
         loop {
@@ -297,8 +381,8 @@ impl Uploader {
             if !self.gone && self.sent < self.log.bytes().len() {
                 match self.patch_once(&signals).await {
                     Some(true) => backoff.reset(),
-                    Some(false) => {}
-                    None => tokio::time::sleep(backoff.next(None)).await,
+                    // Refused or out of step (416): try again, but never in a tight loop.
+                    Some(false) | None => tokio::time::sleep(backoff.next(None)).await,
                 }
                 continue;
             }
@@ -326,11 +410,18 @@ impl Uploader {
                     let wait = reply.update_interval().unwrap_or(self.interval);
                     tokio::time::sleep(wait).await;
                 }
-                412 if !self.gone => {
+                412 if !self.gone && resends < MAX_LOG_RESENDS => {
                     tracing::warn!("GitLab's copy of the log differs (412): sending it again");
+                    resends += 1;
                     self.sent = 0;
+                    tokio::time::sleep(backoff.next(None)).await;
                 }
-                412 => return false,
+                412 => {
+                    tracing::error!(
+                        "GitLab's copy of the log still differs after {resends} resends: giving up"
+                    );
+                    return false;
+                }
                 403 | 404 => {
                     tracing::warn!(status = %reply.status, "GitLab no longer accepts updates for this job");
                     return false;
@@ -351,6 +442,53 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn output_is_taken_and_capped_while_a_request_waits() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut pending = Pending::new(1000);
+        let producer = tokio::spawn(async move {
+            // 64 MiB of output while GitLab "hangs": none of it may pile up in the channel.
+            for _ in 0..1024 {
+                tx.send(vec![b'y'; 64 * 1024]).unwrap();
+                tokio::task::yield_now().await;
+            }
+            done_tx.send(()).unwrap();
+            // Job ends while the request still waits.
+        });
+        let r = pending
+            .during(
+                async {
+                    done_rx.await.unwrap();
+                    7
+                },
+                &mut rx,
+            )
+            .await;
+        producer.await.unwrap();
+        assert_eq!(r, 7);
+        assert_eq!(pending.bytes.len(), 1000);
+        assert!(pending.overflowed);
+        // The log records the cut.
+        let mut log = JobLog::new(vec![], vec![], 500);
+        log.push(&pending.bytes);
+        assert!(String::from_utf8_lossy(log.bytes()).contains("exceeded limit"));
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_does_not_spin() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tx.send(b"last".to_vec()).unwrap();
+        drop(tx);
+        let mut pending = Pending::new(100);
+        let r = pending
+            .during(tokio::time::sleep(Duration::from_millis(50)), &mut rx)
+            .await;
+        assert_eq!(r, ());
+        assert!(pending.closed);
+        assert_eq!(pending.bytes, b"last");
+    }
 
     #[test]
     fn log_masks_caps_and_checksums() {
