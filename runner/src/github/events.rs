@@ -116,7 +116,9 @@ fn target(repo: &Repository, installation: &Installation, sha: &str) -> Target {
         full_name: repo.full_name.clone(),
         clone_url: repo.clone_url.clone(),
         sha: sha.to_string(),
-        refspecs: Vec::new(),
+        // Just the commit (GitHub serves any reachable SHA): fetching every branch and tag
+        // of a big repository would be slow for nothing.
+        refspecs: vec![sha.to_string()],
     }
 }
 

@@ -144,7 +144,7 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
 
     // 2. runner.toml at that commit.
     let suite_path = src.join(SUITE_FILE_NAME);
-    let text = match std::fs::read_to_string(&suite_path) {
+    let text = match read_suite_file(&suite_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!("no runner.toml; one neutral check run says how to add one");
@@ -467,9 +467,60 @@ async fn create_completed(
     }
 }
 
+/// Largest runner.toml read from a repository.
+const MAX_SUITE_FILE: u64 = 1 << 20;
+
+/// Reads the repository's runner.toml without trusting it: it must be a regular file (a
+/// symlink to /dev/zero or to a host file is refused) of at most `MAX_SUITE_FILE` bytes.
+fn read_suite_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "it is not a regular file (symlinks are not followed)",
+        ));
+    }
+    if meta.len() > MAX_SUITE_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("it is larger than {MAX_SUITE_FILE} bytes"),
+        ));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SUITE_FILE)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runner_toml_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.toml");
+        std::fs::write(&ok, "[[suite]]\n").unwrap();
+        assert_eq!(read_suite_file(&ok).unwrap(), "[[suite]]\n");
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let e = read_suite_file(&link).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_SUITE_FILE + 1) as usize]).unwrap();
+        assert!(read_suite_file(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("larger"));
+        assert_eq!(
+            read_suite_file(&dir.path().join("none.toml"))
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 
     fn check(text: &str, allow_host_setup: bool) -> Result<(), (String, u32)> {
         let dir = tempfile::tempdir().unwrap();

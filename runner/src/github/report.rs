@@ -16,6 +16,8 @@ use crate::outcome::{InfraKind, Outcome};
 /// Failing tests listed in the summary, and slowest tests shown.
 const LIST_FAILING: usize = 50;
 const LIST_SLOWEST: usize = 10;
+/// Longest run of backticks in a log kept as it is in `output.text` (longer runs are quoted).
+const MAX_FENCE: usize = 64;
 pub(super) const MAX_TITLE: usize = 200;
 
 /// Cuts `s` to at most `max` bytes, at a character boundary (keeps the start). Bytes, not
@@ -269,9 +271,16 @@ pub fn render(
         None
     } else {
         // A fence longer than any run of backticks in the log cannot be closed by it.
+        // Very long runs of backticks (a hostile or odd guest) become quotes first, so the
+        // fence stays short and the room for the log cannot underflow.
+        let log = if log.contains(&"`".repeat(MAX_FENCE)) {
+            log.replace('`', "'")
+        } else {
+            log
+        };
         let longest = log.split(|c| c != '`').map(str::len).max().unwrap_or(0);
         let fence = "`".repeat(longest.max(2) + 1);
-        let room = MAX_OUTPUT_CHARS - 200 - 2 * fence.len();
+        let room = MAX_OUTPUT_CHARS.saturating_sub(200 + 2 * fence.len());
         let cut = log.len() > room;
         Some(format!(
             "{}Last output of the guest:\n\n{fence}text\n{}\n{fence}\n",
@@ -464,6 +473,29 @@ mod tests {
         // The log's own ``` cannot close our fence.
         let text = r.output.text.unwrap();
         assert!(text.contains("````text\n"), "{text}");
+    }
+
+    #[test]
+    fn a_log_of_backticks_cannot_break_the_output() {
+        // 40,000 backticks in a row once made the room for the log underflow (a panic in
+        // debug builds, a check run left in progress).
+        let log = format!("start\n{}\nend\n", "`".repeat(40_000));
+        let run = record(vec![], &log);
+        let r = render(
+            &run,
+            "runner.toml",
+            &SuiteLines::scan(SUITE_TOML),
+            &|_| false,
+            &[],
+        );
+        let text = r.output.text.unwrap();
+        assert!(text.chars().count() <= MAX_OUTPUT_CHARS);
+        assert!(
+            text.contains("```text\n") && text.trim_end().ends_with("```"),
+            "{}",
+            &text[..200]
+        );
+        assert!(text.contains("end"));
     }
 
     #[test]

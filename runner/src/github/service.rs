@@ -191,6 +191,8 @@ fn accept(s: &Server, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %super::chain(&e), "delivery refused: invalid payload");
+            // Not taken: a redelivery of it deserves a fresh look.
+            s.dedupe.forget(delivery);
             return (StatusCode::BAD_REQUEST, "invalid payload\n");
         }
     };

@@ -260,11 +260,21 @@ pub fn merge(cell: &Cell, attempts: &[Attempt]) -> CellResult {
     let mut tests = per_attempt.last().cloned().unwrap_or_default();
     // Tests only seen in earlier attempts still count (e.g. a guest report lost to a
     // timeout in the last attempt): keep their latest result.
+    // But when the last attempt succeeded, a failure seen only earlier was overcome: the
+    // setup stand-in is dropped and the rest count as flaky, never as failing.
+    let last_ok = last.outcome.is_success();
     let mut seen: HashSet<String> = tests.iter().map(|t| t.name.clone()).collect();
     for earlier in per_attempt.iter().rev().skip(1) {
         for t in earlier {
+            if last_ok && t.name == SETUP_TEST {
+                continue;
+            }
             if seen.insert(t.name.clone()) {
-                tests.push(t.clone());
+                let mut t = t.clone();
+                if last_ok && t.status.is_failing() {
+                    t.status = Status::Flaky;
+                }
+                tests.push(t);
             }
         }
     }
@@ -459,6 +469,25 @@ mod tests {
         assert_eq!(r.status, Status::Error);
         assert_eq!(status(&r, SETUP_TEST).0, Status::Error);
         assert!(r.message.unwrap().contains("never booted"));
+    }
+
+    #[test]
+    fn a_boot_failure_overcome_by_a_retry_leaves_nothing_failing() {
+        let boot = Attempt::without_vm(
+            Outcome::InfraError {
+                kind: crate::outcome::InfraKind::Boot,
+                message: "the guest never booted".into(),
+            },
+            "debian-13",
+        );
+        let r = merge(&cell(), &[boot, attempt(&[("a", true)])]);
+        assert_eq!(r.status, Status::Flaky);
+        assert!(
+            r.tests.iter().all(|t| !t.status.is_failing()),
+            "{:?}",
+            r.tests
+        );
+        assert!(r.tests.iter().all(|t| t.name != SETUP_TEST));
     }
 
     #[test]

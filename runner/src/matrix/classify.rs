@@ -127,6 +127,11 @@ pub fn change_of(now: Status, before: Option<Status>, had_previous: bool) -> Opt
             _ => Change::NewFailure,
         });
     }
+    // A skipped test did not run (an earlier step failed, or the VM never booted): it
+    // cannot have been fixed.
+    if now == Status::Skipped {
+        return None;
+    }
     match before {
         Some(b) if b.is_failing() => Some(Change::Fixed),
         Some(_) => None,
@@ -239,6 +244,8 @@ mod tests {
             (Passed, None, false, None),         // first run: nothing is "new"
             (Passed, Some(Passed), true, None),  // unchanged
             (Skipped, Some(Passed), true, None),
+            (Skipped, Some(Failed), true, None), // did not run: not fixed
+            (Skipped, None, true, None),
         ];
         for (now, before, had, want) in cases {
             assert_eq!(
