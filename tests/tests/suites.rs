@@ -202,8 +202,9 @@ fn a_step_timeout_is_an_error_and_stops_the_vm() {
 
 #[test]
 fn a_daemon_left_by_one_step_does_not_break_the_next() {
-    // The first step leaves a process holding its stdout; the second step must still run
-    // with live output, and the results must still be collected.
+    // The first step leaves a process holding its stdout and writing to it often; the second
+    // step must still run with live output, and the results must still be collected (once
+    // the daemon's lines leaked into the runner's own file listing and failed the suite).
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("runner.toml"),
@@ -213,7 +214,7 @@ name = "daemon"
 junit = ["report.xml"]
   [[suite.step]]
   name = "start"
-  run = "(while :; do echo tick; sleep 1; done) &"
+  run = "(while :; do echo tick; sleep 0.05; done) &"
   [[suite.step]]
   name = "use"
   run = '''
@@ -226,7 +227,12 @@ echo '<testsuite name="d" tests="1"><testcase name="t"/></testsuite>' > report.x
     .unwrap();
     let junit = dir.path().join("junit.xml");
     let r = test_riscv64_with_junit(dir.path(), &junit);
-    assert_eq!(r.code, 0, "{r}");
+    assert_eq!(
+        r.code,
+        0,
+        "{r}\n{}",
+        std::fs::read_to_string(&junit).unwrap_or_default()
+    );
     assert!(r.stdout.contains("second-step-ran"), "{r}");
     let (xml, report) = read_junit(&junit);
     assert!(

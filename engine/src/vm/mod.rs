@@ -41,6 +41,8 @@ const KILL_TREE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks of live output buffered between the port reader and the consumer. When full, the
 /// reader stops reading and the guest blocks on write: memory stays bounded.
 const OUTPUT_QUEUE: usize = 64;
+/// Where `run_script` puts its script's output (`.tail`: the part read back).
+const SCRIPT_OUTPUT: &str = "/run/runner/script.out";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -467,12 +469,27 @@ impl Vm {
         timeout: Duration,
         keep: usize,
     ) -> Result<(CommandEnd, String), VmError> {
-        let mut out = crate::bounded::TailBuffer::new(keep);
-        let cmd = GuestCommand::Script(script.into());
+        // The script's output goes to a file of its own, not the shared live-output port: a
+        // daemon left by a user's step keeps writing there, and its lines must not end up in
+        // (say) the runner's list of result files. Only the tail is kept, then read back.
+        // A shell of its own keeps `-e` in force (it is off inside an `a && b || c` list).
+        let quoted = script.replace('\'', "'\\''");
+        let wrapped = format!(
+            "/bin/sh -e -c '{quoted}' >{SCRIPT_OUTPUT} 2>&1 && status=0 || status=$?\n\
+             tail -c {keep} {SCRIPT_OUTPUT} >{SCRIPT_OUTPUT}.tail; rm -f {SCRIPT_OUTPUT}\n\
+             exit $status\n"
+        );
+        let cmd = GuestCommand::Script(wrapped);
         let end = self
-            .run(&cmd, "/", env, timeout, &mut |b: &[u8]| out.push(b))
+            .run(&cmd, "/", env, timeout, &mut |_: &[u8]| {})
             .await?;
-        Ok((end, out.text()))
+        if end == CommandEnd::TimedOut {
+            return Ok((end, String::new()));
+        }
+        let tail = self
+            .read_file(&format!("{SCRIPT_OUTPUT}.tail"), keep.max(1))
+            .await?;
+        Ok((end, String::from_utf8_lossy(&tail).into_owned()))
     }
 
     /// Kills the command a timed-out or stopped [`Vm::run_stoppable`] left running (its whole
