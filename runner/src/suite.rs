@@ -293,6 +293,14 @@ macro_rules! bail {
     };
 }
 
+/// Where a TOML parse error of `text` is (1-based line and column, when toml knows) and its
+/// message on one line. toml's Display quotes the source over several lines; every file this
+/// project reads reports `path:line:column: message` instead.
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> (Option<(usize, usize)>, String) {
+    let at = e.span().map(|span| line_column(text, span.start));
+    (at, e.message().trim().replace('\n', " "))
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);

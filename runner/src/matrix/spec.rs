@@ -221,17 +221,15 @@ impl MatrixSpec {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, MatrixError> {
-        let raw: RawMatrix = toml::from_str(text).map_err(|e| MatrixError::Parse {
-            path: path.into(),
-            at: e
-                .span()
-                .map(|span| {
-                    let (line, column) = suite::line_column(text, span.start);
-                    format!(":{line}:{column}")
-                })
-                .unwrap_or_default(),
-            // toml's Display spans lines (a code excerpt); its message alone is one line.
-            message: e.message().trim().to_string(),
+        let raw: RawMatrix = toml::from_str(text).map_err(|e| {
+            let (at, message) = suite::toml_error(text, &e);
+            MatrixError::Parse {
+                path: path.into(),
+                at: at
+                    .map(|(line, column)| format!(":{line}:{column}"))
+                    .unwrap_or_default(),
+                message,
+            }
         })?;
         let origin = path.display().to_string();
         let invalid = |message: String| MatrixError::Invalid {

@@ -101,24 +101,19 @@ impl ServeConfig {
 
     /// Parses `text` (the contents of `path`, which names it in messages).
     pub fn parse(path: &Path, text: &str) -> Result<ServeConfig, ConfigError> {
-        let mut config: ServeConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().replace('\n', " ");
-            match e.span() {
-                Some(span) => {
-                    let (line, column) = crate::suite::line_column(text, span.start);
-                    ConfigError::Syntax {
-                        path: path.into(),
-                        line,
-                        column,
-                        message,
-                    }
-                }
-                None => ConfigError::Invalid {
+        let mut config: ServeConfig =
+            toml::from_str(text).map_err(|e| match crate::suite::toml_error(text, &e) {
+                (Some((line, column)), message) => ConfigError::Syntax {
+                    path: path.into(),
+                    line,
+                    column,
+                    message,
+                },
+                (None, message) => ConfigError::Invalid {
                     path: path.into(),
                     message,
                 },
-            }
-        })?;
+            })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.into(),
             message,
