@@ -176,3 +176,13 @@ pub enum ImagesCommand {
     /// Hash every artifact of every cached image against its manifest.
     Verify,
 }
+
+impl From<AccelArg> for engine::qemu::host::AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => Self::Auto,
+            AccelArg::Kvm => Self::Kvm,
+            AccelArg::Tcg => Self::Tcg,
+        }
+    }
+}

@@ -6,10 +6,10 @@ use std::time::Duration;
 use clap::Parser;
 use engine::image::ImageStore;
 
-use runner::cli::{Cli, Command};
+use runner::cli::{AccelArg, Cli, Command};
 use runner::commands;
-use runner::execute::{RunSettings, BOOT_TIMEOUT};
 use runner::report::console::Status;
+use runner::run::execute::{RunSettings, BOOT_TIMEOUT};
 
 fn main() {
     let cli = Cli::parse();
@@ -41,9 +41,9 @@ async fn run(cli: Cli) -> i32 {
     let status = Status::new(cli.quiet);
     // What every VM-running command shares; serve picks its own VM directory (swept
     // completely at start), the others share the cache's.
-    let settings = |accel, saved_states| RunSettings {
+    let settings = |accel: AccelArg, saved_states| RunSettings {
         store: store.clone(),
-        accel,
+        accel: accel.into(),
         boot_timeout: boot_timeout(),
         saved_states,
         vms_dir: None,

@@ -1,8 +1,11 @@
 //! The one classification of how a step, suite or run ended. It alone decides the JUnit
-//! failure-vs-error split, the exit code and (later) GitLab's failure_reason and GitHub's
+//! failure-vs-error split, the exit code GitLab's failure_reason and GitHub's
 //! conclusion. Nothing the guest prints can turn into an infrastructure error.
+//! The helpers at the end turn engine errors into outcomes, for every front end alike.
 
 use std::fmt;
+
+use engine::vm::VmError;
 
 use crate::exit;
 
@@ -113,6 +116,30 @@ impl fmt::Display for Outcome {
             other => f.write_str(other.label()),
         }
     }
+}
+
+/// An infrastructure outcome of `kind` with `message`.
+pub fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
+    Outcome::InfraError {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// The whole error chain of `e` on one line (each cause once).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    engine::image::build::error_chain(e)
+}
+
+/// Classifies a VM failure. Boot problems are `Boot`; anything after boot is `Agent`.
+pub fn vm_error(e: &VmError, booted: bool) -> Outcome {
+    let kind = match e {
+        VmError::Dir { .. } => InfraKind::Io,
+        VmError::Spawn { .. } | VmError::Overlay(_) => InfraKind::Host,
+        _ if !booted => InfraKind::Boot,
+        _ => InfraKind::Agent,
+    };
+    infra(kind, chain(e))
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use engine::Arch;
 
 use crate::cli::{AccelArg, ImagesCommand};
 use crate::exit;
-use crate::host;
 use crate::outcome::Outcome;
 use crate::report::console::Status;
+use crate::run::platform;
 
 pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32 {
     match cmd {
@@ -43,11 +43,11 @@ async fn build(
             }
         };
         let result = async {
-            let platform = host::platform(arch, accel, store).await?;
+            let platform = platform::resolve(arch, accel.into(), store).await?;
             let spinner = status.spinner(&format!("{arch}: checking image {recipe}"));
             let progress = |msg: &str| spinner.set_message(format!("{arch}: {msg}"));
             let cwd = std::env::current_dir().ok();
-            let image = host::base_image(
+            let image = platform::base_image(
                 store,
                 recipe,
                 cwd.as_deref(),
@@ -64,7 +64,7 @@ async fn build(
         // its bake VM all go with it (a plain exit would leave mmdebstrap running).
         let result = tokio::select! {
             r = result => r,
-            _ = crate::commands::test::interrupted() => Err(Outcome::Cancelled),
+            _ = super::interrupted() => Err(Outcome::Cancelled),
         };
         match result {
             Ok(image) => status.line(&format!(

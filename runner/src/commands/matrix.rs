@@ -11,19 +11,19 @@ use tokio::sync::watch;
 
 use crate::capacity::HostResources;
 use crate::cli::MatrixArgs;
-use crate::execute::RunSettings;
 use crate::exit;
 use crate::matrix::classify;
 use crate::matrix::history::History;
 use crate::matrix::progress::Progress;
-use crate::matrix::report;
+use crate::matrix::render;
 use crate::matrix::results::{
     human_secs, Change, RunInfo, RunResults, Status as CellStatus, SCHEMA, VERSION,
 };
 use crate::matrix::run::{run_matrix, start_order, PlannedCell, Schedule};
 use crate::matrix::spec::{MatrixSpec, MAX_RETRIES};
-use crate::plan::{self, Overrides};
 use crate::report::console::Status;
+use crate::run::execute::RunSettings;
+use crate::run::plan::{self, Overrides};
 use crate::suite::{self, SuiteFile};
 
 /// A bad input found before anything ran: message and exit code.
@@ -137,7 +137,7 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal
 fn cancel_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        super::test::interrupted().await;
+        super::interrupted().await;
         let _ = tx.send(true);
     });
     rx
@@ -232,7 +232,7 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         c.trend_s = history.trend(&c.key);
     }
     classify::classify(&mut results, history.previous(), &spec.history);
-    if let Err(e) = report::write_all(&args.out, &results) {
+    if let Err(e) = render::write_all(&args.out, &results) {
         status.error(&e.to_string());
         return exit::IO;
     }
@@ -296,7 +296,7 @@ fn summary(status: &Status, results: &RunResults, out: &Path) {
     }
     status.line(&format!(
         "{} · reports in {}/ (index.html, summary.md, junit.xml, results.json)",
-        crate::matrix::report::grid::headline(results),
+        crate::matrix::render::grid::headline(results),
         out.display()
     ));
 }

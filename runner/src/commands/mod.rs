@@ -25,3 +25,13 @@ pub(crate) fn swept_line(swept: usize) -> Option<String> {
         )
     })
 }
+
+/// Resolves on the first Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -11,8 +11,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::capacity::HostResources;
-use crate::execute::RunSettings;
 use crate::exit;
+use crate::run::execute::RunSettings;
 use crate::serve::config::LogFormat;
 use crate::serve::{Scheduler, ServeConfig, ServeContext, ShutdownController};
 
@@ -71,7 +71,7 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         services.spawn(async move {
             crate::github::serve(gh, ctx)
                 .await
-                .map_err(|e| crate::execute::chain(&e))
+                .map_err(|e| crate::outcome::chain(&e))
         });
     }
     let mut failed = false;

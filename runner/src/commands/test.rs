@@ -9,12 +9,12 @@ use tokio::sync::watch;
 
 use crate::cli::TestArgs;
 use crate::events::Reporters;
-use crate::execute::{run_suite, RunSettings};
 use crate::exit;
 use crate::outcome::Outcome;
-use crate::plan::{self, Overrides, SuitePlan};
 use crate::report::console::{Console, Status};
 use crate::report::junit::JunitReporter;
+use crate::run::execute::{run_suite, RunSettings};
+use crate::run::plan::{self, Overrides, SuitePlan};
 use crate::suite::{self, SuiteFile};
 
 /// A bad input found before anything ran: message and exit code.
@@ -119,21 +119,11 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
     plan::plan_suites(&file, &args.suites, &arches, &ov).map_err(config)
 }
 
-/// Resolves on the first Ctrl-C or SIGTERM.
-pub async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 /// Cancels the run on Ctrl-C or SIGTERM.
 fn cancel_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        interrupted().await;
+        super::interrupted().await;
         let _ = tx.send(true);
     });
     rx

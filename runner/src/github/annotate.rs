@@ -170,7 +170,7 @@ pub(super) fn cases(reports: &[GuestReport]) -> Vec<Case> {
 /// Turns a path from a JUnit report into one relative to the repository, if it is one.
 fn repo_path(file: &str, exists: &dyn Fn(&str) -> bool) -> Option<String> {
     let rel = file
-        .strip_prefix(crate::plan::GUEST_WORKSPACE)
+        .strip_prefix(crate::run::plan::GUEST_WORKSPACE)
         .map(|r| r.trim_start_matches('/'))
         .unwrap_or(file);
     let rel = rel.trim_start_matches("./");

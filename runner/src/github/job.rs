@@ -16,13 +16,13 @@ use super::checks::{
     Annotation, CheckRunUpdate, Checks, Completion, Conclusion, Level, NewCheckRun, Output, Repo,
     Status,
 };
-use super::events::Target;
+use super::payload::Target;
 use super::report::{self, SuiteLines};
 use super::reporter::{self, CheckRunReporter, RenderContext};
 use crate::events::Reporters;
-use crate::execute::run_suite;
 use crate::outcome::Outcome;
-use crate::plan::{self, Overrides, SuitePlan};
+use crate::run::execute::run_suite;
+use crate::run::plan::{self, Overrides, SuitePlan};
 use crate::serve::ServeContext;
 use crate::sources::{self, Checkout, GitStrategy};
 use crate::suite::{SuiteError, SuiteFile, SUITE_FILE_NAME};

@@ -11,8 +11,8 @@ pub mod annotate;
 pub mod app;
 pub mod checks;
 pub mod config;
-pub mod events;
 pub mod job;
+pub mod payload;
 pub mod report;
 pub mod reporter;
 pub mod retry;
@@ -28,7 +28,7 @@ use crate::serve::ServeContext;
 
 /// One line for an error and its sources.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    crate::execute::chain(e)
+    crate::outcome::chain(e)
 }
 
 /// Why the GitHub App service cannot serve at all.

@@ -22,8 +22,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::events::{self, Trigger};
 use super::job::{self, Shared};
+use super::payload::{self, Trigger};
 use super::webhook::{self, Dedupe, DEDUPE_CAPACITY};
 
 /// Longest a delivery's body may take to arrive (GitHub sends it at once; 25 MB takes well
@@ -187,7 +187,7 @@ fn accept(s: &Server, headers: &HeaderMap, body: &[u8]) -> (StatusCode, &'static
         tracing::info!("duplicate delivery ignored");
         return (StatusCode::OK, "duplicate delivery ignored\n");
     }
-    let trigger = match events::parse(event, body) {
+    let trigger = match payload::parse(event, body) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %super::chain(&e), "delivery refused: invalid payload");

@@ -100,10 +100,10 @@ fn default_output_limit() -> u64 {
     4096
 }
 fn default_image() -> String {
-    crate::plan::DEFAULT_IMAGE.to_string()
+    crate::run::plan::DEFAULT_IMAGE.to_string()
 }
 fn default_cpus() -> u32 {
-    crate::plan::DEFAULT_CPUS
+    crate::run::plan::DEFAULT_CPUS
 }
 fn default_memory() -> String {
     "1G".into()

@@ -13,7 +13,7 @@ use super::config::RunnerEntry;
 use super::job::{self, Artifact, Job, When};
 use super::script;
 use crate::events::RunId;
-use crate::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::run::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::sources::{self, Checkout, GitStrategy};
 
 /// The job variable that picks another architecture among the entry's `allowed_arches`.

@@ -19,10 +19,10 @@ use super::prepare::{prepare, MAX_SOURCES};
 use super::reporter::{sanitize, unix_now, Found, TraceReporter};
 use super::trace::{JobLog, Signals, Uploader};
 use crate::events::Reporters;
-use crate::execute::{run_suite_with, Controls};
 use crate::outcome::Outcome;
-use crate::plan::WorkspacePlan;
 use crate::report::junit::JunitReporter;
+use crate::run::execute::{run_suite_with, Controls};
+use crate::run::plan::WorkspacePlan;
 use crate::serve::{ServeContext, Slot};
 use crate::sources::{self, Checkout, GitStrategy};
 

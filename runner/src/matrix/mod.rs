@@ -14,7 +14,7 @@ pub mod attempt;
 pub mod classify;
 pub mod history;
 pub mod progress;
-pub mod report;
+pub mod render;
 pub mod results;
 pub mod run;
 pub mod spec;

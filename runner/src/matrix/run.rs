@@ -17,10 +17,10 @@ use super::progress::Progress;
 use super::results::CellResult;
 use super::spec::Cell;
 use crate::events::Reporters;
-use crate::execute::{run_suite, RunSettings};
-use crate::host;
 use crate::outcome::Outcome;
-use crate::plan::SuitePlan;
+use crate::run::execute::{run_suite, RunSettings};
+use crate::run::plan::SuitePlan;
+use crate::run::platform;
 
 /// A cell and the plan that runs it.
 #[derive(Debug, Clone)]
@@ -73,9 +73,9 @@ async fn prepare_images(
             "preparing image {image} for {arch} (built once, shared by its cells)"
         ));
         let prepare = async {
-            let platform = host::platform(arch, settings.accel, &settings.store).await?;
+            let platform = platform::resolve(arch, settings.accel, &settings.store).await?;
             let quiet = |_: &str| {};
-            host::base_image(
+            platform::base_image(
                 &settings.store,
                 &image,
                 project_dir.as_deref(),

@@ -8,7 +8,7 @@ pub mod shutdown;
 
 use std::sync::Arc;
 
-use crate::execute::RunSettings;
+use crate::run::execute::RunSettings;
 
 pub use config::{ConfigError, ServeConfig};
 pub use scheduler::{Scheduler, Slot};

@@ -7,7 +7,6 @@ use engine::image::{self, BaseImage, BuildOptions, ImageStore, Recipe};
 use engine::qemu::host::{self as qhost, AccelChoice, AccelDecision, QemuBinary};
 use engine::Arch;
 
-use crate::cli::AccelArg;
 use crate::outcome::{InfraKind, Outcome};
 
 /// Everything needed to boot VMs of one architecture.
@@ -18,19 +17,11 @@ pub struct Platform {
     pub accel: AccelDecision,
 }
 
-pub fn accel_choice(a: AccelArg) -> AccelChoice {
-    match a {
-        AccelArg::Auto => AccelChoice::Auto,
-        AccelArg::Kvm => AccelChoice::Kvm,
-        AccelArg::Tcg => AccelChoice::Tcg,
-    }
-}
-
 /// Finds QEMU for `arch` and decides the accelerator (the KVM probe's verdict is cached in
 /// the store until the host reboots).
-pub async fn platform(
+pub async fn resolve(
     arch: Arch,
-    accel: AccelArg,
+    accel: AccelChoice,
     store: &ImageStore,
 ) -> Result<Platform, Outcome> {
     let host_err = |e: &dyn std::error::Error| Outcome::InfraError {
@@ -38,13 +29,9 @@ pub async fn platform(
         message: image::build::error_chain(e),
     };
     let qemu = qhost::qemu_for(arch).await.map_err(|e| host_err(&e))?;
-    let accel = qhost::choose_accel(
-        arch,
-        accel_choice(accel),
-        Some(&store.root().join("kvm-probe.json")),
-    )
-    .await
-    .map_err(|e| host_err(&e))?;
+    let accel = qhost::choose_accel(arch, accel, Some(&store.root().join("kvm-probe.json")))
+        .await
+        .map_err(|e| host_err(&e))?;
     Ok(Platform { arch, qemu, accel })
 }
 

@@ -9,10 +9,10 @@ use engine::agent::AgentError;
 use engine::vm::{CommandEnd, Vm, VmError};
 
 use crate::events::GuestReport;
-use crate::execute::{chain, infra, vm_error};
+use crate::outcome::{chain, infra, vm_error};
 use crate::outcome::{InfraKind, Outcome};
-use crate::plan::{SuitePlan, GUEST_WORKSPACE};
-use crate::workspace;
+use crate::run::plan::{SuitePlan, GUEST_WORKSPACE};
+use crate::run::workspace;
 
 /// Largest guest JUnit file we read back.
 const MAX_GUEST_REPORT: usize = 16 << 20;

@@ -12,17 +12,17 @@ use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore};
+use engine::qemu::host::AccelChoice;
 use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::cli::AccelArg;
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
-use crate::host;
-use crate::outcome::{InfraKind, Outcome};
-use crate::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
-use crate::transfer;
-use crate::workspace;
+use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
+use crate::run::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::run::platform;
+use crate::run::transfer;
+use crate::run::workspace;
 
 /// Deadline for the agent's first answer on a normal boot (TCG on a busy host included).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,7 +33,7 @@ const STEP_TAIL_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub store: ImageStore,
-    pub accel: AccelArg,
+    pub accel: AccelChoice,
     pub boot_timeout: Duration,
     /// Resume VMs from saved states (and save them on first boot); off with `--cold-boot`.
     pub saved_states: bool,
@@ -61,28 +61,6 @@ impl Controls {
             interrupt: watch::channel(false).1,
         }
     }
-}
-
-pub(crate) fn infra(kind: InfraKind, message: impl Into<String>) -> Outcome {
-    Outcome::InfraError {
-        kind,
-        message: message.into(),
-    }
-}
-
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    engine::image::build::error_chain(e)
-}
-
-/// Classifies a VM failure. Boot problems are `Boot`; anything after boot is `Agent`.
-pub(crate) fn vm_error(e: &VmError, booted: bool) -> Outcome {
-    let kind = match e {
-        VmError::Dir { .. } => InfraKind::Io,
-        VmError::Spawn { .. } | VmError::Overlay(_) => InfraKind::Host,
-        _ if !booted => InfraKind::Boot,
-        _ => InfraKind::Agent,
-    };
-    infra(kind, chain(e))
 }
 
 /// Runs one suite plan to its end, whatever happens; cancellation (`cancel` turning true)
@@ -207,7 +185,7 @@ async fn run_inner(
 ) -> Outcome {
     let id = plan.id.clone();
     // 1. Host: QEMU, accelerator, image.
-    let platform = match host::platform(id.arch, settings.accel, &settings.store).await {
+    let platform = match platform::resolve(id.arch, settings.accel, &settings.store).await {
         Ok(p) => p,
         Err(o) => return o,
     };
@@ -223,7 +201,7 @@ async fn run_inner(
         let progress = move |m: &str| {
             let _ = tx.send(m.to_string());
         };
-        let build = host::base_image(
+        let build = platform::base_image(
             &settings.store,
             &plan.image,
             plan.project_dir.as_deref(),
@@ -263,7 +241,7 @@ async fn run_timed(
     settings: &RunSettings,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
-    platform: &host::Platform,
+    platform: &platform::Platform,
     image: &BaseImage,
     interrupt: watch::Receiver<bool>,
 ) -> Outcome {
