@@ -194,24 +194,25 @@ impl Reading {
             return Err(Reason::TooDeep);
         }
         let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+        let attrs = Attrs::of(e);
         let parent = self.stack.last().map(|o| &o.kind);
         let kind = match (parent, name.as_str()) {
             // A second root (reports concatenated with `cat`) is read like the first.
             (None, "testsuites") => Kind::Suites,
             (None | Some(Kind::Suites | Kind::Suite), "testsuite") => {
-                self.open_suite(e);
+                self.open_suite(&attrs);
                 Kind::Suite
             }
             (None, _) if self.root_seen => Kind::Ignored,
             (None, _) => return Err(Reason::WrongRoot(one_line(&name))),
             (Some(Kind::Suites | Kind::Suite), "testcase") => {
-                self.open_case(e);
+                self.open_case(&attrs);
                 Kind::Case
             }
             (Some(Kind::Suite | Kind::Case), "properties") => Kind::Properties,
             (Some(Kind::Properties), "property") => Kind::Property {
-                name: attr(e, "name").unwrap_or_default(),
-                value: attr(e, "value"),
+                name: attrs.get("name").unwrap_or_default(),
+                value: attrs.get("value"),
             },
             (Some(Kind::Case), "failure" | "error" | "skipped") => {
                 let mut status = match name.as_str() {
@@ -219,10 +220,10 @@ impl Reading {
                     "error" => TestCaseStatus::non_success(NonSuccessKind::Error),
                     _ => TestCaseStatus::skipped(),
                 };
-                if let Some(m) = attr(e, "message") {
+                if let Some(m) = attrs.get("message") {
                     status.set_message(m);
                 }
-                if let Some(t) = attr(e, "type").filter(|t| !t.is_empty()) {
+                if let Some(t) = attrs.get("type").filter(|t| !t.is_empty()) {
                     status.set_type(t);
                 }
                 Kind::Outcome(status)
@@ -233,13 +234,13 @@ impl Reading {
                 } else {
                     NonSuccessKind::Failure
                 });
-                if let Some(m) = attr(e, "message") {
+                if let Some(m) = attrs.get("message") {
                     rerun.set_message(m);
                 }
-                if let Some(t) = attr(e, "type").filter(|t| !t.is_empty()) {
+                if let Some(t) = attrs.get("type").filter(|t| !t.is_empty()) {
                     rerun.set_type(t);
                 }
-                if let Some(t) = attr(e, "time").as_deref().and_then(seconds) {
+                if let Some(t) = attrs.get("time").as_deref().and_then(seconds) {
                     rerun.set_time(t);
                 }
                 self.rerun = Some(rerun);
@@ -363,13 +364,14 @@ impl Reading {
         }
     }
 
-    fn open_suite(&mut self, e: &BytesStart) {
-        let name = attr(e, "name")
+    fn open_suite(&mut self, attrs: &Attrs) {
+        let name = attrs
+            .get("name")
             .filter(|n| !n.trim().is_empty())
             .or_else(|| self.suites.last().map(|s| s.suite.name.to_string()))
             .unwrap_or_else(|| self.path.clone());
         let mut suite = TestSuite::new(name);
-        if let Some(t) = attr(e, "time").as_deref().and_then(seconds) {
+        if let Some(t) = attrs.get("time").as_deref().and_then(seconds) {
             suite.set_time(t);
         }
         if let Some(parent) = self.suites.last_mut() {
@@ -397,9 +399,10 @@ impl Reading {
         }
     }
 
-    fn open_case(&mut self, e: &BytesStart) {
-        let classname = attr(e, "classname").filter(|c| !c.trim().is_empty());
-        let name = attr(e, "name")
+    fn open_case(&mut self, attrs: &Attrs) {
+        let classname = attrs.get("classname").filter(|c| !c.trim().is_empty());
+        let name = attrs
+            .get("name")
             .filter(|n| !n.trim().is_empty())
             .or_else(|| classname.clone())
             .unwrap_or_else(|| {
@@ -410,18 +413,19 @@ impl Reading {
         if let Some(c) = classname {
             case.set_classname(c);
         }
-        if let Some(t) = attr(e, "time").as_deref().and_then(seconds) {
+        if let Some(t) = attrs.get("time").as_deref().and_then(seconds) {
             case.set_time(t);
         }
         // Where the test is, for annotations (pytest, PHPUnit, xmlrunner, jest-junit write them).
         for key in ["file", "line"] {
-            if let Some(v) = attr(e, key).filter(|v| !v.is_empty()) {
+            if let Some(v) = attrs.get(key).filter(|v| !v.is_empty()) {
                 case.extra.insert(key.into(), v.into());
             }
         }
-        let status_attr = attr(e, "status")
+        let status_attr = attrs
+            .get("status")
             .and_then(|s| status_word(&s))
-            .or_else(|| attr(e, "result").and_then(|s| status_word(&s)));
+            .or_else(|| attrs.get("result").and_then(|s| status_word(&s)));
         self.case = Some(OpenCase {
             case,
             outcome: None,
@@ -464,17 +468,31 @@ impl Reading {
     }
 }
 
-/// An attribute's value by local name, entities resolved where they can be (an unknown
-/// entity stays as written: lenient, and never expanded).
-fn attr(e: &BytesStart, key: &str) -> Option<String> {
-    e.attributes()
-        .with_checks(false)
-        .flatten()
-        .find(|a| a.key.local_name().as_ref() == key.as_bytes())
-        .map(|a| match a.unescape_value() {
-            Ok(v) => v.into_owned(),
-            Err(_) => String::from_utf8_lossy(&a.value).into_owned(),
-        })
+/// An element's attributes by local name, entities resolved where they can be (an unknown
+/// entity stays as written: lenient, and never expanded). Read once per element.
+#[derive(Debug)]
+struct Attrs(Vec<(String, String)>);
+
+impl Attrs {
+    fn of(e: &BytesStart) -> Attrs {
+        let mut attributes = e.attributes();
+        let attrs = attributes.with_checks(false).flatten().map(|a| {
+            let key = String::from_utf8_lossy(a.key.local_name().as_ref()).into_owned();
+            let value = match a.unescape_value() {
+                Ok(v) => v.into_owned(),
+                Err(_) => String::from_utf8_lossy(&a.value).into_owned(),
+            };
+            (key, value)
+        });
+        Attrs(attrs.collect())
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
 }
 
 /// `&amp;`, `&#xA;`, … as text; any other reference stays literal.
