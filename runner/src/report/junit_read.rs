@@ -175,7 +175,7 @@ fn read_report(xml: &str, path: &str) -> Result<Report, Reason> {
         }
     }
     if let Some(open) = r.stack.last() {
-        return Err(Reason::Truncated(open.name.clone()));
+        return Err(Reason::Truncated(one_line(&open.name)));
     }
     if !r.root_seen {
         return Err(r.note.take().map_or(Reason::NoElement, Reason::OnlyNote));
