@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
+use quick_junit::{NonSuccessKind, TestCaseStatus};
 
 use super::checks::{Annotation, Level};
 use super::report::{cell, mask, truncate, truncate_front, RunRecord, MAX_TITLE};
 use crate::events::GuestReport;
 use crate::outcome::Outcome;
-use crate::report::junit::normalise_guest_xml;
+use crate::report::junit_read;
 
 /// Annotations per check run; past this the summary says how many more failed. (GitHub
 /// takes more, 50 per request, but nobody reads the 501st.)
@@ -101,20 +101,22 @@ pub(super) struct Case {
 pub(super) fn cases(reports: &[GuestReport]) -> Vec<Case> {
     let mut out = Vec::new();
     for g in reports {
-        let parsed = Report::deserialize_from_str(&normalise_guest_xml(&g.xml, &g.path));
-        let Ok(report) = parsed else {
-            out.push(Case {
-                name: format!("junit report {}", g.path),
-                failed: true,
-                skipped: false,
-                message: format!("{} is not valid JUnit XML", g.path),
-                details: String::new(),
-                time: None,
-                file: None,
-                line: None,
-                source: g.path.clone(),
-            });
-            continue;
+        let report = match junit_read::read(&g.xml, &g.path) {
+            Ok(report) => report,
+            Err(e) => {
+                out.push(Case {
+                    name: format!("junit report {}", g.path),
+                    failed: true,
+                    skipped: false,
+                    message: e.to_string(),
+                    details: String::new(),
+                    time: None,
+                    file: None,
+                    line: None,
+                    source: g.path.clone(),
+                });
+                continue;
+            }
         };
         for suite in &report.test_suites {
             for c in &suite.test_cases {
@@ -268,6 +270,52 @@ name="other"
   name = "tests"
   run = "true"
 "#;
+
+    #[test]
+    fn every_producers_cases_are_read() {
+        use crate::report::junit_read::fixtures::{unnamed, ALL};
+        let (bug, bug_counts) = unnamed(3000);
+        let all = ALL
+            .iter()
+            .map(|f| (f.path, f.xml.to_string(), f.counts))
+            .chain([("unnamed.xml", bug, bug_counts)]);
+        for (path, xml, want) in all {
+            let got = cases(&[GuestReport {
+                path: path.into(),
+                xml,
+            }]);
+            assert_eq!(got.len(), want.tests, "{path}");
+            let failed = got.iter().filter(|c| c.failed).count();
+            assert_eq!(failed, want.failures + want.errors, "{path}");
+            let skipped = got.iter().filter(|c| c.skipped).count();
+            assert_eq!(skipped, want.skipped, "{path}");
+        }
+        // pytest's file and line are where the annotation goes.
+        let pytest = cases(&[GuestReport {
+            path: "p.xml".into(),
+            xml: ALL[0].xml.into(),
+        }]);
+        let c = pytest
+            .iter()
+            .find(|c| c.name.ends_with("test_divide_by_zero"))
+            .unwrap();
+        assert_eq!(
+            (c.file.as_deref(), c.line),
+            (Some("tests/test_calc.py"), Some(9))
+        );
+        assert_eq!(c.message, "ZeroDivisionError: division by zero");
+        // A report that is not JUnit is one failing case that says why.
+        let bad = cases(&[GuestReport {
+            path: "r.xml".into(),
+            xml: "<html/>".into(),
+        }]);
+        assert!(bad[0].failed);
+        assert!(
+            bad[0].message.contains("its root element is <html>"),
+            "{}",
+            bad[0].message
+        );
+    }
 
     #[test]
     fn suite_and_step_lines() {

@@ -6,11 +6,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
+use quick_junit::{NonSuccessKind, TestCaseStatus};
 
 use crate::events::{Event, GuestReport, Reporter, StepRecord, VmFacts};
 use crate::outcome::Outcome;
-use crate::report::junit::normalise_guest_xml;
+use crate::report::junit_read;
 
 use super::results::{CellResult, Status, TestKind, TestResult};
 use super::spec::Cell;
@@ -181,8 +181,7 @@ pub fn tests_of(attempt: &Attempt) -> Vec<TestResult> {
 /// The testcases of a guest JUnit report (a report that does not parse is one failing test,
 /// as in the JUnit reporter: the guest's fault, not ours).
 fn guest_tests(report: &GuestReport, out: &mut Vec<TestResult>) {
-    let parsed = match Report::deserialize_from_str(&normalise_guest_xml(&report.xml, &report.path))
-    {
+    let parsed = match junit_read::read(&report.xml, &report.path) {
         Ok(p) => p,
         Err(e) => {
             out.push(TestResult {
@@ -191,7 +190,7 @@ fn guest_tests(report: &GuestReport, out: &mut Vec<TestResult>) {
                 status: Status::Failed,
                 duration_s: 0.0,
                 attempts: 1,
-                message: Some(format!("{} is not valid JUnit XML: {e}", report.path)),
+                message: Some(e.to_string()),
                 log_tail: None,
                 change: None,
             });
@@ -496,6 +495,26 @@ mod tests {
         a.reports[0].xml = "<testsuite><oops".into();
         let r = merge(&cell(), &[a]);
         assert_eq!(status(&r, "junit report r.xml").0, Status::Failed);
+    }
+
+    #[test]
+    fn every_producers_tests_are_read() {
+        use crate::report::junit_read::fixtures::ALL;
+        for f in ALL {
+            let mut a = Attempt::without_vm(Outcome::Passed, "debian-13");
+            a.reports.push(GuestReport {
+                path: f.path.into(),
+                xml: f.xml.into(),
+            });
+            let tests = tests_of(&a);
+            let n = |s: Status| tests.iter().filter(|t| t.status == s).count();
+            let c = f.counts;
+            assert_eq!(tests.len(), c.tests, "{}", f.path);
+            assert_eq!(n(Status::Failed), c.failures, "{}", f.path);
+            assert_eq!(n(Status::Error), c.errors, "{}", f.path);
+            assert_eq!(n(Status::Skipped), c.skipped, "{}", f.path);
+            assert_eq!(n(Status::Flaky), c.flaky, "{}", f.path);
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The JUnit reporter: one testsuite per suite × architecture with a testcase per step
 //! (a failing step is a *failure*; timeouts, boot and agent problems are *errors*), plus the
 //! JUnit reports produced inside the guest, each merged as its own testsuite.
-//! quick-junit writes the report and reads the guest's.
+//! quick-junit writes the report; `junit_read` reads the guest's.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use quick_junit::{NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestSuite};
 
+use super::junit_read;
 use crate::events::{Event, GuestReport, Reporter, RunId, VmFacts};
 use crate::outcome::Outcome;
 
@@ -91,55 +92,9 @@ fn facts_properties(suite: &mut TestSuite, id: &RunId, facts: &VmFacts) {
     }
 }
 
-/// quick-junit's reader wants `<testsuites name="...">` at the root; many tools write a bare
-/// `<testsuite>` root (ctest, most shell harnesses) or omit the name. Normalise those two.
-pub fn normalise_guest_xml(xml: &str, name: &str) -> String {
-    let mut rest = xml;
-    let mut prolog_end = 0;
-    loop {
-        let trimmed = rest.trim_start();
-        let skipped = rest.len() - trimmed.len();
-        let close = if trimmed.starts_with("<?") {
-            trimmed.find("?>").map(|i| i + 2)
-        } else if trimmed.starts_with("<!--") {
-            trimmed.find("-->").map(|i| i + 3)
-        } else {
-            None
-        };
-        match close {
-            Some(c) => {
-                prolog_end += skipped + c;
-                rest = &trimmed[c..];
-            }
-            None => break,
-        }
-    }
-    let (prolog, body) = xml.split_at(prolog_end);
-    let body_trim = body.trim_start();
-    let escaped = name
-        .replace('&', "&amp;")
-        .replace('"', "&quot;")
-        .replace('<', "&lt;");
-    if body_trim.starts_with("<testsuite ") || body_trim.starts_with("<testsuite>") {
-        return format!("{prolog}<testsuites name=\"{escaped}\">{body}</testsuites>");
-    }
-    if body_trim.starts_with("<testsuites") {
-        let tag_end = body_trim.find('>').unwrap_or(body_trim.len());
-        if !body_trim[..tag_end].contains(" name=") {
-            let at = "<testsuites".len();
-            return format!(
-                "{prolog}{} name=\"{escaped}\"{}",
-                &body_trim[..at],
-                &body_trim[at..]
-            );
-        }
-    }
-    xml.to_string()
-}
-
 /// Whether a guest report records failing tests, or is not a JUnit report at all.
 pub fn guest_report_failed(guest: &GuestReport) -> bool {
-    match Report::deserialize_from_str(&normalise_guest_xml(&guest.xml, &guest.path)) {
+    match junit_read::read(&guest.xml, &guest.path) {
         Ok(r) => r.test_suites.iter().any(|s| {
             s.failures > 0
                 || s.errors > 0
@@ -160,8 +115,7 @@ pub fn merge_guest_report(
     facts: &VmFacts,
     guest: &GuestReport,
 ) {
-    let xml = normalise_guest_xml(&guest.xml, &guest.path);
-    match Report::deserialize_from_str(&xml) {
+    match junit_read::read(&guest.xml, &guest.path) {
         Ok(parsed) => {
             for mut ts in parsed.test_suites {
                 ts.name = format!("{} / {}", suite_name(id), ts.name.as_str()).into();
@@ -173,7 +127,7 @@ pub fn merge_guest_report(
         Err(e) => {
             let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
             status.set_type("invalid-junit");
-            status.set_message(format!("{} is not valid JUnit XML: {e}", guest.path));
+            status.set_message(e.to_string());
             let mut case = TestCase::new(format!("junit report {}", guest.path), status);
             case.set_classname(format!("runner.{}.{}", id.suite, id.arch));
             cases.push(case);
@@ -425,27 +379,77 @@ mod tests {
         }
     }
 
+    /// One passing step plus `reports`: the reporter's report.
+    fn with_reports(reports: Vec<GuestReport>) -> Report {
+        let mut r = JunitReporter::new("unused.xml".into());
+        r.on_event(&Event::SuiteStarted { id: id(), steps: 1 });
+        step(&mut r, "test", Outcome::Passed);
+        finished(&mut r, Outcome::Passed, reports);
+        r.report().clone()
+    }
+
     #[test]
-    fn normalises_common_roots() {
-        // (input, expected fragment)
-        let cases = [
-            (
-                "<testsuite name=\"a\"/>",
-                "<testsuites name=\"f.xml\"><testsuite name=\"a\"/></testsuites>",
-            ),
-            (
-                "<?xml version=\"1.0\"?>\n<testsuites><testsuite name=\"a\"/></testsuites>",
-                "<testsuites name=\"f.xml\">",
-            ),
-            (
-                "<testsuites name=\"keep\"></testsuites>",
-                "<testsuites name=\"keep\">",
-            ),
-        ];
-        for (input, want) in cases {
-            let out = normalise_guest_xml(input, "f.xml");
-            assert!(out.contains(want), "{input} -> {out}");
+    fn every_producers_counts_survive_the_merge() {
+        use crate::report::junit_read::fixtures::{counts, ALL};
+        for f in ALL {
+            let report = with_reports(vec![GuestReport {
+                path: f.path.into(),
+                xml: f.xml.into(),
+            }]);
+            let mut want = f.counts;
+            want.tests += 1; // the step
+            assert_eq!(counts(&report), want, "{}", f.path);
+            assert_eq!(report.tests, want.tests, "{}", f.path);
+            assert_eq!(report.failures, want.failures, "{}", f.path);
+            assert_eq!(report.errors, want.errors, "{}", f.path);
+            // And what we write, a strict reader reads with the same counts.
+            let back = Report::deserialize_from_str(&report.to_string().unwrap()).unwrap();
+            assert_eq!(counts(&back), want, "{}", f.path);
         }
+    }
+
+    #[test]
+    fn a_report_without_names_keeps_all_its_testcases() {
+        // The bug: 3,000 testcases in a <testsuite> without a name became 2 testcases.
+        let (xml, c) = crate::report::junit_read::fixtures::unnamed(3000);
+        let report = with_reports(vec![GuestReport {
+            path: "results.xml".into(),
+            xml,
+        }]);
+        assert_eq!(report.tests, 3001);
+        assert_eq!(report.failures, c.failures);
+        assert_eq!(
+            report.test_suites[1].name.as_str(),
+            "unit (riscv64) / results.xml"
+        );
+    }
+
+    #[test]
+    fn a_report_that_is_not_junit_loses_no_other() {
+        let pytest = &crate::report::junit_read::fixtures::ALL[0];
+        let report = with_reports(vec![
+            GuestReport {
+                path: "proxy.xml".into(),
+                xml: "<html><body>502 Bad Gateway</body></html>".into(),
+            },
+            GuestReport {
+                path: pytest.path.into(),
+                xml: pytest.xml.into(),
+            },
+            GuestReport {
+                path: "crash.xml".into(),
+                xml: "Segmentation fault".into(),
+            },
+        ]);
+        // The step, two failing cases for the two bad reports, and pytest's six.
+        assert_eq!(report.tests, 1 + 2 + 6);
+        assert_eq!(report.failures, 2 + pytest.counts.failures);
+        let xml = report.to_string().unwrap();
+        assert!(
+            xml.contains("proxy.xml is not valid JUnit XML: its root element is &lt;html&gt;"),
+            "{xml}"
+        );
+        assert!(xml.contains("crash.xml is not valid JUnit XML: it holds no XML element"));
     }
 
     #[test]

@@ -2,3 +2,4 @@
 
 pub mod console;
 pub mod junit;
+pub mod junit_read;
