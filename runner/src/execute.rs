@@ -369,9 +369,7 @@ async fn run_timed(
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
     match outcome {
         Outcome::TimedOut => vm.kill().await,
-        _ => {
-            let _ = vm.shutdown().await;
-        }
+        _ => vm.shutdown().await,
     }
     outcome
 }

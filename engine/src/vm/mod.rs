@@ -572,7 +572,9 @@ impl Vm {
     }
 
     /// Stops the VM: QMP `quit`, then SIGTERM, then SIGKILL; the directory goes with `self`.
-    pub async fn shutdown(mut self) -> Result<(), VmError> {
+    /// Cannot fail: every step that does not work gives way to the next, harder one.
+    pub async fn shutdown(mut self) {
+        // An unanswered `quit` is no failure: the grace period and the signals follow.
         let _ = self.qmp.quit(QMP_TIMEOUT).await;
         if tokio::time::timeout(QUIT_GRACE, self.process.wait())
             .await
@@ -580,7 +582,6 @@ impl Vm {
         {
             let _ = self.process.terminate(SIGTERM_GRACE).await;
         }
-        Ok(())
     }
 
     /// Stops the VM at once (timeouts, cancellation): SIGTERM, then SIGKILL.
