@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore};
-use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::cli::AccelArg;
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
+use crate::exit;
 use crate::host;
 use crate::outcome::{InfraKind, Outcome};
 use crate::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
@@ -457,6 +458,20 @@ async fn in_vm(
                 exit_code: None,
                 signal: Some(sig),
             },
+            Ok(CommandEnd::NotFound) => {
+                if let GuestCommand::Argv(argv) = &step.command {
+                    reporters.emit(Event::Note {
+                        message: format!(
+                            "exit 127: `{}` was not found in the guest (is it installed in the image?)",
+                            argv[0]
+                        ),
+                    });
+                }
+                Outcome::Failed {
+                    exit_code: Some(exit::COMMAND_NOT_FOUND),
+                    signal: None,
+                }
+            }
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
             Ok(CommandEnd::Stopped) => Outcome::Cancelled,
             // QEMU exiting cleanly mid-step means the guest powered off, rebooted or

@@ -383,9 +383,9 @@ impl Vm {
         on_output: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<CommandEnd, VmError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let marker = exec::new_marker();
-        let mut scanner = exec::MarkerScanner::new(&marker);
-        let request = exec::exec_request(cmd, cwd, env, &marker);
+        let markers = exec::EndMarkers::new();
+        let mut scanner = exec::MarkerScanner::new(&markers);
+        let request = exec::exec_request(cmd, cwd, env, &markers);
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
         let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
@@ -399,10 +399,13 @@ impl Vm {
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
         let mut exit_poll = exec::EXIT_POLL_START;
         loop {
-            let poll = if scanner.found() {
+            let poll = if let Some(seen) = scanner.seen() {
                 if let Some(end) = exited {
                     self.left_running = None;
-                    return Ok(end);
+                    return Ok(match (seen, end) {
+                        (exec::EndSeen::NotFound, CommandEnd::Exited(127)) => CommandEnd::NotFound,
+                        _ => end,
+                    });
                 }
                 exit_poll = (exit_poll * 2).min(exec::STATUS_POLL);
                 exit_poll / 2
