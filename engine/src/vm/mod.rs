@@ -173,7 +173,11 @@ impl Vm {
                     }
                 },
                 Err(e) => {
-                    fallback = Some(format!("cannot resume from {}: {e}", state_dir.display()))
+                    fallback = Some(format!(
+                        "cannot resume from {}: {}",
+                        state_dir.display(),
+                        one_line(&e)
+                    ))
                 }
             }
             // A state that fails once will fail again: drop it; the cold boot saves anew.
@@ -593,6 +597,24 @@ impl Vm {
     }
 }
 
+/// `e` in one line, for the note about a resume that failed: that is routine (the job boots
+/// cold), so the console tail and QEMU's whole stderr that a failed boot shows are noise.
+fn one_line(e: &VmError) -> String {
+    match e {
+        VmError::QemuExited { status, stderr, .. } => {
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            let last = &lines[lines.len().saturating_sub(3)..];
+            format!("QEMU exited ({status}): {}", last.join("; "))
+        }
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
 /// Resolves when `stop` turns true; never when its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|s| *s).await.is_err() {
@@ -657,4 +679,32 @@ fn spawn_output_reader(mut stream: UnixStream) -> mpsc::Receiver<Vec<u8>> {
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_resume_is_told_in_one_line() {
+        let e = VmError::QemuExited {
+            status: ExitStatus::from_raw(1 << 8),
+            stderr: "qemu: Error reading dirty bitmap\n\nqemu: load of migration failed\n".into(),
+            console: "[    0.0] Linux version ...\n[    1.0] more".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "QEMU exited (exit status: 1): qemu: Error reading dirty bitmap; qemu: load of migration failed"
+        );
+        let e = VmError::BootTimeout {
+            timeout: Duration::from_secs(3),
+            console: "line 1\nline 2".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "the guest did not boot: its agent did not answer within 3s"
+        );
+    }
 }
