@@ -165,6 +165,65 @@ pub fn qemu_processes_using(fragment: &str) -> Vec<String> {
         .collect()
 }
 
+/// The pids of the QEMU processes whose command line contains `fragment`.
+pub fn qemu_pids_using(fragment: &str) -> Vec<u32> {
+    qemu_processes_using(fragment)
+        .iter()
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect()
+}
+
+/// Asserts that none of `pids` exists any more, not even as a zombie (whose command line is
+/// empty, so [`qemu_processes_using`] cannot see it): whoever started them waited for them.
+pub fn assert_reaped(pids: &[u32]) {
+    let left: Vec<String> = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .collect();
+    assert!(left.is_empty(), "processes not reaped: {left:?}");
+}
+
+/// Starts `runner ARGS` with `cache`, its output going to files in `cache`, and waits up to
+/// [`RUN_DEADLINE`] for it to exit, noting the pids of the QEMU processes it runs meanwhile
+/// (sampled every 50 ms) so that the test can check they are gone.
+pub fn runner_noting_qemu_pids(args: &[&str], cache: &Path) -> (Run, Vec<u32>) {
+    let out = cache.join("runner.stdout");
+    let err = cache.join("runner.stderr");
+    let mut child = Command::new(runner_bin())
+        .args(args)
+        .current_dir(workspace_root())
+        .env("RUNNER_CACHE_DIR", cache)
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("run runner");
+    let fragment = cache.display().to_string();
+    let mut pids = Vec::new();
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        for pid in qemu_pids_using(&fragment) {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("runner {args:?} hung for {RUN_DEADLINE:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let run = Run::from(Output {
+        status,
+        stdout: std::fs::read(&out).unwrap_or_default(),
+        stderr: std::fs::read(&err).unwrap_or_default(),
+    });
+    (run, pids)
+}
+
 /// Live processes (not zombies) whose command line contains `fragment`, as "PID: cmdline".
 pub fn processes_using(fragment: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -212,6 +271,30 @@ pub fn private_cache() -> tempfile::TempDir {
     }
     dir
 }
+
+/// Like [`private_cache`], but with saved VM states of its own (empty at first), for tests
+/// that need to know which states exist or that break one on purpose.
+pub fn private_cache_with_own_states() -> tempfile::TempDir {
+    let shared = cache_dir();
+    std::fs::create_dir_all(shared.join("images")).expect("image cache");
+    let dir = tempfile::Builder::new()
+        .prefix("runner-e2e-")
+        .tempdir()
+        .expect("tempdir");
+    std::os::unix::fs::symlink(shared.join("images"), dir.path().join("images")).expect("symlink");
+    dir
+}
+
+/// The start of a VM as the console reports it ("started riscv64 VM ID in 1.2s (resumed from
+/// saved state; ...)"): the text before the first `;` in the parentheses.
+pub fn vm_start_kind(stderr: &str) -> Option<&str> {
+    let line = stderr.lines().find(|l| l.starts_with("started "))?;
+    let inside = &line[line.find('(')? + 1..];
+    inside.split(';').next()
+}
+
+/// How the console calls a VM resumed from a saved state (see [`vm_start_kind`]).
+pub const RESUMED: &str = "resumed from saved state";
 
 /// Asserts that no QEMU process and no VM directory of `cache` remain.
 pub fn assert_nothing_left(cache: &Path) {

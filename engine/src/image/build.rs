@@ -420,7 +420,8 @@ async fn bake(
             out.trim()
         )));
     }
-    vm.shutdown().await.map_err(|e| bake_err(error_chain(&e)))
+    vm.shutdown().await;
+    Ok(())
 }
 
 /// An error and its sources on one line.
@@ -449,7 +450,7 @@ async fn run_tool(cmd: &mut Command, name: &str) -> Result<(), ImageError> {
         if stderr.contains("No space left on device") {
             return Err(ImageError::io(
                 Path::new("the image cache"),
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
+                std::io::Error::from(nix::errno::Errno::ENOSPC),
             ));
         }
         return Err(ImageError::Tool {
@@ -536,7 +537,7 @@ mod tests {
         assert_eq!(error_chain(&e), "cannot write /x: boom");
         let full = ImageError::io(
             Path::new("/x"),
-            std::io::Error::from_raw_os_error(libc::ENOSPC),
+            std::io::Error::from(nix::errno::Errno::ENOSPC),
         );
         assert!(full.is_disk_full());
         assert!(full.to_string().contains("RUNNER_CACHE_DIR"));

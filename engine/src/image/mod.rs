@@ -42,12 +42,12 @@ impl ImageError {
 
     /// Whether this failure is the host's disk being full.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, ImageError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+        matches!(self, ImageError::Io { source, .. } if source.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32))
     }
 }
 
 fn io_message(path: &Path, source: &std::io::Error) -> String {
-    if source.raw_os_error() == Some(libc::ENOSPC) {
+    if source.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) {
         format!(
             "no space left on the device holding {}; free some space or point RUNNER_CACHE_DIR at a bigger disk",
             path.display()

@@ -20,6 +20,9 @@ const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
 const STDERR_TAIL_BYTES: usize = 16 * 1024;
 /// After SIGTERM, how long QEMU gets before SIGKILL.
 pub const SIGTERM_GRACE: Duration = Duration::from_secs(2);
+/// How long dropping a still-running process waits for it to exit after SIGKILL (only a
+/// process stuck in the kernel takes more than a moment).
+const KILLED_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running (or exited, not yet dropped) QEMU process.
 #[derive(Debug)]
@@ -120,11 +123,20 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        // Last resort for every path that did not stop the VM politely (error, panic,
-        // cancellation): kill the whole group now. tokio reaps the child in the background
-        // (kill_on_drop), and the zombie cannot outlive this process anyway.
-        if self.try_exit().is_none() {
-            let _ = killpg(self.pgid, Signal::SIGKILL);
+        // Last resort for every path that did not stop the VM politely (error, panic, a
+        // cancelled or timed-out future): kill the whole group now, and wait until QEMU is
+        // gone and reaped. Leaving that to tokio's background reaper let `runner test`
+        // exit while its QEMU was still tearing down. Blocking, as Drop cannot await; a
+        // SIGKILLed process is gone within milliseconds, so the wait is short and bounded.
+        if self.try_exit().is_some() {
+            return;
+        }
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + KILLED_EXIT_TIMEOUT;
+        let mut backoff = Duration::from_millis(1);
+        while self.try_exit().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(20));
         }
     }
 }

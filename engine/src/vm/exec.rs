@@ -27,6 +27,9 @@ pub enum GuestCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandEnd {
     Exited(i32),
+    /// The program to run (`argv[0]`) is not in the guest: nothing ran (exit status 127).
+    /// A 127 from inside the command (a script calling a missing tool) is `Exited(127)`.
+    NotFound,
     Signaled(i32),
     /// Still running when the timeout passed (stop it with `Vm::stop_command` or stop the VM).
     TimedOut,
@@ -73,28 +76,36 @@ pub fn relay_request() -> ExecRequest {
 }
 
 /// The wrapper: redirect everything to the output FIFO, enter the working directory, run
-/// the command, then print the marker so the host knows the output is complete.
-const WRAPPER: &str = r#"dir=$1; marker=$2; shift 2
+/// the command, then print the end marker so the host knows the output is complete. A
+/// program that does not exist ends with the other marker instead: exit status 127 alone
+/// cannot tell it from a 127 of the command's own (a shell that did not find a tool).
+const WRAPPER: &str = r#"dir=$1; marker=$2; missing=$3; shift 3
 exec </dev/null >FIFO 2>&1
 cd "$dir" || { printf '%s' "$marker"; exit 126; }
+command -v "$1" >/dev/null || { printf '%s: not found\n' "$1"; printf '%s' "$missing"; exit 127; }
 "$@"
 rc=$?
 printf '%s' "$marker"
 exit $rc"#;
+
+/// `$0` of the wrapper and of scripts: the shell's own messages start with it (`sh: 1: x: not
+/// found`), as they would for `sh -c` typed by hand.
+const SHELL_NAME: &str = "sh";
 
 /// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment.
 pub fn exec_request(
     cmd: &GuestCommand,
     cwd: &str,
     env: &[(String, String)],
-    marker: &str,
+    markers: &EndMarkers,
 ) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
         WRAPPER.replace("FIFO", OUTPUT_FIFO),
-        "runner-wrapper".to_string(),
+        SHELL_NAME.to_string(),
         cwd.to_string(),
-        marker.to_string(),
+        markers.ran.clone(),
+        markers.not_found.clone(),
     ];
     match cmd {
         GuestCommand::Argv(argv) => args.extend(argv.iter().cloned()),
@@ -103,6 +114,7 @@ pub fn exec_request(
             "-e".into(),
             "-c".into(),
             script.clone(),
+            SHELL_NAME.into(),
         ]),
     }
     ExecRequest {
@@ -112,50 +124,99 @@ pub fn exec_request(
     }
 }
 
-/// A fresh end marker; the random part keeps command output from faking it by accident.
-pub fn new_marker() -> String {
-    format!("\x1erunner-end-{:016x}\x1e", rand::random::<u64>())
+/// The two ways one command's output can end; the shared random part keeps command output
+/// from faking either by accident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndMarkers {
+    /// The command ran (and ended with the wrapper's exit status).
+    pub ran: String,
+    /// The program was not found; nothing ran.
+    pub not_found: String,
 }
 
-/// Splits a byte stream into output and the end marker, even when the marker arrives split
-/// across chunks. Holds back at most `marker.len() - 1` bytes.
+impl EndMarkers {
+    pub fn new() -> Self {
+        let id = rand::random::<u64>();
+        EndMarkers {
+            ran: format!("\x1erunner-end-{id:016x}\x1e"),
+            not_found: format!("\x1erunner-end-{id:016x}-not-found\x1e"),
+        }
+    }
+}
+
+impl Default for EndMarkers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Which end marker came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndSeen {
+    Ran,
+    NotFound,
+}
+
+/// Splits a byte stream into output and an end marker, even when the marker arrives split
+/// across chunks. Holds back less than one marker's length.
 #[derive(Debug)]
 pub struct MarkerScanner {
-    marker: Vec<u8>,
+    /// (marker, what it means); neither is a prefix of the other.
+    markers: [(Vec<u8>, EndSeen); 2],
     pending: Vec<u8>,
-    found: bool,
+    seen: Option<EndSeen>,
 }
 
 impl MarkerScanner {
-    pub fn new(marker: &str) -> Self {
+    pub fn new(markers: &EndMarkers) -> Self {
         MarkerScanner {
-            marker: marker.as_bytes().to_vec(),
+            markers: [
+                (markers.ran.as_bytes().to_vec(), EndSeen::Ran),
+                (markers.not_found.as_bytes().to_vec(), EndSeen::NotFound),
+            ],
             pending: Vec::new(),
-            found: false,
+            seen: None,
         }
     }
 
     pub fn found(&self) -> bool {
-        self.found
+        self.seen.is_some()
+    }
+
+    /// The marker that came, if one did.
+    pub fn seen(&self) -> Option<EndSeen> {
+        self.seen
     }
 
     /// Feeds a chunk; returns the bytes that are certainly output. Bytes after the marker
     /// (from background processes still writing) are dropped.
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
-        if self.found {
+        if self.found() {
             return Vec::new();
         }
         self.pending.extend_from_slice(chunk);
-        if let Some(i) = find(&self.pending, &self.marker) {
-            self.found = true;
+        let first = self
+            .markers
+            .iter()
+            .filter_map(|(m, kind)| find(&self.pending, m).map(|i| (i, *kind)))
+            .min_by_key(|(i, _)| *i);
+        if let Some((i, kind)) = first {
+            self.seen = Some(kind);
             let out = self.pending[..i].to_vec();
             self.pending.clear();
             return out;
         }
-        // Keep the longest suffix that could still be the start of the marker.
-        let keep = (1..self.marker.len())
-            .rev()
-            .find(|&k| k <= self.pending.len() && self.pending.ends_with(&self.marker[..k]))
+        // Keep the longest suffix that could still be the start of a marker.
+        let keep = self
+            .markers
+            .iter()
+            .map(|(m, _)| {
+                (1..m.len())
+                    .rev()
+                    .find(|&k| k <= self.pending.len() && self.pending.ends_with(&m[..k]))
+                    .unwrap_or(0)
+            })
+            .max()
             .unwrap_or(0);
         let emit = self.pending.len() - keep;
         self.pending.drain(..emit).collect()
@@ -175,43 +236,65 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn markers() -> EndMarkers {
+        EndMarkers {
+            ran: "\x1erunner-end-1\x1e".into(),
+            not_found: "\x1erunner-end-1-not-found\x1e".into(),
+        }
+    }
+
     #[test]
     fn marker_split_across_chunks_is_found() {
         let m = "\x1erunner-end-1\x1e";
-        // (chunks, expected output)
-        let cases: Vec<(Vec<&[u8]>, &[u8])> = vec![
+        let nf = "\x1erunner-end-1-not-found\x1e";
+        /// Chunks as they arrive, the output they carry, and the marker that ends them.
+        type Case<'a> = (Vec<&'a [u8]>, &'a [u8], EndSeen);
+        let cases: Vec<Case> = vec![
             // marker whole in one chunk, output before it
-            (vec![b"hello\n\x1erunner-end-1\x1e"], b"hello\n"),
+            (
+                vec![b"hello\n\x1erunner-end-1\x1e"],
+                b"hello\n",
+                EndSeen::Ran,
+            ),
             // marker split in the middle
-            (vec![b"abc\x1erunner-", b"end-1\x1e"], b"abc"),
+            (vec![b"abc\x1erunner-", b"end-1\x1e"], b"abc", EndSeen::Ran),
             // marker split byte by byte
-            (m.as_bytes().chunks(1).collect(), b""),
+            (m.as_bytes().chunks(1).collect(), b"", EndSeen::Ran),
             // a prefix of the marker that turns out to be output
             (
                 vec![b"x\x1erunner-e", b"lse\n", b"\x1erunner-end-1\x1e"],
                 b"x\x1erunner-else\n",
+                EndSeen::Ran,
             ),
             // output after the marker is dropped
-            (vec![b"a\x1erunner-end-1\x1etrailing"], b"a"),
+            (vec![b"a\x1erunner-end-1\x1etrailing"], b"a", EndSeen::Ran),
+            // the not-found marker, split where it parts from the other
+            (
+                vec![b"x: not found\n\x1erunner-end-1", b"-not-found\x1e"],
+                b"x: not found\n",
+                EndSeen::NotFound,
+            ),
+            // ... and byte by byte
+            (nf.as_bytes().chunks(1).collect(), b"", EndSeen::NotFound),
         ];
-        for (chunks, want) in cases {
-            let mut s = MarkerScanner::new(m);
+        for (chunks, want, seen) in cases {
+            let mut s = MarkerScanner::new(&markers());
             let mut out = Vec::new();
             for c in &chunks {
                 out.extend(s.feed(c));
             }
-            assert!(s.found(), "{chunks:?}");
+            assert_eq!(s.seen(), Some(seen), "{chunks:?}");
             assert_eq!(out, want, "{chunks:?}");
         }
     }
 
     #[test]
     fn without_marker_everything_comes_out_eventually() {
-        let mut s = MarkerScanner::new("\x1eEND\x1e");
-        let mut out = s.feed(b"partial\x1eEN");
+        let mut s = MarkerScanner::new(&markers());
+        let mut out = s.feed(b"partial\x1erunner-end-1");
         assert!(!s.found());
         out.extend(s.flush());
-        assert_eq!(out, b"partial\x1eEN");
+        assert_eq!(out, b"partial\x1erunner-end-1");
     }
 
     #[test]
@@ -220,15 +303,17 @@ mod tests {
             &GuestCommand::Argv(vec!["echo".into(), "$HOME; rm -rf /".into()]),
             "/workspace",
             &[("PATH".into(), "/usr/bin".into())],
-            "M",
+            &markers(),
         );
         assert_eq!(req.path, "/bin/sh");
+        let m = markers();
         assert_eq!(
             &req.args[2..],
             [
-                "runner-wrapper",
+                "sh",
                 "/workspace",
-                "M",
+                &m.ran,
+                &m.not_found,
                 "echo",
                 "$HOME; rm -rf /"
             ]
@@ -244,13 +329,77 @@ mod tests {
             &GuestCommand::Script("false\necho no".into()),
             "/",
             &[],
-            "M",
+            &markers(),
         );
-        assert_eq!(&req.args[5..], ["/bin/sh", "-e", "-c", "false\necho no"]);
+        assert_eq!(
+            &req.args[6..],
+            ["/bin/sh", "-e", "-c", "false\necho no", "sh"]
+        );
+    }
+
+    /// Runs the wrapper with the host's own `/bin/sh` (the guest's is Debian's dash too),
+    /// its output file in place of the guest's FIFO; returns (output, exit status).
+    fn run_wrapper(cmd: &GuestCommand) -> (String, i32) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("output");
+        let mut req = exec_request(cmd, "/", &[], &markers());
+        req.args[1] = WRAPPER.replace("FIFO", &out.display().to_string());
+        let status = std::process::Command::new(&req.path)
+            .args(&req.args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .status()
+            .unwrap();
+        let text = String::from_utf8(std::fs::read(&out).unwrap()).unwrap();
+        (text, status.code().unwrap())
+    }
+
+    #[test]
+    fn a_missing_program_is_told_apart_from_a_127_inside_the_command() {
+        let m = markers();
+        // (command, output before the marker, marker, exit status)
+        let cases = [
+            // the program itself is missing: said as a shell would, and the other marker
+            (
+                GuestCommand::Argv(vec!["no-such-program-xyz".into(), "arg".into()]),
+                "no-such-program-xyz: not found\n".to_string(),
+                &m.not_found,
+                127,
+            ),
+            // sh is there; the 127 is the command's own, and so is the message
+            (
+                GuestCommand::Argv(vec!["sh".into(), "-c".into(), "no-such-tool-xyz".into()]),
+                "sh: 1: no-such-tool-xyz: not found\n".to_string(),
+                &m.ran,
+                127,
+            ),
+            // a script: the shell's message, no wrapper name in it
+            (
+                GuestCommand::Script("no-such-tool-xyz".into()),
+                "sh: 1: no-such-tool-xyz: not found\n".to_string(),
+                &m.ran,
+                127,
+            ),
+            // a program that is there runs as before
+            (
+                GuestCommand::Argv(vec!["echo".into(), "hi".into()]),
+                "hi\n".to_string(),
+                &m.ran,
+                0,
+            ),
+        ];
+        for (cmd, want_out, want_marker, want_rc) in cases {
+            let (text, rc) = run_wrapper(&cmd);
+            assert_eq!(text, format!("{want_out}{want_marker}"), "{cmd:?}");
+            assert_eq!(rc, want_rc, "{cmd:?}");
+        }
     }
 
     #[test]
     fn markers_are_unique() {
-        assert_ne!(new_marker(), new_marker());
+        let (a, b) = (EndMarkers::new(), EndMarkers::new());
+        assert_ne!(a.ran, b.ran);
+        assert_ne!(a.ran, a.not_found);
+        assert!(!a.not_found.starts_with(&a.ran) && !a.ran.starts_with(&a.not_found));
     }
 }

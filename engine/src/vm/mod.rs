@@ -173,7 +173,11 @@ impl Vm {
                     }
                 },
                 Err(e) => {
-                    fallback = Some(format!("cannot resume from {}: {e}", state_dir.display()))
+                    fallback = Some(format!(
+                        "cannot resume from {}: {}",
+                        state_dir.display(),
+                        one_line(&e)
+                    ))
                 }
             }
             // A state that fails once will fail again: drop it; the cold boot saves anew.
@@ -383,9 +387,9 @@ impl Vm {
         on_output: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<CommandEnd, VmError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let marker = exec::new_marker();
-        let mut scanner = exec::MarkerScanner::new(&marker);
-        let request = exec::exec_request(cmd, cwd, env, &marker);
+        let markers = exec::EndMarkers::new();
+        let mut scanner = exec::MarkerScanner::new(&markers);
+        let request = exec::exec_request(cmd, cwd, env, &markers);
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
         let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
@@ -399,10 +403,13 @@ impl Vm {
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
         let mut exit_poll = exec::EXIT_POLL_START;
         loop {
-            let poll = if scanner.found() {
+            let poll = if let Some(seen) = scanner.seen() {
                 if let Some(end) = exited {
                     self.left_running = None;
-                    return Ok(end);
+                    return Ok(match (seen, end) {
+                        (exec::EndSeen::NotFound, CommandEnd::Exited(127)) => CommandEnd::NotFound,
+                        _ => end,
+                    });
                 }
                 exit_poll = (exit_poll * 2).min(exec::STATUS_POLL);
                 exit_poll / 2
@@ -572,7 +579,9 @@ impl Vm {
     }
 
     /// Stops the VM: QMP `quit`, then SIGTERM, then SIGKILL; the directory goes with `self`.
-    pub async fn shutdown(mut self) -> Result<(), VmError> {
+    /// Cannot fail: every step that does not work gives way to the next, harder one.
+    pub async fn shutdown(mut self) {
+        // An unanswered `quit` is no failure: the grace period and the signals follow.
         let _ = self.qmp.quit(QMP_TIMEOUT).await;
         if tokio::time::timeout(QUIT_GRACE, self.process.wait())
             .await
@@ -580,12 +589,29 @@ impl Vm {
         {
             let _ = self.process.terminate(SIGTERM_GRACE).await;
         }
-        Ok(())
     }
 
     /// Stops the VM at once (timeouts, cancellation): SIGTERM, then SIGKILL.
     pub async fn kill(mut self) {
         let _ = self.process.terminate(SIGTERM_GRACE).await;
+    }
+}
+
+/// `e` in one line, for the note about a resume that failed: that is routine (the job boots
+/// cold), so the console tail and QEMU's whole stderr that a failed boot shows are noise.
+fn one_line(e: &VmError) -> String {
+    match e {
+        VmError::QemuExited { status, stderr, .. } => {
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            let last = &lines[lines.len().saturating_sub(3)..];
+            format!("QEMU exited ({status}): {}", last.join("; "))
+        }
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -653,4 +679,32 @@ fn spawn_output_reader(mut stream: UnixStream) -> mpsc::Receiver<Vec<u8>> {
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_resume_is_told_in_one_line() {
+        let e = VmError::QemuExited {
+            status: ExitStatus::from_raw(1 << 8),
+            stderr: "qemu: Error reading dirty bitmap\n\nqemu: load of migration failed\n".into(),
+            console: "[    0.0] Linux version ...\n[    1.0] more".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "QEMU exited (exit status: 1): qemu: Error reading dirty bitmap; qemu: load of migration failed"
+        );
+        let e = VmError::BootTimeout {
+            timeout: Duration::from_secs(3),
+            console: "line 1\nline 2".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "the guest did not boot: its agent did not answer within 3s"
+        );
+    }
 }

@@ -182,18 +182,11 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
     if command_mode && outcomes.len() == 1 {
         // The command's own status passes through.
         return match &overall {
+            // (A program that was not found has been explained by a note already.)
             Outcome::Failed {
                 exit_code: Some(code),
                 ..
-            } => {
-                if *code == exit::COMMAND_NOT_FOUND {
-                    status.error(&format!(
-                        "exit 127: `{}` was not found in the guest (is it installed in the image?)",
-                        args.command[0]
-                    ));
-                }
-                *code
-            }
+            } => *code,
             Outcome::Failed {
                 signal: Some(sig), ..
             } => 128 + sig,

@@ -482,10 +482,22 @@ mod tests {
         tx.send(b"last".to_vec()).unwrap();
         drop(tx);
         let mut pending = Pending::new(100);
-        let r = pending
-            .during(tokio::time::sleep(Duration::from_millis(50)), &mut rx)
-            .await;
-        assert_eq!(r, ());
+        // Counts how often `during` polls the request. Waiting properly, it is polled when
+        // it starts, on the two channel wake-ups at most, and when the timer fires; a loop
+        // that kept selecting on the closed channel would poll it thousands of times in 50 ms.
+        let polls = std::cell::Cell::new(0u32);
+        let sleep = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(sleep);
+        let request = std::future::poll_fn(|cx| {
+            polls.set(polls.get() + 1);
+            std::future::Future::poll(sleep.as_mut(), cx)
+        });
+        pending.during(request, &mut rx).await;
+        assert!(
+            polls.get() <= 5,
+            "the request was polled {} times",
+            polls.get()
+        );
         assert!(pending.closed);
         assert_eq!(pending.bytes, b"last");
     }

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore};
 use engine::qemu::host::AccelChoice;
-use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
+use crate::exit;
 use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
 use crate::run::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::run::platform;
@@ -347,9 +348,7 @@ async fn run_timed(
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
     match outcome {
         Outcome::TimedOut => vm.kill().await,
-        _ => {
-            let _ = vm.shutdown().await;
-        }
+        _ => vm.shutdown().await,
     }
     outcome
 }
@@ -437,6 +436,20 @@ async fn in_vm(
                 exit_code: None,
                 signal: Some(sig),
             },
+            Ok(CommandEnd::NotFound) => {
+                if let GuestCommand::Argv(argv) = &step.command {
+                    reporters.emit(Event::Note {
+                        message: format!(
+                            "exit 127: `{}` was not found in the guest (is it installed in the image?)",
+                            argv[0]
+                        ),
+                    });
+                }
+                Outcome::Failed {
+                    exit_code: Some(exit::COMMAND_NOT_FOUND),
+                    signal: None,
+                }
+            }
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
             Ok(CommandEnd::Stopped) => Outcome::Cancelled,
             // QEMU exiting cleanly mid-step means the guest powered off, rebooted or

@@ -5,11 +5,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
 use crate::bounded::read_line_capped;
+
+#[cfg(test)]
+mod tests;
 
 /// QMP messages are small; anything longer is a broken or hostile peer.
 const MAX_QMP_LINE: usize = 1024 * 1024;
@@ -28,11 +30,11 @@ pub enum QmpError {
     Timeout { command: String, timeout: Duration },
 }
 
-/// A connected, negotiated QMP session.
+/// A connected, negotiated QMP session (over QEMU's UNIX socket; tests use other streams).
 #[derive(Debug)]
-pub struct QmpClient {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+pub struct QmpClient<S = UnixStream> {
+    reader: BufReader<ReadHalf<S>>,
+    writer: WriteHalf<S>,
     /// Events seen while waiting for replies, oldest first.
     pub events: Vec<Value>,
     /// Every command carries a fresh id, so a late reply to a timed-out command is never
@@ -40,11 +42,17 @@ pub struct QmpClient {
     next_id: u64,
 }
 
-impl QmpClient {
+impl QmpClient<UnixStream> {
     /// Connects to `path`, reads the greeting and leaves capability negotiation mode.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).await?;
-        let (r, w) = stream.into_split();
+        QmpClient::negotiate(UnixStream::connect(path).await?, timeout).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> QmpClient<S> {
+    /// Reads the greeting on `stream` and leaves capability negotiation mode.
+    pub async fn negotiate(stream: S, timeout: Duration) -> Result<Self, QmpError> {
+        let (r, w) = tokio::io::split(stream);
         let mut client = QmpClient {
             reader: BufReader::new(r),
             writer: w,
