@@ -147,13 +147,16 @@ fn nothing_is_left_behind_after_a_normal_run() {
 
 #[test]
 fn resumed_vms_get_the_hosts_clock_and_their_own_randomness() {
-    // Jobs resumed from one saved state must not share RNG output or a stale clock.
+    // Jobs resumed from one saved state must not share RNG output or a stale clock. The
+    // reseed and clock code is the same for every arch; aarch64 because riscv64 states saved
+    // by QEMU 10.0 often fail the resume check by themselves (see the timers test below),
+    // and this test must see two real resumes.
     let script = "date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     // Makes sure a saved state exists (this run may boot cold and save it).
-    let warm_up = in_guest("riscv64", &["true"]);
+    let warm_up = in_guest("aarch64", &["true"]);
     assert_eq!(warm_up.code, 0, "{warm_up}");
     let runs: Vec<_> = (0..2)
-        .map(|_| in_guest("riscv64", &["sh", "-c", script]))
+        .map(|_| in_guest("aarch64", &["sh", "-c", script]))
         .collect();
     let host_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -243,11 +246,12 @@ fn resumed_guests_keep_their_timers_on_every_arch() {
             assert_eq!(r.stdout.trim(), "slept", "{arch}: {r}");
             if run == 1 {
                 // A cold boot would sleep fine: only a resumed guest tests the timers.
-                assert_eq!(
-                    e2e::vm_start_kind(&r.stderr),
-                    Some(e2e::RESUMED),
-                    "{arch}: {r}"
-                );
+                let resumed = e2e::vm_start_kind(&r.stderr) == Some(e2e::RESUMED);
+                // riscv64 only: QEMU 10.0 does not re-arm the ACLINT timer after loading a
+                // state (issue 12), so some saves resume with dead timers. The runner must
+                // catch that, say so and boot cold — never hang, never fall back silently.
+                let caught = arch == "riscv64" && r.stderr.contains(e2e::DEAD_TIMERS_NOTE);
+                assert!(resumed || caught, "{arch}: neither resumed nor caught: {r}");
             }
         }
     }
