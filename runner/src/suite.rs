@@ -42,7 +42,7 @@
 //!   allow_failure = false         # optional: a failure is reported but passes the suite
 //! ```
 //!
-//! Durations use humantime ("90s", "5m", "1h 30m") and must not be zero. Guest paths must be
+//! Durations use humantime ("90s", "5m", "1h 30m") and must be between 1s and 7 days. Guest paths must be
 //! relative and must not contain `..`.
 
 use std::collections::{BTreeMap, HashSet};

@@ -153,7 +153,7 @@ fn mib(n: u32) -> String {
 /// "4G", "512M", "1536M", "100K", "12345 bytes".
 pub fn size_text(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.trailing_zeros() >= shift {
             return format!("{}{unit}", bytes >> shift);
         }
     }
