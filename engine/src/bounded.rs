@@ -1,10 +1,23 @@
 //! Bounded readers for untrusted byte streams: a line reader with a length cap and a ring
-//! buffer that keeps only the tail of a stream (the guest console, QEMU's stderr).
+//! buffer that keeps only the tail of a stream (the guest console, QEMU's stderr); and
+//! [`deadline_in`], deadline arithmetic that cannot overflow.
 
 use std::collections::VecDeque;
 use std::io;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+/// Far enough to mean "never" and near enough to add to any clock (tokio's own choice).
+const FAR_FUTURE: std::time::Duration = std::time::Duration::from_secs(86_400 * 365 * 30);
+
+/// The instant `d` from now. `Instant + Duration` panics on overflow, and durations come
+/// from files and payloads ("100y"); a duration too large for the clock means "never".
+pub fn deadline_in(d: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
 
 /// Keeps the last `cap` bytes written to it.
 #[derive(Debug)]
@@ -95,6 +108,21 @@ pub async fn read_line_capped<R: AsyncBufRead + Unpin>(
 mod tests {
     use super::*;
     use tokio::io::BufReader;
+
+    #[tokio::test]
+    async fn deadlines_never_overflow() {
+        use std::time::Duration;
+        let now = tokio::time::Instant::now();
+        // (duration, at least this far away): a normal one exactly; absurd ones "never".
+        let d = deadline_in(Duration::from_secs(60));
+        assert!(d >= now + Duration::from_secs(60) && d < now + Duration::from_secs(61));
+        for huge in [Duration::MAX, Duration::from_secs(100 * 365 * 86_400)] {
+            assert!(
+                deadline_in(huge) >= now + Duration::from_secs(86_400 * 365),
+                "{huge:?}"
+            );
+        }
+    }
 
     #[test]
     fn tail_buffer_keeps_only_the_tail() {

@@ -6,8 +6,14 @@
 //! `user:password@` part is taken out and handed to git as an `Authorization` header through
 //! `GIT_CONFIG_*` environment variables. Every git process runs in its own process group, under
 //! one deadline for the whole checkout, and is killed on cancellation.
+//!
+//! URLs and refspecs come from job payloads, so git gets them after `--end-of-options` (a
+//! refspec `--upload-pack=…` stays a refspec), may use only the operator's protocols
+//! (`GIT_ALLOW_PROTOCOL`), and sees none of the service's own `GIT_*` variables (a `GIT_DIR`
+//! in the service's environment would point every checkout at one repository). Directories
+//! are private (0700): sources of private projects are not for other local users.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::str::FromStr;
 use std::time::Duration;
@@ -22,7 +28,9 @@ pub enum GitStrategy {
     /// A fresh clone into an empty directory.
     #[default]
     Clone,
-    /// Reuse the directory's repository if there is one (fetch + checkout + clean).
+    /// Reuse the directory's repository if there is one (fetch + checkout + clean). The
+    /// caller guarantees that no other checkout uses the directory meanwhile: lock files a
+    /// cancelled git left behind are removed.
     Fetch,
     /// No git at all: the directory is created (empty) if missing.
     None,
@@ -61,6 +69,32 @@ pub struct Checkout {
     pub dest: PathBuf,
     /// Deadline for the whole checkout.
     pub timeout: Duration,
+    /// The transports git may use (`GIT_ALLOW_PROTOCOL`), e.g. https, ssh; a local path
+    /// counts as `file`.
+    pub protocols: Vec<String>,
+}
+
+/// The operator's default for `git_protocols`: what GitLab and GitHub clone URLs use.
+pub const DEFAULT_PROTOCOLS: [&str; 3] = ["https", "http", "ssh"];
+
+/// Checks a `git_protocols` list from the config; `section` names it in the message.
+pub fn check_protocols(section: &str, protocols: &[String]) -> Result<(), String> {
+    let valid = |p: &String| {
+        p.starts_with(|c: char| c.is_ascii_lowercase())
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c))
+    };
+    if protocols.is_empty() {
+        return Err(format!(
+            "{section} git_protocols is empty; name the transports git may use, e.g. [\"https\"]"
+        ));
+    }
+    match protocols.iter().find(|p| !valid(p)) {
+        Some(bad) => Err(format!(
+            "{section} git_protocols: '{bad}' is not a git transport name like https, ssh or file"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A finished checkout.
@@ -127,7 +161,7 @@ async fn run_checkout(c: &Checkout) -> Result<CheckoutDone, SourceError> {
         source,
     };
     if c.strategy == GitStrategy::None {
-        std::fs::create_dir_all(&c.dest).map_err(dir_err)?;
+        private_dir(&c.dest).map_err(dir_err)?;
         return Ok(CheckoutDone {
             sha: String::new(),
             log: "Skipping Git repository setup (GIT_STRATEGY none)\n".into(),
@@ -140,6 +174,7 @@ async fn run_checkout(c: &Checkout) -> Result<CheckoutDone, SourceError> {
     let auth = c.auth.clone().or(auth);
     let git = Git {
         dir: c.dest.clone(),
+        protocols: c.protocols.join(":"),
         auth_header: auth.map(|(user, pass)| {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
             format!("Authorization: Basic {token}")
@@ -149,24 +184,33 @@ async fn run_checkout(c: &Checkout) -> Result<CheckoutDone, SourceError> {
     let reuse = c.strategy == GitStrategy::Fetch && c.dest.join(".git").is_dir();
     if reuse {
         log.push_str(&format!("Fetching changes into {}\n", c.dest.display()));
-        git.run(&["remote", "set-url", "origin", &url]).await?;
+        private_dir(&c.dest).map_err(dir_err)?;
+        for lock in remove_stale_locks(&c.dest.join(".git")).map_err(dir_err)? {
+            log.push_str(&format!(
+                "Removed .git/{}, left by an earlier job that was stopped\n",
+                lock.display()
+            ));
+        }
+        git.run(&["remote", "set-url", "--end-of-options", "origin", &url])
+            .await?;
     } else {
         if c.dest.exists() {
             std::fs::remove_dir_all(&c.dest).map_err(dir_err)?;
         }
-        std::fs::create_dir_all(&c.dest).map_err(dir_err)?;
+        private_dir(&c.dest).map_err(dir_err)?;
         log.push_str(&format!(
             "Cloning {} into {}\n",
             redact(&url),
             c.dest.display()
         ));
         git.run(&["init", "--quiet"]).await?;
-        git.run(&["remote", "add", "origin", &url]).await?;
+        git.run(&["remote", "add", "--end-of-options", "origin", &url])
+            .await?;
     }
     let depth = c.depth.filter(|d| *d > 0).map(|d| format!("--depth={d}"));
     let mut fetch: Vec<&str> = vec!["fetch", "--quiet", "--prune", "--no-tags"];
     fetch.extend(depth.as_deref());
-    fetch.push("origin");
+    fetch.extend(["--end-of-options", "origin"]);
     if c.refspecs.is_empty() {
         fetch.extend(DEFAULT_REFSPECS);
     } else {
@@ -176,17 +220,29 @@ async fn run_checkout(c: &Checkout) -> Result<CheckoutDone, SourceError> {
     // A shallow fetch, or refspecs that do not reach the commit (e.g. a fork's pull request
     // head), may leave it out: ask for the commit itself, which GitLab and GitHub allow.
     if git
-        .run(&["cat-file", "-e", &format!("{}^{{commit}}", c.sha)])
+        .run(&[
+            "cat-file",
+            "-e",
+            "--end-of-options",
+            &format!("{}^{{commit}}", c.sha),
+        ])
         .await
         .is_err()
     {
         let mut by_sha: Vec<&str> = vec!["fetch", "--quiet", "--no-tags"];
         by_sha.extend(depth.as_deref());
-        by_sha.extend(["origin", c.sha.as_str()]);
+        by_sha.extend(["--end-of-options", "origin", c.sha.as_str()]);
         git.run(&by_sha).await?;
     }
-    git.run(&["checkout", "--quiet", "--force", "--detach", &c.sha])
-        .await?;
+    git.run(&[
+        "checkout",
+        "--quiet",
+        "--force",
+        "--detach",
+        "--end-of-options",
+        &c.sha,
+    ])
+    .await?;
     if reuse {
         git.run(&["clean", "-ffdx", "--quiet"]).await?;
     }
@@ -196,9 +252,67 @@ async fn run_checkout(c: &Checkout) -> Result<CheckoutDone, SourceError> {
     Ok(CheckoutDone { sha, log })
 }
 
+/// Bytes in the regular files under `root` (symlinks are not followed): what a checkout will
+/// cost as a workspace.
+pub fn tree_size(root: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file() {
+                total = total.saturating_add(entry.metadata()?.len());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Creates `dir` (and missing parents) readable by this user only, and makes an existing
+/// one so (directories made by earlier versions were 0755).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes the lock files a git process killed mid-way leaves in `git_dir` (`index.lock`,
+/// `shallow.lock`, ref locks …): git refuses to work while they exist, so one cancelled
+/// fetch would fail every later job of the project. Only for a directory no other git uses.
+/// Returns what was removed, relative to `git_dir`.
+fn remove_stale_locks(git_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let mut dirs = vec![git_dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            // Locks live at the top (index, HEAD, config, shallow, packed-refs) and under
+            // refs/; objects/ is large and has none.
+            if kind.is_dir() && (dir != git_dir || entry.file_name() == "refs") {
+                dirs.push(path);
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "lock") {
+                std::fs::remove_file(&path)?;
+                removed.push(path.strip_prefix(git_dir).unwrap_or(&path).to_path_buf());
+            }
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// One repository directory and how to talk to its remote.
 struct Git {
     dir: PathBuf,
+    /// `GIT_ALLOW_PROTOCOL`: colon-separated transports.
+    protocols: String,
     auth_header: Option<String>,
 }
 
@@ -206,8 +320,16 @@ impl Git {
     async fn run(&self, args: &[&str]) -> Result<Output, SourceError> {
         let mut cmd = Command::new("git");
         cmd.arg("-C").arg(&self.dir).args(args);
+        // None of the service's own GIT_* variables (GIT_DIR, GIT_SSH_COMMAND, GIT_CONFIG_*
+        // …): only the ones set below.
+        for (key, _) in std::env::vars_os() {
+            if key.as_encoded_bytes().starts_with(b"GIT_") {
+                cmd.env_remove(key);
+            }
+        }
         // Never prompt (there is no terminal), never read the host user's git config.
         cmd.env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ALLOW_PROTOCOL", &self.protocols)
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_ASKPASS", "true")
@@ -311,8 +433,8 @@ fn short(sha: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use super::tests_support::*;
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn credentials_leave_the_url() {
@@ -343,42 +465,6 @@ mod tests {
         assert!("svn".parse::<GitStrategy>().unwrap_err().contains("svn"));
     }
 
-    fn sh(dir: &Path, script: &str) -> String {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{script}: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    /// A repository with two commits on main; returns (repo dir, first sha, second sha).
-    fn repo(root: &Path) -> (PathBuf, String, String) {
-        let src = root.join("src");
-        std::fs::create_dir(&src).unwrap();
-        sh(
-            &src,
-            "git init -q -b main . && echo one > f && git add f && git commit -qm one",
-        );
-        let first = sh(&src, "git rev-parse HEAD");
-        sh(&src, "echo two > f && git commit -qam two");
-        let second = sh(&src, "git rev-parse HEAD");
-        (src, first, second)
-    }
-
-    fn never() -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(false);
-        std::mem::forget(tx);
-        rx
-    }
-
     #[tokio::test]
     async fn clone_and_fetch_check_out_the_sha() {
         let root = tempfile::tempdir().unwrap();
@@ -393,6 +479,7 @@ mod tests {
             auth: None,
             dest: dest.clone(),
             timeout: Duration::from_secs(60),
+            protocols: vec!["file".into()],
         };
         let done = checkout(&c, never()).await.unwrap();
         assert_eq!(done.sha, first);
@@ -421,6 +508,7 @@ mod tests {
             auth: None,
             dest: root.path().join("b"),
             timeout: Duration::from_secs(60),
+            protocols: vec!["file".into()],
         };
         let e = checkout(&c, never()).await.unwrap_err().to_string();
         assert!(e.starts_with("git fetch failed"), "{e}");
@@ -446,6 +534,7 @@ mod tests {
             auth: None,
             dest: root.path().join("empty"),
             timeout: Duration::from_secs(5),
+            protocols: vec!["file".into()],
         };
         checkout(&c, never()).await.unwrap();
         assert!(c.dest.is_dir());
@@ -456,5 +545,137 @@ mod tests {
         };
         let e = checkout(&c, never()).await.unwrap_err();
         assert!(matches!(e, SourceError::BadSha(_)), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+
+    pub fn sh(dir: &Path, script: &str) -> String {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A repository with two commits on main; returns (repo dir, first sha, second sha).
+    pub fn repo(root: &Path) -> (PathBuf, String, String) {
+        let src = root.join("src");
+        std::fs::create_dir(&src).unwrap();
+        sh(
+            &src,
+            "git init -q -b main . && echo one > f && git add f && git commit -qm one",
+        );
+        let first = sh(&src, "git rev-parse HEAD");
+        sh(&src, "echo two > f && git commit -qam two");
+        let second = sh(&src, "git rev-parse HEAD");
+        (src, first, second)
+    }
+
+    pub fn never() -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        std::mem::forget(tx);
+        rx
+    }
+
+    /// A clone of `sha` from the local repository `src` into `dest`.
+    pub fn checkout_of(src: &Path, sha: &str, dest: &Path) -> Checkout {
+        Checkout {
+            url: format!("file://{}", src.display()),
+            sha: sha.to_string(),
+            refspecs: vec![],
+            depth: None,
+            strategy: GitStrategy::Clone,
+            auth: None,
+            dest: dest.to_path_buf(),
+            timeout: Duration::from_secs(60),
+            protocols: vec!["file".into()],
+        }
+    }
+}
+
+#[cfg(test)]
+mod hardening {
+    use super::tests_support::*;
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn a_stale_index_lock_does_not_fail_later_fetches() {
+        let root = tempfile::tempdir().unwrap();
+        let (src, first, second) = repo(root.path());
+        let mut c = checkout_of(&src, &first, &root.path().join("project"));
+        c.strategy = GitStrategy::Fetch;
+        checkout(&c, never()).await.unwrap();
+        // What a fetch killed by a cancel leaves behind.
+        std::fs::write(c.dest.join(".git/index.lock"), "").unwrap();
+        std::fs::write(c.dest.join(".git/refs/heads/main.lock"), "").unwrap();
+        c.sha = second.clone();
+        let done = checkout(&c, never()).await.unwrap();
+        assert_eq!(done.sha, second);
+        assert!(done.log.contains("Removed .git/index.lock"), "{}", done.log);
+        assert!(!c.dest.join(".git/index.lock").exists());
+    }
+
+    #[tokio::test]
+    async fn checkouts_are_private() {
+        let root = tempfile::tempdir().unwrap();
+        let (src, first, _) = repo(root.path());
+        // Parents the checkout creates are private too.
+        let c = checkout_of(&src, &first, &root.path().join("builds/entry/5"));
+        checkout(&c, never()).await.unwrap();
+        for dir in [c.dest.clone(), root.path().join("builds/entry")] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_operators_protocols_are_used() {
+        let root = tempfile::tempdir().unwrap();
+        let (src, first, _) = repo(root.path());
+        let mut c = checkout_of(&src, &first, &root.path().join("b"));
+        c.protocols = DEFAULT_PROTOCOLS.map(String::from).to_vec();
+        let e = checkout(&c, never()).await.unwrap_err().to_string();
+        assert!(e.contains("transport 'file' not allowed"), "{e}");
+        assert!(check_protocols("[github]", &c.protocols).is_ok());
+        assert!(check_protocols("[github]", &[]).is_err());
+        let e = check_protocols("[github]", &["https:file".into()]).unwrap_err();
+        assert!(e.contains("'https:file'"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refspec_cannot_become_an_option() {
+        let root = tempfile::tempdir().unwrap();
+        let (src, first, _) = repo(root.path());
+        let marker = root.path().join("pwned");
+        let mut c = checkout_of(&src, &first, &root.path().join("b"));
+        // Without --end-of-options git fetch took this as its --upload-pack option and ran it.
+        c.refspecs = vec![format!(
+            "--upload-pack=touch {};git-upload-pack",
+            marker.display()
+        )];
+        let _ = checkout(&c, never()).await;
+        assert!(!marker.exists(), "a refspec from the payload ran a command");
+    }
+
+    #[test]
+    fn tree_size_counts_regular_files() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("d")).unwrap();
+        std::fs::write(root.path().join("a"), [0u8; 100]).unwrap();
+        std::fs::write(root.path().join("d/b"), [0u8; 50]).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.path().join("z")).unwrap();
+        assert_eq!(tree_size(root.path()).unwrap(), 150);
     }
 }

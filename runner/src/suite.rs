@@ -42,7 +42,7 @@
 //!   allow_failure = false         # optional: a failure is reported but passes the suite
 //! ```
 //!
-//! Durations use humantime ("90s", "5m", "1h 30m") and must not be zero. Guest paths must be
+//! Durations use humantime ("90s", "5m", "1h 30m") and must be between 1s and 7 days. Guest paths must be
 //! relative and must not contain `..`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -59,6 +59,9 @@ pub const SUITE_FILE_NAME: &str = "runner.toml";
 
 const DEFAULT_IMAGE: &str = "debian-13";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest duration a suite file may give. Larger ones are mistakes (or attacks: "100y"
+/// overflowed deadline arithmetic); `runner serve` caps lower still (`max_timeout`).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 const DEFAULT_EXCLUDE: [&str; 2] = ["target", ".git"];
 const MIB: u64 = 1 << 20;
 
@@ -455,6 +458,9 @@ fn duration(value: &Option<Text>, what: &str) -> Result<Option<Duration>, Proble
     let Some(value) = value else { return Ok(None) };
     match humantime::parse_duration(value.get_ref().trim()) {
         Ok(d) if d.is_zero() => bail!(value => "{what} is zero; give e.g. \"90s\" or \"10m\""),
+        Ok(d) if d > MAX_DURATION => {
+            bail!(value => "{what} '{}' is longer than 7 days, the most a suite file may give", value.get_ref().trim())
+        }
         Ok(d) => Ok(Some(d)),
         Err(e) => bail!(value => "{what} is not a duration ({e}); use e.g. \"90s\" or \"1h 30m\""),
     }
@@ -671,6 +677,10 @@ step = [{ name = "only", run = "true" }]
             ("zero suite timeout", suite("timeout = \"0s\""), "suite 'u' timeout is zero", Some(3)),
             ("bad step timeout", format!("{}timeout = \"5 parsecs\"", suite("")), "step 'a' timeout is not a duration", Some(7)),
             ("bad default timeout", defaults("timeout = \"soon\""), "defaults.timeout is not a duration", Some(2)),
+            // Once overflowed `Instant + Duration` and panicked the run.
+            ("absurd suite timeout", suite("timeout = \"100y\""), "suite 'u' timeout '100y' is longer than 7 days", Some(3)),
+            ("absurd step timeout", format!("{}timeout = \"8days\"", suite("")), "step 'a' timeout '8days' is longer than 7 days", Some(7)),
+            ("absurd default step_timeout", defaults("step_timeout = \"1000000000000000h\""), "defaults.step_timeout", Some(2)),
             ("'..' in a junit path", suite("junit = [\"ok.xml\", \"a/../../x.xml\"]"), "junit path 'a/../../x.xml' contains '..'", Some(3)),
             ("absolute artifact path", suite("artifacts = [\"/etc/passwd\"]"), "artifacts path '/etc/passwd' is empty or absolute", Some(3)),
             ("empty artifact path", suite("artifacts = [\"\"]"), "is empty or absolute", Some(3)),

@@ -86,6 +86,7 @@ private_key_path = "{}"
 webhook_secret_file = "{}"
 api_url = "{}"
 arch = ["riscv64"]
+git_protocols = ["file"]
 {extra}
 "#,
                 keys.private_key().display(),
@@ -886,4 +887,83 @@ fn unusable_configs_are_refused_at_start_with_one_line() {
         assert!(line.contains(frag), "{frag:?} not in {line}");
     }
     drop(taken);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks: a repository asking for more than the operator allows, a slow client.
+
+/// A runner.toml of `n` one-step suites.
+fn many_suites(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!("[[suite]]\nname = \"s{i}\"\n[[suite.step]]\nname = \"t\"\nrun = \"true\"\n")
+        })
+        .collect()
+}
+
+#[test]
+fn runner_toml_over_the_operators_limits_gets_a_failed_check_run_naming_the_cap() {
+    let keys = Keys::new();
+    let fake = FakeGithub::start(APP_ID, &keys.public_pem);
+    let cache = private_cache();
+    let serve = Serve::start(
+        &keys,
+        &fake,
+        cache.path(),
+        "[github.limits]\nmax_runs = 20\nmax_timeout = \"3h\"\n",
+    );
+    let step = "[[suite.step]]\nname = \"t\"\nrun = \"true\"\n";
+    // (repository, runner.toml, what its check run must say)
+    let cases = [
+        ("memory", format!("[defaults]\nmemory = \"64G\"\n[[suite]]\nname = \"a\"\n{step}"), "suite 'a' memory = 64G is over this runner's limit max_memory = 4G"),
+        ("cpus", format!("[defaults]\ncpus = 64\n[[suite]]\nname = \"a\"\n{step}"), "suite 'a' cpus = 64 is over this runner's limit max_cpus = 4"),
+        // Once overflowed `Instant + Duration` and panicked the job's task.
+        ("forever", format!("[[suite]]\nname = \"a\"\ntimeout = \"100y\"\n{step}"), "timeout '100y' is longer than 7 days"),
+        ("long", format!("[[suite]]\nname = \"a\"\ntimeout = \"5h\"\n{step}"), "suite 'a' timeout = 5h is over this runner's limit max_timeout = 3h"),
+        // Once meant 10,000 check runs and 10,000 VMs queued.
+        ("many", many_suites(10_000), "suite × architecture runs for this commit = 10000 is over this runner's limit max_runs = 20"),
+        ("huge", format!("[workspace]\nmax_size = \"64G\"\n[[suite]]\nname = \"a\"\n{step}"), "[workspace] max_size = 64G is over this runner's limit max_workspace_size = 1G"),
+    ];
+    let mut repos = Vec::new();
+    for (i, (name, toml, _)) in cases.iter().enumerate() {
+        let (repo, sha) = git_repo(&[("runner.toml", toml)]);
+        let url = repo.path().display().to_string();
+        let (code, _) = serve.deliver(
+            "check_suite",
+            &format!("limit-{i}"),
+            &check_suite(name, &url, &sha),
+        );
+        assert_eq!(code, 202);
+        repos.push(repo);
+    }
+    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, cases.len()));
+    assert!(ok, "{runs:#?}\n{}", serve.log());
+    // One check run per commit: nothing was queued for the suites themselves.
+    assert_eq!(runs.len(), cases.len(), "{runs:#?}");
+    for (name, _, want) in &cases {
+        let r = runs
+            .iter()
+            .find(|r| r.repo == format!("octo/{name}"))
+            .unwrap();
+        assert_eq!(r.conclusion.as_deref(), Some("failure"), "{name}: {r:#?}");
+        assert!(r.summary().contains(want), "{name}: {}", r.summary());
+    }
+    // A client that sends its headers slowly is cut off (HEADER_READ_TIMEOUT, 10 s).
+    let mut slow = std::net::TcpStream::connect(&serve.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    slow.write_all(b"POST /github/webhook HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = slow.read_to_end(&mut rest).is_ok();
+    assert!(
+        closed && started.elapsed() < Duration::from_secs(25),
+        "a slow client kept its connection: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    let (code, log) = serve.stop("TERM");
+    assert_eq!(code, 0, "{log}");
+    assert_nothing_left(cache.path());
 }

@@ -22,6 +22,11 @@ struct Serve {
 
 impl Serve {
     fn start(cache: &Path, config: &str) -> Serve {
+        Serve::start_env(cache, config, &[])
+    }
+
+    /// [`Serve::start`] with extra variables in the service's environment.
+    fn start_env(cache: &Path, config: &str, env: &[(&str, &str)]) -> Serve {
         let path = cache.join("serve.toml");
         std::fs::write(&path, config).expect("config");
         let log = cache.join(format!("serve-{}.log", rand_suffix()));
@@ -30,6 +35,7 @@ impl Serve {
             .arg(&path)
             .env("RUNNER_CACHE_DIR", cache)
             .env("RUNNER_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -105,7 +111,7 @@ fn rand_suffix() -> String {
 
 fn config(url: &str) -> String {
     format!(
-        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n\n[[runners]]\nname = \"riscv64-emu\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"debian-13\"\nlimit = 2\noutput_limit = 2048\n"
+        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n\n[[runners]]\nname = \"riscv64-emu\"\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nimage = \"debian-13\"\nlimit = 2\noutput_limit = 2048\ngit_protocols = [\"file\"]\n"
     )
 }
 
@@ -688,4 +694,179 @@ fn a_malformed_config_is_refused_with_line_and_column() {
             && line.contains("mips"),
         "{log}"
     );
+}
+
+/// A bare repository with one commit holding `files`; returns (its dir, the bare path, SHA).
+fn bare_repo(files: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let git = |cwd: &Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    for (name, bytes) in files {
+        std::fs::write(work.join(name), bytes).unwrap();
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "c"]);
+    let sha = git(&work, &["rev-parse", "HEAD"]);
+    let bare = dir.path().join("p.git");
+    git(
+        dir.path(),
+        &["clone", "-q", "--bare", "work", bare.to_str().unwrap()],
+    );
+    (dir, bare, sha)
+}
+
+#[test]
+fn jobs_over_the_operators_limits_fail_naming_the_cap_and_start_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}[runners.limits]\nmax_timeout = \"1h\"\nmax_workspace_size = \"64K\"\n",
+        config(&gl.url)
+    );
+    // A GIT_DIR in the service's own environment once sent every checkout's git commands to
+    // that repository instead of the job's directory.
+    let serve = Serve::start_env(
+        cache.path(),
+        &cfg,
+        &[("GIT_DIR", "/nonexistent/repo.git"), ("GIT_WORK_TREE", "/")],
+    );
+    let (_repo, bare, sha) = bare_repo(&[("big.bin", &[7u8; 200 << 10])]);
+    let url = format!("file://{}", bare.display());
+    let failed_with = |id: u64, want: &str| {
+        let j = gl.wait_final(id, Duration::from_secs(60));
+        let log = trace(&j);
+        let fin = j.final_update.clone().unwrap();
+        assert_eq!(fin["state"], "failed", "{id}: {log}");
+        assert_eq!(fin["failure_reason"], "script_failure", "{id}: {log}");
+        assert!(log.contains(want), "{id}: no '{want}' in:\n{log}");
+        assert!(
+            !log.contains("Starting a"),
+            "{id}: a VM was started:\n{log}"
+        );
+        log
+    };
+
+    // 1. A job timeout far beyond the cap (a huge one once panicked the job's task).
+    gl.enqueue(job_payload(701, &["true"], &[], &[], 10u64.pow(12)));
+    failed_with(701, "over this runner's limit max_timeout = 1h");
+    // 2. An after_script timeout of a hundred years.
+    gl.enqueue(job_payload(
+        702,
+        &["true"],
+        &[],
+        &[("RUNNER_AFTER_SCRIPT_TIMEOUT", "100y", false)],
+        600,
+    ));
+    failed_with(
+        702,
+        "RUNNER_AFTER_SCRIPT_TIMEOUT = 100years is over this runner's limit max_timeout = 1h",
+    );
+    // 3. Sources over max_workspace_size; the clone itself works despite GIT_DIR.
+    let mut job = job_payload(703, &["true"], &[], &[("GIT_DEPTH", "1", false)], 600);
+    job["git_info"]["repo_url"] = json!(url);
+    job["git_info"]["sha"] = json!(sha);
+    gl.enqueue(job);
+    let log = failed_with(703, "is over this runner's limit max_workspace_size = 64K");
+    assert!(log.contains(&format!("Checked out {}", &sha[..8])), "{log}");
+    // 4. GIT_STRATEGY fetch: a lock file left by a stopped git no longer fails the project's
+    // next jobs, and the project's directory is private.
+    let fetch_job = |id: u64| {
+        let mut job = job_payload(id, &["true"], &[], &[("GIT_STRATEGY", "fetch", false)], 600);
+        job["git_info"]["repo_url"] = json!(url);
+        job["git_info"]["sha"] = json!(sha);
+        job
+    };
+    gl.enqueue(fetch_job(704));
+    failed_with(704, "max_workspace_size = 64K");
+    let project = cache.path().join("serve-builds/riscv64-emu/42");
+    let mode = std::fs::metadata(&project).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", project.display());
+    std::fs::write(project.join(".git/index.lock"), "").unwrap();
+    gl.enqueue(fetch_job(705));
+    let log = failed_with(705, "max_workspace_size = 64K");
+    assert!(log.contains("Removed .git/index.lock"), "{log}");
+    // 5. A refspec that git once took for its --upload-pack option (a command on the host).
+    let marker = cache.path().join("pwned");
+    let mut job = job_payload(706, &["true"], &[], &[], 600);
+    job["git_info"]["repo_url"] = json!(url);
+    job["git_info"]["sha"] = json!(sha);
+    job["git_info"]["refspecs"] = json!([format!(
+        "--upload-pack=touch {};git-upload-pack",
+        marker.display()
+    )]);
+    gl.enqueue(job);
+    failed_with(706, "invalid refspec");
+    assert!(
+        !marker.exists(),
+        "a refspec from the payload ran a command on the host"
+    );
+
+    drop(serve);
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn an_image_build_over_image_build_timeout_is_stopped_with_its_tools() {
+    // A fresh cache, so a real build starts (it needs the Debian mirror, as CI has).
+    let cache = tempfile::tempdir().unwrap();
+    let fragment = cache.path().display().to_string();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}[runners.limits]\nimage_build_timeout = \"3s\"\n",
+        config(&gl.url)
+    );
+    let serve = Serve::start(cache.path(), &cfg);
+    gl.enqueue(job_payload(
+        801,
+        &["true"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    ));
+    let j = gl.wait_final(801, Duration::from_secs(120));
+    let log = trace(&j);
+    let fin = j.final_update.clone().unwrap();
+    assert_eq!(fin["state"], "failed", "{log}");
+    assert!(
+        log.contains("took longer than image_build_timeout = 3s"),
+        "{log}\n{}",
+        serve.log()
+    );
+    // The build's tools (mmdebstrap …) are killed with it, and its staging directory goes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Everything that names the cache but the service itself.
+        let service = format!("{}: ", serve.child.id());
+        let left: Vec<String> = e2e::processes_using(&fragment)
+            .into_iter()
+            .filter(|p| !p.starts_with(&service))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let staging: Vec<_> = std::fs::read_dir(cache.path().join("images"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        staging
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".staging-")),
+        "half-built image left: {staging:?}"
+    );
+    drop(serve);
 }

@@ -81,7 +81,7 @@ fn the_example_pipeline_runs_its_suite_on_every_architecture_of_its_matrix() {
     let cache = private_cache();
     let gl = FakeGitlab::start(TOKEN);
     let config = format!(
-        "concurrent = 1\ncheck_interval = 1\n[[runners]]\nname = \"emu\"\nurl = \"{}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nallowed_arches = [{}]\n",
+        "concurrent = 1\ncheck_interval = 1\n[[runners]]\nname = \"emu\"\nurl = \"{}\"\ntoken = \"{TOKEN}\"\narch = \"riscv64\"\nallowed_arches = [{}]\ngit_protocols = [\"file\"]\n",
         gl.url,
         arches.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")
     );

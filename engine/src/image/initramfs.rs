@@ -123,6 +123,8 @@ async fn decompress_module(src: &Path, dst: &Path) -> Result<(), ImageError> {
         .args(["-d", "-c", "-q"])
         .arg(src)
         .stdin(Stdio::null())
+        // A build cut off (image_build_timeout) must not leave tools running.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|e| ImageError::Tool {
@@ -154,6 +156,7 @@ async fn cpio(root: &Path, out: &Path) -> Result<(), ImageError> {
         .stdin(Stdio::piped())
         .stdout(file)
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| ImageError::Tool {
             tool: "cpio".into(),

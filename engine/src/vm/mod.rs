@@ -264,7 +264,7 @@ impl Vm {
         let mut process = QemuProcess::spawn(&binary, &argv, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
 
-        let boot_deadline = tokio::time::Instant::now() + cfg.boot_timeout;
+        let boot_deadline = crate::bounded::deadline_in(cfg.boot_timeout);
         let handshake = async {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
@@ -386,7 +386,7 @@ impl Vm {
         stop: &mut watch::Receiver<bool>,
         on_output: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<CommandEnd, VmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::bounded::deadline_in(timeout);
         let markers = exec::EndMarkers::new();
         let mut scanner = exec::MarkerScanner::new(&markers);
         let request = exec::exec_request(cmd, cwd, env, &markers);

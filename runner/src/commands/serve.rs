@@ -116,7 +116,7 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
                     tracing::warn!("second termination signal: exiting now");
                     return exit::CANCELLED;
                 }
-                deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout());
+                deadline = Some(engine::bounded::deadline_in(config.shutdown_timeout()));
                 tracing::info!(
                     timeout_s = config.shutdown_timeout,
                     "terminating: cancelling running jobs and reporting them"

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::serve::config::de_arches;
+use crate::serve::{Limits, LimitsConfig};
 
 /// GitHub's own cap on a webhook payload.
 pub const DEFAULT_MAX_BODY: &str = "25M";
@@ -45,6 +46,12 @@ pub struct GithubConfig {
     /// can open a pull request could otherwise run commands here, outside any VM.
     #[serde(default)]
     pub allow_host_setup: bool,
+    /// Transports git may fetch with (`GIT_ALLOW_PROTOCOL`); a local path counts as "file".
+    #[serde(default = "default_protocols")]
+    pub git_protocols: Vec<String>,
+    /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 fn default_webhook_path() -> String {
@@ -58,6 +65,9 @@ fn default_arches() -> Vec<engine::Arch> {
 }
 fn default_max_body() -> String {
     DEFAULT_MAX_BODY.into()
+}
+fn default_protocols() -> Vec<String> {
+    crate::sources::DEFAULT_PROTOCOLS.map(String::from).to_vec()
 }
 fn default_clone_timeout() -> String {
     DEFAULT_CLONE_TIMEOUT.into()
@@ -117,7 +127,14 @@ impl GithubConfig {
         }
         self.max_body()?;
         self.clone_timeout()?;
+        self.limits()?;
+        crate::sources::check_protocols("[github]", &self.git_protocols)?;
         Ok(())
+    }
+
+    /// The validated `[github.limits]`.
+    pub fn limits(&self) -> Result<Limits, String> {
+        self.limits.validate("[github.limits]")
     }
 
     /// The body cap in bytes.
@@ -216,6 +233,14 @@ mod tests {
                 "webhook_secret = \"s\"\nmax_body_size = \"2\"",
                 Some("max_body"),
             ),
+            (
+                "webhook_secret = \"s\"\nlimits = { max_memory = \"64T\" }",
+                Some("[github.limits] max_memory must be"),
+            ),
+            (
+                "webhook_secret = \"s\"\ngit_protocols = []",
+                Some("[github] git_protocols is empty"),
+            ),
         ];
         for (extra, want) in cases {
             let got = parse(extra).check();
@@ -250,5 +275,7 @@ mod tests {
         assert_eq!(c.max_body().unwrap(), 25 << 20);
         assert_eq!(c.clone_timeout().unwrap(), Duration::from_secs(600));
         assert!(!c.allow_host_setup);
+        assert_eq!(c.limits().unwrap(), Limits::default());
+        assert_eq!(c.git_protocols, ["https", "http", "ssh"]);
     }
 }

@@ -23,7 +23,7 @@ use crate::events::Reporters;
 use crate::outcome::Outcome;
 use crate::run::execute::run_suite;
 use crate::run::plan::{self, Overrides, SuitePlan};
-use crate::serve::ServeContext;
+use crate::serve::{Limits, ServeContext};
 use crate::sources::{self, Checkout, GitStrategy};
 use crate::suite::{SuiteError, SuiteFile, SUITE_FILE_NAME};
 
@@ -47,6 +47,10 @@ pub struct Shared {
     pub default_arches: Vec<engine::Arch>,
     pub allow_host_setup: bool,
     pub clone_timeout: Duration,
+    /// The operator's caps on what a runner.toml may ask for.
+    pub limits: Limits,
+    /// Transports git may fetch with.
+    pub git_protocols: Vec<String>,
     /// Where checkouts are made (one temporary directory per job).
     pub work_dir: PathBuf,
     /// Permits for [`PARALLEL_CHECKOUTS`].
@@ -112,6 +116,7 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         auth: https.then(|| ("x-access-token".to_string(), token.0.clone())),
         dest: src.clone(),
         timeout: shared.clone_timeout,
+        protocols: shared.git_protocols.clone(),
     };
     let permit = shared
         .checkouts
@@ -209,6 +214,15 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
             return;
         }
     };
+    // Nothing starts that asks for more than the operator allows: one check run names the cap.
+    if let Err((message, line)) = within_limits(&shared.limits, &plans, &lines) {
+        tracing::info!(error = %message, "runner.toml asks for more than this service allows");
+        bad_suite_file(&shared, &repo, &target, &message, line).await;
+        return;
+    }
+    for plan in &mut plans {
+        shared.limits.apply(plan);
+    }
     if let Some(only) = only.filter(|o| o != EXTERNAL_ID_ALL) {
         plans.retain(|p| external_id(p) == only);
         if plans.is_empty() {
@@ -341,6 +355,24 @@ fn allowed(
     };
     if !inside {
         return Err(("[workspace] path must stay inside the repository".into(), 1));
+    }
+    Ok(())
+}
+
+/// Checks every plan of a commit against the operator's caps; on refusal, the message and
+/// the line of runner.toml it is about.
+fn within_limits(
+    limits: &Limits,
+    plans: &[SuitePlan],
+    lines: &SuiteLines,
+) -> Result<(), (String, u32)> {
+    limits
+        .check_runs(plans.len())
+        .map_err(|e| (e.to_string(), 1))?;
+    for plan in plans {
+        limits
+            .check_plan(plan)
+            .map_err(|e| (e.to_string(), lines.suite(&plan.id.suite)))?;
     }
     Ok(())
 }

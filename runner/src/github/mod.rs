@@ -88,6 +88,8 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
         default_arches: config.arch.clone(),
         allow_host_setup: config.allow_host_setup,
         clone_timeout,
+        limits: config.limits().map_err(ServeError::Config)?,
+        git_protocols: config.git_protocols.clone(),
         work_dir,
         checkouts: tokio::sync::Semaphore::new(job::PARALLEL_CHECKOUTS),
     });

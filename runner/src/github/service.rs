@@ -108,13 +108,14 @@ pub async fn serve(
         .with_state(server);
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, path = webhook_path, "GitHub webhook server listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.draining().await;
-            tracing::info!("draining: new deliveries get 503; waiting for running jobs to report");
-            tracker.idle().await;
-        })
-        .await
+    // Not axum::serve: it has no header read timeout and no connection cap.
+    let limits = crate::serve::http::ConnectionLimits::default();
+    crate::serve::http::serve(listener, app, limits, async move {
+        shutdown.draining().await;
+        tracing::info!("draining: new deliveries get 503; waiting for running jobs to report");
+        tracker.idle().await;
+    })
+    .await
 }
 
 async fn health(State(s): State<Arc<Server>>) -> (StatusCode, &'static str) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::serve::config::{de_arch, de_arches};
+use crate::serve::{Limits, LimitsConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +52,15 @@ pub struct RunnerEntry {
     /// ask for it with `RUNNER_STEP_JUNIT=true`).
     #[serde(default)]
     pub step_junit: bool,
+    /// Transports git may fetch with (`GIT_ALLOW_PROTOCOL`); a local path counts as "file".
+    #[serde(default = "default_protocols")]
+    pub git_protocols: Vec<String>,
+    /// Caps on what a job may ask for (`[runners.limits]`), as written.
+    #[serde(default, rename = "limits")]
+    pub limits_config: LimitsConfig,
+    /// The validated caps (set by [`RunnerEntry::check`]).
+    #[serde(skip)]
+    pub limits: Limits,
     /// Set from the top-level `check_interval`: seconds between job requests when idle.
     #[serde(skip, default = "default_check_interval")]
     pub check_interval: Duration,
@@ -87,6 +97,21 @@ impl RunnerEntry {
         }
     }
 
+    /// Checks what serde could not and fills in [`RunnerEntry::limits`].
+    pub fn check(&mut self) -> Result<(), String> {
+        self.memory_mib()?;
+        let section = format!("runner '{}' limits", self.name);
+        let github_only = self.limits_config.github_only_keys();
+        if !github_only.is_empty() {
+            return Err(format!(
+                "{section}: {} apply only to [github.limits]; a GitLab job's VM has this entry's cpus and memory",
+                github_only.join(", ")
+            ));
+        }
+        self.limits = self.limits_config.validate(&section)?;
+        crate::sources::check_protocols(&format!("runner '{}'", self.name), &self.git_protocols)
+    }
+
     /// The log cap in bytes.
     pub fn output_limit_bytes(&self) -> usize {
         (self.output_limit.max(1) as usize).saturating_mul(1024)
@@ -110,6 +135,9 @@ fn default_memory() -> String {
 }
 fn default_clone_timeout() -> u64 {
     600
+}
+fn default_protocols() -> Vec<String> {
+    crate::sources::DEFAULT_PROTOCOLS.map(String::from).to_vec()
 }
 fn default_check_interval() -> Duration {
     Duration::from_secs(3)

@@ -27,8 +27,6 @@ pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Where `file: true` variables are written in the guest (the variable holds the path).
 const GUEST_FILE_VARIABLES: &str = "/tmp/runner-job/variables";
-/// Largest source tree copied into the guest.
-pub const MAX_SOURCES: u64 = 2 << 30;
 
 /// A job turned into a plan, plus what happens around it.
 #[derive(Debug)]
@@ -74,7 +72,11 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
             name.to_string()
         }
     };
+    let limits = &entry.limits;
     let timeout = Duration::from_secs(job.runner_info.timeout.max(1));
+    limits
+        .check_timeout("the job's timeout", timeout)
+        .map_err(|e| e.to_string())?;
 
     // Variables: expanded unless raw; file variables become files whose path is the value.
     let raw: HashMap<String, String> = job
@@ -119,6 +121,9 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         })?,
         None => AFTER_SCRIPT_TIMEOUT,
     };
+    limits
+        .check_timeout(AFTER_SCRIPT_TIMEOUT_VARIABLE, after_timeout)
+        .map_err(|e| e.to_string())?;
     if job.steps.is_empty() {
         return Err("the job has no steps (script) to run".into());
     }
@@ -209,6 +214,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         auth: None,
         dest: work.join("src"),
         timeout: Duration::from_secs(entry.clone_timeout.max(1)),
+        protocols: entry.git_protocols.clone(),
     });
 
     let step_junit = entry.step_junit
@@ -216,7 +222,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
             job.var(STEP_JUNIT_VARIABLE).map(|v| v.to_ascii_lowercase()),
             Some(ref v) if v == "true" || v == "1" || v == "yes"
         );
-    let plan = SuitePlan {
+    let mut plan = SuitePlan {
         id: RunId {
             suite: job.job_info.name.clone(),
             arch,
@@ -233,7 +239,10 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         memory_mib: entry.memory_mib()?,
         out_dir: work.join("artifacts"),
         files,
+        max_artifacts: 0,
+        image_build_timeout: None,
     };
+    limits.apply(&mut plan);
     Ok(Prepared {
         plan,
         checkout,
@@ -335,11 +344,33 @@ mod tests {
             ),
             (r#"{"key":"GIT_STRATEGY","value":"svn"}"#, "GIT_STRATEGY"),
             (r#"{"key":"GIT_DEPTH","value":"deep"}"#, "GIT_DEPTH"),
+            // Once overflowed the deadline arithmetic; now over the operator's max_timeout.
+            (
+                r#"{"key":"RUNNER_AFTER_SCRIPT_TIMEOUT","value":"100y"}"#,
+                "RUNNER_AFTER_SCRIPT_TIMEOUT = 100years",
+            ),
         ];
         for (vars, want) in cases {
             let e = prepare(&entry(), &job(vars), dir.path()).unwrap_err();
             assert!(e.contains(want), "{vars}: {e}");
         }
+    }
+
+    #[test]
+    fn a_job_timeout_over_the_cap_fails_the_job_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("");
+        j.runner_info.timeout = u64::MAX;
+        let e = prepare(&entry(), &j, dir.path()).unwrap_err();
+        assert!(e.starts_with("the job's timeout = "), "{e}");
+        assert!(
+            e.contains("over this runner's limit max_timeout = 3h"),
+            "{e}"
+        );
+        // The caps travel with the plan.
+        let p = prepare(&entry(), &job(""), dir.path()).unwrap();
+        assert_eq!(p.plan.max_artifacts, 256 << 20);
+        assert_eq!(p.plan.image_build_timeout, Some(Duration::from_secs(3600)));
     }
 
     #[test]

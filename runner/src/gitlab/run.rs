@@ -15,7 +15,7 @@ use super::artifacts::upload_results;
 use super::client::Client;
 use super::config::RunnerEntry;
 use super::job::{self, Job, JobHandle};
-use super::prepare::{prepare, MAX_SOURCES};
+use super::prepare::prepare;
 use super::reporter::{sanitize, unix_now, Found, TraceReporter};
 use super::trace::{JobLog, Signals, Uploader};
 use crate::events::Reporters;
@@ -235,10 +235,28 @@ async fn execute(
                     say("\n");
                 }
                 say(&format!("Checked out {}\n", short(&done.sha)));
+                // The sources are packed in memory for the guest: the operator's cap first.
+                let cap = entry.limits.max_workspace;
+                match sources::tree_size(&checkout.dest) {
+                    Ok(size) if size > cap => {
+                        let over = crate::serve::OverLimit {
+                            what: "the job's sources".into(),
+                            asked: crate::serve::limits::size_text(size),
+                            key: "max_workspace_size",
+                            cap: crate::serve::limits::size_text(cap),
+                            fix: "use a shallower GIT_DEPTH or GIT_STRATEGY none, or ask the runner's operator to raise the limit",
+                        };
+                        tracing::warn!("job refused: {over}");
+                        say(&format!("\x1b[31;1mERROR: {over}\x1b[0;m\n"));
+                        return failed("script_failure", None);
+                    }
+                    // Unreadable: packing reports it (as the host's problem).
+                    _ => {}
+                }
                 prepared.plan.workspace = Some(WorkspacePlan {
                     root: checkout.dest.clone(),
                     exclude: Vec::new(),
-                    max_size: MAX_SOURCES,
+                    max_size: cap,
                 });
             }
             Err(e) => {

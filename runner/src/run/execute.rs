@@ -212,9 +212,22 @@ async fn run_inner(
             &progress,
         );
         tokio::pin!(build);
+        // The operator's image_build_timeout (serve). Dropping the build on expiry kills its
+        // host tools' process groups and its bake VM, and removes its staging directory.
+        let expired = async {
+            match plan.image_build_timeout {
+                Some(limit) => {
+                    tokio::time::sleep_until(engine::bounded::deadline_in(limit)).await;
+                    limit
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         loop {
             tokio::select! {
                 r = &mut build => break r,
+                limit = &mut expired => break Err(image_build_expired(&plan.image, limit)),
                 Some(message) = rx.recv() => reporters.emit(Event::ImageProgress { id: id.clone(), message }),
             }
         }
@@ -235,6 +248,17 @@ async fn run_inner(
     }
 }
 
+/// The outcome of an image build cut off by the operator's `image_build_timeout`.
+fn image_build_expired(image: &str, limit: Duration) -> Outcome {
+    infra(
+        InfraKind::Image,
+        format!(
+            "building image '{image}' took longer than image_build_timeout = {} (an operator limit of this service); it was stopped",
+            humantime::format_duration(limit)
+        ),
+    )
+}
+
 /// Everything the suite timeout covers: host setup, boot, steps, results — not the image
 /// build before it, which happens once and must not be cut off half-way.
 async fn run_timed(
@@ -247,7 +271,7 @@ async fn run_timed(
     interrupt: watch::Receiver<bool>,
 ) -> Outcome {
     let id = plan.id.clone();
-    let deadline = tokio::time::Instant::now() + plan.timeout;
+    let deadline = engine::bounded::deadline_in(plan.timeout);
     // 2. Host setup commands (e.g. cross-compiling), as steps.
     for cmd in &plan.host_setup {
         state.current = Some(RunningStep::new(&format!("host: {cmd}")));

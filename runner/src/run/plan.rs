@@ -18,6 +18,8 @@ pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 /// Where the project directory appears in the guest.
 pub const GUEST_WORKSPACE: &str = "/workspace";
+/// Largest artifacts tar taken back from the guest unless the operator says otherwise.
+pub const MAX_ARTIFACTS: u64 = 256 << 20;
 
 /// The project directory to copy into the guest.
 #[derive(Debug, Clone)]
@@ -95,23 +97,32 @@ pub struct SuitePlan {
     pub out_dir: PathBuf,
     /// Files to write into the guest before the first step.
     pub files: Vec<GuestFile>,
+    /// Largest artifacts tar taken back from the guest.
+    pub max_artifacts: u64,
+    /// Deadline for building the base image if it is not cached; `None`: the engine's own
+    /// step deadlines only (`runner test`, where the user waits for it). `runner serve` sets
+    /// the operator's `image_build_timeout`: the build runs before the suite deadline, holding
+    /// a VM slot.
+    pub image_build_timeout: Option<Duration>,
 }
 
 impl SuitePlan {
     /// The longest a run of this plan may take: the suite timeout, plus the own timeouts of
     /// the steps that may run after it passed (they are not cut short by it), plus time to
     /// bring results back after those.
+    /// Saturates instead of overflowing (a sum of durations from a payload can).
     pub fn hard_deadline(&self) -> Duration {
-        let cleanup: Duration = self
+        let cleanup = self
             .steps
             .iter()
             .filter(|s| s.when != StepWhen::OnSuccess)
-            .map(|s| s.timeout)
-            .sum();
+            .fold(Duration::ZERO, |sum, s| sum.saturating_add(s.timeout));
         if cleanup.is_zero() {
             self.timeout
         } else {
-            self.timeout + cleanup + CLEANUP_RESULTS_ALLOWANCE
+            self.timeout
+                .saturating_add(cleanup)
+                .saturating_add(CLEANUP_RESULTS_ALLOWANCE)
         }
     }
 }
@@ -204,6 +215,8 @@ pub fn plan_suites(
                 memory_mib: ov.memory_mib.unwrap_or(file.defaults.memory_mib),
                 out_dir: out_root.join(format!("{}-{arch}", suite.name)),
                 files: Vec::new(),
+                max_artifacts: MAX_ARTIFACTS,
+                image_build_timeout: None,
             });
         }
     }
@@ -257,6 +270,8 @@ pub fn plan_command(
             .clone()
             .unwrap_or_else(|| PathBuf::from("runner-out")),
         files: Vec::new(),
+        max_artifacts: MAX_ARTIFACTS,
+        image_build_timeout: None,
     }
 }
 
@@ -298,5 +313,10 @@ mod tests {
             p.hard_deadline(),
             Duration::from_secs(60 + 300) + CLEANUP_RESULTS_ALLOWANCE
         );
+        // Timeouts from a payload can be absurd: the sum saturates instead of panicking.
+        let mut huge = p.steps[1].clone();
+        huge.timeout = Duration::MAX;
+        p.steps.push(huge);
+        assert_eq!(p.hard_deadline(), Duration::MAX);
     }
 }

@@ -19,8 +19,6 @@ const MAX_GUEST_REPORT: usize = 16 << 20;
 /// How many guest JUnit files we read back, and how many bytes in all.
 const MAX_GUEST_REPORTS: usize = 200;
 const MAX_GUEST_REPORTS_TOTAL: usize = 64 << 20;
-/// Largest artifacts archive we read back.
-const MAX_ARTIFACTS: usize = 256 << 20;
 /// Timeout for the runner's own short commands in the guest (unpack, list files).
 const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where the workspace archive is staged in the guest.
@@ -160,7 +158,13 @@ pub(crate) async fn collect_results(
         let script = format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}");
         match housekeeping(vm, &script).await {
             Ok((CommandEnd::Exited(0), _)) => {
-                match vm.read_file(GUEST_ARTIFACTS_TAR, MAX_ARTIFACTS).await {
+                match vm
+                    .read_file(
+                        GUEST_ARTIFACTS_TAR,
+                        usize::try_from(plan.max_artifacts).unwrap_or(usize::MAX),
+                    )
+                    .await
+                {
                     Ok(bytes) => match workspace::unpack(&bytes, &plan.out_dir) {
                         Ok(paths) => *artifacts = paths,
                         Err(e) => outcome = infra(InfraKind::Io, chain(&e)),

@@ -132,7 +132,7 @@ impl ServeConfig {
         let check_interval = config.check_interval();
         for r in &mut config.runners {
             r.check_interval = check_interval;
-            r.memory_mib().map_err(invalid)?;
+            r.check().map_err(invalid)?;
         }
         let mut names = std::collections::HashSet::new();
         for r in &config.runners {
@@ -210,6 +210,35 @@ limit = 2
             e.starts_with("serve.toml:1:1: ") && e.contains("concurent"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_are_checked_at_start() {
+        let entry = "[[runners]]\nname = \"r\"\nurl = \"u\"\ntoken = \"t\"\narch = \"riscv64\"\n";
+        let c = parse(&format!("{entry}[runners.limits]\nmax_timeout = \"1h\"\n")).unwrap();
+        assert_eq!(c.runners[0].limits.max_timeout, Duration::from_secs(3600));
+        assert_eq!(
+            parse(entry).unwrap().runners[0].limits,
+            crate::serve::Limits::default()
+        );
+        // (limits table, part of the message)
+        let cases = [
+            (
+                "max_timeout = \"100y\"",
+                "runner 'r' limits max_timeout '100y'",
+            ),
+            (
+                "max_memory = \"8G\"",
+                "max_memory apply only to [github.limits]",
+            ),
+            ("max_tiemout = \"1h\"", "unknown field `max_tiemout`"),
+        ];
+        for (limits, want) in cases {
+            let e = parse(&format!("{entry}[runners.limits]\n{limits}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{limits}: {e}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! shutdown signal tells every service to drain or abort.
 
 pub mod config;
+pub mod http;
+pub mod limits;
 pub mod scheduler;
 pub mod shutdown;
 
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use crate::run::execute::RunSettings;
 
 pub use config::{ConfigError, ServeConfig};
+pub use limits::{Limits, LimitsConfig, OverLimit};
 pub use scheduler::{Scheduler, Slot};
 pub use shutdown::{Shutdown, ShutdownController};
 
