@@ -1,5 +1,6 @@
 //! The runner library: CLI-independent parts of the runner (suite files, planning, reporting).
 
+pub mod backoff;
 pub mod capacity;
 pub mod cli;
 pub mod commands;

@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::client::{runner_info, Backoff, Client};
+use super::client::{runner_info, Client};
 use super::config::RunnerEntry;
 use super::run::{run_job, EntryContext};
+use crate::backoff::Backoff;
 use crate::serve::{ServeContext, Slot};
 
 /// Longest wait between attempts when GitLab keeps refusing or is unreachable.
