@@ -8,6 +8,7 @@ pub mod events;
 pub mod exit;
 pub mod github;
 pub mod gitlab;
+pub mod mask;
 pub mod matrix;
 pub mod outcome;
 pub mod report;

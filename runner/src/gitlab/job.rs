@@ -144,12 +144,13 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// Why a payload cannot be run; one line, shown in the job log and the service log.
+/// Why a payload cannot be run; its [`chain`](crate::outcome::chain) is one line, shown in
+/// the job log and the service log.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("the job payload from GitLab is not usable: {0}")]
+    #[error("the job payload from GitLab is not usable")]
     Payload(#[source] serde_json::Error),
-    #[error("the job payload from GitLab is not usable: field `{field}`: {source}")]
+    #[error("the job payload from GitLab is not usable: field `{field}`")]
     Field {
         field: &'static str,
         #[source]
@@ -428,5 +429,15 @@ mod tests {
         assert!(e.contains("not usable") && e.contains("runner_info"), "{e}");
         let h: JobHandle = serde_json::from_slice(body).unwrap();
         assert_eq!(h.id, 8);
+    }
+
+    #[test]
+    fn the_printed_chain_names_the_cause_once() {
+        let body =
+            br#"{"id":8,"token":"t","job_info":{"name":"j"},"git_info":{"repo_url":"u","sha":"s"},
+            "runner_info":{"timeout":"soon"}}"#;
+        let chain = crate::outcome::chain(&Job::parse(body).unwrap_err());
+        assert!(chain.contains("field `runner_info`"), "{chain}");
+        assert_eq!(chain.matches("invalid type").count(), 1, "{chain}");
     }
 }

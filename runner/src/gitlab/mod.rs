@@ -9,7 +9,6 @@
 //! - `job` — payload types and variable expansion
 //! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
-//! - `mask` — streaming secret masking
 //! - `artifacts` — JUnit (gzip) and archive (zip) uploads
 //! - `client` — the REST API and the retry backoff
 
@@ -17,7 +16,6 @@ pub mod artifacts;
 pub mod client;
 pub mod config;
 pub mod job;
-pub mod mask;
 pub mod prepare;
 pub mod reporter;
 pub mod run;

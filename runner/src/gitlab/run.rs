@@ -175,6 +175,7 @@ async fn execute(
     let job = match parsed {
         Ok(j) => j,
         Err(e) => {
+            let e = crate::outcome::chain(&e);
             tracing::error!("{e}");
             say(&format!("\x1b[31;1mERROR: {e}\x1b[0;m\n"));
             return failed("runner_system_failure", None);
@@ -242,7 +243,7 @@ async fn execute(
                 });
             }
             Err(e) => {
-                let msg = sources::redact(&e.to_string());
+                let msg = sources::redact(&crate::outcome::chain(&e));
                 say(&format!(
                     "\x1b[31;1mERROR: getting sources failed: {msg}\x1b[0;m\n"
                 ));

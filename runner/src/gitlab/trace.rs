@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::client::{Client, Reply};
-use super::mask::Masker;
 use crate::backoff::Backoff;
+use crate::mask::Masker;
 
 /// Largest PATCH body (GitLab's limit).
 pub const MAX_PATCH: usize = 1 << 20;
