@@ -7,10 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::client::Client;
+use super::entry::EntryContext;
 use super::job::{Job, When};
 use super::prepare::Prepared;
 use super::reporter::Found;
-use super::run::EntryContext;
 use crate::backoff::Backoff;
 use crate::outcome::Outcome;
 

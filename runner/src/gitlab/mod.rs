@@ -7,6 +7,7 @@
 //! - `prepare` — a job payload becomes a `SuitePlan` (arch/image, variables, steps)
 //! - `reporter` — run events as job log text
 //! - `job` — payload types and variable expansion
+//! - `entry` — what every job of one entry shares (client, info, scheduler, fetch dirs)
 //! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
 //! - `artifacts` — JUnit (gzip) and archive (zip) uploads
@@ -15,6 +16,7 @@
 pub mod artifacts;
 pub mod client;
 pub mod config;
+pub mod entry;
 pub mod job;
 pub mod prepare;
 pub mod reporter;

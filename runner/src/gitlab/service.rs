@@ -13,7 +13,8 @@ use tracing::Instrument;
 
 use super::client::{runner_info, Client};
 use super::config::RunnerEntry;
-use super::run::{run_job, EntryContext};
+use super::entry::EntryContext;
+use super::run::run_job;
 use crate::backoff::Backoff;
 use crate::serve::{Scheduler, ServeContext, Shutdown, Slot};
 
