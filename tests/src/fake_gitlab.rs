@@ -364,7 +364,7 @@ fn update_reply(
     match final_state.as_str() {
         "running" => {
             let status = job.status.clone();
-            let h = status_headers(&s, &status);
+            let h = status_headers(s, &status);
             (StatusCode::OK, h).into_response()
         }
         "success" | "failed" if job.status == "canceled" || job.final_update.is_some() => {
