@@ -1,5 +1,6 @@
 //! The runner library: CLI-independent parts of the runner (suite files, planning, reporting).
 
+pub mod backoff;
 pub mod capacity;
 pub mod cli;
 pub mod commands;
@@ -7,6 +8,7 @@ pub mod events;
 pub mod exit;
 pub mod github;
 pub mod gitlab;
+pub mod mask;
 pub mod matrix;
 pub mod outcome;
 pub mod report;

@@ -108,7 +108,7 @@ pub struct CheckoutDone {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot run git (is it installed?): {0}")]
+    #[error("cannot run git (is it installed?)")]
     Spawn(#[source] std::io::Error),
     #[error("{command} failed ({status}): {stderr}")]
     Git {
@@ -120,7 +120,7 @@ pub enum SourceError {
     TimedOut(Duration),
     #[error("checkout cancelled")]
     Cancelled,
-    #[error("cannot prepare {path}: {source}")]
+    #[error("cannot prepare {path}")]
     Dir {
         path: PathBuf,
         #[source]

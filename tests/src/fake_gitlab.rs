@@ -1,7 +1,8 @@
 //! A fake GitLab for the runner's GitLab intake: a real HTTP server (axum, on 127.0.0.1) with
 //! the runner API's real status codes, headers and failure modes — 201/204 +
 //! `X-GitLab-Last-Update` on job requests, 403 on a wrong token, 416 + `Range` on a wrong log
-//! offset, 412 on a checksum mismatch, `Job-Status: canceling|canceled`, 5xx bursts,
+//! offset, 412 on a checksum mismatch (also injected: a log that lost a byte), 202 on a final
+//! update while "persisting", `Job-Status: canceling|canceled`, 5xx bursts,
 //! `X-GitLab-Trace-Update-Interval` — that records what the runner sends so tests can assert
 //! on it. It also checks the protocol itself (Content-Range shape, patch size, tokens) and
 //! records every violation in [`State::violations`].
@@ -37,6 +38,10 @@ pub struct JobRecord {
     pub patches: usize,
     /// Replies 412 sent to final updates.
     pub checksum_mismatches: usize,
+    /// Log patches from offset 0 over a log GitLab already had: whole-log resends.
+    pub log_resets: usize,
+    /// When each PUT arrived (same order as `updates`), and what the fake answered.
+    pub update_replies: Vec<(Instant, u16)>,
     pub picked_up: Option<Instant>,
     pub finished: Option<Instant>,
 }
@@ -67,6 +72,12 @@ pub struct State {
     pub fail_final_puts: u32,
     /// On the next log patch, lose half the log and answer 416 with what is left.
     pub lose_trace_once: bool,
+    /// On the next final job update, GitLab's copy of the log has lost its last byte, so
+    /// the checksum differs: 412, and the runner must send the whole log again.
+    pub corrupt_trace_on_final: bool,
+    /// The next N final job updates (with a matching checksum) get 202: GitLab is still
+    /// persisting the log; the runner must ask again after the update interval.
+    pub persisting_final_puts: u32,
     /// Seconds in `X-GitLab-Trace-Update-Interval`.
     pub trace_interval: u64,
     /// Protocol violations seen (tests assert this stays empty).
@@ -319,9 +330,32 @@ async fn update_job(
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let final_state = body["state"].as_str().unwrap_or("").to_string();
     let failing_puts = s.fail_final_puts;
-    let interval = s.trace_interval;
+    let final_put = matches!(final_state.as_str(), "success" | "failed");
+    let corrupt = final_put && std::mem::take(&mut s.corrupt_trace_on_final);
+    let persisting = s.persisting_final_puts;
     let job = s.jobs.get_mut(&id).expect("checked");
     job.updates.push(body.clone());
+    if corrupt {
+        job.trace.pop();
+    }
+    let reply = update_reply(&mut s, id, body, final_state, failing_puts, persisting);
+    let job = s.jobs.get_mut(&id).expect("checked");
+    job.update_replies
+        .push((Instant::now(), reply.status().as_u16()));
+    reply
+}
+
+/// The reply to one `PUT /jobs/:id` (already recorded in the job's `updates`).
+fn update_reply(
+    s: &mut State,
+    id: u64,
+    body: Value,
+    final_state: String,
+    failing_puts: u32,
+    persisting: u32,
+) -> Response {
+    let interval = s.trace_interval;
+    let job = s.jobs.get_mut(&id).expect("checked");
     if body["token"] != json!(job.token) {
         let v = format!("job {id}: PUT without the job token in the body");
         s.violations.push(v);
@@ -330,7 +364,7 @@ async fn update_job(
     match final_state.as_str() {
         "running" => {
             let status = job.status.clone();
-            let h = status_headers(&s, &status);
+            let h = status_headers(s, &status);
             (StatusCode::OK, h).into_response()
         }
         "success" | "failed" if job.status == "canceled" || job.final_update.is_some() => {
@@ -350,6 +384,15 @@ async fn update_job(
                 job.checksum_mismatches += 1;
                 return StatusCode::PRECONDITION_FAILED.into_response();
             }
+            if persisting > 0 {
+                s.persisting_final_puts -= 1;
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "X-GitLab-Trace-Update-Interval",
+                    HeaderValue::from_str(&interval.to_string()).expect("header"),
+                );
+                return (StatusCode::ACCEPTED, h).into_response();
+            }
             if job.final_update.is_none() {
                 job.final_update = Some(body);
                 job.finished = Some(Instant::now());
@@ -361,7 +404,6 @@ async fn update_job(
                     };
                 }
             }
-            let _ = interval;
             StatusCode::OK.into_response()
         }
         other => {
@@ -424,6 +466,9 @@ async fn patch_trace(
     }
     if start == 0 {
         // trace_reset: a patch from 0 replaces the log.
+        if !job.trace.is_empty() {
+            job.log_resets += 1;
+        }
         job.trace.clear();
     }
     job.trace.extend_from_slice(&body);

@@ -466,3 +466,186 @@ fn the_word_splitter_and_command_finder_work() {
         ["runner images key --arch \"$A\"", "runner test    --arch z"]
     );
 }
+
+// ---- GitLab templates (ci-templates/gitlab/) ----
+
+/// Every GitLab CI template, parsed.
+fn gitlab_templates() -> Vec<(PathBuf, Yaml)> {
+    let dir = workspace_root().join("ci-templates/gitlab");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("ci-templates/gitlab") {
+        let path = entry.unwrap().path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.ends_with(".yml") || name.ends_with(".yaml")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut docs = YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+        assert_eq!(docs.len(), 1, "{}", path.display());
+        out.push((path, docs.remove(0)));
+    }
+    assert!(!out.is_empty(), "no templates in {}", dir.display());
+    out
+}
+
+/// Top-level keys of a .gitlab-ci.yml that are not jobs.
+const GITLAB_GLOBAL_KEYS: [&str; 10] = [
+    "stages",
+    "variables",
+    "default",
+    "include",
+    "workflow",
+    "image",
+    "services",
+    "cache",
+    "before_script",
+    "after_script",
+];
+
+/// Variables GitLab itself defines that the templates may use.
+const GITLAB_PREDEFINED: [(&str, &str); 4] = [
+    ("CI_PROJECT_DIR", "/builds/group/project"),
+    ("CI_PIPELINE_SOURCE", "schedule"),
+    ("CI_COMMIT_SHA", "0123456789abcdef0123456789abcdef01234567"),
+    ("CI_JOB_ID", "1"),
+];
+
+/// A GitLab `variables:` map (plain values or `{value: ..., description: ...}`).
+fn gitlab_variables(y: &Yaml) -> HashMap<String, String> {
+    let Some(h) = y.as_hash() else {
+        return HashMap::new();
+    };
+    h.iter()
+        .map(|(k, v)| {
+            let value = scalar(v)
+                .or_else(|| scalar(&v["value"]))
+                .unwrap_or_default();
+            (scalar(k).unwrap(), value)
+        })
+        .collect()
+}
+
+/// Every `runner ...` command of every job (script, before_script, after_script), with the
+/// job's and the global variables, checked by the real command line; returns how many.
+fn check_gitlab_template(name: &str, doc: &Yaml) -> usize {
+    let stages: Vec<String> = doc["stages"]
+        .as_vec()
+        .map(|v| v.iter().filter_map(scalar).collect())
+        .unwrap_or_default();
+    let globals = gitlab_variables(&doc["variables"]);
+    let jobs = doc.as_hash().unwrap_or_else(|| panic!("{name}: not a map"));
+    let mut checked = 0;
+    for (job_name, job) in jobs {
+        let job_name = scalar(job_name).unwrap();
+        if GITLAB_GLOBAL_KEYS.contains(&job_name.as_str()) {
+            continue;
+        }
+        // `extends:` one hidden job: its keys, overridden by the job's own.
+        let parent = match job["extends"].as_str() {
+            Some(p) => {
+                let parent = &doc[p];
+                assert!(
+                    !parent.is_badvalue(),
+                    "{name}: job {job_name} extends unknown {p}"
+                );
+                parent.clone()
+            }
+            None => Yaml::BadValue,
+        };
+        let field = |key: &str| {
+            let own = &job[key];
+            if own.is_badvalue() {
+                parent[key].clone()
+            } else {
+                own.clone()
+            }
+        };
+        assert!(
+            field("script").as_vec().is_some(),
+            "{name}: job {job_name} has no script list"
+        );
+        if let Some(stage) = field("stage").as_str() {
+            assert!(
+                stages.iter().any(|s| s == stage),
+                "{name}: job {job_name}: stage {stage} is not in stages {stages:?}"
+            );
+        }
+        let mut env: HashMap<String, String> = GITLAB_PREDEFINED
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.extend(globals.clone());
+        env.extend(gitlab_variables(&parent["variables"]));
+        env.extend(gitlab_variables(&job["variables"]));
+        let mut ctx = Context {
+            inputs: HashMap::new(),
+            matrix: HashMap::new(),
+            env,
+        };
+        for key in ["before_script", "script", "after_script"] {
+            let lines: Vec<String> = field(key)
+                .as_vec()
+                .map(|v| v.iter().filter_map(scalar).collect())
+                .unwrap_or_default();
+            let script = lines.join("\n");
+            for var in script_variables(&script) {
+                ctx.env.entry(var).or_insert_with(|| SCRIPT_VALUE.into());
+            }
+            for cmd in runner_commands(&script) {
+                let argv = words(&cmd, &ctx);
+                if let Err(e) = Cli::try_parse_from(&argv) {
+                    panic!("{name}: job {job_name}: `{cmd}` → {argv:?} is not a valid runner command line:\n{e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+#[test]
+fn every_runner_command_in_the_gitlab_templates_parses_with_the_real_cli() {
+    let mut checked = 0;
+    for (path, doc) in gitlab_templates() {
+        let name = path.display().to_string();
+        let found = check_gitlab_template(&name, &doc);
+        // The nightly template is one `runner matrix` command; the example pipeline has none.
+        if name.ends_with("nightly-matrix.gitlab-ci.yml") {
+            assert!(found >= 1, "{name}: no runner command found");
+        }
+        checked += found;
+    }
+    assert!(checked >= 1, "no runner command in any GitLab template");
+}
+
+#[test]
+fn the_gitlab_template_check_catches_a_misspelt_flag_and_an_unknown_variable() {
+    // (template text, what the panic must mention)
+    let cases = [
+        (
+            "stages: [t]\nj:\n  stage: t\n  script:\n    - runner matrix m.toml --fail-onn regression\n",
+            "--fail-onn",
+        ),
+        (
+            "stages: [t]\nj:\n  stage: t\n  variables: {MATRIX_FILE: m.toml}\n  script:\n    - runner matrix \"$MATRIX_FIEL\"\n",
+            "MATRIX_FIEL",
+        ),
+    ];
+    for (text, needle) in cases {
+        let doc = YamlLoader::load_from_str(text).unwrap().remove(0);
+        let err = std::panic::catch_unwind(|| check_gitlab_template("case", &doc))
+            .expect_err("a broken template must fail the check");
+        let msg = err
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    // And the same job spelt right passes.
+    let good =
+        "stages: [t]\nj:\n  stage: t\n  script:\n    - runner matrix m.toml --fail-on regression\n";
+    let doc = YamlLoader::load_from_str(good).unwrap().remove(0);
+    assert_eq!(check_gitlab_template("good", &doc), 1);
+}

@@ -20,7 +20,7 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
     let config = match ServeConfig::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("runner: error: {e}");
+            eprintln!("runner: error: {}", crate::outcome::chain(&e));
             return exit::CONFIG;
         }
     };

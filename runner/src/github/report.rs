@@ -11,6 +11,7 @@ pub use super::annotate::SuiteLines;
 use super::annotate::{self, Case};
 use super::checks::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
 use crate::events::{GuestReport, RunId, StepRecord, VmFacts};
+pub use crate::mask::mask;
 use crate::outcome::{InfraKind, Outcome};
 
 /// Failing tests listed in the summary, and slowest tests shown.
@@ -52,15 +53,6 @@ fn fit_output(s: String) -> String {
     }
     const NOTE: &str = "\n\n*… cut to fit GitHub's 65,535-character limit.*";
     format!("{}{NOTE}", truncate(&s, MAX_OUTPUT_CHARS - NOTE.len()))
-}
-
-/// Replaces every occurrence of each (non-empty) secret with `[MASKED]`.
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for s in secrets.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(s.as_str(), "[MASKED]");
-    }
-    out
 }
 
 /// One line of untrusted text made safe inside a markdown table cell or inline code.

@@ -41,10 +41,10 @@ pub enum Verdict {
 }
 
 impl Policy {
-    /// Backoff before attempt `attempt + 1` when nothing says how long to wait.
+    /// Backoff before attempt `attempt + 1` when nothing says how long to wait (jittered,
+    /// see [`crate::backoff::nth`]).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max_backoff)
+        crate::backoff::nth(self.base, self.max_backoff, attempt)
     }
 
     /// Classifies a response to attempt number `attempt` (0-based).
@@ -138,9 +138,6 @@ mod tests {
                 4,
                 Verdict::Retry(Duration::from_secs(2)),
             ),
-            // Server errors back off exponentially.
-            (502, vec![], 0, Verdict::Retry(Duration::from_secs(1))),
-            (500, vec![], 3, Verdict::Retry(Duration::from_secs(8))),
             (503, vec![], 12, Verdict::Fail),
             // A reset far away is capped.
             (
@@ -164,9 +161,20 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_capped() {
-        assert_eq!(DEFAULT.backoff(0), Duration::from_secs(1));
-        assert_eq!(DEFAULT.backoff(5), Duration::from_secs(32));
-        assert_eq!(DEFAULT.backoff(40), Duration::from_secs(60));
+    fn server_errors_back_off_exponentially_with_jitter() {
+        // (status, attempt, step: the wait is drawn from [step/2, step])
+        let cases = [(502, 0, 1), (500, 3, 8), (503, 8, 60)];
+        for (status, attempt, step) in cases {
+            let step = Duration::from_secs(step);
+            let got = DEFAULT.verdict(
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                attempt,
+            );
+            assert!(
+                matches!(got, Verdict::Retry(d) if d >= step / 2 && d <= step),
+                "{status} attempt {attempt}: {got:?}"
+            );
+        }
     }
 }

@@ -6,11 +6,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::client::{Backoff, Client};
+use super::client::Client;
+use super::entry::EntryContext;
 use super::job::{Job, When};
 use super::prepare::Prepared;
 use super::reporter::Found;
-use super::run::EntryContext;
+use crate::backoff::Backoff;
 use crate::outcome::Outcome;
 
 /// Upload attempts through 5xx/transport errors.

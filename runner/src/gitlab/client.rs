@@ -1,6 +1,5 @@
 //! GitLab's runner REST API (`/api/v4`) over HTTP: one method per endpoint, each returning the
-//! status and the headers that matter, plus a jittered exponential backoff that honours
-//! `Retry-After`. Policy (what to retry, for how long) stays with the callers: a poll simply
+//! status and the headers that matter (`Retry-After` for [`crate::backoff`]). Policy (what to retry, for how long) stays with the callers: a poll simply
 //! waits for its next turn, a final job update retries until its deadline.
 
 use std::time::Duration;
@@ -15,9 +14,6 @@ const REQUEST_JOB_TIMEOUT: Duration = Duration::from_secs(70);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest reply body read from GitLab.
 const MAX_REPLY: usize = 16 << 20;
-/// First and last backoff step (gitlab-runner: 100 ms → 60 s).
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -326,53 +322,9 @@ impl Client {
     }
 }
 
-/// Jittered exponential backoff: each wait is drawn from [step/2, step], and the step doubles
-/// up to a cap. A server's `Retry-After` replaces the drawn wait.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    step: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(BACKOFF_MIN, BACKOFF_MAX)
-    }
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { step: min, max }
-    }
-
-    /// The next wait (honouring `retry_after` when the server gave one).
-    pub fn next(&mut self, retry_after: Option<Duration>) -> Duration {
-        let half = self.step / 2;
-        let jitter = half.mul_f64(rand::random::<f64>());
-        let wait = half + jitter;
-        self.step = (self.step * 2).min(self.max);
-        retry_after.map_or(wait, |r| r.max(wait))
-    }
-
-    pub fn reset(&mut self) {
-        self.step = BACKOFF_MIN;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let waits: Vec<Duration> = (0..8).map(|_| b.next(None)).collect();
-        assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
-        assert!(waits[3] >= Duration::from_millis(400));
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(1)));
-        // The server's Retry-After wins over a shorter draw.
-        assert_eq!(b.next(Some(Duration::from_secs(5))), Duration::from_secs(5));
-    }
 
     #[test]
     fn advertised_features_are_what_we_implement() {

@@ -1,6 +1,6 @@
 //! The job payload GitLab hands out (`POST /jobs/request` → 201), as serde types. Unknown
-//! fields are ignored (GitLab adds fields all the time); `null` where a list is expected
-//! counts as empty. Parsing happens in two stages so that a payload too broken to run can
+//! fields are ignored (GitLab adds fields all the time); `null` in any optional field means
+//! GitLab's default, exactly as if the field were absent (the fixtures in `fixtures/` pin this). Parsing happens in two stages so that a payload too broken to run can
 //! still be reported against its job: [`JobHandle`] (id and token) first, then [`Job`].
 
 use std::collections::HashMap;
@@ -18,7 +18,7 @@ pub struct JobHandle {
 pub struct Job {
     pub id: u64,
     pub token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub allow_git_fetch: bool,
     pub job_info: JobInfo,
     pub git_info: GitInfo,
@@ -36,23 +36,23 @@ pub struct Job {
 #[derive(Debug, Clone, Deserialize)]
 pub struct JobInfo {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub stage: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub project_id: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub project_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct GitInfo {
     pub repo_url: String,
-    #[serde(rename = "ref", default)]
+    #[serde(rename = "ref", default, deserialize_with = "null_default")]
     pub git_ref: String,
     pub sha: String,
     #[serde(default, deserialize_with = "null_default")]
     pub refspecs: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub depth: u32,
 }
 
@@ -67,13 +67,13 @@ pub struct Variable {
     pub key: String,
     #[serde(default, deserialize_with = "null_default")]
     pub value: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub public: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub file: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub masked: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub raw: bool,
 }
 
@@ -83,24 +83,22 @@ pub struct Step {
     #[serde(default, deserialize_with = "null_default")]
     pub script: Vec<String>,
     /// Seconds; 0 when GitLab sends none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub timeout: u64,
-    #[serde(default = "on_success")]
+    #[serde(default, deserialize_with = "null_default")]
     pub when: When,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub allow_failure: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum When {
+    /// GitLab's default for steps and artifacts alike.
+    #[default]
     OnSuccess,
     OnFailure,
     Always,
-}
-
-fn on_success() -> When {
-    When::OnSuccess
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,7 +107,7 @@ pub struct Artifact {
     pub name: String,
     #[serde(default, deserialize_with = "null_default")]
     pub paths: Vec<String>,
-    #[serde(default = "on_success")]
+    #[serde(default, deserialize_with = "null_default")]
     pub when: When,
     #[serde(default = "archive", deserialize_with = "null_archive")]
     pub artifact_type: String,
@@ -146,12 +144,13 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// Why a payload cannot be run; one line, shown in the job log and the service log.
+/// Why a payload cannot be run; its [`chain`](crate::outcome::chain) is one line, shown in
+/// the job log and the service log.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("the job payload from GitLab is not usable: {0}")]
+    #[error("the job payload from GitLab is not usable")]
     Payload(#[source] serde_json::Error),
-    #[error("the job payload from GitLab is not usable: field `{field}`: {source}")]
+    #[error("the job payload from GitLab is not usable: field `{field}`")]
     Field {
         field: &'static str,
         #[source]
@@ -292,6 +291,135 @@ mod tests {
         assert_eq!(job.steps[0].when, When::OnSuccess);
     }
 
+    const FULL: &str = include_str!("fixtures/job-full.json");
+    const NULLS: &str = include_str!("fixtures/job-optional-null.json");
+    const ABSENT: &str = include_str!("fixtures/job-optional-absent.json");
+
+    /// Fields a payload cannot do without (as `/`-joined paths; `[]` is any list element).
+    const REQUIRED: [&str; 11] = [
+        "id",
+        "token",
+        "job_info",
+        "job_info/name",
+        "git_info",
+        "git_info/repo_url",
+        "git_info/sha",
+        "runner_info",
+        "runner_info/timeout",
+        "variables/[]/key",
+        "steps/[]/name",
+    ];
+
+    fn parse(v: &serde_json::Value) -> Job {
+        Job::parse(v.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{}\n{v:#}", crate::outcome::chain(&e)))
+    }
+
+    #[test]
+    fn fixtures_with_optional_fields_null_or_absent_mean_the_defaults() {
+        let full = Job::parse(FULL.as_bytes()).unwrap();
+        assert_eq!(full.artifacts[1].when, When::OnFailure);
+        assert_eq!(full.secrets(), ["hunter22", "glcbt-full"]);
+        let nulls = Job::parse(NULLS.as_bytes()).unwrap();
+        let absent = Job::parse(ABSENT.as_bytes()).unwrap();
+        for job in [&nulls, &absent] {
+            let a = &job.artifacts[0];
+            assert_eq!(
+                (a.when, a.artifact_type.as_str(), a.paths.len()),
+                (When::OnSuccess, "archive", 0)
+            );
+            let s = &job.steps[0];
+            assert_eq!(
+                (s.when, s.timeout, s.allow_failure),
+                (When::OnSuccess, 0, false)
+            );
+            assert_eq!(job.variables[0].value, "");
+            assert!(!job.variables[0].masked && job.git_info.refspecs.is_empty());
+        }
+        // Null and absent are the same job (ids and tokens aside).
+        let strip = |j: &Job| {
+            format!(
+                "{:?}",
+                Job {
+                    id: 0,
+                    token: String::new(),
+                    ..j.clone()
+                }
+            )
+        };
+        assert_eq!(strip(&nulls), strip(&absent));
+    }
+
+    /// Every field of the full fixture that is not required, set to null or removed, still
+    /// parses, and both give the same job: no optional field can fail a job by being null.
+    #[test]
+    fn every_optional_field_may_be_null_or_absent() {
+        fn paths(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, child) in m {
+                        let p = if at.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{at}/{k}")
+                        };
+                        out.push(p.clone());
+                        paths(child, p, out);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for child in items.iter().take(1) {
+                        paths(child, format!("{at}/[]"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Applies `f` to the parent object of `path` (every element of a list on the way).
+        fn edit(
+            v: &mut serde_json::Value,
+            path: &[&str],
+            f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>, &str),
+        ) {
+            match (path, v) {
+                ([last], serde_json::Value::Object(m)) => f(m, last),
+                (["[]", rest @ ..], serde_json::Value::Array(items)) => {
+                    items.iter_mut().for_each(|i| edit(i, rest, f))
+                }
+                ([first, rest @ ..], serde_json::Value::Object(m)) => {
+                    if let Some(child) = m.get_mut(*first) {
+                        edit(child, rest, f)
+                    }
+                }
+                _ => {}
+            }
+        }
+        let full: serde_json::Value = serde_json::from_str(FULL).unwrap();
+        let mut all = Vec::new();
+        paths(&full, String::new(), &mut all);
+        let optional: Vec<&String> = all
+            .iter()
+            .filter(|p| !REQUIRED.contains(&p.as_str()))
+            .collect();
+        assert!(optional.len() > 30, "{optional:?}");
+        for path in optional {
+            let parts: Vec<&str> = path.split('/').collect();
+            let mut nulled = full.clone();
+            edit(&mut nulled, &parts, &|m, k| {
+                m.insert(k.to_string(), serde_json::Value::Null);
+            });
+            let mut removed = full.clone();
+            edit(&mut removed, &parts, &|m, k| {
+                m.remove(k);
+            });
+            assert_eq!(
+                format!("{:?}", parse(&nulled)),
+                format!("{:?}", parse(&removed)),
+                "{path}: null and absent differ"
+            );
+        }
+    }
+
     #[test]
     fn bad_fields_are_refused_but_the_handle_survives() {
         let body =
@@ -301,5 +429,15 @@ mod tests {
         assert!(e.contains("not usable") && e.contains("runner_info"), "{e}");
         let h: JobHandle = serde_json::from_slice(body).unwrap();
         assert_eq!(h.id, 8);
+    }
+
+    #[test]
+    fn the_printed_chain_names_the_cause_once() {
+        let body =
+            br#"{"id":8,"token":"t","job_info":{"name":"j"},"git_info":{"repo_url":"u","sha":"s"},
+            "runner_info":{"timeout":"soon"}}"#;
+        let chain = crate::outcome::chain(&Job::parse(body).unwrap_err());
+        assert!(chain.contains("field `runner_info`"), "{chain}");
+        assert_eq!(chain.matches("invalid type").count(), 1, "{chain}");
     }
 }

@@ -7,17 +7,17 @@
 //! - `prepare` — a job payload becomes a `SuitePlan` (arch/image, variables, steps)
 //! - `reporter` — run events as job log text
 //! - `job` — payload types and variable expansion
+//! - `entry` — what every job of one entry shares (client, info, scheduler, fetch dirs)
 //! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
-//! - `mask` — streaming secret masking
 //! - `artifacts` — JUnit (gzip) and archive (zip) uploads
 //! - `client` — the REST API and the retry backoff
 
 pub mod artifacts;
 pub mod client;
 pub mod config;
+pub mod entry;
 pub mod job;
-pub mod mask;
 pub mod prepare;
 pub mod reporter;
 pub mod run;

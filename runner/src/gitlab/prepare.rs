@@ -14,6 +14,7 @@ use super::job::{self, Artifact, Job, When};
 use super::script;
 use crate::events::RunId;
 use crate::run::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::serve::limits::Limits;
 use crate::sources::{self, Checkout, GitStrategy};
 
 /// The job variable that picks another architecture among the entry's `allowed_arches`.
@@ -41,182 +42,17 @@ pub struct Prepared {
 /// Validates the job against the entry and builds its plan. Errors are the job's fault
 /// (one line for its log).
 pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result<Prepared, String> {
-    let arch = match job.var(ARCH_VARIABLE).filter(|v| !v.is_empty()) {
-        None => entry.arch,
-        Some(name) => {
-            let allowed = entry.arches();
-            let arch: engine::Arch = name
-                .parse()
-                .map_err(|e: engine::arch::UnknownArch| e.to_string())?;
-            if !allowed.contains(&arch) {
-                return Err(format!(
-                    "{ARCH_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
-                    entry.name,
-                    allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
-                ));
-            }
-            arch
-        }
-    };
-    let image = match job.var(IMAGE_VARIABLE).filter(|v| !v.is_empty()) {
-        None => entry.image.clone(),
-        Some(name) => {
-            let allowed = entry.images();
-            if !allowed.iter().any(|i| i == name) {
-                return Err(format!(
-                    "{IMAGE_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_images",
-                    entry.name,
-                    allowed.join(", ")
-                ));
-            }
-            name.to_string()
-        }
-    };
+    let arch = choose_arch(entry, job)?;
+    let image = choose_image(entry, job)?;
     let limits = &entry.limits;
     let timeout = Duration::from_secs(job.runner_info.timeout.max(1));
     limits
         .check_timeout("the job's timeout", timeout)
         .map_err(|e| e.to_string())?;
-
-    // Variables: expanded unless raw; file variables become files whose path is the value.
-    let raw: HashMap<String, String> = job
-        .variables
-        .iter()
-        .map(|v| (v.key.clone(), v.value.clone()))
-        .collect();
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut files = Vec::new();
-    for v in &job.variables {
-        if !valid_name(&v.key) {
-            continue;
-        }
-        if v.file {
-            let path = format!("{GUEST_FILE_VARIABLES}/{}", v.key);
-            files.push(GuestFile {
-                path: path.clone(),
-                contents: v.value.clone().into_bytes(),
-            });
-            env.push((v.key.clone(), path));
-        } else if v.raw {
-            env.push((v.key.clone(), v.value.clone()));
-        } else {
-            env.push((v.key.clone(), job::expand(&v.value, &raw)));
-        }
-    }
-    // What gitlab-runner itself adds.
-    for (k, val) in [
-        ("CI_PROJECT_DIR", GUEST_WORKSPACE),
-        ("CI_BUILDS_DIR", "/"),
-        ("CI_SERVER", "yes"),
-        ("GITLAB_CI", "true"),
-        ("CI", "true"),
-        ("CI_RUNNER_EXECUTABLE_ARCH", arch.name()),
-    ] {
-        env.push((k.to_string(), val.to_string()));
-    }
-
-    let after_timeout = match job.var(AFTER_SCRIPT_TIMEOUT_VARIABLE) {
-        Some(t) => humantime::parse_duration(t).map_err(|_| {
-            format!("{AFTER_SCRIPT_TIMEOUT_VARIABLE}='{t}' is not a duration like 90s or 10m")
-        })?,
-        None => AFTER_SCRIPT_TIMEOUT,
-    };
-    limits
-        .check_timeout(AFTER_SCRIPT_TIMEOUT_VARIABLE, after_timeout)
-        .map_err(|e| e.to_string())?;
-    if job.steps.is_empty() {
-        return Err("the job has no steps (script) to run".into());
-    }
-    let steps = job
-        .steps
-        .iter()
-        .map(|s| {
-            let after = s.name == "after_script";
-            StepPlan {
-                name: s.name.clone(),
-                // bash like gitlab-runner's shell executor (Debian images always have it).
-                command: GuestCommand::Argv(vec![
-                    "/bin/bash".into(),
-                    "-c".into(),
-                    script::step_script(&s.script),
-                ]),
-                timeout: if after {
-                    after_timeout
-                } else if s.timeout > 0 {
-                    Duration::from_secs(s.timeout).min(timeout)
-                } else {
-                    timeout
-                },
-                env: Vec::new(),
-                // after_script never changes the job's result (GitLab).
-                allow_failure: after || s.allow_failure,
-                when: match s.when {
-                    When::OnSuccess => StepWhen::OnSuccess,
-                    When::OnFailure => StepWhen::OnFailure,
-                    When::Always => StepWhen::Always,
-                },
-            }
-        })
-        .map(|mut s| {
-            s.env = env.clone();
-            s
-        })
-        .collect();
-
-    let junit = job
-        .artifacts
-        .iter()
-        .find(|a| a.artifact_type == "junit")
-        .cloned();
-    let archive = job
-        .artifacts
-        .iter()
-        .find(|a| a.artifact_type == "archive")
-        .cloned();
-    let junit_paths = junit.as_ref().map(|a| a.paths.clone()).unwrap_or_default();
-    let archive_paths: Vec<String> = archive
-        .as_ref()
-        .map(|a| a.paths.iter().flat_map(|p| file_globs(p)).collect())
-        .unwrap_or_default();
-    for p in junit_paths.iter().chain(&archive_paths) {
-        if p.starts_with('/') || p.split('/').any(|c| c == "..") {
-            return Err(format!(
-                "artifact path '{p}' must be relative to the project directory, without '..'"
-            ));
-        }
-    }
-
-    let strategy = match job.var("GIT_STRATEGY") {
-        Some(s) => s.parse::<GitStrategy>()?,
-        None if job.allow_git_fetch => GitStrategy::Fetch,
-        None => GitStrategy::Clone,
-    };
-    let depth = match job.var("GIT_DEPTH").filter(|d| !d.is_empty()) {
-        Some(d) => Some(
-            d.parse::<u32>()
-                .map_err(|_| format!("GIT_DEPTH '{d}' is not a number"))?,
-        ),
-        None => Some(job.git_info.depth),
-    }
-    .filter(|d| *d > 0);
-    if strategy != GitStrategy::None && !sources::is_sha(&job.git_info.sha) {
-        return Err(format!(
-            "git_info.sha '{}' is not a commit SHA (40 or 64 hex digits)",
-            job.git_info.sha.chars().take(80).collect::<String>()
-        ));
-    }
-    let checkout = (strategy != GitStrategy::None).then(|| Checkout {
-        url: job.git_info.repo_url.clone(),
-        sha: job.git_info.sha.clone(),
-        refspecs: job.git_info.refspecs.clone(),
-        depth,
-        strategy,
-        auth: None,
-        dest: work.join("src"),
-        timeout: Duration::from_secs(entry.clone_timeout.max(1)),
-        protocols: entry.git_protocols.clone(),
-    });
-
+    let (env, files) = environment(job, arch);
+    let steps = steps(job, &env, timeout, limits)?;
+    let artifacts = ArtifactPaths::of(job)?;
+    let checkout = checkout(entry, job, work)?;
     let step_junit = entry.step_junit
         || matches!(
             job.var(STEP_JUNIT_VARIABLE).map(|v| v.to_ascii_lowercase()),
@@ -233,8 +69,8 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         host_setup: Vec::new(),
         steps,
         timeout,
-        junit: junit_paths,
-        artifacts: archive_paths,
+        junit: artifacts.junit_paths,
+        artifacts: artifacts.archive_paths,
         cpus: entry.cpus,
         memory_mib: entry.memory_mib()?,
         out_dir: work.join("artifacts"),
@@ -247,9 +83,209 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         plan,
         checkout,
         step_junit,
-        junit,
-        archive,
+        junit: artifacts.junit,
+        archive: artifacts.archive,
     })
+}
+
+/// The entry's architecture, or `RUNNER_ARCH` when the entry allows it.
+fn choose_arch(entry: &RunnerEntry, job: &Job) -> Result<engine::Arch, String> {
+    let Some(name) = job.var(ARCH_VARIABLE).filter(|v| !v.is_empty()) else {
+        return Ok(entry.arch);
+    };
+    let allowed = entry.arches();
+    let arch: engine::Arch = name
+        .parse()
+        .map_err(|e: engine::arch::UnknownArch| e.to_string())?;
+    if !allowed.contains(&arch) {
+        return Err(format!(
+            "{ARCH_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
+            entry.name,
+            allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(arch)
+}
+
+/// The entry's image, or `RUNNER_IMAGE` when the entry allows it.
+fn choose_image(entry: &RunnerEntry, job: &Job) -> Result<String, String> {
+    let Some(name) = job.var(IMAGE_VARIABLE).filter(|v| !v.is_empty()) else {
+        return Ok(entry.image.clone());
+    };
+    let allowed = entry.images();
+    if !allowed.iter().any(|i| i == name) {
+        return Err(format!(
+            "{IMAGE_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_images",
+            entry.name,
+            allowed.join(", ")
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// The steps' environment: the job's variables (expanded unless raw; file variables become
+/// guest files whose path is the value), then what gitlab-runner itself adds.
+fn environment(job: &Job, arch: engine::Arch) -> (Vec<(String, String)>, Vec<GuestFile>) {
+    let raw: HashMap<String, String> = job
+        .variables
+        .iter()
+        .map(|v| (v.key.clone(), v.value.clone()))
+        .collect();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut files = Vec::new();
+    for v in job.variables.iter().filter(|v| valid_name(&v.key)) {
+        if v.file {
+            let path = format!("{GUEST_FILE_VARIABLES}/{}", v.key);
+            files.push(GuestFile {
+                path: path.clone(),
+                contents: v.value.clone().into_bytes(),
+            });
+            env.push((v.key.clone(), path));
+        } else if v.raw {
+            env.push((v.key.clone(), v.value.clone()));
+        } else {
+            env.push((v.key.clone(), job::expand(&v.value, &raw)));
+        }
+    }
+    for (k, val) in [
+        ("CI_PROJECT_DIR", GUEST_WORKSPACE),
+        ("CI_BUILDS_DIR", "/"),
+        ("CI_SERVER", "yes"),
+        ("GITLAB_CI", "true"),
+        ("CI", "true"),
+        ("CI_RUNNER_EXECUTABLE_ARCH", arch.name()),
+    ] {
+        env.push((k.to_string(), val.to_string()));
+    }
+    (env, files)
+}
+
+/// The job's steps as bash scripts with GitLab's `when`, `allow_failure` and timeouts.
+fn steps(
+    job: &Job,
+    env: &[(String, String)],
+    timeout: Duration,
+    limits: &Limits,
+) -> Result<Vec<StepPlan>, String> {
+    let after_timeout = match job.var(AFTER_SCRIPT_TIMEOUT_VARIABLE) {
+        Some(t) => humantime::parse_duration(t).map_err(|_| {
+            format!("{AFTER_SCRIPT_TIMEOUT_VARIABLE}='{t}' is not a duration like 90s or 10m")
+        })?,
+        None => AFTER_SCRIPT_TIMEOUT,
+    };
+    limits
+        .check_timeout(AFTER_SCRIPT_TIMEOUT_VARIABLE, after_timeout)
+        .map_err(|e| e.to_string())?;
+    if job.steps.is_empty() {
+        return Err("the job has no steps (script) to run".into());
+    }
+    let plan = |s: &job::Step| {
+        let after = s.name == "after_script";
+        StepPlan {
+            name: s.name.clone(),
+            // bash like gitlab-runner's shell executor (Debian images always have it).
+            command: GuestCommand::Argv(vec![
+                "/bin/bash".into(),
+                "-c".into(),
+                script::step_script(&s.script),
+            ]),
+            timeout: if after {
+                after_timeout
+            } else if s.timeout > 0 {
+                Duration::from_secs(s.timeout).min(timeout)
+            } else {
+                timeout
+            },
+            env: env.to_vec(),
+            // after_script never changes the job's result (GitLab).
+            allow_failure: after || s.allow_failure,
+            when: match s.when {
+                When::OnSuccess => StepWhen::OnSuccess,
+                When::OnFailure => StepWhen::OnFailure,
+                When::Always => StepWhen::Always,
+            },
+        }
+    };
+    Ok(job.steps.iter().map(plan).collect())
+}
+
+/// The first JUnit and the first archive artifact, and the guest paths they collect.
+struct ArtifactPaths {
+    junit: Option<Artifact>,
+    archive: Option<Artifact>,
+    junit_paths: Vec<String>,
+    archive_paths: Vec<String>,
+}
+
+impl ArtifactPaths {
+    fn of(job: &Job) -> Result<ArtifactPaths, String> {
+        let first = |kind: &str| {
+            job.artifacts
+                .iter()
+                .find(|a| a.artifact_type == kind)
+                .cloned()
+        };
+        let (junit, archive) = (first("junit"), first("archive"));
+        let junit_paths = junit.as_ref().map(|a| a.paths.clone()).unwrap_or_default();
+        let archive_paths: Vec<String> = archive
+            .as_ref()
+            .map(|a| a.paths.iter().flat_map(|p| file_globs(p)).collect())
+            .unwrap_or_default();
+        for p in junit_paths.iter().chain(&archive_paths) {
+            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(format!(
+                    "artifact path '{p}' must be relative to the project directory, without '..'"
+                ));
+            }
+        }
+        Ok(ArtifactPaths {
+            junit,
+            archive,
+            junit_paths,
+            archive_paths,
+        })
+    }
+}
+
+/// The host-side checkout (`GIT_STRATEGY`, `GIT_DEPTH`), or none for `GIT_STRATEGY: none`.
+fn checkout(
+    entry: &RunnerEntry,
+    job: &Job,
+    work: &std::path::Path,
+) -> Result<Option<Checkout>, String> {
+    let strategy = match job.var("GIT_STRATEGY") {
+        Some(s) => s.parse::<GitStrategy>()?,
+        None if job.allow_git_fetch => GitStrategy::Fetch,
+        None => GitStrategy::Clone,
+    };
+    let depth = match job.var("GIT_DEPTH").filter(|d| !d.is_empty()) {
+        Some(d) => Some(
+            d.parse::<u32>()
+                .map_err(|_| format!("GIT_DEPTH '{d}' is not a number"))?,
+        ),
+        None => Some(job.git_info.depth),
+    }
+    .filter(|d| *d > 0);
+    if strategy == GitStrategy::None {
+        return Ok(None);
+    }
+    if !sources::is_sha(&job.git_info.sha) {
+        return Err(format!(
+            "git_info.sha '{}' is not a commit SHA (40 or 64 hex digits)",
+            job.git_info.sha.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(Some(Checkout {
+        url: job.git_info.repo_url.clone(),
+        sha: job.git_info.sha.clone(),
+        refspecs: job.git_info.refspecs.clone(),
+        depth,
+        strategy,
+        auth: None,
+        dest: work.join("src"),
+        timeout: Duration::from_secs(entry.clone_timeout.max(1)),
+        protocols: entry.git_protocols.clone(),
+    }))
 }
 
 /// Guest globs for an archive path: the path itself, and, in case it names a directory, the

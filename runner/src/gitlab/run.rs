@@ -12,8 +12,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use super::artifacts::upload_results;
-use super::client::Client;
-use super::config::RunnerEntry;
+use super::entry::EntryContext;
 use super::job::{self, Job, JobHandle};
 use super::prepare::prepare;
 use super::reporter::{sanitize, unix_now, Found, TraceReporter};
@@ -23,20 +22,8 @@ use crate::outcome::Outcome;
 use crate::report::junit::JunitReporter;
 use crate::run::execute::{run_suite_with, Controls};
 use crate::run::plan::WorkspacePlan;
-use crate::serve::{ServeContext, Slot};
+use crate::serve::Slot;
 use crate::sources::{self, Checkout, GitStrategy};
-
-/// What every job of one `[[runners]]` entry shares.
-#[derive(Debug)]
-pub struct EntryContext {
-    pub entry: RunnerEntry,
-    pub client: Client,
-    /// The runner's `info` object, sent with every request.
-    pub info: Value,
-    pub serve: ServeContext,
-    /// `GIT_STRATEGY: fetch` directories in use by a running job (see [`checkout_dir`]).
-    pub fetch_dirs: Mutex<HashSet<PathBuf>>,
-}
 
 /// Runs the job GitLab handed over in `body` and reports it. Holds `slot` and `permit` until
 /// the VM is gone. Never fails: whatever goes wrong is reported to GitLab against the job.
@@ -175,6 +162,7 @@ async fn execute(
     let job = match parsed {
         Ok(j) => j,
         Err(e) => {
+            let e = crate::outcome::chain(&e);
             tracing::error!("{e}");
             say(&format!("\x1b[31;1mERROR: {e}\x1b[0;m\n"));
             return failed("runner_system_failure", None);
@@ -260,7 +248,7 @@ async fn execute(
                 });
             }
             Err(e) => {
-                let msg = sources::redact(&e.to_string());
+                let msg = sources::redact(&crate::outcome::chain(&e));
                 say(&format!(
                     "\x1b[31;1mERROR: getting sources failed: {msg}\x1b[0;m\n"
                 ));

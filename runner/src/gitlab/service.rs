@@ -1,7 +1,7 @@
 //! One `[[runners]]` entry as a service: check the entry, verify a `glrt-` token, then poll
-//! `POST /jobs/request` with `request_concurrency` workers — each asking only when the entry
-//! (`limit`) and the host (the shared scheduler: `concurrent` and memory) have room for one
-//! more VM — and run every job handed over. Drain stops the polling but never abandons a
+//! `POST /jobs/request` with `request_concurrency` workers — each asking only once it holds
+//! room for one more VM in the entry (`limit`) and the host (the shared scheduler's queue:
+//! `concurrent` and memory) — and run every job handed over. Drain stops the polling but never abandons a
 //! request in flight: a job GitLab already assigned is run (or, when aborting, reported).
 
 use std::sync::{Arc, Mutex};
@@ -11,10 +11,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::client::{runner_info, Backoff, Client};
+use super::client::{runner_info, Client};
 use super::config::RunnerEntry;
-use super::run::{run_job, EntryContext};
-use crate::serve::{ServeContext, Slot};
+use super::entry::EntryContext;
+use super::run::run_job;
+use crate::backoff::Backoff;
+use crate::serve::{Scheduler, ServeContext, Shutdown, Slot};
 
 /// Longest wait between attempts when GitLab keeps refusing or is unreachable.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
@@ -170,19 +172,9 @@ async fn poll(
         if ctx.shutdown.is_draining() {
             return;
         }
-        // Room in this entry, then in the host: ask GitLab only for a job we can start now.
-        let permit = tokio::select! {
-            p = places.clone().acquire_owned() => p.expect("never closed"),
-            _ = ctx.shutdown.draining() => return,
-        };
-        let slot = loop {
-            if let Some(s) = ctx.scheduler.try_acquire(memory_mib) {
-                break s;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(entry.check_interval) => {}
-                _ = ctx.shutdown.draining() => return,
-            }
+        let Some((permit, slot)) = room(&places, &ctx.scheduler, &ctx.shutdown, memory_mib).await
+        else {
+            return;
         };
         let lu = last_update.lock().expect("not poisoned").clone();
         // Not raced against drain: GitLab may assign a job to this very request.
@@ -233,6 +225,26 @@ async fn poll(
     }
 }
 
+/// Room for one more job: this entry's permit (`limit`), then a host slot — waiting in the
+/// scheduler's one queue, in turn with GitHub jobs (see `serve::scheduler` for why a poller
+/// takes its slot before asking GitLab). `None` when draining starts first.
+async fn room(
+    places: &Arc<Semaphore>,
+    scheduler: &Scheduler,
+    shutdown: &Shutdown,
+    memory_mib: u32,
+) -> Option<(OwnedSemaphorePermit, Slot)> {
+    let permit = tokio::select! {
+        p = places.clone().acquire_owned() => p.expect("never closed"),
+        _ = shutdown.draining() => return None,
+    };
+    let slot = tokio::select! {
+        s = scheduler.acquire(memory_mib) => s,
+        _ = shutdown.draining() => return None,
+    };
+    Some((permit, slot))
+}
+
 /// The runner's `system_id`, stable per host: `s_` + 12 hex digits of HMAC-SHA256 keyed with
 /// the machine id (over our own name, so that a gitlab-runner on the same host differs), or,
 /// without a machine id, `r_` + 12 random characters kept in the cache dir.
@@ -269,6 +281,57 @@ pub fn system_id(cache: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One VM slot, taken; then GitHub jobs and GitLab pollers ask for it in turn. Each freed
+    /// slot must go to whoever asked first, whichever side that is.
+    #[tokio::test(start_paused = true)]
+    async fn slots_go_to_gitlab_pollers_and_github_jobs_in_arrival_order() {
+        use crate::capacity::HostResources;
+        use crate::serve::ShutdownController;
+        let (_controller, shutdown) = ShutdownController::new();
+        let host = HostResources {
+            cores: 2,
+            available_mib: 64 * 1024,
+        };
+        let scheduler = Arc::new(Scheduler::new(1, host));
+        let held = scheduler.acquire(1024).await;
+        let (order_tx, mut order_rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        // (who, arrives after ms) — GitHub and GitLab alternate.
+        let arrivals = [
+            ("github-1", 10),
+            ("gitlab-1", 20),
+            ("github-2", 30),
+            ("gitlab-2", 40),
+        ];
+        for (who, after) in arrivals {
+            let (scheduler, shutdown) = (scheduler.clone(), shutdown.clone());
+            let order_tx = order_tx.clone();
+            let places = Arc::new(Semaphore::new(1));
+            tasks.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                let slot = if who.starts_with("gitlab") {
+                    let room = room(&places, &scheduler, &shutdown, 1024);
+                    room.await.unwrap().1
+                } else {
+                    scheduler.acquire(1024).await
+                };
+                order_tx.send(who).unwrap();
+                // Each holds its VM a while, then frees it.
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                drop(slot);
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        while tasks.join_next().await.is_some() {}
+        drop(order_tx);
+        let mut order = Vec::new();
+        while let Some(who) = order_rx.recv().await {
+            order.push(who);
+        }
+        assert_eq!(order, ["github-1", "gitlab-1", "github-2", "gitlab-2"]);
+    }
 
     #[test]
     fn system_id_is_stable_and_well_formed() {

@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::client::{Backoff, Client, Reply};
-use super::mask::Masker;
+use super::client::{Client, Reply};
+use crate::backoff::Backoff;
+use crate::mask::Masker;
 
 /// Largest PATCH body (GitLab's limit).
 pub const MAX_PATCH: usize = 1 << 20;

@@ -65,7 +65,7 @@ impl ServeConfig {
 /// Why the config cannot be used; always one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -2,6 +2,17 @@
 //! its VM starts and holds it until the VM is gone. A slot is one of `concurrent` places and
 //! the job's memory (guest RAM + QEMU overhead) out of the host's VM budget
 //! (`capacity::HostResources`), so the service never starts more VMs than memory allows.
+//!
+//! **Fairness.** There is one queue: GitHub jobs and GitLab pollers alike wait in
+//! [`Scheduler::acquire`] (tokio's semaphores are FIFO), so a freed slot goes to whoever asked
+//! first. A GitLab poller takes its slot *before* asking GitLab for a job, because GitLab
+//! assigns the job with its answer: a job handed over must have a VM place ready, never wait
+//! in a queue of ours while GitLab thinks it runs. The price is that a poller holds a slot
+//! for the length of one request (a long poll, at most the client's 70 s timeout) even when
+//! no job comes; it then frees the slot and queues again at the back — behind any GitHub job
+//! that arrived meanwhile. So a GitHub job waits at most one GitLab request per poller ahead
+//! of it, never indefinitely; and a poller never skips the queue (it used to `try_acquire`
+//! every `check_interval`, losing every freed slot to a waiting GitHub job under load).
 
 use std::sync::Arc;
 
@@ -69,7 +80,9 @@ impl Scheduler {
         }
     }
 
-    /// A slot if one is free right now (pollers ask GitLab for a job only then).
+    /// A slot if one is free right now, skipping the queue: for tests only, since the
+    /// service's users all wait their turn in [`Scheduler::acquire`].
+    #[cfg(test)]
     pub fn try_acquire(&self, memory_mib: u32) -> Option<Slot> {
         let place = self.places.clone().try_acquire_owned().ok()?;
         let memory = self
