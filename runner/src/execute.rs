@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
-use engine::image::{BaseImage, ImageStore};
+use engine::image::{BaseImage, ImageStore, RecipeLookup};
 use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -40,6 +40,9 @@ pub struct RunSettings {
     /// Parent of the per-VM directories; `None`: the store's `vms/`. `runner serve` uses a
     /// directory of its own that it can sweep completely at start.
     pub vms_dir: Option<std::path::PathBuf>,
+    /// The operator's trusted recipe directory (`NAME.toml`), looked up before the built-in
+    /// recipes.
+    pub recipe_dir: Option<std::path::PathBuf>,
 }
 
 /// How a caller stops a run.
@@ -114,7 +117,7 @@ pub async fn run_suite_with(
         steps: plan.steps.len() + plan.host_setup.len(),
     });
     let mut facts = VmFacts {
-        image: plan.image.clone(),
+        image: plan.image.to_string(),
         ..Default::default()
     };
     let mut state = SuiteState {
@@ -218,6 +221,10 @@ async fn run_inner(
     }
     state.facts.accel = platform.accel.accel.name().into();
     state.facts.qemu_version = platform.qemu.version.clone();
+    let recipes = RecipeLookup {
+        operator_dir: settings.recipe_dir.clone(),
+        repository: plan.repository_recipes.clone(),
+    };
     let image = {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let progress = move |m: &str| {
@@ -226,7 +233,7 @@ async fn run_inner(
         let build = host::base_image(
             &settings.store,
             &plan.image,
-            plan.project_dir.as_deref(),
+            &recipes,
             &platform,
             None,
             false,
