@@ -321,7 +321,16 @@ impl Recipe {
         file.take(MAX_RECIPE_BYTES)
             .read_to_string(&mut text)
             .map_err(read_err)?;
-        let recipe = Recipe::parse(origin.clone(), &text)?;
+        // A copy of the built-in recipe (runner's own checkout has one; so may a project that
+        // followed the README) chooses nothing: it is the built-in image, with its cache key.
+        let builtin = BUILTIN_RECIPES
+            .iter()
+            .any(|(n, t)| *n == name.as_str() && *t == text);
+        let recipe = if builtin {
+            Recipe::parse(RecipeOrigin::BuiltIn, &text)?
+        } else {
+            Recipe::parse(origin.clone(), &text)?
+        };
         if recipe.name != *name {
             return Err(invalid(format!(
                 "name '{}' must match the file name '{name}'",
@@ -584,6 +593,15 @@ mod tests {
         };
         let r = honoured.find(&name("own")).unwrap();
         assert!(matches!(r.origin, RecipeOrigin::Repository(_)));
+        // An exact copy of the built-in recipe is the built-in image (same cache key)...
+        let d = honoured.find(&name("debian-13")).unwrap();
+        assert_eq!(d.origin, RecipeOrigin::BuiltIn);
+        // ...while any change makes it the repository's own.
+        std::fs::write(
+            repo.path().join("images/debian-13.toml"),
+            format!("{shadow}\n# mine\n"),
+        )
+        .unwrap();
         let d = honoured.find(&name("debian-13")).unwrap();
         assert!(matches!(d.origin, RecipeOrigin::Repository(_)));
         let err = honoured.find(&name("liar")).unwrap_err().to_string();
