@@ -358,6 +358,22 @@ fn hostile_image_names_and_recipes_build_nothing() {
     );
     let r = runner(
         &workspace_root(),
+        &[
+            "images",
+            "build",
+            "--arch",
+            "riscv64",
+            "--mirror",
+            "http://x/\n[trusted=yes]",
+        ],
+    );
+    assert_eq!(r.code, USAGE, "{r}");
+    assert!(
+        error_line(&r.stderr).contains("without spaces or control characters"),
+        "{r}"
+    );
+    let r = runner(
+        &workspace_root(),
         &["images", "key", "--arch", "riscv64", "/etc/x.toml"],
     );
     assert_eq!(r.code, CONFIG, "{r}");

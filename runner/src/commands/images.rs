@@ -37,7 +37,7 @@ fn user_recipes() -> RecipeLookup {
 
 /// The recipe named `name`, or the one-line reason there is none.
 fn find_recipe(name: &str, recipes: &RecipeLookup) -> Result<Recipe, String> {
-    let name: ImageName = name.parse().map_err(|e| format!("--recipe: {e}"))?;
+    let name: ImageName = name.parse().map_err(|e| format!("RECIPE: {e}"))?;
     recipes
         .find(&name)
         .map_err(|e| engine::image::build::error_chain(&e))
@@ -54,7 +54,13 @@ async fn build(
 ) -> i32 {
     let recipes = user_recipes();
     let image_name = match find_recipe(recipe, &recipes) {
-        Ok(r) => r.name,
+        Ok(r) => match mirror.as_deref().map(|m| r.with_mirror(m)) {
+            Some(Err(e)) => {
+                status.error(&e.to_string());
+                return exit::USAGE;
+            }
+            _ => r.name,
+        },
         Err(e) => {
             status.error(&e);
             return exit::CONFIG;
