@@ -148,7 +148,7 @@ pub enum ImagesCommand {
         /// Guest architecture(s), comma-separated or repeated.
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
-        /// Recipe: a name (images/NAME.toml in this project, or built-in) or a .toml path.
+        /// Recipe name: images/NAME.toml in this directory, else a built-in one.
         #[arg(default_value = "debian-13")]
         recipe: String,
         /// Debian mirror to use instead of the recipe's.
@@ -167,7 +167,7 @@ pub enum ImagesCommand {
         /// Guest architecture(s), comma-separated or repeated.
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
-        /// Recipe: a name (images/NAME.toml in this project, or built-in) or a .toml path.
+        /// Recipe name: images/NAME.toml in this directory, else a built-in one.
         #[arg(default_value = "debian-13")]
         recipe: String,
     },

@@ -47,6 +47,7 @@ async fn run(cli: Cli) -> i32 {
         boot_timeout: boot_timeout(),
         saved_states,
         vms_dir: None,
+        recipe_dir: None,
     };
     match cli.command {
         Command::Test(args) => {

@@ -50,6 +50,7 @@ use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use engine::image::ImageName;
 use engine::Arch;
 use serde::Deserialize;
 use toml::Spanned;
@@ -79,7 +80,7 @@ pub struct SuiteFile {
 pub struct Defaults {
     /// Used when the CLI gives no `--arch`; empty means the CLI must give one.
     pub arch: Vec<Arch>,
-    pub image: String,
+    pub image: ImageName,
     pub timeout: Duration,
     pub step_timeout: Option<Duration>,
     pub cpus: u32,
@@ -345,7 +346,16 @@ fn defaults(raw: RawDefaults) -> Result<Defaults, Problem> {
     if let Some(image) = raw.image.as_ref().filter(|i| i.get_ref().trim().is_empty()) {
         bail!(image => "defaults.image is empty; name a base image such as \"debian-13\"");
     }
-    let image = raw.image.map_or(DEFAULT_IMAGE.into(), Spanned::into_inner);
+    // A name, never a path: it is looked up only where the caller's RecipeLookup allows.
+    let image = match &raw.image {
+        None => DEFAULT_IMAGE
+            .parse()
+            .expect("the default image name is valid"),
+        Some(image) => match image.get_ref().parse::<ImageName>() {
+            Ok(name) => name,
+            Err(e) => bail!(image => "defaults.image: {e}"),
+        },
+    };
     let cpus = raw.cpus.map_or(Ok(2), |cpus| match *cpus.get_ref() {
         n @ 1..=64 => Ok(n),
         n => bail!(cpus => "defaults.cpus is {n}; give between 1 and 64"),
@@ -694,6 +704,9 @@ step = [{ name = "only", run = "true" }]
             ("memory of wrong type", defaults("memory = true"), "must be a size", Some(2)),
             ("too many cpus", defaults("cpus = 65"), "defaults.cpus is 65", Some(2)),
             ("empty image", defaults("image = \"\""), "defaults.image is empty", Some(2)),
+            // Images are names, never paths: runner.toml comes from the repository.
+            ("image is a path", defaults("image = \"../x\""), "defaults.image: '../x' is not an image name", Some(2)),
+            ("image is a recipe file", defaults("image = \"/etc/x.toml\""), "'/etc/x.toml' is not an image name", Some(2)),
             ("zero max_size", format!("[workspace]\nmax_size = \"0M\"\n{}", suite("")), "max_size is zero", Some(2)),
             ("bad env key", suite("env = { 1X = \"v\" }"), "env key '1X'", Some(3)),
             ("empty host_setup command", suite("host_setup = [\"make\", \"\"]"), "empty host_setup command", Some(3)),

@@ -304,3 +304,81 @@ fn interrupting_an_image_build_leaves_nothing_running_or_half_built() {
         .collect();
     assert!(staging.is_empty(), "half-built image left: {staging:?}");
 }
+
+/// Image names and recipes come from the repository, so they are untrusted: a name that is a
+/// path, or a recipe that would steer mmdebstrap, is one line on stderr and a config error,
+/// and nothing is built (no staging directory, no builder process).
+#[test]
+fn hostile_image_names_and_recipes_build_nothing() {
+    // (runner.toml's image, images/evil.toml to write, expected fragment of the error)
+    let cases = [
+        ("../x", "", "'../x' is not an image name"),
+        ("/etc/x.toml", "", "'/etc/x.toml' is not an image name"),
+        ("evil.toml", "", "'evil.toml' is not an image name"),
+        (
+            "evil",
+            "name = 'evil'\ndistribution = \"trixie\\ndeb [trusted=yes] http://127.0.0.1:9/ x main\"\nmirror = 'http://127.0.0.1:9/debian'\n",
+            "distribution 'trixie\\ndeb [trusted=yes]",
+        ),
+    ];
+    for (image, recipe, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("runner.toml"),
+            format!("[defaults]\nimage = {image:?}\n\n[[suite]]\nname = \"s\"\n  [[suite.step]]\n  name = \"t\"\n  run = \"true\"\n"),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/evil.toml"), recipe).unwrap();
+        let r = runner_with_cache(dir.path(), &["test", "--arch", "riscv64"], cache.path());
+        assert_eq!(r.code, CONFIG, "{image}: {r}");
+        assert!(error_line(&r.stderr).contains(want), "{image}: {r}");
+        // The hostile newline is shown escaped, never as a line of its own.
+        assert!(
+            !r.stderr.lines().any(|l| l.trim_start().starts_with("deb ")),
+            "{image}: {r}"
+        );
+        let staging: Vec<_> = std::fs::read_dir(cache.path().join("images"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(staging.is_empty(), "{image}: built something: {staging:?}");
+        let procs = e2e::processes_using(&cache.path().display().to_string());
+        assert!(procs.is_empty(), "{image}: {procs:?}");
+    }
+    // The same names on the command line are usage errors.
+    let r = runner(
+        &workspace_root(),
+        &["test", "--arch", "riscv64", "--image", "../x", "--", "true"],
+    );
+    assert_eq!(r.code, USAGE, "{r}");
+    assert!(
+        error_line(&r.stderr).contains("--image: '../x' is not an image name"),
+        "{r}"
+    );
+    let r = runner(
+        &workspace_root(),
+        &[
+            "images",
+            "build",
+            "--arch",
+            "riscv64",
+            "--mirror",
+            "http://x/\n[trusted=yes]",
+        ],
+    );
+    assert_eq!(r.code, USAGE, "{r}");
+    assert!(
+        error_line(&r.stderr).contains("without spaces or control characters"),
+        "{r}"
+    );
+    let r = runner(
+        &workspace_root(),
+        &["images", "key", "--arch", "riscv64", "/etc/x.toml"],
+    );
+    assert_eq!(r.code, CONFIG, "{r}");
+    assert!(
+        error_line(&r.stderr).contains("is not an image name"),
+        "{r}"
+    );
+}

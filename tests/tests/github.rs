@@ -728,9 +728,28 @@ fn bad_repositories_get_one_check_run_that_says_why() {
     let (code, text) = serve.deliver("pull_request", "bad-6", &same);
     assert_eq!((code, text.as_str()), (200, "ignored\n"));
 
-    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, 5));
+    // 6. The repository's own image recipe: a service never builds one on its host (it
+    // would run mmdebstrap as the service user with the repository's mirror and packages).
+    let evil_toml =
+        "name = 'evil'\ndistribution = 'trixie'\nmirror = 'http://127.0.0.1:9/debian'\n";
+    let evil_suite = "[defaults]\narch = ['riscv64']\nimage = 'evil'\n[[suite]]\nname = 'own-image'\n  [[suite.step]]\n  name = 't'\n  run = 'true'\n";
+    let (evil, sha6) = git_repo(&[("runner.toml", evil_suite), ("images/evil.toml", evil_toml)]);
+    let url6 = evil.path().display().to_string();
+    let (code, _) = serve.deliver("check_suite", "bad-7", &check_suite("evil", &url6, &sha6));
+    assert_eq!(code, 202);
+
+    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, 6));
     assert!(ok, "{runs:#?}\n{}", serve.log());
-    assert_eq!(runs.len(), 5, "the duplicate must not have run: {runs:#?}");
+    assert_eq!(runs.len(), 6, "the duplicate must not have run: {runs:#?}");
+    let r = runs.iter().find(|r| r.repo == "octo/evil").unwrap();
+    assert_eq!(r.conclusion.as_deref(), Some("failure"), "{r:#?}");
+    assert!(
+        r.summary().contains("images/ recipes are not used here"),
+        "{}",
+        r.summary()
+    );
+    let builders = e2e::processes_using("127.0.0.1:9/debian");
+    assert!(builders.is_empty(), "{builders:?}");
     let r = runs.iter().find(|r| r.repo == "octo/base").unwrap();
     assert_eq!(r.head_sha, fork_sha);
     assert_eq!(r.conclusion.as_deref(), Some("neutral"), "{r:#?}");

@@ -2,7 +2,13 @@
 //! packages with apt (signed Release file → checksummed .debs) and extracts them without
 //! running foreign code; depmod indexes the modules; mkfs.ext4 fills the disk from a
 //! directory. Maintainer scripts then run inside the guest itself, booted by the engine (under
-//! TCG, or KVM for a guest of the host's architecture when KVM works): the one-time "bake". No root-only host changes: no binfmt, loop mounts or chroot.
+//! TCG, or KVM for a guest of the host's architecture when KVM works): the one-time "bake". No
+//! root-only host changes: no binfmt, loop mounts or chroot.
+//!
+//! No root either: extraction and `mkfs.ext4 -d` run in one fakeroot session (image/fakeroot.rs),
+//! so the files in the image are owned as the packages say (root, or e.g. `root:shadow` for
+//! unix_chkpwd) whoever runs the build. Root takes the same path, so CI exercises what users
+//! run.
 //!
 //! Writes are atomic: everything happens in a staging directory that is renamed into place
 //! only when complete, so a half-built image is never visible.
@@ -14,10 +20,10 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use crate::arch::Arch;
-use crate::image::initramfs;
 use crate::image::recipe::Recipe;
 use crate::image::store::{self, Artifact, BaseImage, ImageStore, Manifest};
 use crate::image::ImageError;
+use crate::image::{fakeroot, initramfs};
 use crate::qemu::host::QemuBinary;
 use crate::qemu::spec::Accel;
 use crate::vm::{CommandEnd, DiskSource, Vm, VmConfig};
@@ -66,6 +72,11 @@ pub async fn ensure_image(
     opts: &BuildOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<BaseImage, ImageError> {
+    // The operator's --mirror is part of what is built, so part of the hash.
+    let recipe = &match &opts.mirror {
+        Some(m) => recipe.with_mirror(m)?,
+        None => recipe.clone(),
+    };
     let hash = recipe.hash(arch, initramfs::INIT_SCRIPT);
     if !opts.force {
         if let Some(image) = store.open(&recipe.name, arch, &hash)? {
@@ -135,12 +146,12 @@ async fn build_into(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Manifest, ImageError> {
     let rootfs = staging.join("rootfs");
-    let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
+    let session = fakeroot::Session::new(staging.join("fakeroot.state"));
     progress(&format!(
-        "downloading and extracting {} packages for {arch} from {mirror}",
-        recipe.distribution
+        "downloading and extracting {} packages for {arch} from {}",
+        recipe.distribution, recipe.mirror
     ));
-    mmdebstrap(recipe, arch, &mirror, &rootfs).await?;
+    mmdebstrap(recipe, arch, &rootfs, &session).await?;
 
     let kernel_version = kernel_version(&rootfs)?;
     let kernel_src = find_kernel(&rootfs, &kernel_version)?;
@@ -163,8 +174,11 @@ async fn build_into(
 
     progress("creating the root filesystem");
     let raw = staging.join("rootfs.raw");
+    // In the extraction's fakeroot session: mkfs.ext4 copies each file's owner as fakeroot
+    // reports it (what the .deb said), not the real one (the building user).
     run_tool(
-        Command::new("mkfs.ext4")
+        session
+            .command("mkfs.ext4")
             .args([
                 "-q",
                 "-F",
@@ -182,6 +196,7 @@ async fn build_into(
     .await?;
     // The extracted tree is in the disk now; free the space before the bake.
     let _ = std::fs::remove_dir_all(&rootfs);
+    drop(session);
     let _ = std::fs::remove_dir_all(staging.join("initramfs"));
 
     progress(&format!(
@@ -229,7 +244,8 @@ async fn build_into(
         );
     }
     Ok(Manifest {
-        recipe: recipe.name.clone(),
+        recipe: recipe.name.to_string(),
+        origin: recipe.origin.kind().into(),
         recipe_hash: hash.into(),
         arch: arch.to_string(),
         distribution: recipe.distribution.clone(),
@@ -245,14 +261,17 @@ async fn build_into(
     })
 }
 
+/// Extracts the packages into `rootfs` as an ordinary user: `chrootless` mode runs no
+/// chroot (and `extract` no maintainer script), and fakeroot records the owners the .debs
+/// ask for in `session` for mkfs.ext4 to apply.
 async fn mmdebstrap(
     recipe: &Recipe,
     arch: Arch,
-    mirror: &str,
     rootfs: &Path,
+    session: &fakeroot::Session,
 ) -> Result<(), ImageError> {
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--variant=extract", "--quiet"])
+    let mut cmd = session.command("mmdebstrap");
+    cmd.args(["--mode=chrootless", "--variant=extract", "--quiet"])
         .arg(format!("--arch={}", arch.debian()))
         // One option per package: an apt pattern like ?essential may not share a list.
         .args(
@@ -271,9 +290,11 @@ async fn mmdebstrap(
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-include=/usr/share/locale/locale.alias",
         ])
+        // Validated: a plain suite name and an http(s) URL, so neither can add a
+        // sources.list line of its own.
         .arg(&recipe.distribution)
         .arg(rootfs)
-        .arg(mirror);
+        .arg(&recipe.mirror);
     run_tool(&mut cmd, "mmdebstrap").await
 }
 

@@ -119,13 +119,7 @@ async fn decompress_module(src: &Path, dst: &Path) -> Result<(), ImageError> {
         std::fs::copy(src, dst).map_err(|e| ImageError::io(src, e))?;
         return Ok(());
     };
-    let out = Command::new(tool)
-        .args(["-d", "-c", "-q"])
-        .arg(src)
-        .stdin(Stdio::null())
-        // A build cut off (image_build_timeout) must not leave tools running.
-        .kill_on_drop(true)
-        .output()
+    let out = crate::child::output_in_group(Command::new(tool).args(["-d", "-c", "-q"]).arg(src))
         .await
         .map_err(|e| ImageError::Tool {
             tool: tool.into(),
@@ -150,18 +144,18 @@ async fn cpio(root: &Path, out: &Path) -> Result<(), ImageError> {
     collect(root, root, &mut paths).map_err(|e| ImageError::io(root, e))?;
     paths.sort();
     let file = std::fs::File::create(out).map_err(|e| ImageError::io(out, e))?;
-    let mut child = Command::new("cpio")
-        .args(["-o", "-H", "newc", "-R", "0:0", "--quiet"])
-        .current_dir(root)
-        .stdin(Stdio::piped())
-        .stdout(file)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| ImageError::Tool {
-            tool: "cpio".into(),
-            detail: format!("{e}; run scripts/setup-host"),
-        })?;
+    let (mut child, _guard) = crate::child::spawn_in_group(
+        Command::new("cpio")
+            .args(["-o", "-H", "newc", "-R", "0:0", "--quiet"])
+            .current_dir(root)
+            .stdin(Stdio::piped())
+            .stdout(file)
+            .stderr(Stdio::piped()),
+    )
+    .map_err(|e| ImageError::Tool {
+        tool: "cpio".into(),
+        detail: format!("{e}; run scripts/setup-host"),
+    })?;
     let mut stdin = child.stdin.take().expect("piped");
     let list: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
     stdin

@@ -2,6 +2,7 @@
 //! guest), the initramfs, and the content-addressed cache with verification.
 
 pub mod build;
+pub mod fakeroot;
 pub mod initramfs;
 pub mod recipe;
 pub mod store;
@@ -9,7 +10,9 @@ pub mod store;
 use std::path::{Path, PathBuf};
 
 pub use build::{ensure_image, BuildOptions};
-pub use recipe::{Recipe, RecipeError};
+pub use recipe::{
+    ImageName, InvalidImageName, Recipe, RecipeError, RecipeLookup, RecipeOrigin, RepositoryRecipes,
+};
 pub use store::{BaseImage, ImageStore, Manifest};
 
 #[derive(Debug, thiserror::Error)]

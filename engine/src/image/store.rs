@@ -34,6 +34,9 @@ pub struct Artifact {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub recipe: String,
+    /// Where the recipe came from (`RecipeOrigin::kind`); empty in images of builder 1.
+    #[serde(default)]
+    pub origin: String,
     pub recipe_hash: String,
     pub arch: String,
     pub distribution: String,
@@ -162,7 +165,12 @@ pub fn sweep_leftovers(store: &ImageStore) -> usize {
                 .and_then(|m| m.modified())
                 .map(|t| t.elapsed().unwrap_or_default() >= min_age)
                 .unwrap_or(false);
-            if name.contains(pattern) && old_enough && std::fs::remove_dir_all(e.path()).is_ok() {
+            if !name.contains(pattern) || !old_enough {
+                continue;
+            }
+            // A build's fakeroot daemon runs detached; it would outlive its directory.
+            crate::image::fakeroot::kill_daemons_under(&e.path());
+            if std::fs::remove_dir_all(e.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -270,6 +278,7 @@ mod tests {
         }
         let manifest = Manifest {
             recipe: "debian-13".into(),
+            origin: "built-in".into(),
             recipe_hash: "abc".into(),
             arch: "riscv64".into(),
             distribution: "trixie".into(),

@@ -2,7 +2,6 @@
 //! base image, so the base is never written.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
 
@@ -22,20 +21,20 @@ pub enum OverlayError {
 
 /// Creates `overlay` backed by `base` (qcow2).
 pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), OverlayError> {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base)
-        .arg(overlay)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
-            _ => OverlayError::Run {
-                base: base.into(),
-                source,
-            },
-        })?;
+    let out = crate::child::output_in_group(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(base)
+            .arg(overlay),
+    )
+    .await
+    .map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
+        _ => OverlayError::Run {
+            base: base.into(),
+            source,
+        },
+    })?;
     if !out.status.success() {
         return Err(OverlayError::Create {
             base: base.into(),

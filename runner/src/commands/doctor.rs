@@ -34,6 +34,7 @@ pub async fn run(store: &ImageStore) -> i32 {
         "mmdebstrap",
         "depmod",
         "mkfs.ext4",
+        "fakeroot",
         "cpio",
         "xz",
     ] {

@@ -1,6 +1,6 @@
 //! `runner images build|list|verify`.
 
-use engine::image::{store, ImageStore};
+use engine::image::{store, ImageName, ImageStore, Recipe, RecipeLookup, RepositoryRecipes};
 use engine::Arch;
 
 use crate::cli::{AccelArg, ImagesCommand};
@@ -24,6 +24,25 @@ pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32
     }
 }
 
+/// `runner images` runs on the user's own machine: a recipe is looked up in the current
+/// directory's `images/` too, then among the built-in ones.
+fn user_recipes() -> RecipeLookup {
+    RecipeLookup {
+        operator_dir: None,
+        repository: std::env::current_dir()
+            .map(RepositoryRecipes::Honoured)
+            .unwrap_or(RepositoryRecipes::Refused),
+    }
+}
+
+/// The recipe named `name`, or the one-line reason there is none.
+fn find_recipe(name: &str, recipes: &RecipeLookup) -> Result<Recipe, String> {
+    let name: ImageName = name.parse().map_err(|e| format!("RECIPE: {e}"))?;
+    recipes
+        .find(&name)
+        .map_err(|e| engine::image::build::error_chain(&e))
+}
+
 async fn build(
     store: &ImageStore,
     arches: &[String],
@@ -33,6 +52,20 @@ async fn build(
     accel: AccelArg,
     status: &Status,
 ) -> i32 {
+    let recipes = user_recipes();
+    let image_name = match find_recipe(recipe, &recipes) {
+        Ok(r) => match mirror.as_deref().map(|m| r.with_mirror(m)) {
+            Some(Err(e)) => {
+                status.error(&e.to_string());
+                return exit::USAGE;
+            }
+            _ => r.name,
+        },
+        Err(e) => {
+            status.error(&e);
+            return exit::CONFIG;
+        }
+    };
     let mut code = exit::SUCCESS;
     for name in arches {
         let arch: Arch = match name.parse() {
@@ -46,11 +79,10 @@ async fn build(
             let platform = platform::resolve(arch, accel.into(), store).await?;
             let spinner = status.spinner(&format!("{arch}: checking image {recipe}"));
             let progress = |msg: &str| spinner.set_message(format!("{arch}: {msg}"));
-            let cwd = std::env::current_dir().ok();
             let image = platform::base_image(
                 store,
-                recipe,
-                cwd.as_deref(),
+                &image_name,
+                &recipes,
                 &platform,
                 mirror.clone(),
                 force,
@@ -89,16 +121,10 @@ async fn build(
 /// Prints the cache key of `recipe` for each of `arches`: the same name as the image's
 /// directory, computed without building anything (no QEMU needed).
 fn key(arches: &[String], recipe: &str, status: &Status) -> i32 {
-    let cwd = std::env::current_dir().ok();
-    let loaded = if recipe.ends_with(".toml") {
-        engine::image::recipe::Recipe::load(std::path::Path::new(recipe))
-    } else {
-        engine::image::recipe::Recipe::find(recipe, cwd.as_deref())
-    };
-    let recipe = match loaded {
+    let recipe = match find_recipe(recipe, &user_recipes()) {
         Ok(r) => r,
         Err(e) => {
-            status.error(&engine::image::build::error_chain(&e));
+            status.error(&e);
             return exit::CONFIG;
         }
     };

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use engine::image::Recipe;
+use engine::image::{ImageName, InvalidImageName, RecipeLookup, RepositoryRecipes};
 use engine::Arch;
 use tokio::sync::watch;
 
@@ -99,21 +99,31 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let image_exists = |name: &str| {
-        if name.ends_with(".toml") {
-            Recipe::load(&project_dir.join(name)).is_ok()
-        } else {
-            Recipe::find(name, Some(&project_dir)).is_ok()
-        }
+    // The matrix runs on the user's own machine: the project's images/ count.
+    let recipes = RecipeLookup {
+        operator_dir: None,
+        repository: RepositoryRecipes::Honoured(project_dir.clone()),
+    };
+    let image_check = |name: &str| {
+        let name: ImageName = name.parse().map_err(|e: InvalidImageName| e.to_string())?;
+        recipes
+            .find(&name)
+            .map(|_| ())
+            .map_err(|e| engine::image::build::error_chain(&e))
     };
     let cells = spec
-        .expand(&file, &image_exists)
+        .expand(&file, &image_check)
         .map_err(|e| config(e.to_string()))?;
     cells
         .into_iter()
         .map(|cell| {
             let ov = Overrides {
-                image: Some(cell.image.clone()),
+                image: Some(
+                    cell.image
+                        .parse()
+                        .map_err(|e: InvalidImageName| config(e.to_string()))?,
+                ),
+                repository_recipes: true,
                 timeout: cell.timeout,
                 cpus: spec.cpus,
                 memory_mib: spec.memory_mib,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use engine::image::InvalidImageName;
 use engine::Arch;
 use tokio::sync::watch;
 
@@ -62,8 +63,18 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
             ));
         }
     }
+    let image = args
+        .image
+        .as_deref()
+        .map(|i| {
+            i.parse()
+                .map_err(|e: InvalidImageName| Refusal(format!("--image: {e}"), exit::USAGE))
+        })
+        .transpose()?;
     Ok(Overrides {
-        image: args.image.clone(),
+        image,
+        // The user's own machine: the project's images/NAME.toml may be built here.
+        repository_recipes: true,
         timeout,
         cpus: args.cpus,
         memory_mib,

@@ -63,8 +63,12 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
             suite: job.job_info.name.clone(),
             arch,
         },
-        image,
-        project_dir: std::env::current_dir().ok(),
+        // Checked at the entry's start (service.rs); a job only picks among them.
+        image: image
+            .parse::<engine::image::ImageName>()
+            .map_err(|e| format!("runner '{}': {e}", entry.name))?,
+        // The job's repository never supplies a recipe: it would be built on this host.
+        repository_recipes: engine::image::RepositoryRecipes::Refused,
         workspace: None,
         host_setup: Vec::new(),
         steps,

@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use engine::image::{ImageName, RecipeError, RecipeLookup, RepositoryRecipes};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -29,9 +30,17 @@ pub async fn serve(entry: RunnerEntry, ctx: ServeContext) {
 
 async fn serve_entry(entry: RunnerEntry, ctx: ServeContext) {
     // A bad entry stops only itself; the other entries keep serving.
-    let project_dir = std::env::current_dir().ok();
+    // Only the operator's recipes and the built-in ones: never a job repository's.
+    let recipes = RecipeLookup {
+        operator_dir: ctx.settings.recipe_dir.clone(),
+        repository: RepositoryRecipes::Refused,
+    };
     for image in entry.images() {
-        if let Err(e) = engine::image::recipe::Recipe::find(&image, project_dir.as_deref()) {
+        let found = image
+            .parse::<ImageName>()
+            .map_err(RecipeError::from)
+            .and_then(|name| recipes.find(&name));
+        if let Err(e) = found {
             tracing::error!(
                 "runner '{}': image '{image}' cannot be used ({e}); fix `image`/`allowed_images` — this entry takes no jobs",
                 entry.name

@@ -6,7 +6,8 @@
 //! cancelled, so a partial report can still be written.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+
+use engine::image::{ImageName, RecipeLookup, RepositoryRecipes};
 use std::sync::Arc;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -53,19 +54,20 @@ async fn prepare_images(
     progress: &Progress,
     cancel: &mut watch::Receiver<bool>,
 ) -> HashMap<(String, engine::Arch), Outcome> {
-    let mut seen: Vec<(String, engine::Arch, Option<PathBuf>)> = Vec::new();
+    let mut seen: Vec<(String, engine::Arch, ImageName, RepositoryRecipes)> = Vec::new();
     for c in cells {
         let k = (
-            c.plan.image.clone(),
+            c.plan.image.to_string(),
             c.plan.id.arch,
-            c.plan.project_dir.clone(),
+            c.plan.image.clone(),
+            c.plan.repository_recipes.clone(),
         );
         if !seen.iter().any(|s| s.0 == k.0 && s.1 == k.1) {
             seen.push(k);
         }
     }
     let mut failed = HashMap::new();
-    for (image, arch, project_dir) in seen {
+    for (image, arch, name, repository) in seen {
         if *cancel.borrow() {
             break;
         }
@@ -77,8 +79,11 @@ async fn prepare_images(
             let quiet = |_: &str| {};
             platform::base_image(
                 &settings.store,
-                &image,
-                project_dir.as_deref(),
+                &name,
+                &RecipeLookup {
+                    operator_dir: settings.recipe_dir.clone(),
+                    repository,
+                },
                 &platform,
                 None,
                 false,
@@ -200,7 +205,10 @@ pub async fn run_matrix(
             // Everything not started yet ends as cancelled (or as its image's error).
             for index in next.take().into_iter().chain(waiting.by_ref()) {
                 let outcome = unusable
-                    .get(&(cells[index].plan.image.clone(), cells[index].plan.id.arch))
+                    .get(&(
+                        cells[index].plan.image.to_string(),
+                        cells[index].plan.id.arch,
+                    ))
                     .cloned()
                     .unwrap_or(Outcome::Cancelled);
                 results[index] = Some(attempt::merge(
@@ -240,7 +248,7 @@ pub async fn run_matrix(
                 next = waiting.next();
                 let planned = cells[index].clone();
                 let image_problem = unusable
-                    .get(&(planned.plan.image.clone(), planned.plan.id.arch))
+                    .get(&(planned.plan.image.to_string(), planned.plan.id.arch))
                     .cloned();
                 let (settings, progress, stop) =
                     (settings.clone(), progress.clone(), stop.clone());

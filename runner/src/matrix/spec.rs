@@ -345,7 +345,8 @@ impl MatrixSpec {
     pub fn expand(
         &self,
         file: &SuiteFile,
-        image_exists: &dyn Fn(&str) -> bool,
+        // Ok when the image can be used, else the one-line reason.
+        image_check: &dyn Fn(&str) -> Result<(), String>,
     ) -> Result<Vec<Cell>, MatrixError> {
         let invalid = |message: String| MatrixError::Invalid {
             path: self.origin.clone(),
@@ -383,7 +384,7 @@ impl MatrixSpec {
             )));
         }
         let images = if self.images.is_empty() {
-            vec![file.defaults.image.clone()]
+            vec![file.defaults.image.to_string()]
         } else {
             self.images.clone()
         };
@@ -395,11 +396,7 @@ impl MatrixSpec {
         let mut all_images: BTreeSet<&str> = images.iter().map(String::as_str).collect();
         all_images.extend(self.include.iter().filter_map(|s| s.image.as_deref()));
         for image in all_images {
-            if !image_exists(image) {
-                return Err(invalid(format!(
-                    "unknown image '{image}': no images/{image}.toml in the project and no built-in recipe of that name (built-in: debian-13)"
-                )));
-            }
+            image_check(image).map_err(invalid)?;
         }
 
         let runs_on = |suite: &str, arch: Arch| file.suite(suite).is_some_and(|s| s.runs_on(arch));
@@ -541,7 +538,10 @@ arch = ["x86_64"]
     fn expand(matrix: &str) -> Result<Vec<String>, String> {
         let spec =
             MatrixSpec::parse(Path::new("/p/nightly.toml"), matrix).map_err(|e| e.to_string())?;
-        let known = |i: &str| i == "debian-13" || i == "custom";
+        let known = |i: &str| match i {
+            "debian-13" | "custom" => Ok(()),
+            _ => Err(format!("unknown image '{i}'")),
+        };
         spec.expand(&suites(), &known)
             .map(|cells| cells.iter().map(Cell::key).collect())
             .map_err(|e| e.to_string())
@@ -627,7 +627,7 @@ arch = ["x86_64"]
             "timeout = '10m'\n[[include]]\nsuite = 'unit'\ntimeout = '5m'",
         )
         .unwrap();
-        let cells = spec.expand(&suites(), &|_| true).unwrap();
+        let cells = spec.expand(&suites(), &|_| Ok(())).unwrap();
         let timeouts: Vec<_> = cells.iter().map(|c| c.timeout).collect();
         assert_eq!(
             timeouts,

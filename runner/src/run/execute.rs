@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
-use engine::image::{BaseImage, ImageStore};
+use engine::image::{BaseImage, ImageStore, RecipeLookup};
 use engine::qemu::host::AccelChoice;
 use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
@@ -41,6 +41,9 @@ pub struct RunSettings {
     /// Parent of the per-VM directories; `None`: the store's `vms/`. `runner serve` uses a
     /// directory of its own that it can sweep completely at start.
     pub vms_dir: Option<std::path::PathBuf>,
+    /// The operator's trusted recipe directory (`NAME.toml`), looked up before the built-in
+    /// recipes.
+    pub recipe_dir: Option<std::path::PathBuf>,
 }
 
 /// How a caller stops a run.
@@ -93,7 +96,7 @@ pub async fn run_suite_with(
         steps: plan.steps.len() + plan.host_setup.len(),
     });
     let mut facts = VmFacts {
-        image: plan.image.clone(),
+        image: plan.image.to_string(),
         ..Default::default()
     };
     let mut state = SuiteState {
@@ -197,6 +200,10 @@ async fn run_inner(
     }
     state.facts.accel = platform.accel.accel.name().into();
     state.facts.qemu_version = platform.qemu.version.clone();
+    let recipes = RecipeLookup {
+        operator_dir: settings.recipe_dir.clone(),
+        repository: plan.repository_recipes.clone(),
+    };
     let image = {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let progress = move |m: &str| {
@@ -205,7 +212,7 @@ async fn run_inner(
         let build = platform::base_image(
             &settings.store,
             &plan.image,
-            plan.project_dir.as_deref(),
+            &recipes,
             &platform,
             None,
             false,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use engine::image::{ImageName, RepositoryRecipes};
 use engine::vm::GuestCommand;
 use engine::Arch;
 
@@ -81,9 +82,10 @@ pub struct GuestFile {
 #[derive(Debug, Clone)]
 pub struct SuitePlan {
     pub id: RunId,
-    pub image: String,
-    /// Where project recipes (images/NAME.toml) are looked up.
-    pub project_dir: Option<PathBuf>,
+    pub image: ImageName,
+    /// Whether the repository's own `images/NAME.toml` may be built (see
+    /// [`Overrides::repository_recipes`]).
+    pub repository_recipes: RepositoryRecipes,
     pub workspace: Option<WorkspacePlan>,
     pub host_setup: Vec<String>,
     pub steps: Vec<StepPlan>,
@@ -133,7 +135,12 @@ const CLEANUP_RESULTS_ALLOWANCE: Duration = Duration::from_secs(180);
 /// Settings from the command line that override the suite file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    pub image: Option<String>,
+    pub image: Option<ImageName>,
+    /// Honour the project's own `images/NAME.toml` (next to the suite file; the current
+    /// directory for a command). Only `runner test`, `runner matrix` and `runner images` on
+    /// the user's own machine set it: a recipe is built on the host, so a service must never
+    /// take one from the repository it runs (the default, `false`, refuses them).
+    pub repository_recipes: bool,
     pub timeout: Option<Duration>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
@@ -165,13 +172,13 @@ pub fn plan_suites(
             })
             .collect::<Result<_, _>>()?
     };
-    let project_dir = file.path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            p.to_path_buf()
+    let repository_recipes = match file.path.parent() {
+        Some(p) if ov.repository_recipes && p.as_os_str().is_empty() => {
+            RepositoryRecipes::Honoured(PathBuf::from("."))
         }
-    });
+        Some(p) if ov.repository_recipes => RepositoryRecipes::Honoured(p.to_path_buf()),
+        _ => RepositoryRecipes::Refused,
+    };
     let out_root = ov
         .out
         .clone()
@@ -189,7 +196,7 @@ pub fn plan_suites(
                     .image
                     .clone()
                     .unwrap_or_else(|| file.defaults.image.clone()),
-                project_dir: project_dir.clone(),
+                repository_recipes: repository_recipes.clone(),
                 workspace: Some(WorkspacePlan {
                     root: file.workspace.root.clone(),
                     exclude: file.workspace.exclude.clone(),
@@ -244,8 +251,15 @@ pub fn plan_command(
             suite: "command".into(),
             arch,
         },
-        image: ov.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
-        project_dir: std::env::current_dir().ok(),
+        image: ov.image.clone().unwrap_or_else(|| {
+            DEFAULT_IMAGE
+                .parse()
+                .expect("the default image name is valid")
+        }),
+        repository_recipes: match std::env::current_dir() {
+            Ok(dir) if ov.repository_recipes => RepositoryRecipes::Honoured(dir),
+            _ => RepositoryRecipes::Refused,
+        },
         workspace: workspace.map(|root| WorkspacePlan {
             root,
             exclude: vec![".git".into(), "target".into()],
@@ -293,6 +307,35 @@ mod tests {
         for (when, ok, runs) in cases {
             assert_eq!(when.runs(ok), runs, "{when:?} after success={ok}");
         }
+    }
+
+    /// A repository's own recipes are honoured only when the caller says so: services
+    /// build plans with the default overrides and must never build one on their host.
+    #[test]
+    fn repository_recipes_are_refused_unless_asked_for() {
+        let file = SuiteFile::parse(
+            std::path::Path::new("/repo/runner.toml"),
+            "[[suite]]\nname = \"s\"\n[[suite.step]]\nname = \"a\"\nrun = \"true\"\n",
+        )
+        .unwrap();
+        let plans = plan_suites(&file, &[], &[Arch::Riscv64], &Overrides::default()).unwrap();
+        assert_eq!(plans[0].repository_recipes, RepositoryRecipes::Refused);
+        let ov = Overrides {
+            repository_recipes: true,
+            ..Overrides::default()
+        };
+        let plans = plan_suites(&file, &[], &[Arch::Riscv64], &ov).unwrap();
+        assert_eq!(
+            plans[0].repository_recipes,
+            RepositoryRecipes::Honoured("/repo".into())
+        );
+        let cmd = plan_command(
+            vec!["true".into()],
+            Arch::Riscv64,
+            None,
+            &Overrides::default(),
+        );
+        assert_eq!(cmd.repository_recipes, RepositoryRecipes::Refused);
     }
 
     #[test]

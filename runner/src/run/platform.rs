@@ -1,9 +1,7 @@
 //! Host-side preparation shared by every command that boots VMs: QEMU for the arch, the
 //! accelerator decision, and the base image (built on first use).
 
-use std::path::Path;
-
-use engine::image::{self, BaseImage, BuildOptions, ImageStore, Recipe};
+use engine::image::{self, BaseImage, BuildOptions, ImageName, ImageStore, RecipeLookup};
 use engine::qemu::host::{self as qhost, AccelChoice, AccelDecision, QemuBinary};
 use engine::Arch;
 
@@ -35,22 +33,18 @@ pub async fn resolve(
     Ok(Platform { arch, qemu, accel })
 }
 
-/// The base image `name` for `platform`, built first if it is not cached.
+/// The base image `name` for `platform`, built first if it is not cached; its recipe comes
+/// from where `recipes` allows.
 pub async fn base_image(
     store: &ImageStore,
-    name: &str,
-    project_dir: Option<&Path>,
+    name: &ImageName,
+    recipes: &RecipeLookup,
     platform: &Platform,
     mirror: Option<String>,
     force: bool,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<BaseImage, Outcome> {
-    let recipe = if name.ends_with(".toml") {
-        Recipe::load(Path::new(name))
-    } else {
-        Recipe::find(name, project_dir)
-    }
-    .map_err(|e| Outcome::InfraError {
+    let recipe = recipes.find(name).map_err(|e| Outcome::InfraError {
         kind: InfraKind::Config,
         message: image::build::error_chain(&e),
     })?;
