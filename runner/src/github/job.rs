@@ -12,13 +12,14 @@ use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
 use super::app::App;
-use super::checks::{
-    Annotation, CheckRunUpdate, Checks, Completion, Conclusion, Level, NewCheckRun, Output, Repo,
+use super::check_output::{self, SuiteLines};
+use super::checks::Checks;
+use super::payload::Target;
+use super::reporter::{self, CheckRunReporter, RenderContext};
+use super::wire::{
+    self, Annotation, CheckRunUpdate, Completion, Conclusion, Level, NewCheckRun, Output, Repo,
     Status,
 };
-use super::payload::Target;
-use super::report::{self, SuiteLines};
-use super::reporter::{self, CheckRunReporter, RenderContext};
 use crate::events::Reporters;
 use crate::outcome::Outcome;
 use crate::run::execute::run_suite;
@@ -134,7 +135,7 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
             return;
         }
         Err(e) => {
-            let msg = report::mask(&super::chain(&e), &secrets);
+            let msg = check_output::mask(&super::chain(&e), &secrets);
             tracing::warn!(error = %msg, "checkout failed");
             whole_commit_failure(&shared, &repo, &target, "could not fetch the sources", &msg)
                 .await;
@@ -148,7 +149,7 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!("no runner.toml; one neutral check run says how to add one");
-            let output = report::missing_suite_file();
+            let output = check_output::missing_suite_file();
             create_completed(
                 &shared,
                 &repo,
@@ -284,7 +285,7 @@ async fn run_plan(
     let slot = tokio::select! {
         slot = shared.ctx.scheduler.acquire(plan.memory_mib) => slot,
         _ = shutdown.aborting() => {
-            let (conclusion, headline) = report::conclusion(&Outcome::Cancelled);
+            let (conclusion, headline) = check_output::conclusion(&Outcome::Cancelled);
             let output = Output {
                 title: format!("{} on {}: {headline}", plan.id.suite, plan.id.arch),
                 summary: "The runner service shut down before this suite got a VM. Re-run the check to try again.".into(),
@@ -364,7 +365,7 @@ async fn bad_suite_file(shared: &Shared, repo: &Repo, target: &Target, message: 
         title: "runner.toml cannot be used".into(),
         summary: format!(
             "Nothing was run: `{SUITE_FILE_NAME}` at this commit has a problem.\n\n```text\n{}\n```\n\nThe format is described in the runner's README; `runner test` reports the same problem locally.",
-            report::truncate(message, 4000).replace("```", "'''")
+            crate::text::truncate(message, 4000).replace("```", "'''")
         ),
         text: None,
         annotations: vec![Annotation {
@@ -372,7 +373,7 @@ async fn bad_suite_file(shared: &Shared, repo: &Repo, target: &Target, message: 
             start_line: line,
             end_line: line,
             annotation_level: Level::Failure,
-            message: report::truncate(message, 4000).to_string(),
+            message: crate::text::truncate(message, 4000).to_string(),
             title: Some("runner.toml cannot be used".into()),
             raw_details: None,
         }],
@@ -393,7 +394,7 @@ async fn whole_commit_failure(
         title: format!("infrastructure error, not a test failure: {what}"),
         summary: format!(
             "The runner could not start on this commit.\n\n```text\n{}\n```\n\nRe-run the check once the cause is fixed.",
-            report::truncate(message, 4000).replace("```", "'''")
+            crate::text::truncate(message, 4000).replace("```", "'''")
         ),
         ..Default::default()
     };
@@ -418,21 +419,20 @@ async fn create_completed(
     output: Output,
 ) {
     let mut output = output;
-    let extra: Vec<Annotation> =
-        if output.annotations.len() > super::checks::MAX_ANNOTATIONS_PER_REQUEST {
-            output
-                .annotations
-                .split_off(super::checks::MAX_ANNOTATIONS_PER_REQUEST)
-        } else {
-            Vec::new()
-        };
+    let extra: Vec<Annotation> = if output.annotations.len() > wire::MAX_ANNOTATIONS_PER_REQUEST {
+        output
+            .annotations
+            .split_off(wire::MAX_ANNOTATIONS_PER_REQUEST)
+    } else {
+        Vec::new()
+    };
     let new = NewCheckRun {
         name: name.to_string(),
         head_sha: target.sha.clone(),
         status: Status::Completed,
         external_id: EXTERNAL_ID_ALL.into(),
         conclusion: Some(conclusion),
-        completed_at: Some(super::checks::timestamp(SystemTime::now())),
+        completed_at: Some(wire::timestamp(SystemTime::now())),
         output: Some(output.clone()),
     };
     match shared.checks.create(repo, &new).await {
@@ -443,7 +443,7 @@ async fn create_completed(
                 title = output.title,
                 "check run created"
             );
-            for chunk in super::checks::batches(&extra) {
+            for chunk in wire::batches(&extra) {
                 let update = CheckRunUpdate {
                     output: Some(Output {
                         title: output.title.clone(),

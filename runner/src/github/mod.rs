@@ -9,16 +9,16 @@
 
 pub mod annotate;
 pub mod app;
+pub mod check_output;
 pub mod checks;
 pub mod config;
 pub mod job;
 pub mod payload;
-pub mod report;
 pub mod reporter;
 pub mod retry;
 pub mod service;
-pub mod summary;
 pub mod webhook;
+pub mod wire;
 
 use std::sync::Arc;
 

@@ -1,4 +1,7 @@
 //! Reporters: consumers of the run's event stream.
 
+pub mod cases;
+pub mod collect;
 pub mod console;
 pub mod junit;
+pub mod summary;
