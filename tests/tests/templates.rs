@@ -519,11 +519,7 @@ fn actionlint_catches_an_outdated_pin_and_a_script_bug() {
             .unwrap();
     let old = original
         .replacen("actions/checkout@v7", "actions/checkout@v4", 1)
-        .replacen(
-            "run: |\n",
-            "run: |\n          ls $RUNNER_CACHE_DIR\n",
-            1,
-        );
+        .replacen("run: |\n", "run: |\n          ls $RUNNER_CACHE_DIR\n", 1);
     assert_ne!(old, original);
     let file = dir.path().join("old.yml");
     std::fs::write(&file, old).unwrap();

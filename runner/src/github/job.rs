@@ -85,8 +85,35 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         }
     };
     let secrets = vec![token.0.clone()];
+    // Each step reports its own failure on the commit and then answers `None`.
+    let Some(dir) = fetch_sources(&shared, &repo, &target, &token.0, &secrets).await else {
+        return;
+    };
+    let src = dir.path().join("src");
+    let Some((file, lines)) = read_suite_file_at(&shared, &repo, &target, &src).await else {
+        return;
+    };
+    let Some(plans) = plans_for(&shared, &repo, &target, &file, dir.path(), only).await else {
+        return;
+    };
+    let render = RenderContext {
+        suite_file: SUITE_FILE_NAME.into(),
+        lines,
+        checkout: src,
+        secrets,
+    };
+    queue_and_run(shared, repo, target, plans, render, Arc::new(dir)).await;
+}
 
-    // 1. The sources, on the host.
+/// Step 1: the commit's sources, on the host, in a new directory under the work dir (its
+/// `src/`).
+async fn fetch_sources(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    token: &str,
+    secrets: &[String],
+) -> Option<tempfile::TempDir> {
     let dir = match tempfile::Builder::new()
         .prefix("github-")
         .tempdir_in(&shared.work_dir)
@@ -97,12 +124,10 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 "cannot create a checkout directory in {}: {e}",
                 shared.work_dir.display()
             );
-            whole_commit_failure(&shared, &repo, &target, "could not fetch the sources", &msg)
-                .await;
-            return;
+            whole_commit_failure(shared, repo, target, "could not fetch the sources", &msg).await;
+            return None;
         }
     };
-    let src = dir.path().join("src");
     let https = target.clone_url.starts_with("https://") || target.clone_url.starts_with("http://");
     let checkout = Checkout {
         url: target.clone_url.clone(),
@@ -110,8 +135,8 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         refspecs: target.refspecs.clone(),
         depth: Some(CLONE_DEPTH),
         strategy: GitStrategy::Clone,
-        auth: https.then(|| ("x-access-token".to_string(), token.0.clone())),
-        dest: src.clone(),
+        auth: https.then(|| ("x-access-token".to_string(), token.to_string())),
+        dest: dir.path().join("src"),
         timeout: shared.clone_timeout,
     };
     let permit = shared
@@ -128,22 +153,29 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "checked out {}",
                 done.sha
-            )
+            );
+            Some(dir)
         }
         Err(sources::SourceError::Cancelled) => {
             tracing::info!("shutting down before the checkout finished; nothing reported");
-            return;
+            None
         }
         Err(e) => {
-            let msg = check_output::mask(&super::chain(&e), &secrets);
+            let msg = check_output::mask(&super::chain(&e), secrets);
             tracing::warn!(error = %msg, "checkout failed");
-            whole_commit_failure(&shared, &repo, &target, "could not fetch the sources", &msg)
-                .await;
-            return;
+            whole_commit_failure(shared, repo, target, "could not fetch the sources", &msg).await;
+            None
         }
     }
+}
 
-    // 2. runner.toml at that commit.
+/// Step 2: runner.toml at that commit, parsed and allowed by this service.
+async fn read_suite_file_at(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    src: &Path,
+) -> Option<(SuiteFile, SuiteLines)> {
     let suite_path = src.join(SUITE_FILE_NAME);
     let text = match read_suite_file(&suite_path) {
         Ok(t) => t,
@@ -151,20 +183,20 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
             tracing::info!("no runner.toml; one neutral check run says how to add one");
             let output = check_output::missing_suite_file();
             create_completed(
-                &shared,
-                &repo,
-                &target,
+                shared,
+                repo,
+                target,
                 CHECK_PREFIX,
                 Conclusion::Neutral,
                 output,
             )
             .await;
-            return;
+            return None;
         }
         Err(e) => {
             let msg = format!("cannot read runner.toml: {e}");
-            bad_suite_file(&shared, &repo, &target, &msg, 1).await;
-            return;
+            bad_suite_file(shared, repo, target, &msg, 1).await;
+            return None;
         }
     };
     let file = match SuiteFile::parse(&suite_path, &text) {
@@ -183,31 +215,43 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 other => (1, format!("{SUITE_FILE_NAME}: {}", error_text(other))),
             };
             tracing::info!(error = %message, "malformed runner.toml");
-            bad_suite_file(&shared, &repo, &target, &message, line).await;
-            return;
+            bad_suite_file(shared, repo, target, &message, line).await;
+            return None;
         }
     };
     let lines = SuiteLines::scan(&text);
-    if let Err((message, line)) = allowed(&file, &src, shared.allow_host_setup, &lines) {
-        bad_suite_file(&shared, &repo, &target, &message, line).await;
-        return;
+    if let Err((message, line)) = allowed(&file, src, shared.allow_host_setup, &lines) {
+        bad_suite_file(shared, repo, target, &message, line).await;
+        return None;
     }
+    Some((file, lines))
+}
 
-    // 3. Plans: runner.toml's architectures, else the service's.
+/// Step 3: the plans — runner.toml's architectures, else the service's; only the one named
+/// by `only` when a single check run was re-requested. Results go under `dir`/out.
+async fn plans_for(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    file: &SuiteFile,
+    dir: &Path,
+    only: Option<String>,
+) -> Option<Vec<SuitePlan>> {
     let arches = if file.defaults.arch.is_empty() {
         shared.default_arches.clone()
     } else {
         file.defaults.arch.clone()
     };
     let overrides = Overrides {
-        out: Some(dir.path().join("out")),
+        out: Some(dir.join("out")),
         ..Default::default()
     };
-    let mut plans = match plan::plan_suites(&file, &[], &arches, &overrides) {
+    let mut plans = match plan::plan_suites(file, &[], &arches, &overrides) {
         Ok(p) => p,
         Err(message) => {
-            bad_suite_file(&shared, &repo, &target, &relative(&message, &src), 1).await;
-            return;
+            let message = relative(&message, &dir.join("src"));
+            bad_suite_file(shared, repo, target, &message, 1).await;
+            return None;
         }
     };
     if let Some(only) = only.filter(|o| o != EXTERNAL_ID_ALL) {
@@ -217,18 +261,21 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 external_id = only,
                 "re-requested check run names a suite × arch this commit no longer has"
             );
-            return;
+            return None;
         }
     }
+    Some(plans)
+}
 
-    // 4. One queued check run per plan, then the runs themselves.
-    let render = RenderContext {
-        suite_file: SUITE_FILE_NAME.into(),
-        lines,
-        checkout: src.clone(),
-        secrets,
-    };
-    let dir = Arc::new(dir);
+/// Step 4: one queued check run per plan, then the runs themselves; returns when all ended.
+async fn queue_and_run(
+    shared: Arc<Shared>,
+    repo: Repo,
+    target: Target,
+    plans: Vec<SuitePlan>,
+    render: RenderContext,
+    dir: Arc<tempfile::TempDir>,
+) {
     let mut runs = tokio::task::JoinSet::new();
     for plan in plans {
         let new = NewCheckRun {
