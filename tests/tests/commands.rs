@@ -222,3 +222,114 @@ fn resumed_guests_keep_their_timers_on_every_arch() {
         }
     }
 }
+
+#[test]
+fn cpus_memory_and_workspace_reach_the_guest() {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("marker.txt"), "from the host workspace\n").unwrap();
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--cpus",
+            "1",
+            "--memory",
+            "512M",
+            "--workspace",
+            ws.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo nproc=$(nproc); grep MemTotal /proc/meminfo; cat marker.txt",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stdout.contains("nproc=1\n"), "{r}");
+    let kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {r}"));
+    // The kernel keeps some for itself: below 512 MiB, and far above half of it.
+    assert!(
+        kib < 512 * 1024 && kib > 256 * 1024,
+        "MemTotal {kib} kB: {r}"
+    );
+    assert!(r.stdout.contains("from the host workspace"), "{r}");
+}
+
+#[test]
+fn doctor_lists_qemu_and_the_accelerator() {
+    let r = runner(&workspace_root(), &["doctor"]);
+    assert_eq!(r.code, 0, "{r}");
+    for arch in ["riscv64", "aarch64", "x86_64"] {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(arch))
+            .unwrap_or_else(|| panic!("no {arch} line: {r}"));
+        // `riscv64  /usr/bin/qemu-system-riscv64 10.0.2 (sandbox: yes)`
+        assert!(line.contains(" 10."), "{line}");
+    }
+    assert!(
+        r.stdout.lines().any(
+            |l| l.starts_with("kvm ") && (l.contains("usable: ") || l.contains("not usable: "))
+        ),
+        "{r}"
+    );
+}
+
+#[test]
+fn images_list_shows_the_cache_and_verify_finds_a_corrupt_copy() {
+    // A private copy of the riscv64 image in a cache of its own (not `private_cache`, whose
+    // images are the shared ones): the shared cache is never touched.
+    let cache = tempfile::tempdir().unwrap();
+    let shared = e2e::cache_dir().join("images");
+    let image = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("-riscv64-")
+        })
+        .expect("a cached riscv64 image (run any riscv64 test first)");
+    let copy = cache.path().join("images").join(image.file_name().unwrap());
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let status = Command::new("cp")
+        .args(["-r", "--reflink=auto"])
+        .arg(&image)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let r = runner_with_cache(&workspace_root(), &["images", "list"], cache.path());
+    assert_eq!(r.code, 0, "{r}");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains(copy.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("the copy is not listed: {r}"));
+    assert!(line.contains("riscv64") && line.contains(" ok "), "{line}");
+    let r = runner_with_cache(&workspace_root(), &["images", "verify"], cache.path());
+    assert_eq!(r.code, 0, "{r}");
+
+    // One flipped byte in the kernel: verify names the image and exits 65.
+    let kernel = copy.join("kernel");
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    assert!(!kernel.is_symlink());
+    std::fs::write(&kernel, bytes).unwrap();
+    let r = runner_with_cache(&workspace_root(), &["images", "verify"], cache.path());
+    assert_eq!(r.code, 65, "{r}");
+    assert!(
+        r.stdout.contains("corrupt") && r.stdout.contains(copy.to_str().unwrap()),
+        "{r}"
+    );
+}
