@@ -333,3 +333,105 @@ fn images_list_shows_the_cache_and_verify_finds_a_corrupt_copy() {
         "{r}"
     );
 }
+
+/// Kills and reaps a child when a failed assertion unwinds past it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_second_image_build_waits_for_the_first_and_reuses_its_image() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    // An empty private cache whose riscv64 build lock is held, as by a runner mid-build. The
+    // lock is `flock(1)`'s, released when its `cat` reads the end of its stdin.
+    let cache = tempfile::tempdir().unwrap();
+    let images = cache.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let lock = images.join(".debian-13-riscv64.lock");
+    let mut holder = Command::new("flock")
+        .arg("-x")
+        .arg(&lock)
+        .args(["-c", "echo locked; exec cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Reaped)
+        .expect("flock(1)");
+    let mut said = String::new();
+    BufReader::new(holder.0.stdout.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert_eq!(said, "locked\n");
+
+    let mut build = Command::new(e2e::runner_bin())
+        .args(["images", "build", "--arch", "riscv64"])
+        .env("RUNNER_CACHE_DIR", cache.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped)
+        .expect("runner images build");
+    let mut stderr = BufReader::new(build.0.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = stderr
+            .next()
+            .unwrap_or_else(|| panic!("ended without waiting: {seen:#?}"))
+            .unwrap();
+        seen.push(line.clone());
+        if line.contains("waiting for another runner that is building debian-13 for riscv64") {
+            break;
+        }
+    }
+
+    // "The other runner" finishes: the image appears (a copy of the shared one, which has the
+    // same recipe hash), then the lock is released.
+    let shared = e2e::cache_dir().join("images");
+    let image = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("-riscv64-")
+        })
+        .expect("a cached riscv64 image (run any riscv64 test first)");
+    let copy = images.join(image.file_name().unwrap());
+    let status = Command::new("cp")
+        .args(["-r", "--reflink=auto"])
+        .arg(&image)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    holder.0.stdin.take().unwrap().flush().unwrap();
+    assert!(holder.0.wait().unwrap().success());
+
+    // The waiting build takes the lock, finds the image and builds nothing.
+    let started = Instant::now();
+    let rest: Vec<String> = stderr.map(|l| l.unwrap()).collect();
+    let code = build.0.wait().unwrap().code();
+    assert_eq!(code, Some(0), "{seen:#?}\n{rest:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let manifest = |dir: &std::path::Path| std::fs::read(dir.join("manifest.json")).unwrap();
+    assert_eq!(manifest(&copy), manifest(&image), "the image was rebuilt");
+    let names: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".staging-")),
+        "{names:?}"
+    );
+}
