@@ -16,3 +16,4 @@ pub mod run;
 pub mod serve;
 pub mod sources;
 pub mod suite;
+pub mod text;

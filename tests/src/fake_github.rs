@@ -41,6 +41,9 @@ pub enum Failure {
     RetryAfter(u64),
     /// 403 with `x-ratelimit-remaining: 0` and `x-ratelimit-reset` SECS from now.
     RateLimitReset(u64),
+    /// 401 "Bad credentials", and the request's installation token is revoked: a caller that
+    /// retries with it is a violation (as if it had expired early).
+    Unauthorized,
 }
 
 /// One request as received.
@@ -101,6 +104,8 @@ struct Inner {
     violations: Vec<String>,
     check_runs: Vec<CheckRun>,
     tokens: Vec<String>,
+    /// Tokens answered with a 401 ([`Failure::Unauthorized`]): no longer accepted.
+    revoked: Vec<String>,
     /// (method, path prefix) → failures to answer with, in order.
     injected: Vec<(String, String, VecDeque<Failure>)>,
     next_id: u64,
@@ -252,6 +257,16 @@ impl Fake {
             .and_then(|(_, _, q)| q.pop_front())?;
         let mut response = match failure {
             Failure::ServerError => error(StatusCode::BAD_GATEWAY, "Server Error"),
+            Failure::Unauthorized => {
+                let used = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|a| a.strip_prefix("token "))
+                    .unwrap_or_default()
+                    .to_string();
+                inner.revoked.push(used);
+                error(StatusCode::UNAUTHORIZED, "Bad credentials")
+            }
             Failure::RetryAfter(s) => {
                 let mut r = error(
                     StatusCode::FORBIDDEN,
@@ -420,6 +435,9 @@ fn installation_auth(fake: &Fake, headers: &HeaderMap) -> Vec<String> {
         )],
         Some(t) if !fake.inner.lock().unwrap().tokens.iter().any(|k| k == t) => {
             vec!["token was never issued by this fake (a JWT or a made-up token?)".into()]
+        }
+        Some(t) if fake.inner.lock().unwrap().revoked.iter().any(|k| k == t) => {
+            vec!["token was refused with a 401 before and used again".into()]
         }
         Some(_) => Vec::new(),
     }

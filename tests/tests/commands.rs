@@ -308,3 +308,216 @@ fn a_broken_saved_state_falls_back_to_a_cold_boot_and_is_replaced() {
     );
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn cpus_memory_and_workspace_reach_the_guest() {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("marker.txt"), "from the host workspace\n").unwrap();
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--cpus",
+            "1",
+            "--memory",
+            "512M",
+            "--workspace",
+            ws.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo nproc=$(nproc); grep MemTotal /proc/meminfo; cat marker.txt",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stdout.contains("nproc=1\n"), "{r}");
+    let kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {r}"));
+    // The kernel keeps some for itself: below 512 MiB, and far above half of it.
+    assert!(
+        kib < 512 * 1024 && kib > 256 * 1024,
+        "MemTotal {kib} kB: {r}"
+    );
+    assert!(r.stdout.contains("from the host workspace"), "{r}");
+}
+
+#[test]
+fn doctor_lists_qemu_and_the_accelerator() {
+    let r = runner(&workspace_root(), &["doctor"]);
+    assert_eq!(r.code, 0, "{r}");
+    for arch in ["riscv64", "aarch64", "x86_64"] {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(arch))
+            .unwrap_or_else(|| panic!("no {arch} line: {r}"));
+        // `riscv64  /usr/bin/qemu-system-riscv64 10.0.2 (sandbox: yes)`
+        assert!(line.contains(" 10."), "{line}");
+    }
+    assert!(
+        r.stdout.lines().any(
+            |l| l.starts_with("kvm ") && (l.contains("usable: ") || l.contains("not usable: "))
+        ),
+        "{r}"
+    );
+}
+
+#[test]
+fn images_list_shows_the_cache_and_verify_finds_a_corrupt_copy() {
+    // A private copy of the riscv64 image in a cache of its own (not `private_cache`, whose
+    // images are the shared ones): the shared cache is never touched.
+    let cache = tempfile::tempdir().unwrap();
+    let shared = e2e::cache_dir().join("images");
+    let image = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("-riscv64-")
+        })
+        .expect("a cached riscv64 image (run any riscv64 test first)");
+    let copy = cache.path().join("images").join(image.file_name().unwrap());
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let status = Command::new("cp")
+        .args(["-r", "--reflink=auto"])
+        .arg(&image)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let r = runner_with_cache(&workspace_root(), &["images", "list"], cache.path());
+    assert_eq!(r.code, 0, "{r}");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains(copy.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("the copy is not listed: {r}"));
+    assert!(line.contains("riscv64") && line.contains(" ok "), "{line}");
+    let r = runner_with_cache(&workspace_root(), &["images", "verify"], cache.path());
+    assert_eq!(r.code, 0, "{r}");
+
+    // One flipped byte in the kernel: verify names the image and exits 65.
+    let kernel = copy.join("kernel");
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    assert!(!kernel.is_symlink());
+    std::fs::write(&kernel, bytes).unwrap();
+    let r = runner_with_cache(&workspace_root(), &["images", "verify"], cache.path());
+    assert_eq!(r.code, 65, "{r}");
+    assert!(
+        r.stdout.contains("corrupt") && r.stdout.contains(copy.to_str().unwrap()),
+        "{r}"
+    );
+}
+
+/// Kills and reaps a child when a failed assertion unwinds past it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_second_image_build_waits_for_the_first_and_reuses_its_image() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    // An empty private cache whose riscv64 build lock is held, as by a runner mid-build. The
+    // lock is `flock(1)`'s, released when its `cat` reads the end of its stdin.
+    let cache = tempfile::tempdir().unwrap();
+    let images = cache.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let lock = images.join(".debian-13-riscv64.lock");
+    let mut holder = Command::new("flock")
+        .arg("-x")
+        .arg(&lock)
+        .args(["-c", "echo locked; exec cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Reaped)
+        .expect("flock(1)");
+    let mut said = String::new();
+    BufReader::new(holder.0.stdout.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert_eq!(said, "locked\n");
+
+    let mut build = Command::new(e2e::runner_bin())
+        .args(["images", "build", "--arch", "riscv64"])
+        .env("RUNNER_CACHE_DIR", cache.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped)
+        .expect("runner images build");
+    let mut stderr = BufReader::new(build.0.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = stderr
+            .next()
+            .unwrap_or_else(|| panic!("ended without waiting: {seen:#?}"))
+            .unwrap();
+        seen.push(line.clone());
+        if line.contains("waiting for another runner that is building debian-13 for riscv64") {
+            break;
+        }
+    }
+
+    // "The other runner" finishes: the image appears (a copy of the shared one, which has the
+    // same recipe hash), then the lock is released.
+    let shared = e2e::cache_dir().join("images");
+    let image = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("-riscv64-")
+        })
+        .expect("a cached riscv64 image (run any riscv64 test first)");
+    let copy = images.join(image.file_name().unwrap());
+    let status = Command::new("cp")
+        .args(["-r", "--reflink=auto"])
+        .arg(&image)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    holder.0.stdin.take().unwrap().flush().unwrap();
+    assert!(holder.0.wait().unwrap().success());
+
+    // The waiting build takes the lock, finds the image and builds nothing.
+    let started = Instant::now();
+    let rest: Vec<String> = stderr.map(|l| l.unwrap()).collect();
+    let code = build.0.wait().unwrap().code();
+    assert_eq!(code, Some(0), "{seen:#?}\n{rest:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let manifest = |dir: &std::path::Path| std::fs::read(dir.join("manifest.json")).unwrap();
+    assert_eq!(manifest(&copy), manifest(&image), "the image was rebuilt");
+    let names: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".staging-")),
+        "{names:?}"
+    );
+}

@@ -803,6 +803,50 @@ fn bad_repositories_get_one_check_run_that_says_why() {
 }
 
 #[test]
+fn a_refused_token_is_renewed_and_the_call_retried() {
+    let keys = Keys::new();
+    let fake = FakeGithub::start(APP_ID, &keys.public_pem);
+    let cache = private_cache();
+    // GitHub refuses the first check-run call's token (revoked, expired early) and forgets it.
+    fake.inject("POST", "/repos/octo/", &[Failure::Unauthorized]);
+    let serve = Serve::start(&keys, &fake, cache.path(), "");
+    // A repository without runner.toml: one check run, no VM.
+    let (empty, sha) = git_repo(&[("README", "hello\n")]);
+    let url = empty.path().display().to_string();
+    let (code, _) = serve.deliver("check_suite", "renew-1", &check_suite("empty", &url, &sha));
+    assert_eq!(code, 202);
+    let (runs, ok) = fake.wait_for(FAST_DEADLINE, |r| completed(r, 1));
+    assert!(ok, "{runs:#?}\n{}", serve.log());
+    assert_eq!(runs[0].conclusion.as_deref(), Some("neutral"), "{runs:#?}");
+    let requests = fake.requests();
+    let tokens: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.ends_with("/access_tokens"))
+        .collect();
+    assert_eq!(tokens.len(), 2, "one token, then a new one: {requests:#?}");
+    let creates: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/repos/octo/empty/check-runs")
+        .collect();
+    assert_eq!(
+        creates.len(),
+        2,
+        "refused once, then retried: {requests:#?}"
+    );
+    assert_ne!(
+        creates[0].authorization,
+        creates[1].authorization,
+        "{requests:#?}\n{}",
+        serve.log()
+    );
+    // Nothing was sent with the revoked token after the 401.
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    let (code, log) = serve.stop("TERM");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("token refused; fetching a new one"), "{log}");
+}
+
+#[test]
 fn sigquit_drains_new_deliveries_get_503_accepted_ones_finish() {
     let keys = Keys::new();
     let fake = FakeGithub::start(APP_ID, &keys.public_pem);

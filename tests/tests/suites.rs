@@ -278,3 +278,61 @@ fn a_guest_that_powers_off_mid_step_is_a_test_failure() {
     assert_eq!(r.code, 1, "{r}");
     assert!(r.stdout.contains("powered off"), "{r}");
 }
+
+#[test]
+fn suite_selects_one_suite_and_summary_counts_its_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two suites; only `picked` runs. Its report (in the workspace the guest gets): 3 tests,
+    // one skipped.
+    let junit = r#"<testsuite name="s" tests="3" skipped="1"><testcase classname="s" name="one" time="0.2"/><testcase classname="s" name="two" time="1.5"/><testcase classname="s" name="three"><skipped/></testcase></testsuite>"#;
+    std::fs::write(dir.path().join("r.xml"), junit).unwrap();
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        r#"[defaults]
+arch = ["riscv64"]
+
+[[suite]]
+name = "picked"
+junit = ["r.xml"]
+  [[suite.step]]
+  name = "report"
+  run = "test -s r.xml"
+
+[[suite]]
+name = "other"
+  [[suite.step]]
+  name = "never"
+  run = "false"
+"#,
+    )
+    .unwrap();
+    let summary = dir.path().join("summary.md");
+    let r = runner(
+        dir.path(),
+        &[
+            "test",
+            "--suite",
+            "picked",
+            "--summary",
+            summary.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert_eq!(
+        md.matches("\n## ").count() + usize::from(md.starts_with("## ")),
+        1,
+        "{md}"
+    );
+    for frag in [
+        "## picked on riscv64: passed — 2 tests passed",
+        "| tests | passed | failed | skipped | duration |",
+        "| 3 | 2 | 0 | 1 |",
+        "| `s.two` | 1.5 s |",
+        "| `report` | passed |",
+        "| architecture | riscv64 |",
+    ] {
+        assert!(md.contains(frag), "{frag:?} not in:\n{md}");
+    }
+    assert!(!md.contains("other"), "{md}");
+}

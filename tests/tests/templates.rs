@@ -649,3 +649,67 @@ fn the_gitlab_template_check_catches_a_misspelt_flag_and_an_unknown_variable() {
     let doc = YamlLoader::load_from_str(good).unwrap().remove(0);
     assert_eq!(check_gitlab_template("good", &doc), 1);
 }
+
+/// Runs actionlint (with shellcheck for the `run:` scripts) on `files` with the project's
+/// actionlint settings; returns its findings, empty when there are none. Panics when either
+/// tool is missing: a lint that silently does not run is no lint (scripts/setup-host installs
+/// both).
+fn actionlint(files: &[PathBuf]) -> String {
+    let shellcheck = std::process::Command::new("shellcheck")
+        .arg("--version")
+        .output();
+    assert!(
+        shellcheck.is_ok_and(|o| o.status.success()),
+        "shellcheck is not installed: run scripts/setup-host"
+    );
+    let out = std::process::Command::new("actionlint")
+        .arg("-no-color")
+        .arg("-shellcheck")
+        .arg("shellcheck")
+        .arg("-config-file")
+        .arg(workspace_root().join("ci-templates/actionlint.yaml"))
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("actionlint is not installed ({e}): run scripts/setup-host"));
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Exit 1 means findings; anything else (2, 3: bad flags or config) is a broken lint.
+    match out.status.code() {
+        Some(0) => assert!(findings.trim().is_empty(), "{findings}"),
+        Some(1) => assert!(!findings.trim().is_empty()),
+        other => panic!("actionlint failed to run ({other:?}):\n{findings}"),
+    }
+    findings
+}
+
+#[test]
+fn actionlint_finds_nothing_in_the_templates() {
+    let files: Vec<PathBuf> = templates().into_iter().map(|(p, _)| p).collect();
+    let findings = actionlint(&files);
+    assert!(findings.is_empty(), "actionlint:\n{findings}");
+}
+
+#[test]
+fn actionlint_catches_an_outdated_pin_and_a_script_bug() {
+    // The lint above can fail: the nightly template with the checkout pin it had before
+    // (node20, which GitHub removed) and an unquoted variable in a script.
+    let dir = tempfile::tempdir().unwrap();
+    let original =
+        std::fs::read_to_string(workspace_root().join("ci-templates/github/nightly-matrix.yml"))
+            .unwrap();
+    let old = original
+        .replacen("actions/checkout@v7", "actions/checkout@v4", 1)
+        .replacen("run: |\n", "run: |\n          ls $RUNNER_CACHE_DIR\n", 1);
+    assert_ne!(old, original);
+    let file = dir.path().join("old.yml");
+    std::fs::write(&file, old).unwrap();
+    let findings = actionlint(&[file]);
+    assert!(
+        findings.contains("actions/checkout@v4") && findings.contains("node20"),
+        "{findings}"
+    );
+    assert!(findings.contains("SC2086"), "{findings}");
+}

@@ -42,7 +42,7 @@ fn spec(args: &MatrixArgs) -> Result<MatrixSpec, Refusal> {
                 f.display()
             )))
         }
-        Some(f) => MatrixSpec::load(f).map_err(|e| config(e.to_string()))?,
+        Some(f) => MatrixSpec::load(f).map_err(|e| config(crate::outcome::chain(&e)))?,
         None => MatrixSpec::from_suites_file(PathBuf::from(suite::SUITE_FILE_NAME)),
     };
     if !args.arch.is_empty() {

@@ -158,7 +158,7 @@ pub async fn run(args: TestArgs, settings: RunSettings, status: Status) -> i32 {
         reporters.add(Box::new(JunitReporter::new(path.clone())));
     }
     if let Some(path) = &args.summary {
-        reporters.add(Box::new(crate::github::summary::MarkdownSummary::new(
+        reporters.add(Box::new(crate::report::summary::MarkdownSummary::new(
             path.clone(),
         )));
     }

@@ -1,17 +1,13 @@
 //! Where a failure is shown in the code: annotations for failing JUnit test cases (at the
 //! file and line the report names when that file is in the repository, else on the suite in
-//! runner.toml) and for failing steps (on their `name` line in runner.toml). Also the reading
-//! of the guest's JUnit files into test cases, which the summary uses too.
+//! runner.toml) and for failing steps (on their `name` line in runner.toml). The test cases
+//! come from `report::cases`, the guest's JUnit files read once for every reporter.
 
-use std::time::Duration;
-
-use quick_junit::{NonSuccessKind, TestCaseStatus};
-
-use super::checks::{Annotation, Level};
-use super::report::{cell, mask, truncate, truncate_front, RunRecord, MAX_TITLE};
-use crate::events::GuestReport;
+use super::wire::{Annotation, Level};
 use crate::outcome::Outcome;
-use crate::report::junit_read;
+use crate::report::cases::Case;
+use crate::report::collect::RunRecord;
+use crate::text::{cell, truncate, truncate_front, MAX_CELL};
 
 /// Annotations per check run; past this the summary says how many more failed. (GitHub
 /// takes more, 50 per request, but nobody reads the 501st.)
@@ -83,92 +79,6 @@ impl SuiteLines {
     }
 }
 
-/// A test case from the guest's JUnit files.
-#[derive(Debug, Clone)]
-pub(super) struct Case {
-    pub(super) name: String,
-    pub(super) failed: bool,
-    pub(super) skipped: bool,
-    pub(super) message: String,
-    pub(super) details: String,
-    pub(super) time: Option<Duration>,
-    pub(super) file: Option<String>,
-    pub(super) line: Option<u32>,
-    /// The report it came from.
-    pub(super) source: String,
-}
-
-pub(super) fn cases(reports: &[GuestReport]) -> Vec<Case> {
-    let mut out = Vec::new();
-    for g in reports {
-        let report = match junit_read::read(&g.xml, &g.path) {
-            Ok(report) => report,
-            Err(e) => {
-                out.push(Case {
-                    name: format!("junit report {}", g.path),
-                    failed: true,
-                    skipped: false,
-                    message: e.to_string(),
-                    details: String::new(),
-                    time: None,
-                    file: None,
-                    line: None,
-                    source: g.path.clone(),
-                });
-                continue;
-            }
-        };
-        for suite in &report.test_suites {
-            for c in &suite.test_cases {
-                let name = match &c.classname {
-                    Some(cls) if !cls.is_empty() => format!("{}.{}", cls.as_str(), c.name.as_str()),
-                    _ => c.name.as_str().to_string(),
-                };
-                let extra = |k: &str| {
-                    c.extra
-                        .iter()
-                        .find(|(key, _)| key.as_str() == k)
-                        .map(|(_, v)| v.as_str().to_string())
-                };
-                let (failed, skipped, message, details) = match &c.status {
-                    TestCaseStatus::NonSuccess {
-                        kind,
-                        message,
-                        description,
-                        ..
-                    } => {
-                        let kind = match kind {
-                            NonSuccessKind::Failure => "failed",
-                            NonSuccessKind::Error => "error",
-                        };
-                        let message = message
-                            .as_ref()
-                            .map(|m| m.as_str().to_string())
-                            .filter(|m| !m.is_empty())
-                            .unwrap_or_else(|| kind.to_string());
-                        let details = description.as_ref().map(|d| d.as_str().to_string());
-                        (true, false, message, details.unwrap_or_default())
-                    }
-                    TestCaseStatus::Skipped { .. } => (false, true, String::new(), String::new()),
-                    TestCaseStatus::Success { .. } => (false, false, String::new(), String::new()),
-                };
-                out.push(Case {
-                    name,
-                    failed,
-                    skipped,
-                    message,
-                    details,
-                    time: c.time,
-                    file: extra("file"),
-                    line: extra("line").and_then(|l| l.trim().parse().ok()),
-                    source: g.path.clone(),
-                });
-            }
-        }
-    }
-    out
-}
-
 /// Turns a path from a JUnit report into one relative to the repository, if it is one.
 fn repo_path(file: &str, exists: &dyn Fn(&str) -> bool) -> Option<String> {
     let rel = file
@@ -188,7 +98,7 @@ pub(super) fn annotations(
     suite_file: &str,
     lines: &SuiteLines,
     exists: &dyn Fn(&str) -> bool,
-    secrets: &[String],
+    mask: &dyn Fn(&str) -> String,
 ) -> Vec<Annotation> {
     let arch = run.id.arch.name();
     let suite_line = lines.suite(&run.id.suite);
@@ -200,15 +110,15 @@ pub(super) fn annotations(
             .and_then(|f| repo_path(f, exists))
             .map(|p| (p, c.line.unwrap_or(1).max(1)));
         let (path, line) = located.unwrap_or_else(|| (suite_file.to_string(), suite_line));
-        let message = mask(&c.message, secrets);
-        let details = mask(&c.details, secrets);
+        let message = mask(&c.message);
+        let details = mask(&c.details);
         out.push(Annotation {
             path,
             start_line: line,
             end_line: line,
             annotation_level: Level::Failure,
             message: truncate(&message, MAX_ANNOTATION_TEXT).to_string(),
-            title: Some(truncate(&format!("{} failed on {arch}", c.name), MAX_TITLE).to_string()),
+            title: Some(truncate(&format!("{} failed on {arch}", c.name), MAX_CELL).to_string()),
             raw_details: (!details.is_empty())
                 .then(|| truncate(&details, MAX_ANNOTATION_TEXT).to_string())
                 .or_else(|| Some(format!("from {}", c.source))),
@@ -224,7 +134,7 @@ pub(super) fn annotations(
             Outcome::TimedOut => "timed out".into(),
             _ => continue,
         };
-        let tail = mask(&st.output_tail, secrets);
+        let tail = mask(&st.output_tail);
         let last: Vec<&str> = tail.lines().collect();
         let last = last[last.len().saturating_sub(STEP_DETAIL_LINES)..].join("\n");
         let line = lines.step(&run.id.suite, &st.name);
@@ -234,9 +144,7 @@ pub(super) fn annotations(
             end_line: line,
             annotation_level: Level::Failure,
             message: format!("step '{}' {what} on {arch}", cell(&st.name)),
-            title: Some(
-                truncate(&format!("{} / {}", run.id.suite, st.name), MAX_TITLE).to_string(),
-            ),
+            title: Some(truncate(&format!("{} / {}", run.id.suite, st.name), MAX_CELL).to_string()),
             raw_details: (!last.is_empty())
                 .then(|| truncate_front(&last, MAX_ANNOTATION_TEXT).to_string()),
         });
@@ -247,6 +155,8 @@ pub(super) fn annotations(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::events::GuestReport;
+    use crate::report::cases::cases;
 
     pub(crate) const SUITE_TOML: &str = r#"[defaults]
 arch = ["riscv64"]

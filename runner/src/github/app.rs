@@ -212,7 +212,7 @@ impl App {
                     return Err(AppError::Refused {
                         installation,
                         status: status.as_u16(),
-                        body: super::report::truncate(&body, 300).to_string(),
+                        body: crate::text::truncate(&body, 300).to_string(),
                     })
                 }
             }

@@ -12,13 +12,14 @@ use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
 use super::app::App;
-use super::checks::{
-    Annotation, CheckRunUpdate, Checks, Completion, Conclusion, Level, NewCheckRun, Output, Repo,
+use super::check_output::{self, SuiteLines};
+use super::checks::Checks;
+use super::payload::Target;
+use super::reporter::{self, CheckRunReporter, RenderContext};
+use super::wire::{
+    self, Annotation, CheckRunUpdate, Completion, Conclusion, Level, NewCheckRun, Output, Repo,
     Status,
 };
-use super::payload::Target;
-use super::report::{self, SuiteLines};
-use super::reporter::{self, CheckRunReporter, RenderContext};
 use crate::events::Reporters;
 use crate::outcome::Outcome;
 use crate::run::execute::run_suite;
@@ -88,8 +89,36 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         }
     };
     let secrets = vec![token.0.clone()];
+    // Each step reports its own failure on the commit and then answers `None`.
+    let Some(dir) = fetch_sources(&shared, &repo, &target, &token.0, &secrets).await else {
+        return;
+    };
+    let src = dir.path().join("src");
+    let Some((file, lines)) = read_suite_file_at(&shared, &repo, &target, &src).await else {
+        return;
+    };
+    let Some(plans) = plans_for(&shared, &repo, &target, &file, &lines, dir.path(), only).await
+    else {
+        return;
+    };
+    let render = RenderContext {
+        suite_file: SUITE_FILE_NAME.into(),
+        lines,
+        checkout: src,
+        secrets,
+    };
+    queue_and_run(shared, repo, target, plans, render, Arc::new(dir)).await;
+}
 
-    // 1. The sources, on the host.
+/// Step 1: the commit's sources, on the host, in a new directory under the work dir (its
+/// `src/`).
+async fn fetch_sources(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    token: &str,
+    secrets: &[String],
+) -> Option<tempfile::TempDir> {
     let dir = match tempfile::Builder::new()
         .prefix("github-")
         .tempdir_in(&shared.work_dir)
@@ -100,12 +129,10 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 "cannot create a checkout directory in {}: {e}",
                 shared.work_dir.display()
             );
-            whole_commit_failure(&shared, &repo, &target, "could not fetch the sources", &msg)
-                .await;
-            return;
+            whole_commit_failure(shared, repo, target, "could not fetch the sources", &msg).await;
+            return None;
         }
     };
-    let src = dir.path().join("src");
     let https = target.clone_url.starts_with("https://") || target.clone_url.starts_with("http://");
     let checkout = Checkout {
         url: target.clone_url.clone(),
@@ -113,8 +140,8 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
         refspecs: target.refspecs.clone(),
         depth: Some(CLONE_DEPTH),
         strategy: GitStrategy::Clone,
-        auth: https.then(|| ("x-access-token".to_string(), token.0.clone())),
-        dest: src.clone(),
+        auth: https.then(|| ("x-access-token".to_string(), token.to_string())),
+        dest: dir.path().join("src"),
         timeout: shared.clone_timeout,
         protocols: shared.git_protocols.clone(),
     };
@@ -132,43 +159,50 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "checked out {}",
                 done.sha
-            )
+            );
+            Some(dir)
         }
         Err(sources::SourceError::Cancelled) => {
             tracing::info!("shutting down before the checkout finished; nothing reported");
-            return;
+            None
         }
         Err(e) => {
-            let msg = report::mask(&super::chain(&e), &secrets);
+            let msg = check_output::mask(&super::chain(&e), secrets);
             tracing::warn!(error = %msg, "checkout failed");
-            whole_commit_failure(&shared, &repo, &target, "could not fetch the sources", &msg)
-                .await;
-            return;
+            whole_commit_failure(shared, repo, target, "could not fetch the sources", &msg).await;
+            None
         }
     }
+}
 
-    // 2. runner.toml at that commit.
+/// Step 2: runner.toml at that commit, parsed and allowed by this service.
+async fn read_suite_file_at(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    src: &Path,
+) -> Option<(SuiteFile, SuiteLines)> {
     let suite_path = src.join(SUITE_FILE_NAME);
     let text = match read_suite_file(&suite_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!("no runner.toml; one neutral check run says how to add one");
-            let output = report::missing_suite_file();
+            let output = check_output::missing_suite_file();
             create_completed(
-                &shared,
-                &repo,
-                &target,
+                shared,
+                repo,
+                target,
                 CHECK_PREFIX,
                 Conclusion::Neutral,
                 output,
             )
             .await;
-            return;
+            return None;
         }
         Err(e) => {
             let msg = format!("cannot read runner.toml: {e}");
-            bad_suite_file(&shared, &repo, &target, &msg, 1).await;
-            return;
+            bad_suite_file(shared, repo, target, &msg, 1).await;
+            return None;
         }
     };
     let file = match SuiteFile::parse(&suite_path, &text) {
@@ -187,38 +221,51 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 other => (1, format!("{SUITE_FILE_NAME}: {}", error_text(other))),
             };
             tracing::info!(error = %message, "malformed runner.toml");
-            bad_suite_file(&shared, &repo, &target, &message, line).await;
-            return;
+            bad_suite_file(shared, repo, target, &message, line).await;
+            return None;
         }
     };
     let lines = SuiteLines::scan(&text);
-    if let Err((message, line)) = allowed(&file, &src, shared.allow_host_setup, &lines) {
-        bad_suite_file(&shared, &repo, &target, &message, line).await;
-        return;
+    if let Err((message, line)) = allowed(&file, src, shared.allow_host_setup, &lines) {
+        bad_suite_file(shared, repo, target, &message, line).await;
+        return None;
     }
+    Some((file, lines))
+}
 
-    // 3. Plans: runner.toml's architectures, else the service's.
+/// Step 3: the plans — runner.toml's architectures, else the service's; only the one named
+/// by `only` when a single check run was re-requested. Results go under `dir`/out.
+async fn plans_for(
+    shared: &Shared,
+    repo: &Repo,
+    target: &Target,
+    file: &SuiteFile,
+    lines: &SuiteLines,
+    dir: &Path,
+    only: Option<String>,
+) -> Option<Vec<SuitePlan>> {
     let arches = if file.defaults.arch.is_empty() {
         shared.default_arches.clone()
     } else {
         file.defaults.arch.clone()
     };
     let overrides = Overrides {
-        out: Some(dir.path().join("out")),
+        out: Some(dir.join("out")),
         ..Default::default()
     };
-    let mut plans = match plan::plan_suites(&file, &[], &arches, &overrides) {
+    let mut plans = match plan::plan_suites(file, &[], &arches, &overrides) {
         Ok(p) => p,
         Err(message) => {
-            bad_suite_file(&shared, &repo, &target, &relative(&message, &src), 1).await;
-            return;
+            let message = relative(&message, &dir.join("src"));
+            bad_suite_file(shared, repo, target, &message, 1).await;
+            return None;
         }
     };
     // Nothing starts that asks for more than the operator allows: one check run names the cap.
-    if let Err((message, line)) = within_limits(&shared.limits, &plans, &lines) {
+    if let Err((message, line)) = within_limits(&shared.limits, &plans, lines) {
         tracing::info!(error = %message, "runner.toml asks for more than this service allows");
-        bad_suite_file(&shared, &repo, &target, &message, line).await;
-        return;
+        bad_suite_file(shared, repo, target, &message, line).await;
+        return None;
     }
     for plan in &mut plans {
         shared.limits.apply(plan);
@@ -230,18 +277,21 @@ async fn run_inner(shared: Arc<Shared>, target: Target, only: Option<String>) {
                 external_id = only,
                 "re-requested check run names a suite × arch this commit no longer has"
             );
-            return;
+            return None;
         }
     }
+    Some(plans)
+}
 
-    // 4. One queued check run per plan, then the runs themselves.
-    let render = RenderContext {
-        suite_file: SUITE_FILE_NAME.into(),
-        lines,
-        checkout: src.clone(),
-        secrets,
-    };
-    let dir = Arc::new(dir);
+/// Step 4: one queued check run per plan, then the runs themselves; returns when all ended.
+async fn queue_and_run(
+    shared: Arc<Shared>,
+    repo: Repo,
+    target: Target,
+    plans: Vec<SuitePlan>,
+    render: RenderContext,
+    dir: Arc<tempfile::TempDir>,
+) {
     let mut runs = tokio::task::JoinSet::new();
     for plan in plans {
         let new = NewCheckRun {
@@ -298,7 +348,7 @@ async fn run_plan(
     let slot = tokio::select! {
         slot = shared.ctx.scheduler.acquire(plan.memory_mib) => slot,
         _ = shutdown.aborting() => {
-            let (conclusion, headline) = report::conclusion(&Outcome::Cancelled);
+            let (conclusion, headline) = check_output::conclusion(&Outcome::Cancelled);
             let output = Output {
                 title: format!("{} on {}: {headline}", plan.id.suite, plan.id.arch),
                 summary: "The runner service shut down before this suite got a VM. Re-run the check to try again.".into(),
@@ -396,7 +446,7 @@ async fn bad_suite_file(shared: &Shared, repo: &Repo, target: &Target, message: 
         title: "runner.toml cannot be used".into(),
         summary: format!(
             "Nothing was run: `{SUITE_FILE_NAME}` at this commit has a problem.\n\n```text\n{}\n```\n\nThe format is described in the runner's README; `runner test` reports the same problem locally.",
-            report::truncate(message, 4000).replace("```", "'''")
+            crate::text::truncate(message, 4000).replace("```", "'''")
         ),
         text: None,
         annotations: vec![Annotation {
@@ -404,7 +454,7 @@ async fn bad_suite_file(shared: &Shared, repo: &Repo, target: &Target, message: 
             start_line: line,
             end_line: line,
             annotation_level: Level::Failure,
-            message: report::truncate(message, 4000).to_string(),
+            message: crate::text::truncate(message, 4000).to_string(),
             title: Some("runner.toml cannot be used".into()),
             raw_details: None,
         }],
@@ -425,7 +475,7 @@ async fn whole_commit_failure(
         title: format!("infrastructure error, not a test failure: {what}"),
         summary: format!(
             "The runner could not start on this commit.\n\n```text\n{}\n```\n\nRe-run the check once the cause is fixed.",
-            report::truncate(message, 4000).replace("```", "'''")
+            crate::text::truncate(message, 4000).replace("```", "'''")
         ),
         ..Default::default()
     };
@@ -450,21 +500,20 @@ async fn create_completed(
     output: Output,
 ) {
     let mut output = output;
-    let extra: Vec<Annotation> =
-        if output.annotations.len() > super::checks::MAX_ANNOTATIONS_PER_REQUEST {
-            output
-                .annotations
-                .split_off(super::checks::MAX_ANNOTATIONS_PER_REQUEST)
-        } else {
-            Vec::new()
-        };
+    let extra: Vec<Annotation> = if output.annotations.len() > wire::MAX_ANNOTATIONS_PER_REQUEST {
+        output
+            .annotations
+            .split_off(wire::MAX_ANNOTATIONS_PER_REQUEST)
+    } else {
+        Vec::new()
+    };
     let new = NewCheckRun {
         name: name.to_string(),
         head_sha: target.sha.clone(),
         status: Status::Completed,
         external_id: EXTERNAL_ID_ALL.into(),
         conclusion: Some(conclusion),
-        completed_at: Some(super::checks::timestamp(SystemTime::now())),
+        completed_at: Some(wire::timestamp(SystemTime::now())),
         output: Some(output.clone()),
     };
     match shared.checks.create(repo, &new).await {
@@ -475,7 +524,7 @@ async fn create_completed(
                 title = output.title,
                 "check run created"
             );
-            for chunk in super::checks::batches(&extra) {
+            for chunk in wire::batches(&extra) {
                 let update = CheckRunUpdate {
                     output: Some(Output {
                         title: output.title.clone(),

@@ -3,22 +3,24 @@
 //!
 //! How a delivery flows through the modules:
 //! `service` (axum: body cap, answer at once) → `webhook` (signature, de-duplication) →
-//! `events` (payload → what to run) → `job` (checkout, runner.toml, plans, scheduler slot,
-//! `execute::run_suite`) → `reporter` (events → milestones) → `report` (conclusion, summary, text)
-//! and `annotate` (annotations) → `checks` (Checks API, batching, `retry`) with tokens from `app`.
+//! `payload` (payload → what to run) → `job` (checkout, runner.toml, plans, scheduler slot,
+//! `execute::run_suite`) → `reporter` (events → milestones, via `report::collect`) →
+//! `check_output` (conclusion, `report::summary`, log text) and `annotate` (annotations) →
+//! `checks` (Checks API, `retry`) with tokens from `app`. Leaves: `wire` (the API's shapes
+//! and limits), `retry`, `config`.
 
 pub mod annotate;
 pub mod app;
+pub mod check_output;
 pub mod checks;
 pub mod config;
 pub mod job;
 pub mod payload;
-pub mod report;
 pub mod reporter;
 pub mod retry;
 pub mod service;
-pub mod summary;
 pub mod webhook;
+pub mod wire;
 
 use std::sync::Arc;
 

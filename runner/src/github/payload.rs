@@ -101,7 +101,7 @@ pub enum Trigger {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {event} payload: {source}")]
+#[error("invalid {event} payload")]
 pub struct PayloadError {
     pub event: String,
     #[source]
@@ -195,6 +195,17 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Trigger, PayloadError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_bad_payload_names_its_cause_once() {
+        let Err(e) = parse("check_suite", b"{not json") else {
+            panic!("parsed")
+        };
+        let line = crate::outcome::chain(&e);
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+        assert!(line.starts_with("invalid check_suite payload"), "{line}");
+    }
 
     fn repo(full: &str) -> serde_json::Value {
         let (owner, name) = full.split_once('/').unwrap();

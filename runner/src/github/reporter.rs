@@ -3,86 +3,15 @@
 //! report needs (steps, a bounded log tail) and sends two milestones — VM booted, suite
 //! finished — through a channel to [`publish`], an async task that PATCHes the check run.
 
-use std::time::SystemTime;
-
-use engine::bounded::TailBuffer;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::checks::{
-    CheckRunUpdate, Checks, ChecksError, Completion, Conclusion, Output, Repo, Status,
-};
-use super::report::{self, RunRecord, SuiteLines};
-use crate::events::{Event, Reporter, StepRecord};
-
-/// Guest output kept for `output.text` (GitHub shows at most 64 KiB anyway).
-const LOG_TAIL_BYTES: usize = 60 * 1024;
-
-/// What the publishing task is told.
-#[derive(Debug)]
-pub enum Milestone {
-    Booted { at: SystemTime, vm_id: String },
-    Finished(Box<RunRecord>),
-}
-
-/// Collects what a report of one run needs from the event stream: its steps and a bounded
-/// tail of its output. Shared by the check-run reporter and `runner test --summary`.
-#[derive(Debug)]
-pub struct RunCollector {
-    steps: Vec<StepRecord>,
-    log: TailBuffer,
-}
-
-impl Default for RunCollector {
-    fn default() -> Self {
-        RunCollector {
-            steps: Vec::new(),
-            log: TailBuffer::new(LOG_TAIL_BYTES),
-        }
-    }
-}
-
-impl RunCollector {
-    /// Takes in one event; returns a milestone when one was reached.
-    pub fn on_event(&mut self, event: &Event) -> Option<Milestone> {
-        match event {
-            Event::VmBooted { facts, .. } => {
-                return Some(Milestone::Booted {
-                    at: SystemTime::now(),
-                    vm_id: facts.vm_id.clone(),
-                })
-            }
-            Event::StepStarted { step, .. } => {
-                self.log.push(format!("\n--- step {step}\n").as_bytes());
-            }
-            Event::Output { bytes, .. } => self.log.push(bytes),
-            Event::Note { message } => self.log.push(format!("runner: {message}\n").as_bytes()),
-            Event::StepFinished { .. } => self.steps.extend(StepRecord::from_event(event)),
-            Event::SuiteFinished {
-                id,
-                outcome,
-                duration,
-                facts,
-                reports,
-                ..
-            } => {
-                let run = RunRecord {
-                    id: id.clone(),
-                    outcome: outcome.clone(),
-                    duration: *duration,
-                    facts: facts.clone(),
-                    steps: std::mem::take(&mut self.steps),
-                    reports: reports.clone(),
-                    log_tail: self.log.text(),
-                };
-                self.log = TailBuffer::new(LOG_TAIL_BYTES);
-                return Some(Milestone::Finished(Box::new(run)));
-            }
-            Event::SuiteStarted { .. } | Event::ImageProgress { .. } | Event::VmBooting { .. } => {}
-        }
-        None
-    }
-}
+use super::check_output::{self, SuiteLines};
+use super::checks::{Checks, ChecksError};
+use super::wire::{CheckRunUpdate, Completion, Conclusion, Output, Repo, Status};
+use crate::events::{Event, Reporter};
+pub use crate::report::collect::Milestone;
+use crate::report::collect::RunCollector;
 
 /// Collects a run's results and hands milestones to [`publish`].
 #[derive(Debug)]
@@ -142,7 +71,7 @@ pub async fn publish(
                     tracing::info!(vm_id, "VM booted; check run in progress");
                     let update = CheckRunUpdate {
                         status: Some(Status::InProgress),
-                        started_at: Some(super::checks::timestamp(at)),
+                        started_at: Some(super::wire::timestamp(at)),
                         ..Default::default()
                     };
                     if let Err(e) = checks.update(&repo, id, &update).await {
@@ -152,7 +81,7 @@ pub async fn publish(
                 }
                 Milestone::Finished(run) => {
                     let exists = |p: &str| render.checkout.join(p).is_file();
-                    let r = report::render(
+                    let r = check_output::render(
                         &run,
                         &render.suite_file,
                         &render.lines,
@@ -208,8 +137,8 @@ pub async fn finish(checks: &Checks, repo: &Repo, id: u64, completion: Completio
                     title: title.clone(),
                     summary: format!(
                         "{}\n\n*GitHub refused this run's annotations or log ({}); see the runner service's log.*",
-                        report::truncate(&summary, 60_000),
-                        report::truncate(&super::chain(&e), 500)
+                        crate::text::truncate(&summary, 60_000),
+                        crate::text::truncate(&super::chain(&e), 500)
                     ),
                     ..Default::default()
                 },
@@ -230,70 +159,5 @@ pub async fn finish(checks: &Checks, repo: &Repo, id: u64, completion: Completio
             error = %super::chain(&e),
             "FINAL RESULT NOT DELIVERED: GitHub refused or could not be reached after all retries"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::events::{RunId, VmFacts};
-    use crate::outcome::Outcome;
-    use std::time::Duration;
-
-    #[test]
-    fn collector_turns_events_into_milestones() {
-        let id = RunId {
-            suite: "unit".into(),
-            arch: engine::Arch::Riscv64,
-        };
-        let mut c = RunCollector::default();
-        assert!(c
-            .on_event(&Event::SuiteStarted {
-                id: id.clone(),
-                steps: 1
-            })
-            .is_none());
-        let booted = c.on_event(&Event::VmBooted {
-            id: id.clone(),
-            facts: VmFacts {
-                vm_id: "vm-1".into(),
-                ..Default::default()
-            },
-        });
-        assert!(matches!(booted, Some(Milestone::Booted { vm_id, .. }) if vm_id == "vm-1"));
-        c.on_event(&Event::StepStarted {
-            id: id.clone(),
-            step: "t".into(),
-            index: 0,
-        });
-        // More output than the tail keeps: only the end survives.
-        c.on_event(&Event::Output {
-            id: id.clone(),
-            bytes: vec![b'x'; LOG_TAIL_BYTES * 2],
-        });
-        c.on_event(&Event::Output {
-            id: id.clone(),
-            bytes: b"the end\n".to_vec(),
-        });
-        c.on_event(&Event::StepFinished {
-            id: id.clone(),
-            step: "t".into(),
-            outcome: Outcome::Passed,
-            duration: Duration::from_secs(1),
-            output_tail: String::new(),
-        });
-        let Some(Milestone::Finished(run)) = c.on_event(&Event::SuiteFinished {
-            id: id.clone(),
-            outcome: Outcome::Passed,
-            duration: Duration::from_secs(2),
-            facts: VmFacts::default(),
-            reports: Vec::new(),
-            artifacts: Vec::new(),
-        }) else {
-            panic!("no Finished milestone")
-        };
-        assert_eq!(run.steps.len(), 1);
-        assert!(run.log_tail.len() <= LOG_TAIL_BYTES);
-        assert!(run.log_tail.ends_with("the end\n"));
     }
 }

@@ -114,22 +114,14 @@ pub fn tail(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[...]\n{}", &text[start..])
+    format!("[...]\n{}", crate::text::truncate_front(text, max))
 }
 
 fn head(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n[...]", &text[..end])
+    format!("{}\n[...]", crate::text::truncate(text, max))
 }
 
 /// The tests of one attempt: its steps, the testcases of its guest JUnit reports, and a

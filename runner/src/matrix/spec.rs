@@ -56,7 +56,7 @@ pub const DEFAULT_SLOWDOWN_MIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
-    #[error("cannot read the matrix file {path}: {source}")]
+    #[error("cannot read the matrix file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -506,6 +506,15 @@ fn parse_duration(what: &str, t: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_file_names_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = MatrixSpec::load(&dir.path().join("nope.toml")).unwrap_err();
+        let line = crate::outcome::chain(&e);
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+    }
 
     const SUITES: &str = r#"
 [defaults]

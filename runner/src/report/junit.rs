@@ -71,11 +71,10 @@ fn excerpt(text: &str) -> String {
     if text.len() <= OUTPUT_EXCERPT_BYTES {
         return text.to_string();
     }
-    let mut start = text.len() - OUTPUT_EXCERPT_BYTES;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[... output truncated ...]\n{}", &text[start..])
+    format!(
+        "[... output truncated ...]\n{}",
+        crate::text::truncate_front(text, OUTPUT_EXCERPT_BYTES)
+    )
 }
 
 fn facts_properties(suite: &mut TestSuite, id: &RunId, facts: &VmFacts) {

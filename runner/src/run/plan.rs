@@ -292,6 +292,148 @@ pub fn plan_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    const FILE: &str = r#"[defaults]
+image = "debian-13"
+cpus = 2
+memory = "1G"
+timeout = "10m"
+step_timeout = "5m"
+
+[[suite]]
+name = "unit"
+timeout = "2m"
+  [[suite.step]]
+  name = "short"
+  run = "true"
+  timeout = "30s"
+  [[suite.step]]
+  name = "long"
+  run = "true"
+  timeout = "1h"
+
+[[suite]]
+name = "riscv-only"
+arch = ["riscv64"]
+  [[suite.step]]
+  name = "t"
+  run = "true"
+"#;
+
+    fn file() -> SuiteFile {
+        SuiteFile::parse(Path::new("proj/runner.toml"), FILE).unwrap()
+    }
+
+    fn ids(plans: &[SuitePlan]) -> Vec<String> {
+        plans
+            .iter()
+            .map(|p| format!("{}/{}", p.id.suite, p.id.arch))
+            .collect()
+    }
+
+    #[test]
+    fn suites_times_arches_leaving_out_suites_for_other_arches() {
+        let f = file();
+        let both = [Arch::Riscv64, Arch::Aarch64];
+        // (suite names asked for, arches, expected suite/arch pairs in order)
+        let cases: [(&[&str], &[Arch], &[&str]); 4] = [
+            // Every suite on every arch it runs on, arch by arch.
+            (
+                &[],
+                &both,
+                &["unit/riscv64", "riscv-only/riscv64", "unit/aarch64"],
+            ),
+            // Only the suites named.
+            (&["unit"], &both, &["unit/riscv64", "unit/aarch64"]),
+            (&["riscv-only"], &[Arch::Riscv64], &["riscv-only/riscv64"]),
+            (&[], &[Arch::X86_64], &["unit/x86_64"]),
+        ];
+        for (names, arches, want) in cases {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let plans = plan_suites(&f, &names, arches, &Overrides::default()).unwrap();
+            assert_eq!(ids(&plans), want, "{names:?} on {arches:?}");
+        }
+        // An unknown suite names the known ones; a suite on no asked arch is an error.
+        let e = plan_suites(&f, &["nope".into()], &both, &Overrides::default()).unwrap_err();
+        assert!(
+            e.contains("no suite named 'nope' (suites: unit, riscv-only)"),
+            "{e}"
+        );
+        let e = plan_suites(
+            &f,
+            &["riscv-only".into()],
+            &[Arch::X86_64],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("no suite runs on x86_64"), "{e}");
+    }
+
+    #[test]
+    fn step_timeouts_are_capped_at_the_suite_timeout() {
+        let plans = plan_suites(
+            &file(),
+            &["unit".into()],
+            &[Arch::Riscv64],
+            &Overrides::default(),
+        )
+        .unwrap();
+        let p = &plans[0];
+        assert_eq!(p.timeout, Duration::from_secs(120));
+        let steps: Vec<_> = p
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.timeout))
+            .collect();
+        // `long` asks for an hour but the suite has two minutes.
+        assert_eq!(
+            steps,
+            [
+                ("short", Duration::from_secs(30)),
+                ("long", Duration::from_secs(120))
+            ]
+        );
+        // A command-line timeout replaces the suite's, and caps the steps again.
+        let ov = Overrides {
+            timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let p = &plan_suites(&file(), &["unit".into()], &[Arch::Riscv64], &ov).unwrap()[0];
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert!(p.steps.iter().all(|s| s.timeout == Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn overrides_replace_the_files_defaults() {
+        let f = file();
+        let p = &plan_suites(&f, &[], &[Arch::Riscv64], &Overrides::default()).unwrap()[0];
+        // The file's own settings, results under ./runner-out, the project beside the file.
+        assert_eq!(
+            (p.cpus, p.memory_mib, p.image.as_str()),
+            (2, 1024, "debian-13")
+        );
+        assert_eq!(p.out_dir, Path::new("runner-out/unit-riscv64"));
+        assert_eq!(p.repository_recipes, RepositoryRecipes::Refused);
+        let ov = Overrides {
+            image: Some("debian-12".parse().unwrap()),
+            repository_recipes: true,
+            timeout: None,
+            cpus: Some(1),
+            memory_mib: Some(512),
+            out: Some("elsewhere".into()),
+        };
+        let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];
+        assert_eq!(
+            (p.cpus, p.memory_mib, p.image.as_str()),
+            (1, 512, "debian-12")
+        );
+        assert_eq!(p.out_dir, Path::new("elsewhere/unit-riscv64"));
+        assert_eq!(
+            p.repository_recipes,
+            RepositoryRecipes::Honoured("proj".into())
+        );
+    }
 
     #[test]
     fn when_decides_which_steps_run() {

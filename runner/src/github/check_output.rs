@@ -4,47 +4,20 @@
 //! the guest's JUnit files and the suite file's text in, GitHub's shapes out — within
 //! GitHub's limits.
 
-use std::fmt::Write as _;
-use std::time::Duration;
-
+use super::annotate;
 pub use super::annotate::SuiteLines;
-use super::annotate::{self, Case};
-use super::checks::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
-use crate::events::{GuestReport, RunId, StepRecord, VmFacts};
+use super::wire::{Annotation, Conclusion, Output, MAX_OUTPUT_CHARS};
 pub use crate::mask::mask;
-use crate::outcome::{InfraKind, Outcome};
+use crate::outcome::Outcome;
+use crate::report::cases::{cases, Case};
+use crate::report::collect::RunRecord;
+use crate::report::summary;
+use crate::text::{truncate, truncate_front};
 
-/// Failing tests listed in the summary, and slowest tests shown.
-const LIST_FAILING: usize = 50;
-const LIST_SLOWEST: usize = 10;
 /// Longest run of backticks in a log kept as it is in `output.text` (longer runs are quoted).
 const MAX_FENCE: usize = 64;
+/// Longest check-run title we send.
 pub(super) const MAX_TITLE: usize = 200;
-
-/// Cuts `s` to at most `max` bytes, at a character boundary (keeps the start). Bytes, not
-/// characters: a text within `max` bytes is within `max` characters whichever GitHub counts.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// Cuts `s` to at most `max` bytes, keeping the end.
-pub fn truncate_front(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
 
 /// `s` within GitHub's output limit, with a note when something was cut.
 fn fit_output(s: String) -> String {
@@ -55,70 +28,18 @@ fn fit_output(s: String) -> String {
     format!("{}{NOTE}", truncate(&s, MAX_OUTPUT_CHARS - NOTE.len()))
 }
 
-/// One line of untrusted text made safe inside a markdown table cell or inline code.
-pub(super) fn cell(s: &str) -> String {
-    let one_line: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    truncate(&one_line, MAX_TITLE)
-        .replace('|', "\\|")
-        .replace('`', "'")
-}
-
-fn secs(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{} ms", d.as_millis())
-    } else {
-        format!("{:.1} s", d.as_secs_f64())
-    }
-}
-
 /// The check run's conclusion and headline for `outcome`: THE mapping from the one
 /// classification. An infrastructure error is a failure whose title says it was not the
 /// tests' fault.
 pub fn conclusion(outcome: &Outcome) -> (Conclusion, String) {
-    match outcome {
-        Outcome::Passed => (Conclusion::Success, "passed".into()),
-        Outcome::Skipped => (Conclusion::Skipped, "skipped".into()),
-        Outcome::Failed { .. } => (Conclusion::Failure, outcome.to_string()),
-        Outcome::TimedOut => (
-            Conclusion::TimedOut,
-            "timed out (the VM was stopped)".into(),
-        ),
-        Outcome::Cancelled => (
-            Conclusion::Cancelled,
-            "cancelled (the runner service stopped or the run was superseded)".into(),
-        ),
-        Outcome::InfraError { kind, message } => {
-            let what = match kind {
-                InfraKind::Config => "bad configuration",
-                InfraKind::Host => "the host lacks something",
-                InfraKind::Image => "base image unusable",
-                InfraKind::Boot => "the VM did not boot",
-                InfraKind::Agent => "the VM failed after boot",
-                InfraKind::Io => "host I/O failed",
-            };
-            let first = message.lines().next().unwrap_or_default();
-            (
-                Conclusion::Failure,
-                format!("infrastructure error, not a test failure: {what}: {first}"),
-            )
-        }
-    }
-}
-
-/// Everything known about one suite × arch run when it ends.
-#[derive(Debug, Clone)]
-pub struct RunRecord {
-    pub id: RunId,
-    pub outcome: Outcome,
-    pub duration: Duration,
-    pub facts: VmFacts,
-    pub steps: Vec<StepRecord>,
-    pub reports: Vec<GuestReport>,
-    /// The tail of the guest's output over all steps.
-    pub log_tail: String,
+    let conclusion = match outcome {
+        Outcome::Passed => Conclusion::Success,
+        Outcome::Skipped => Conclusion::Skipped,
+        Outcome::Failed { .. } | Outcome::InfraError { .. } => Conclusion::Failure,
+        Outcome::TimedOut => Conclusion::TimedOut,
+        Outcome::Cancelled => Conclusion::Cancelled,
+    };
+    (conclusion, summary::headline(outcome))
 }
 
 /// What to show on a finished check run.
@@ -139,126 +60,13 @@ pub fn render(
     exists: &dyn Fn(&str) -> bool,
     secrets: &[String],
 ) -> Rendered {
-    let (conclusion, headline) = conclusion(&run.outcome);
-    let all = annotate::cases(&run.reports);
+    let (conclusion, _) = conclusion(&run.outcome);
+    let mask = |t: &str| mask(t, secrets);
+    let all = cases(&run.reports);
     let failing: Vec<&Case> = all.iter().filter(|c| c.failed).collect();
-    let skipped = all.iter().filter(|c| c.skipped).count();
-    let passed = all.len() - failing.len() - skipped;
-    let arch = run.id.arch.name();
+    let summary = summary::render(run, &all, &mask);
 
-    let title = if all.is_empty() {
-        format!("{} on {arch}: {headline}", run.id.suite)
-    } else if failing.is_empty() {
-        format!(
-            "{} on {arch}: {headline} — {} tests passed",
-            run.id.suite, passed
-        )
-    } else {
-        format!(
-            "{} on {arch}: {headline} — {} of {} tests failed",
-            run.id.suite,
-            failing.len(),
-            all.len()
-        )
-    };
-
-    let mut s = String::new();
-    let _ = writeln!(s, "## {}\n", cell(&title));
-    if let Outcome::InfraError { message, .. } = &run.outcome {
-        let _ = writeln!(
-            s,
-            "The run did not get to a verdict on the tests: the runner or its VM failed.\n\n```text\n{}\n```\n",
-            truncate(&mask(message, secrets), 4000).replace("```", "'''")
-        );
-    }
-    if all.is_empty() {
-        // No JUnit report: the steps are the tests.
-        let count = |f: fn(&Outcome) -> bool| run.steps.iter().filter(|st| f(&st.outcome)).count();
-        let _ = writeln!(
-            s,
-            "| steps | passed | failed | skipped | duration |\n|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} |\n",
-            run.steps.len(),
-            count(|o| *o == Outcome::Passed),
-            count(|o| !o.is_success()),
-            count(|o| *o == Outcome::Skipped),
-            secs(run.duration)
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "| tests | passed | failed | skipped | duration |\n|---:|---:|---:|---:|---:|\n| {} | {passed} | {} | {skipped} | {} |\n",
-            all.len(),
-            failing.len(),
-            secs(run.duration)
-        );
-    }
-    if !failing.is_empty() {
-        let _ = writeln!(s, "### Failing tests\n");
-        for c in failing.iter().take(LIST_FAILING) {
-            let _ = writeln!(
-                s,
-                "- `{}` — {}",
-                cell(&c.name),
-                cell(&mask(&c.message, secrets))
-            );
-        }
-        if failing.len() > LIST_FAILING {
-            let _ = writeln!(s, "- … and {} more", failing.len() - LIST_FAILING);
-        }
-        s.push('\n');
-    }
-    if !run.steps.is_empty() {
-        let _ = writeln!(
-            s,
-            "### Steps\n\n| step | result | duration |\n|---|---|---:|"
-        );
-        for st in &run.steps {
-            let _ = writeln!(
-                s,
-                "| `{}` | {} | {} |",
-                cell(&st.name),
-                cell(&st.outcome.to_string()),
-                secs(st.duration)
-            );
-        }
-        s.push('\n');
-    }
-    let mut timed: Vec<&Case> = all.iter().filter(|c| c.time.is_some()).collect();
-    timed.sort_by_key(|c| std::cmp::Reverse(c.time));
-    if !timed.is_empty() {
-        let _ = writeln!(s, "### Slowest tests\n\n| test | time |\n|---|---:|");
-        for c in timed.iter().take(LIST_SLOWEST) {
-            let _ = writeln!(
-                s,
-                "| `{}` | {} |",
-                cell(&c.name),
-                secs(c.time.unwrap_or_default())
-            );
-        }
-        s.push('\n');
-    }
-    let f = &run.facts;
-    let _ = writeln!(
-        s,
-        "### Environment\n\n| | |\n|---|---|\n| architecture | {arch} |"
-    );
-    for (k, v) in [
-        ("image", f.image.as_str()),
-        ("accelerator", f.accel.as_str()),
-        ("QEMU", f.qemu_version.as_str()),
-        ("guest kernel", f.kernel_version.as_str()),
-        ("VM start", f.start.as_str()),
-        ("VM id", f.vm_id.as_str()),
-    ] {
-        if !v.is_empty() {
-            let _ = writeln!(s, "| {k} | {} |", cell(v));
-        }
-    }
-    if let Some(b) = f.boot_time {
-        let _ = writeln!(s, "| boot time | {} |", secs(b));
-    }
-
-    let log = mask(&run.log_tail, secrets);
+    let log = mask(&run.log_tail);
     let text = if log.trim().is_empty() {
         None
     } else {
@@ -285,12 +93,12 @@ pub fn render(
         ))
     };
 
-    let annotations = annotate::annotations(run, &failing, suite_file, lines, exists, secrets);
+    let annotations = annotate::annotations(run, &failing, suite_file, lines, exists, &mask);
     Rendered {
         conclusion,
         output: Output {
-            title: truncate(&title, MAX_TITLE).to_string(),
-            summary: fit_output(s),
+            title: truncate(&summary.title, MAX_TITLE).to_string(),
+            summary: fit_output(summary.markdown),
             text: text.map(fit_output),
             annotations: Vec::new(),
         },
@@ -316,9 +124,13 @@ Try it locally first with `runner test --arch riscv64`."
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{GuestReport, RunId, StepRecord, VmFacts};
     use crate::github::annotate::tests::SUITE_TOML;
     use crate::github::annotate::MAX_ANNOTATIONS;
+    use crate::outcome::InfraKind;
     use engine::Arch;
+    use std::fmt::Write as _;
+    use std::time::Duration;
 
     #[test]
     fn every_outcome_maps_to_one_conclusion() {
@@ -363,11 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn truncation_respects_char_boundaries_and_limits() {
-        // "é" is two bytes: cutting at an odd byte must step back.
-        assert_eq!(truncate("éé", 3), "é");
-        assert_eq!(truncate_front("éé", 3), "é");
-        assert_eq!(truncate("abc", 10), "abc");
+    fn output_is_cut_to_githubs_limit() {
         let huge = "ü".repeat(70_000);
         let fitted = fit_output(huge.clone());
         assert!(fitted.len() <= MAX_OUTPUT_CHARS, "{}", fitted.len());
