@@ -744,7 +744,9 @@ fn bad_repositories_get_one_check_run_that_says_why() {
     let r = runs.iter().find(|r| r.repo == "octo/evil").unwrap();
     assert_eq!(r.conclusion.as_deref(), Some("failure"), "{r:#?}");
     assert!(
-        r.summary().contains("images/ recipes are not used here"),
+        // Refused before any lookup: the image is not one the operator allows.
+        r.summary()
+            .contains("image = evil is not allowed on this service (allowed: debian-13)"),
         "{}",
         r.summary()
     );

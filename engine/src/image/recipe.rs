@@ -46,8 +46,17 @@ const MAX_NAME_LEN: usize = 64;
 /// An image's name: a plain word, never a path (`[A-Za-z0-9][A-Za-z0-9._-]*`, not ending in
 /// `.toml`). Names come from runner.toml, job payloads and the command line; only a name is
 /// ever looked up, in the places a [`RecipeLookup`] allows.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct ImageName(String);
+
+impl TryFrom<String> for ImageName {
+    type Error = InvalidImageName;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
 
 /// Why a string is not an [`ImageName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -41,6 +41,7 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         tracing::info!(swept, "removed leftovers of earlier runs");
     }
     settings.vms_dir = Some(vms_dir);
+    settings.recipe_dir = config.recipe_dir.clone();
     let host = HostResources::detect();
     let scheduler = Arc::new(Scheduler::new(config.concurrent, host));
     tracing::info!(

@@ -49,11 +49,18 @@ pub struct GithubConfig {
     /// Transports git may fetch with (`GIT_ALLOW_PROTOCOL`); a local path counts as "file".
     #[serde(default = "default_protocols")]
     pub git_protocols: Vec<String>,
+    /// Images a repository's runner.toml may name (built-in or in the serve config's
+    /// `recipe_dir`); default: only the built-in `debian-13`.
+    #[serde(default = "default_images")]
+    pub allowed_images: Vec<engine::image::ImageName>,
     /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
     #[serde(default)]
     pub limits: LimitsConfig,
 }
 
+fn default_images() -> Vec<engine::image::ImageName> {
+    vec!["debian-13".parse().expect("a valid image name")]
+}
 fn default_webhook_path() -> String {
     "/github/webhook".into()
 }
@@ -211,6 +218,20 @@ mod tests {
             "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/nonexistent\"\n{extra}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn allowed_images_are_names() {
+        assert_eq!(parse("").allowed_images, vec!["debian-13".parse().unwrap()]);
+        let c = parse("allowed_images = [\"debian-13\", \"ci-heavy\"]");
+        assert_eq!(c.allowed_images.len(), 2);
+        // A path is never an image name: refused when the config is read.
+        let e = toml::from_str::<GithubConfig>(
+            "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/k\"\nallowed_images = [\"../x.toml\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not an image name"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Transports git may fetch with.
     pub git_protocols: Vec<String>,
+    /// Images a runner.toml may name.
+    pub allowed_images: Vec<engine::image::ImageName>,
     /// Where checkouts are made (one temporary directory per job).
     pub work_dir: PathBuf,
     /// Permits for [`PARALLEL_CHECKOUTS`].
@@ -262,7 +264,9 @@ async fn plans_for(
         }
     };
     // Nothing starts that asks for more than the operator allows: one check run names the cap.
-    if let Err((message, line)) = within_limits(&shared.limits, &plans, lines) {
+    let allowed = within_limits(&shared.limits, &plans, lines)
+        .and_then(|()| allowed_images(&shared.allowed_images, &plans, lines));
+    if let Err((message, line)) = allowed {
         tracing::info!(error = %message, "runner.toml asks for more than this service allows");
         bad_suite_file(shared, repo, target, &message, line).await;
         return None;
@@ -423,6 +427,30 @@ fn within_limits(
         limits
             .check_plan(plan)
             .map_err(|e| (e.to_string(), lines.suite(&plan.id.suite)))?;
+    }
+    Ok(())
+}
+
+/// Every plan's image is one the operator allows: a repository cannot make this host build
+/// an image it did not choose.
+fn allowed_images(
+    allowed: &[engine::image::ImageName],
+    plans: &[SuitePlan],
+    lines: &SuiteLines,
+) -> Result<(), (String, u32)> {
+    for plan in plans {
+        if !allowed.contains(&plan.image) {
+            let names: Vec<&str> = allowed.iter().map(|i| i.as_str()).collect();
+            return Err((
+                format!(
+                    "suite '{}' image = {} is not allowed on this service (allowed: {}); use one of those or ask the operator to add it to allowed_images",
+                    plan.id.suite,
+                    plan.image.as_str(),
+                    names.join(", ")
+                ),
+                lines.suite(&plan.id.suite),
+            ));
+        }
     }
     Ok(())
 }

@@ -92,6 +92,7 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
         clone_timeout,
         limits: config.limits().map_err(ServeError::Config)?,
         git_protocols: config.git_protocols.clone(),
+        allowed_images: config.allowed_images.clone(),
         work_dir,
         checkouts: tokio::sync::Semaphore::new(job::PARALLEL_CHECKOUTS),
     });

@@ -32,6 +32,9 @@ pub struct ServeConfig {
     pub runners: Vec<RunnerEntry>,
     /// The GitHub App, if this service is one.
     pub github: Option<GithubConfig>,
+    /// The operator's own image recipes (`NAME.toml`), beside the built-in ones. Trusted:
+    /// only the operator writes here. A repository's `images/` is never used by the service.
+    pub recipe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -89,6 +92,17 @@ impl ServeConfig {
             source,
         })?;
         let config = ServeConfig::parse(path, &text)?;
+        if let Some(dir) = &config.recipe_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid {
+                    path: path.into(),
+                    message: format!(
+                        "recipe_dir {} is not a directory; create it or remove the key",
+                        dir.display()
+                    ),
+                });
+            }
+        }
         // The files the [github] section names must be usable now, not at the first webhook.
         if let Some(gh) = &config.github {
             gh.credentials().map_err(|message| ConfigError::Invalid {
@@ -121,6 +135,12 @@ impl ServeConfig {
         if config.runners.is_empty() && config.github.is_none() {
             return Err(invalid(
                 "nothing to serve: add a [[runners]] entry (GitLab) or a [github] section".into(),
+            ));
+        }
+        if config.recipe_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "recipe_dir must be an absolute path (the service's working directory is not the operator's)"
+                    .into(),
             ));
         }
         if config.concurrent == 0 {
@@ -208,6 +228,34 @@ limit = 2
         let e = parse("concurent = 2\n").unwrap_err().to_string();
         assert!(
             e.starts_with("serve.toml:1:1: ") && e.contains("concurent"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn recipe_dir_is_an_absolute_directory() {
+        let entry = "[[runners]]\nname = \"r\"\nurl = \"u\"\ntoken = \"t\"\narch = \"riscv64\"\n";
+        let e = parse(&format!("recipe_dir = \"images\"\n{entry}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recipe_dir must be an absolute path"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let c = parse(&format!(
+            "recipe_dir = \"{}\"\n{entry}",
+            dir.path().display()
+        ))
+        .unwrap();
+        assert_eq!(c.recipe_dir.as_deref(), Some(dir.path()));
+        // A directory that does not exist is refused when the file is loaded.
+        let file = dir.path().join("serve.toml");
+        std::fs::write(
+            &file,
+            format!("recipe_dir = \"/nonexistent/recipes\"\n{entry}"),
+        )
+        .unwrap();
+        let e = ServeConfig::load(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("recipe_dir /nonexistent/recipes is not a directory"),
             "{e}"
         );
     }
