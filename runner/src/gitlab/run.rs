@@ -225,7 +225,7 @@ async fn execute(
             "section_start:{}:get_sources\r\x1b[0K\x1b[36;1mGetting source from Git repository ({:?}, {})\x1b[0;m\n",
             unix_now(),
             checkout.strategy,
-            short(&checkout.sha)
+            sources::short(&checkout.sha)
         ));
         let result = sources::checkout(&checkout, cancel.clone()).await;
         match result {
@@ -234,7 +234,7 @@ async fn execute(
                 if !done.log.ends_with('\n') && !done.log.is_empty() {
                     say("\n");
                 }
-                say(&format!("Checked out {}\n", short(&done.sha)));
+                say(&format!("Checked out {}\n", sources::short(&done.sha)));
                 prepared.plan.workspace = Some(WorkspacePlan {
                     root: checkout.dest.clone(),
                     exclude: Vec::new(),
@@ -382,10 +382,6 @@ impl Drop for FetchGuard<'_> {
             s.remove(&self.dir);
         }
     }
-}
-
-fn short(sha: &str) -> &str {
-    sha.get(..8).unwrap_or(sha)
 }
 
 #[cfg(test)]
