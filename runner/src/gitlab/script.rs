@@ -25,10 +25,7 @@ pub fn step_script(lines: &[String]) -> String {
     s
 }
 
-/// Single-quotes `s` for sh/bash (no character is special inside single quotes but `'`).
-pub fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
+pub use engine::shell::quote;
 
 #[cfg(test)]
 mod tests {

@@ -521,7 +521,7 @@ async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
     let parents: Vec<String> = files
         .iter()
         .filter_map(|f| std::path::Path::new(&f.path).parent())
-        .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
+        .map(|p| engine::shell::quote(&p.display().to_string()))
         .collect();
     let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
     let script = format!("umask 077; mkdir -p {}", parents.join(" "));
