@@ -9,6 +9,7 @@ pub mod child;
 pub mod image;
 pub mod qemu;
 pub mod shell;
+pub mod size;
 pub mod vm;
 
 pub use arch::Arch;
