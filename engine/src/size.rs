@@ -66,7 +66,9 @@ impl Memory {
     pub fn from_bytes(bytes: u64) -> Result<Memory, MemoryError> {
         const MIB: u64 = 1 << 20;
         let mib = bytes / MIB;
-        if bytes % MIB != 0 || !(Memory::MIN_MIB as u64..=Memory::MAX_MIB as u64).contains(&mib) {
+        if !bytes.is_multiple_of(MIB)
+            || !(Memory::MIN_MIB as u64..=Memory::MAX_MIB as u64).contains(&mib)
+        {
             return Err(MemoryError::OutOfRange);
         }
         Ok(Memory { mib: mib as u32 })
