@@ -3,6 +3,8 @@
 //! fails ends the step with its exit status (`set -eo pipefail`, plus an explicit check after
 //! each line because `set -e` is ignored inside `if`, `&&` chains and functions).
 
+use engine::shell::quote;
+
 /// The whole bash script for `lines`.
 pub fn step_script(lines: &[String]) -> String {
     let mut s = String::from("set -eo pipefail\nset +o noclobber\n");
@@ -24,8 +26,6 @@ pub fn step_script(lines: &[String]) -> String {
     }
     s
 }
-
-pub use engine::shell::quote;
 
 #[cfg(test)]
 mod tests {
