@@ -8,6 +8,8 @@ pub mod bounded;
 pub mod child;
 pub mod image;
 pub mod qemu;
+pub mod shell;
+pub mod size;
 pub mod vm;
 
 pub use arch::Arch;

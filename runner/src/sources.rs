@@ -427,7 +427,8 @@ pub fn is_sha(s: &str) -> bool {
     matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn short(sha: &str) -> &str {
+/// The first eight characters of a commit SHA, as logs show it (all of it when shorter).
+pub fn short(sha: &str) -> &str {
     sha.get(..8).unwrap_or(sha)
 }
 

@@ -51,6 +51,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use engine::image::ImageName;
+use engine::size::{parse_size, Memory};
 use engine::Arch;
 use serde::Deserialize;
 use toml::Spanned;
@@ -202,27 +203,6 @@ impl Suite {
     }
 }
 
-/// Parses a size such as "512M", "1G", "1024K" or "2GiB" (binary units, any case); a plain
-/// integer is bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (number, suffix) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let invalid = || format!("invalid size '{s}'; use e.g. \"512M\" (suffixes: K, M, G, T)");
-    let number: u64 = number.parse().map_err(|_| invalid())?;
-    let suffix = suffix.trim().to_ascii_uppercase();
-    let shift = match suffix.strip_suffix("IB").unwrap_or(&suffix) {
-        // A bare "iB" is not a unit, so "" counts only when there was no suffix at all.
-        "" if suffix.is_empty() => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(invalid()),
-    };
-    let too_large = || format!("size '{s}' is too large");
-    number.checked_mul(1 << shift).ok_or_else(too_large)
-}
-
 // Stage 1: what serde reads. Values that validation can reject keep their span so that the
 // error can point at them; optional lists are `Option`s to need no `#[serde(default)]`.
 
@@ -362,9 +342,9 @@ fn defaults(raw: RawDefaults) -> Result<Defaults, Problem> {
     })?;
     let memory_mib = match &raw.memory {
         None => 1024,
-        Some(memory) => match size(memory, "defaults.memory", MIB)? {
-            b if b % MIB == 0 && (128..=64 * 1024).contains(&(b / MIB)) => (b / MIB) as u32,
-            _ => bail!(memory => "defaults.memory must be a whole number of MiB in 128M..=64G"),
+        Some(memory) => match Memory::from_bytes(size(memory, "defaults.memory", MIB)?) {
+            Ok(m) => m.mib(),
+            Err(e) => bail!(memory => "defaults.memory {e}"),
         },
     };
     Ok(Defaults {
@@ -761,24 +741,6 @@ step = [{ name = "only", run = "true" }]
         let cases = [("abc", 0, (1, 1)), ("abc", 2, (1, 3)), ("a\nbc", 3, (2, 2)), ("é\né=", 5, (2, 2)), ("a\n", 2, (2, 1))];
         for (text, offset, want) in cases {
             assert_eq!(line_column(text, offset), want, "{text:?}@{offset}");
-        }
-    }
-
-    #[test]
-    fn parse_size_cases() {
-        // (input, bytes or None for an error)
-        #[rustfmt::skip]
-        let cases = [
-            ("512", Some(512)), ("0", Some(0)), // a plain integer is bytes; callers reject zero
-            ("1024K", Some(1 << 20)), ("512M", Some(512 << 20)), ("1G", Some(1 << 30)), ("1T", Some(1 << 40)),
-            ("1g", Some(1 << 30)), ("2GiB", Some(2 << 30)), // any case, and the explicit binary spelling
-            (" 3 M ", Some(3 << 20)), // spaces around and inside are fine
-            ("", None), ("M", None), ("1.5G", None), ("-1G", None), ("12X", None), // not sizes
-            ("1iB", None),            // "iB" alone is not a unit
-            ("99999999999G", None),   // overflows u64
-        ];
-        for (input, want) in cases {
-            assert_eq!(parse_size(input).ok(), want, "{input:?}");
         }
     }
 }

@@ -480,9 +480,9 @@ impl Vm {
         // daemon left by a user's step keeps writing there, and its lines must not end up in
         // (say) the runner's list of result files. Only the tail is kept, then read back.
         // A shell of its own keeps `-e` in force (it is off inside an `a && b || c` list).
-        let quoted = script.replace('\'', "'\\''");
+        let quoted = crate::shell::quote(script);
         let wrapped = format!(
-            "/bin/sh -e -c '{quoted}' >{SCRIPT_OUTPUT} 2>&1 && status=0 || status=$?\n\
+            "/bin/sh -e -c {quoted} >{SCRIPT_OUTPUT} 2>&1 && status=0 || status=$?\n\
              tail -c {keep} {SCRIPT_OUTPUT} >{SCRIPT_OUTPUT}.tail; rm -f {SCRIPT_OUTPUT}\n\
              exit $status\n"
         );

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use engine::image::InvalidImageName;
+use engine::size::Memory;
 use engine::Arch;
 use tokio::sync::watch;
 
@@ -47,12 +48,9 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
     let memory_mib = args
         .memory
         .as_deref()
-        .map(|m| match suite::parse_size(m) {
-            Ok(b) if (128 << 20..=64 << 30).contains(&b) => Ok((b >> 20) as u32),
-            _ => Err(Refusal(
-                format!("--memory '{m}' must be a size between 128M and 64G"),
-                exit::USAGE,
-            )),
+        .map(|m| match Memory::parse(m) {
+            Ok(m) => Ok(m.mib()),
+            Err(e) => Err(Refusal(format!("--memory '{m}': {e}"), exit::USAGE)),
         })
         .transpose()?;
     if let Some(c) = args.cpus {

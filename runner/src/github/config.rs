@@ -146,7 +146,7 @@ impl GithubConfig {
 
     /// The body cap in bytes.
     pub fn max_body(&self) -> Result<usize, String> {
-        match crate::suite::parse_size(&self.max_body_size) {
+        match engine::size::parse_size(&self.max_body_size) {
             Ok(b) if (1024..=(1 << 30)).contains(&b) => Ok(b as usize),
             _ => Err(format!(
                 "[github] max_body_size '{}' must be a size between 1K and 1G, e.g. \"25M\"",

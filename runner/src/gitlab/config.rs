@@ -88,13 +88,9 @@ impl RunnerEntry {
 
     /// Guest memory in MiB, or why `memory` is not a size.
     pub fn memory_mib(&self) -> Result<u32, String> {
-        match crate::suite::parse_size(&self.memory) {
-            Ok(b) if (128 << 20..=64 << 30).contains(&b) => Ok((b >> 20) as u32),
-            _ => Err(format!(
-                "runner '{}': memory '{}' must be a size between 128M and 64G",
-                self.name, self.memory
-            )),
-        }
+        engine::size::Memory::parse(&self.memory)
+            .map(|m| m.mib())
+            .map_err(|e| format!("runner '{}': memory '{}': {e}", self.name, self.memory))
     }
 
     /// Checks what serde could not and fills in [`RunnerEntry::limits`].

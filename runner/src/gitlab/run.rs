@@ -213,7 +213,7 @@ async fn execute(
             "section_start:{}:get_sources\r\x1b[0K\x1b[36;1mGetting source from Git repository ({:?}, {})\x1b[0;m\n",
             unix_now(),
             checkout.strategy,
-            short(&checkout.sha)
+            sources::short(&checkout.sha)
         ));
         let result = sources::checkout(&checkout, cancel.clone()).await;
         match result {
@@ -222,7 +222,7 @@ async fn execute(
                 if !done.log.ends_with('\n') && !done.log.is_empty() {
                     say("\n");
                 }
-                say(&format!("Checked out {}\n", short(&done.sha)));
+                say(&format!("Checked out {}\n", sources::short(&done.sha)));
                 // The sources are packed in memory for the guest: the operator's cap first.
                 let cap = entry.limits.max_workspace;
                 match sources::tree_size(&checkout.dest) {
@@ -388,10 +388,6 @@ impl Drop for FetchGuard<'_> {
             s.remove(&self.dir);
         }
     }
-}
-
-fn short(sha: &str) -> &str {
-    sha.get(..8).unwrap_or(sha)
 }
 
 #[cfg(test)]

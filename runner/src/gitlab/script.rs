@@ -3,6 +3,8 @@
 //! fails ends the step with its exit status (`set -eo pipefail`, plus an explicit check after
 //! each line because `set -e` is ignored inside `if`, `&&` chains and functions).
 
+use engine::shell::quote;
+
 /// The whole bash script for `lines`.
 pub fn step_script(lines: &[String]) -> String {
     let mut s = String::from("set -eo pipefail\nset +o noclobber\n");
@@ -23,11 +25,6 @@ pub fn step_script(lines: &[String]) -> String {
         );
     }
     s
-}
-
-/// Single-quotes `s` for sh/bash (no character is special inside single quotes but `'`).
-pub fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use engine::size::Memory;
 use engine::Arch;
 use serde::Deserialize;
 
@@ -266,11 +267,9 @@ impl MatrixSpec {
         let memory_mib = raw
             .memory
             .as_deref()
-            .map(|m| match suite::parse_size(m) {
-                Ok(b) if (128 << 20..=64 << 30).contains(&b) => Ok((b >> 20) as u32),
-                _ => Err(invalid(format!(
-                    "memory = '{m}' must be a size between 128M and 64G"
-                ))),
+            .map(|m| match Memory::parse(m) {
+                Ok(m) => Ok(m.mib()),
+                Err(e) => Err(invalid(format!("memory = '{m}': {e}"))),
             })
             .transpose()?;
         let selector = |e: &RawEntry, what: &str| -> Result<Selector, MatrixError> {

@@ -20,9 +20,10 @@ use tokio::sync::watch;
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
 use crate::exit;
 use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
-use crate::run::plan::{GuestFile, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::run::guest::Guest;
+use crate::run::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::run::platform;
-use crate::run::transfer;
+
 use crate::run::workspace;
 
 /// Deadline for the agent's first answer on a normal boot (TCG on a busy host included).
@@ -384,24 +385,53 @@ async fn run_timed(
     outcome
 }
 
-async fn in_vm(
+/// Inside the booted guest: files in, the steps, results out.
+async fn in_vm<G: Guest>(
     plan: &SuitePlan,
-    vm: &mut Vm,
+    guest: &mut G,
     archive: Option<Vec<u8>>,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
     deadline: tokio::time::Instant,
     mut interrupt: watch::Receiver<bool>,
 ) -> Outcome {
-    let id = plan.id.clone();
-    if let Some(archive) = archive {
-        if let Err(o) = transfer::copy_in(vm, &archive).await {
-            return o;
-        }
-    }
-    if let Err(o) = write_files(vm, &plan.files).await {
+    if let Err(o) = guest.prepare(plan, archive).await {
         return o;
     }
+    let mut so_far = match run_steps(plan, guest, reporters, state, deadline, &mut interrupt).await
+    {
+        Steps::AllRan(so_far) => so_far,
+        Steps::CutShort(outcome) => return outcome,
+    };
+    // An interrupt that came while only cleanup steps ran still ends the run as cancelled.
+    if *interrupt.borrow() && so_far.is_success() {
+        so_far = Outcome::Cancelled;
+    }
+    // Results come back even when a step failed: that is when they matter most.
+    let results = guest
+        .collect_results(plan, &mut state.reports, &mut state.artifacts)
+        .await;
+    Outcome::combine(&[so_far, results])
+}
+
+/// How the step loop ended.
+enum Steps {
+    /// Every step ran or was skipped: results can be collected.
+    AllRan(Outcome),
+    /// The guest can do nothing more (it died or broke, or a timed-out command still runs
+    /// in it and no later step needs it): the run ends here, without results.
+    CutShort(Outcome),
+}
+
+/// Runs the plan's steps in order, each only if its `when` fits how the suite is going.
+async fn run_steps<G: Guest>(
+    plan: &SuitePlan,
+    guest: &mut G,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+    deadline: tokio::time::Instant,
+    interrupt: &mut watch::Receiver<bool>,
+) -> Steps {
     let base_env = guest_env(plan);
     // How the suite is going so far; decides which steps still run.
     let mut so_far = Outcome::Passed;
@@ -412,160 +442,215 @@ async fn in_vm(
             so_far = Outcome::Cancelled;
         }
         if !step.when.runs(so_far.is_success()) {
-            state.steps_done += 1;
-            reporters.emit(Event::StepFinished {
-                id: id.clone(),
-                step: step.name.clone(),
-                outcome: Outcome::Skipped,
-                duration: Duration::ZERO,
-                output_tail: String::new(),
-            });
+            skip_step(plan, step, reporters, state);
             continue;
         }
         reporters.emit(Event::StepStarted {
-            id: id.clone(),
+            id: plan.id.clone(),
             step: step.name.clone(),
             index: index + plan.host_setup.len(),
         });
-        let mut env = base_env.clone();
-        env.push(("RUNNER_STEP".into(), step.name.clone()));
-        env.extend(step.env.iter().cloned());
-        let env = last_wins(env);
         let (timeout, stop) = match step.when {
             StepWhen::OnSuccess => (
                 step.timeout
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
-                &mut interrupt,
+                &mut *interrupt,
             ),
             _ => (step.timeout, &mut never),
         };
-        let current = state.current.insert(RunningStep::new(&step.name));
-        let mut live = |bytes: &[u8]| {
-            current.tail.push(bytes);
-            reporters.emit(Event::Output {
-                id: id.clone(),
-                bytes: bytes.to_vec(),
-            });
-        };
-        let result = vm
-            .run_stoppable(
-                &step.command,
-                GUEST_WORKSPACE,
-                &env,
-                timeout,
-                stop,
-                &mut live,
-            )
-            .await;
-        let outcome = match result {
-            Ok(CommandEnd::Exited(0)) => Outcome::Passed,
-            Ok(CommandEnd::Exited(code)) => Outcome::Failed {
-                exit_code: Some(code),
-                signal: None,
-            },
-            Ok(CommandEnd::Signaled(sig)) => Outcome::Failed {
-                exit_code: None,
-                signal: Some(sig),
-            },
-            Ok(CommandEnd::NotFound) => {
-                if let GuestCommand::Argv(argv) = &step.command {
-                    reporters.emit(Event::Note {
-                        message: format!(
-                            "exit 127: `{}` was not found in the guest (is it installed in the image?)",
-                            argv[0]
-                        ),
-                    });
-                }
-                Outcome::Failed {
-                    exit_code: Some(exit::COMMAND_NOT_FOUND),
-                    signal: None,
-                }
+        let env = step_env(&base_env, step);
+        let end = run_step(plan, step, guest, &env, timeout, stop, reporters, state).await;
+        let outcome = match end {
+            StepEnd::Ended(outcome) => outcome,
+            StepEnd::GuestGone(failed) => {
+                return Steps::CutShort(Outcome::combine(&[so_far, failed]))
             }
-            Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
-            Ok(CommandEnd::Stopped) => Outcome::Cancelled,
-            // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
-            // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
-            Err(VmError::Died {
-                clean_exit: true, ..
-            }) => {
-                let why =
-                    "\nrunner: the guest powered off, rebooted or panicked during this step\n";
-                current.tail.push(why.as_bytes());
-                reporters.emit(Event::Output {
-                    id: id.clone(),
-                    bytes: why.as_bytes().to_vec(),
-                });
-                // Nothing more can run in it.
-                let finished = state.current.take().expect("set above");
-                state.steps_done += 1;
-                let failed = Outcome::Failed {
-                    exit_code: None,
-                    signal: None,
-                };
-                reporters.emit(Event::StepFinished {
-                    id: id.clone(),
-                    step: step.name.clone(),
-                    outcome: failed.clone(),
-                    duration: finished.started.elapsed(),
-                    output_tail: finished.tail.text(),
-                });
-                return Outcome::combine(&[so_far, failed]);
-            }
-            Err(e) => vm_error(&e, true),
         };
-        let finished = state.current.take().expect("set above");
-        state.steps_done += 1;
-        reporters.emit(Event::StepFinished {
+        so_far = match after_step(plan, index, so_far, outcome) {
+            Next::Continue(so_far) => so_far,
+            Next::StopCommandThenContinue(so_far) => match guest.stop_command().await {
+                Ok(()) => so_far,
+                Err(e) => return Steps::CutShort(Outcome::combine(&[so_far, vm_error(&e, true)])),
+            },
+            Next::Finish(so_far) => return Steps::CutShort(so_far),
+        };
+    }
+    Steps::AllRan(so_far)
+}
+
+/// Reports a step whose `when` does not fit as skipped.
+fn skip_step(
+    plan: &SuitePlan,
+    step: &StepPlan,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+) {
+    state.steps_done += 1;
+    reporters.emit(Event::StepFinished {
+        id: plan.id.clone(),
+        step: step.name.clone(),
+        outcome: Outcome::Skipped,
+        duration: Duration::ZERO,
+        output_tail: String::new(),
+    });
+}
+
+/// The step's environment: the suite's, then `RUNNER_STEP`, then the step's own (last wins).
+fn step_env(base_env: &[(String, String)], step: &StepPlan) -> Vec<(String, String)> {
+    let mut env = base_env.to_vec();
+    env.push(("RUNNER_STEP".into(), step.name.clone()));
+    env.extend(step.env.iter().cloned());
+    last_wins(env)
+}
+
+/// How one step's command ended, as the loop needs it.
+enum StepEnd {
+    /// The step has an outcome and was reported finished.
+    Ended(Outcome),
+    /// The guest powered off, rebooted or panicked during the step: it failed, and nothing
+    /// more can run.
+    GuestGone(Outcome),
+}
+
+/// Runs one step with live output and reports it finished.
+#[allow(clippy::too_many_arguments)]
+async fn run_step<G: Guest>(
+    plan: &SuitePlan,
+    step: &StepPlan,
+    guest: &mut G,
+    env: &[(String, String)],
+    timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+) -> StepEnd {
+    let id = &plan.id;
+    let current = state.current.insert(RunningStep::new(&step.name));
+    let mut live = |bytes: &[u8]| {
+        current.tail.push(bytes);
+        reporters.emit(Event::Output {
             id: id.clone(),
-            step: step.name.clone(),
-            outcome: outcome.clone(),
-            duration: finished.started.elapsed(),
-            output_tail: finished.tail.text(),
+            bytes: bytes.to_vec(),
         });
-        match &outcome {
-            Outcome::Passed => {}
-            Outcome::Failed { .. } if step.allow_failure => {}
-            Outcome::Failed { .. } => so_far = Outcome::combine(&[so_far, outcome]),
-            Outcome::TimedOut | Outcome::Cancelled => {
-                if !(step.allow_failure && outcome == Outcome::TimedOut) {
-                    so_far = Outcome::combine(&[so_far, outcome]);
-                }
-                // The command still runs. Kill it only when a later step needs the VM;
-                // otherwise the VM goes, and the command with it.
-                let succeeded = so_far.is_success();
-                let more = plan.steps[index + 1..]
-                    .iter()
-                    .any(|s| s.when.runs(succeeded));
-                if !more {
-                    return so_far;
-                }
-                if let Err(e) = vm.stop_command().await {
-                    return Outcome::combine(&[so_far, vm_error(&e, true)]);
-                }
+    };
+    let result = guest
+        .run_step(&step.command, env, timeout, stop, &mut live)
+        .await;
+    let (outcome, gone) = match result {
+        Ok(CommandEnd::NotFound) => {
+            // Only when the wrapper found argv[0] missing; a 127 from inside the command
+            // is the guest's own message, already in the output.
+            if let GuestCommand::Argv(argv) = &step.command {
+                reporters.emit(Event::Note {
+                    message: format!(
+                        "exit 127: `{}` was not found in the guest (is it installed in the image?)",
+                        argv[0]
+                    ),
+                });
             }
-            // A broken VM: nothing more can run in it.
-            _ => return Outcome::combine(&[so_far, outcome]),
+            (step_outcome(CommandEnd::NotFound), false)
         }
+        Ok(end) => (step_outcome(end), false),
+        // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
+        // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
+        Err(VmError::Died {
+            clean_exit: true, ..
+        }) => {
+            let why = "\nrunner: the guest powered off, rebooted or panicked during this step\n";
+            live(why.as_bytes());
+            let failed = Outcome::Failed {
+                exit_code: None,
+                signal: None,
+            };
+            (failed, true)
+        }
+        Err(e) => (vm_error(&e, true), false),
+    };
+    let finished = state.current.take().expect("set above");
+    state.steps_done += 1;
+    reporters.emit(Event::StepFinished {
+        id: id.clone(),
+        step: step.name.clone(),
+        outcome: outcome.clone(),
+        duration: finished.started.elapsed(),
+        output_tail: finished.tail.text(),
+    });
+    if gone {
+        StepEnd::GuestGone(outcome)
+    } else {
+        StepEnd::Ended(outcome)
     }
-    // An interrupt that came while only cleanup steps ran still ends the run as cancelled.
-    if *interrupt.borrow() && so_far.is_success() {
-        so_far = Outcome::Cancelled;
+}
+
+/// A step's outcome from how its command ended.
+fn step_outcome(end: CommandEnd) -> Outcome {
+    match end {
+        CommandEnd::Exited(0) => Outcome::Passed,
+        CommandEnd::Exited(code) => Outcome::Failed {
+            exit_code: Some(code),
+            signal: None,
+        },
+        CommandEnd::Signaled(sig) => Outcome::Failed {
+            exit_code: None,
+            signal: Some(sig),
+        },
+        CommandEnd::NotFound => Outcome::Failed {
+            exit_code: Some(exit::COMMAND_NOT_FOUND),
+            signal: None,
+        },
+        CommandEnd::TimedOut => Outcome::TimedOut,
+        CommandEnd::Stopped => Outcome::Cancelled,
     }
-    // Results come back even when a step failed: that is when they matter most.
-    let results =
-        transfer::collect_results(plan, vm, &mut state.reports, &mut state.artifacts).await;
-    Outcome::combine(&[so_far, results])
+}
+
+/// What the loop does after a step.
+#[derive(Debug, PartialEq)]
+enum Next {
+    Continue(Outcome),
+    /// The step's command still runs and a later step needs the guest: kill it first.
+    StopCommandThenContinue(Outcome),
+    Finish(Outcome),
+}
+
+/// Folds step `index`'s `outcome` into `so_far` and decides what comes next.
+fn after_step(plan: &SuitePlan, index: usize, so_far: Outcome, outcome: Outcome) -> Next {
+    let step = &plan.steps[index];
+    match &outcome {
+        Outcome::Passed => Next::Continue(so_far),
+        Outcome::Failed { .. } if step.allow_failure => Next::Continue(so_far),
+        Outcome::Failed { .. } => Next::Continue(Outcome::combine(&[so_far, outcome])),
+        Outcome::TimedOut | Outcome::Cancelled => {
+            let so_far = if step.allow_failure && outcome == Outcome::TimedOut {
+                so_far
+            } else {
+                Outcome::combine(&[so_far, outcome])
+            };
+            // The command still runs. Kill it only when a later step needs the VM;
+            // otherwise the VM goes, and the command with it.
+            let succeeded = so_far.is_success();
+            let more = plan.steps[index + 1..]
+                .iter()
+                .any(|s| s.when.runs(succeeded));
+            if more {
+                Next::StopCommandThenContinue(so_far)
+            } else {
+                Next::Finish(so_far)
+            }
+        }
+        // A broken VM: nothing more can run in it.
+        _ => Next::Finish(Outcome::combine(&[so_far, outcome])),
+    }
 }
 
 /// Writes the plan's files into the guest (parent directories first).
-async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
+pub(super) async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
     if files.is_empty() {
         return Ok(());
     }
     let parents: Vec<String> = files
         .iter()
         .filter_map(|f| std::path::Path::new(&f.path).parent())
-        .map(|p| format!("'{}'", p.display().to_string().replace('\'', "'\\''")))
+        .map(|p| engine::shell::quote(&p.display().to_string()))
         .collect();
     let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
     let script = format!("umask 077; mkdir -p {}", parents.join(" "));
@@ -685,6 +770,362 @@ async fn host_setup(plan: &SuitePlan, cmd: &str, reporters: &mut Reporters) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use engine::vm::GuestCommand;
+    use engine::Arch;
+
+    use crate::events::Reporter;
+    use crate::run::plan::{plan_command, Overrides};
+
+    /// How the fake guest ends the next step.
+    enum Ending {
+        End(CommandEnd),
+        /// QEMU exits cleanly mid-step: the guest powered off or panicked.
+        GuestPoweredOff,
+        /// QEMU dies under the step: the infrastructure's fault.
+        QemuCrashed,
+        /// The run is interrupted while the step runs; the step ends `Stopped` if the loop
+        /// handed it the interrupt, else it finishes normally.
+        Interrupted,
+    }
+
+    /// A guest that ends each step as scripted and records what it was asked to do.
+    struct FakeGuest {
+        endings: VecDeque<Ending>,
+        interrupt: watch::Sender<bool>,
+        ran: Vec<String>,
+        stopped_commands: usize,
+        collected: bool,
+    }
+
+    impl Guest for FakeGuest {
+        async fn prepare(&mut self, _: &SuitePlan, _: Option<Vec<u8>>) -> Result<(), Outcome> {
+            Ok(())
+        }
+
+        async fn run_step(
+            &mut self,
+            _: &GuestCommand,
+            env: &[(String, String)],
+            _: Duration,
+            stop: &mut watch::Receiver<bool>,
+            live: &mut (dyn FnMut(&[u8]) + Send),
+        ) -> Result<CommandEnd, VmError> {
+            let name = env.iter().find(|(k, _)| k == "RUNNER_STEP").unwrap();
+            self.ran.push(name.1.clone());
+            live(format!("output of {}\n", name.1).as_bytes());
+            match self
+                .endings
+                .pop_front()
+                .expect("a scripted ending per step")
+            {
+                Ending::End(end) => Ok(end),
+                Ending::GuestPoweredOff => Err(VmError::Died {
+                    status: "exit status: 0".into(),
+                    clean_exit: true,
+                    stderr: String::new(),
+                }),
+                Ending::QemuCrashed => Err(VmError::Died {
+                    status: "signal: 11".into(),
+                    clean_exit: false,
+                    stderr: String::new(),
+                }),
+                Ending::Interrupted => {
+                    self.interrupt.send_replace(true);
+                    Ok(if *stop.borrow() {
+                        CommandEnd::Stopped
+                    } else {
+                        CommandEnd::Exited(0)
+                    })
+                }
+            }
+        }
+
+        async fn stop_command(&mut self) -> Result<(), VmError> {
+            self.stopped_commands += 1;
+            Ok(())
+        }
+
+        async fn collect_results(
+            &mut self,
+            _: &SuitePlan,
+            _: &mut Vec<GuestReport>,
+            _: &mut Vec<std::path::PathBuf>,
+        ) -> Outcome {
+            self.collected = true;
+            Outcome::Passed
+        }
+    }
+
+    struct Collect(Arc<Mutex<Vec<Event>>>);
+    impl Reporter for Collect {
+        fn on_event(&mut self, event: &Event) {
+            self.0.lock().unwrap().push(event.clone());
+        }
+    }
+
+    /// What a run in the fake guest came to.
+    struct Ran {
+        outcome: Outcome,
+        /// Each reported step with its outcome, in order.
+        finished: Vec<(String, Outcome)>,
+        guest: FakeGuest,
+        steps_done: usize,
+    }
+
+    /// Runs steps `(name, when, allow_failure)` in a fake guest ending them as `endings` say.
+    async fn run(steps: &[(&str, StepWhen, bool)], endings: Vec<Ending>) -> Ran {
+        let mut plan = plan_command(
+            vec!["true".into()],
+            Arch::Riscv64,
+            None,
+            &Overrides::default(),
+        );
+        let template = plan.steps[0].clone();
+        plan.steps = steps
+            .iter()
+            .map(|&(name, when, allow_failure)| StepPlan {
+                name: name.into(),
+                when,
+                allow_failure,
+                ..template.clone()
+            })
+            .collect();
+        let (interrupt_tx, interrupt) = watch::channel(false);
+        let mut guest = FakeGuest {
+            endings: endings.into(),
+            interrupt: interrupt_tx,
+            ran: Vec::new(),
+            stopped_commands: 0,
+            collected: false,
+        };
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut reporters = Reporters::default();
+        reporters.add(Box::new(Collect(events.clone())));
+        let mut facts = VmFacts::default();
+        let mut state = SuiteState {
+            facts: &mut facts,
+            reports: Vec::new(),
+            artifacts: Vec::new(),
+            steps_done: 0,
+            current: None,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let outcome = in_vm(
+            &plan,
+            &mut guest,
+            None,
+            &mut reporters,
+            &mut state,
+            deadline,
+            interrupt,
+        )
+        .await;
+        let finished = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepFinished {
+                    step,
+                    outcome,
+                    output_tail,
+                    ..
+                } => {
+                    // A step that ran shows its own output in its tail.
+                    if *outcome != Outcome::Skipped {
+                        assert!(
+                            output_tail.contains(&format!("output of {step}")),
+                            "{output_tail}"
+                        );
+                    }
+                    Some((step.clone(), outcome.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let steps_done = state.steps_done;
+        assert!(state.current.is_none(), "no step left marked as running");
+        Ran {
+            outcome,
+            finished,
+            guest,
+            steps_done,
+        }
+    }
+
+    fn exit(code: i32) -> Ending {
+        Ending::End(CommandEnd::Exited(code))
+    }
+    fn failed(code: i32) -> Outcome {
+        Outcome::Failed {
+            exit_code: Some(code),
+            signal: None,
+        }
+    }
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_skips_later_on_success_steps_but_runs_cleanup() {
+        use StepWhen::*;
+        let steps = [
+            ("build", OnSuccess, false),
+            ("test", OnSuccess, false),
+            ("logs", OnFailure, false),
+            ("clean", Always, false),
+        ];
+        let r = run(&steps, vec![exit(2), exit(0), exit(0)]).await;
+        assert_eq!(r.guest.ran, names(&["build", "logs", "clean"]));
+        assert_eq!(
+            r.finished,
+            [
+                ("build".to_string(), failed(2)),
+                ("test".to_string(), Outcome::Skipped),
+                ("logs".to_string(), Outcome::Passed),
+                ("clean".to_string(), Outcome::Passed),
+            ]
+        );
+        assert_eq!(r.outcome, failed(2));
+        assert_eq!(r.steps_done, 4);
+        assert!(r.guest.collected, "results come back after a failure");
+    }
+
+    #[tokio::test]
+    async fn on_failure_steps_do_not_run_after_success() {
+        use StepWhen::*;
+        let steps = [("test", OnSuccess, false), ("logs", OnFailure, false)];
+        let r = run(&steps, vec![exit(0)]).await;
+        assert_eq!(r.guest.ran, names(&["test"]));
+        assert_eq!(r.outcome, Outcome::Passed);
+    }
+
+    #[tokio::test]
+    async fn allow_failure_covers_a_failure_and_a_timeout() {
+        use StepWhen::*;
+        // (ending of the allowed step, suite outcome)
+        let cases = [
+            (exit(1), Outcome::Passed),
+            (Ending::End(CommandEnd::TimedOut), Outcome::Passed),
+        ];
+        for (ending, want) in cases {
+            let steps = [("lint", OnSuccess, true), ("test", OnSuccess, false)];
+            let r = run(&steps, vec![ending, exit(0)]).await;
+            assert_eq!(r.guest.ran, names(&["lint", "test"]));
+            assert_eq!(r.outcome, want);
+        }
+        // The timed-out command still runs: it is killed before the next step.
+        let steps = [("lint", OnSuccess, true), ("test", OnSuccess, false)];
+        let r = run(&steps, vec![Ending::End(CommandEnd::TimedOut), exit(0)]).await;
+        assert_eq!(r.guest.stopped_commands, 1);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_without_allow_failure_fails_the_suite() {
+        use StepWhen::*;
+        // With a cleanup step: the command is stopped, the cleanup runs, results come back.
+        let steps = [
+            ("test", OnSuccess, false),
+            ("more", OnSuccess, false),
+            ("clean", Always, false),
+        ];
+        let r = run(&steps, vec![Ending::End(CommandEnd::TimedOut), exit(0)]).await;
+        assert_eq!(r.guest.ran, names(&["test", "clean"]));
+        assert_eq!(
+            (r.outcome, r.guest.stopped_commands, r.guest.collected),
+            (Outcome::TimedOut, 1, true)
+        );
+        // Without one: nothing more needs the guest, so it is left as it is (the VM goes).
+        let r = run(
+            &[("test", OnSuccess, false)],
+            vec![Ending::End(CommandEnd::TimedOut)],
+        )
+        .await;
+        assert_eq!(
+            (r.outcome, r.guest.stopped_commands, r.guest.collected),
+            (Outcome::TimedOut, 0, false)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_stops_the_step_runs_cleanup_and_cancels() {
+        use StepWhen::*;
+        let steps = [
+            ("test", OnSuccess, false),
+            ("more", OnSuccess, false),
+            ("clean", Always, false),
+        ];
+        // The cleanup step is interrupted too, but must not be stopped by it.
+        let r = run(&steps, vec![Ending::Interrupted, Ending::Interrupted]).await;
+        assert_eq!(r.guest.ran, names(&["test", "clean"]));
+        assert_eq!(
+            r.finished,
+            [
+                ("test".to_string(), Outcome::Cancelled),
+                ("more".to_string(), Outcome::Skipped),
+                ("clean".to_string(), Outcome::Passed),
+            ]
+        );
+        assert_eq!(
+            (r.outcome, r.guest.stopped_commands),
+            (Outcome::Cancelled, 1)
+        );
+        assert!(r.guest.collected);
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_during_cleanup_still_cancels() {
+        use StepWhen::*;
+        let steps = [("test", OnSuccess, false), ("clean", Always, false)];
+        let r = run(&steps, vec![exit(0), Ending::Interrupted]).await;
+        assert_eq!(r.guest.ran, names(&["test", "clean"]));
+        assert_eq!(r.outcome, Outcome::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_powers_off_fails_the_step_and_ends_the_run() {
+        use StepWhen::*;
+        let steps = [("test", OnSuccess, false), ("clean", Always, false)];
+        let r = run(&steps, vec![Ending::GuestPoweredOff]).await;
+        // Nothing more can run in it, cleanup included; no results either.
+        assert_eq!(r.guest.ran, names(&["test"]));
+        assert_eq!(
+            r.finished,
+            [(
+                "test".to_string(),
+                Outcome::Failed {
+                    exit_code: None,
+                    signal: None
+                }
+            )]
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::Failed {
+                exit_code: None,
+                signal: None
+            }
+        );
+        assert!(!r.guest.collected);
+    }
+
+    #[tokio::test]
+    async fn qemu_dying_under_a_step_is_an_infrastructure_error() {
+        use StepWhen::*;
+        let steps = [("test", OnSuccess, false), ("clean", Always, false)];
+        let r = run(&steps, vec![Ending::QemuCrashed]).await;
+        assert_eq!(r.guest.ran, names(&["test"]));
+        assert!(
+            matches!(r.outcome, Outcome::InfraError { .. }),
+            "{:?}",
+            r.outcome
+        );
+        assert!(!r.guest.collected);
+    }
 
     #[test]
     fn later_env_entries_override_earlier_ones() {

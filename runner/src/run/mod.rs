@@ -5,6 +5,7 @@
 //! matrix, GitLab jobs, GitHub check runs — hands a `SuitePlan` to `execute::run_suite`.
 
 pub mod execute;
+mod guest;
 pub mod plan;
 pub mod platform;
 pub mod transfer;

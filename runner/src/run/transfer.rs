@@ -13,6 +13,7 @@ use crate::outcome::{chain, infra, vm_error};
 use crate::outcome::{InfraKind, Outcome};
 use crate::run::plan::{SuitePlan, GUEST_WORKSPACE};
 use crate::run::workspace;
+use engine::shell::quote;
 
 /// Largest guest JUnit file we read back.
 const MAX_GUEST_REPORT: usize = 16 << 20;
@@ -80,15 +81,24 @@ async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String
         .collect())
 }
 
-/// Quotes a glob for sh, leaving `*`, `?` and `[...]` active.
+/// Quotes a glob for sh, leaving `*`, `?` and `[...]` active: glob and plain path characters
+/// stay bare (so a range such as `[0-9]` keeps working), every other run is [`quote`]d.
 fn shell_glob(pattern: &str) -> String {
+    let bare = |c: char| "*?[]/._-".contains(c) || c.is_ascii_alphanumeric();
     let mut s = String::new();
+    let mut literal = String::new();
     for c in pattern.chars() {
-        // Glob characters stay active; plain path characters need no quoting.
-        if !("*?[]/._-".contains(c) || c.is_ascii_alphanumeric()) {
-            s.push('\\');
+        if bare(c) {
+            if !literal.is_empty() {
+                s.push_str(&quote(&std::mem::take(&mut literal)));
+            }
+            s.push(c);
+        } else {
+            literal.push(c);
         }
-        s.push(c);
+    }
+    if !literal.is_empty() || s.is_empty() {
+        s.push_str(&quote(&literal));
     }
     s
 }
@@ -150,11 +160,7 @@ pub(crate) async fn collect_results(
         Err(o) => return o,
     };
     if !files.is_empty() {
-        let list = files
-            .iter()
-            .map(|f| shell_quote(f))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let list = files.iter().map(|f| quote(f)).collect::<Vec<_>>().join(" ");
         let script = format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}");
         match housekeeping(vm, &script).await {
             Ok((CommandEnd::Exited(0), _)) => {
@@ -192,22 +198,46 @@ pub(crate) async fn collect_results(
     outcome
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn globs_stay_globs_and_the_rest_is_quoted() {
-        assert_eq!(shell_glob("build/junit/*.xml"), "build/junit/*.xml");
-        assert_eq!(shell_glob("a b;$(x)"), "a\\ b\\;\\$\\(x\\)");
+        // (pattern, shell word)
+        #[rustfmt::skip]
+        let cases = [
+            ("build/junit/*.xml", "build/junit/*.xml"), // plain path and glob: bare
+            ("a b;$(x)", "a' 'b';$('x')'"),             // the rest is quoted, run by run
+            ("r[0-9]?.xml", "r[0-9]?.xml"),             // a range stays a range
+            ("it's/*", "it''\\'''s/*"),                // a quote is quoted too
+            ("", "''"),                                 // still one word
+        ];
+        for (pattern, want) in cases {
+            assert_eq!(shell_glob(pattern), want, "{pattern:?}");
+        }
     }
 
     #[test]
-    fn quoting() {
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    fn a_glob_matches_what_sh_would() {
+        // A newline or non-ASCII in a pattern stays literal (a backslash before a newline
+        // would be a line continuation and drop it), and the glob still expands.
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a\nb.xml", "grüße 1.xml", "r7.xml", "x.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        for (pattern, want) in [
+            ("a\nb*", "a\nb.xml"),
+            ("grüße *.xml", "grüße 1.xml"),
+            ("r[0-9].*", "r7.xml"),
+        ] {
+            let out = std::process::Command::new("sh")
+                .current_dir(dir.path())
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_glob(pattern)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), want, "{pattern:?}");
+        }
     }
 }

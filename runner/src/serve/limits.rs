@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::run::plan::SuitePlan;
-use crate::suite::parse_size;
+use engine::size::parse_size;
 
 /// The defaults, documented in the README's serve configuration section.
 pub const DEFAULT_MAX_CPUS: u32 = 4;

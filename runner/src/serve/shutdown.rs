@@ -53,10 +53,6 @@ impl Shutdown {
         *self.drain.borrow()
     }
 
-    pub fn is_aborting(&self) -> bool {
-        *self.abort.borrow()
-    }
-
     /// Resolves when draining starts (at once if it has).
     pub async fn draining(&self) {
         let mut rx = self.drain.clone();
@@ -87,11 +83,11 @@ mod tests {
     #[tokio::test]
     async fn abort_implies_drain() {
         let (ctl, sd) = ShutdownController::new();
-        assert!(!sd.is_draining() && !sd.is_aborting());
+        assert!(!sd.is_draining() && !*sd.abort_receiver().borrow());
         ctl.abort();
         sd.draining().await;
         sd.aborting().await;
-        assert!(sd.is_draining() && sd.is_aborting());
+        assert!(sd.is_draining() && *sd.abort_receiver().borrow());
     }
 
     #[tokio::test]
@@ -99,6 +95,6 @@ mod tests {
         let (ctl, sd) = ShutdownController::new();
         ctl.drain();
         sd.draining().await;
-        assert!(!sd.is_aborting());
+        assert!(!*sd.abort_receiver().borrow());
     }
 }

@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use super::super::results::{human_secs, CellResult, Change, RunResults, Status};
+use super::super::results::{human_secs, CellResult, Change, RunResults, Status, TestResult};
 use super::grid::{headline, Grid};
 use super::markdown::counts_text;
 
@@ -159,8 +159,23 @@ svg.trend { vertical-align: middle; color: #586069; }
 code { font-family: ui-monospace, monospace; }
 "#;
 
+/// The whole page: header, grid, what changed, then each cell's details.
 pub fn render(results: &RunResults) -> String {
     let mut h = String::new();
+    page_head(&mut h, results);
+    grid(&mut h, results);
+    changes(&mut h, results);
+    removed(&mut h, results);
+    h.push_str("<h2>Cells</h2>\n");
+    for c in &results.cells {
+        cell_details(&mut h, c);
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// The document head, the headline and the line about the run.
+fn page_head(h: &mut String, results: &RunResults) {
     let title = format!("Nightly matrix: {}", headline(results));
     let _ = write!(
         h,
@@ -184,8 +199,10 @@ pub fn render(results: &RunResults) -> String {
             None => "no previous run to compare with".into(),
         }
     );
+}
 
-    // The grid.
+/// The suite × (arch, image) table; a dash where a suite does not run.
+fn grid(h: &mut String, results: &RunResults) {
     let grid = Grid::of(results);
     h.push_str("<table class=\"grid\" id=\"grid\"><thead><tr><th>suite</th>");
     for col in &grid.columns {
@@ -195,66 +212,64 @@ pub fn render(results: &RunResults) -> String {
     for suite in &grid.suites {
         let _ = write!(h, "<tr><th>{}</th>", esc(suite));
         for (arch, image) in &grid.columns {
-            let Some(c) = results
+            match results
                 .cells
                 .iter()
                 .find(|c| &c.suite == suite && &c.arch == arch && &c.image == image)
-            else {
-                h.push_str("<td class=\"none\">—</td>");
-                continue;
-            };
-            let news = c
-                .tests
-                .iter()
-                .filter(|t| t.change == Some(Change::NewFailure))
-                .count();
-            let fixed = c
-                .tests
-                .iter()
-                .filter(|t| t.change == Some(Change::Fixed))
-                .count();
-            let mut trend = c.trend_s.clone();
-            if c.completed() {
-                trend.push(c.duration_s);
+            {
+                Some(c) => grid_cell(h, c),
+                None => h.push_str("<td class=\"none\">—</td>"),
             }
-            let skip = trend.len().saturating_sub(TREND_POINTS);
-            let _ = write!(
-                h,
-                "<td class=\"cell {cls}\" data-cell=\"{key}\" data-status=\"{cls}\"><a href=\"#{anchor}\"><span class=\"status\">{label}</span>{new}{fix}{slow}<br><span class=\"small\">{counts} · {dur}{att}</span><br>{spark}</a></td>",
-                cls = class(c.status),
-                key = esc(&c.key),
-                anchor = anchor(c),
-                label = c.status.label(),
-                new = if news > 0 {
-                    format!("<span class=\"badge new-failure\">{news} new</span>")
-                } else {
-                    String::new()
-                },
-                fix = if fixed > 0 {
-                    format!("<span class=\"badge fixed\">{fixed} fixed</span>")
-                } else {
-                    String::new()
-                },
-                slow = if c.slowdown.is_some() {
-                    "<span class=\"badge slow\">slower</span>"
-                } else {
-                    ""
-                },
-                counts = esc(&counts_text(c)),
-                dur = human_secs(c.duration_s),
-                att = if c.attempts > 1 {
-                    format!(" · {} attempts", c.attempts)
-                } else {
-                    String::new()
-                },
-                spark = sparkline(&trend[skip..]),
-            );
         }
         h.push_str("</tr>\n");
     }
     h.push_str("</tbody></table>\n");
+}
 
-    // What changed.
+/// One grid cell: status, badges for changes, counts, duration and the trend line.
+fn grid_cell(h: &mut String, c: &CellResult) {
+    let count = |change| c.tests.iter().filter(|t| t.change == Some(change)).count();
+    let (news, fixed) = (count(Change::NewFailure), count(Change::Fixed));
+    let mut trend = c.trend_s.clone();
+    if c.completed() {
+        trend.push(c.duration_s);
+    }
+    let skip = trend.len().saturating_sub(TREND_POINTS);
+    let _ = write!(
+        h,
+        "<td class=\"cell {cls}\" data-cell=\"{key}\" data-status=\"{cls}\"><a href=\"#{anchor}\"><span class=\"status\">{label}</span>{new}{fix}{slow}<br><span class=\"small\">{counts} · {dur}{att}</span><br>{spark}</a></td>",
+        cls = class(c.status),
+        key = esc(&c.key),
+        anchor = anchor(c),
+        label = c.status.label(),
+        new = if news > 0 {
+            format!("<span class=\"badge new-failure\">{news} new</span>")
+        } else {
+            String::new()
+        },
+        fix = if fixed > 0 {
+            format!("<span class=\"badge fixed\">{fixed} fixed</span>")
+        } else {
+            String::new()
+        },
+        slow = if c.slowdown.is_some() {
+            "<span class=\"badge slow\">slower</span>"
+        } else {
+            ""
+        },
+        counts = esc(&counts_text(c)),
+        dur = human_secs(c.duration_s),
+        att = if c.attempts > 1 {
+            format!(" · {} attempts", c.attempts)
+        } else {
+            String::new()
+        },
+        spark = sparkline(&trend[skip..]),
+    );
+}
+
+/// A section per kind of change that has any tests, each list capped at [`MAX_SHOWN`].
+fn changes(h: &mut String, results: &RunResults) {
     for (change, section, title) in [
         (
             Change::NewFailure,
@@ -297,119 +312,126 @@ pub fn render(results: &RunResults) -> String {
         h.push_str(&more(total, "li"));
         h.push_str("</ul></section>\n");
     }
-    if let Some(c) = results
+}
+
+/// Tests the previous run had and this one does not, if any.
+fn removed(h: &mut String, results: &RunResults) {
+    let Some(c) = results
         .comparison
         .as_ref()
         .filter(|c| !c.removed.is_empty())
-    {
+    else {
+        return;
+    };
+    let _ = writeln!(
+        h,
+        "<section id=\"removed\"><h2>Removed tests: {}</h2><ul class=\"changes\">",
+        c.removed.len()
+    );
+    for r in c.removed.iter().take(MAX_SHOWN) {
         let _ = writeln!(
             h,
-            "<section id=\"removed\"><h2>Removed tests: {}</h2><ul class=\"changes\">",
-            c.removed.len()
+            "<li><code>{}</code> — <code>{}</code></li>",
+            esc(&r.cell),
+            esc(&r.test)
         );
-        for r in c.removed.iter().take(MAX_SHOWN) {
-            let _ = writeln!(
-                h,
-                "<li><code>{}</code> — <code>{}</code></li>",
-                esc(&r.cell),
-                esc(&r.test)
-            );
-        }
-        h.push_str(&more(c.removed.len(), "li"));
-        h.push_str("</ul></section>\n");
     }
+    h.push_str(&more(c.removed.len(), "li"));
+    h.push_str("</ul></section>\n");
+}
 
-    // Details per cell.
-    h.push_str("<h2>Cells</h2>\n");
-    for c in &results.cells {
-        let failing: Vec<_> = c
-            .tests
-            .iter()
-            .filter(|t| t.status.is_failing() || t.status == Status::Flaky)
-            .collect();
-        let open = if failing.is_empty() && c.message.is_none() {
-            ""
-        } else {
-            " open"
-        };
+/// A cell's collapsible details, open when something failed: its facts and failing tests.
+fn cell_details(h: &mut String, c: &CellResult) {
+    let failing: Vec<_> = c
+        .tests
+        .iter()
+        .filter(|t| t.status.is_failing() || t.status == Status::Flaky)
+        .collect();
+    let open = if failing.is_empty() && c.message.is_none() {
+        ""
+    } else {
+        " open"
+    };
+    let _ = write!(
+        h,
+        "<details class=\"cell\" id=\"{}\"{open}><summary class=\"{}\"><strong>{}</strong> — {} · {} · {}",
+        anchor(c),
+        class(c.status),
+        esc(&c.key),
+        esc(&status_text(c)),
+        esc(&counts_text(c)),
+        human_secs(c.duration_s),
+    );
+    if c.attempts > 1 {
         let _ = write!(
             h,
-            "<details class=\"cell\" id=\"{}\"{open}><summary class=\"{}\"><strong>{}</strong> — {} · {} · {}",
-            anchor(c),
-            class(c.status),
-            esc(&c.key),
-            esc(&status_text(c)),
-            esc(&counts_text(c)),
-            human_secs(c.duration_s),
+            " · {} attempts ({} in all)",
+            c.attempts,
+            human_secs(c.total_s)
         );
-        if c.attempts > 1 {
-            let _ = write!(
-                h,
-                " · {} attempts ({} in all)",
-                c.attempts,
-                human_secs(c.total_s)
-            );
-        }
-        if let Some(s) = &c.slowdown {
-            let _ = write!(
-                h,
-                " <span class=\"badge slow\">slower: {} → {}</span>",
-                human_secs(s.previous_s),
-                human_secs(s.current_s)
-            );
-        }
-        h.push_str("</summary><div class=\"body\">");
-        let _ = write!(
-            h,
-            "<p class=\"small meta\">{} · QEMU {} · kernel {}</p>",
-            esc(if c.accelerator.is_empty() {
-                "no VM"
-            } else {
-                &c.accelerator
-            }),
-            esc(&c.qemu_version),
-            esc(&c.kernel_version)
-        );
-        if let Some(m) = &c.message {
-            let _ = write!(h, "<pre class=\"log\">{}</pre>", esc(m));
-        }
-        if failing.is_empty() {
-            h.push_str("<p>No failing tests.</p>");
-        }
-        let total = failing.len();
-        for t in failing.into_iter().take(MAX_SHOWN) {
-            let _ = write!(
-                h,
-                "<div class=\"test {}\"><span class=\"name\">{}</span> <span class=\"status\">{}</span>{}{}",
-                class(t.status),
-                esc(&t.name),
-                t.status.label(),
-                t.change
-                    .map(|ch| format!(
-                        "<span class=\"badge {}\">{}</span>",
-                        change_class(ch),
-                        ch.label()
-                    ))
-                    .unwrap_or_default(),
-                if t.attempts > 1 {
-                    format!(" <span class=\"small\">({} attempts)</span>", t.attempts)
-                } else {
-                    String::new()
-                }
-            );
-            if let Some(m) = &t.message {
-                let _ = write!(h, "<div class=\"message\">{}</div>", esc(m));
-            }
-            if let Some(l) = &t.log_tail {
-                let _ = write!(h, "<pre class=\"log\">{}</pre>", esc(l));
-            }
-            h.push_str("</div>");
-        }
-        h.push_str(&more(total, "p"));
-        h.push_str("</div></details>\n");
     }
-    h.push_str("</body></html>\n");
-    h
+    if let Some(s) = &c.slowdown {
+        let _ = write!(
+            h,
+            " <span class=\"badge slow\">slower: {} → {}</span>",
+            human_secs(s.previous_s),
+            human_secs(s.current_s)
+        );
+    }
+    h.push_str("</summary><div class=\"body\">");
+    let _ = write!(
+        h,
+        "<p class=\"small meta\">{} · QEMU {} · kernel {}</p>",
+        esc(if c.accelerator.is_empty() {
+            "no VM"
+        } else {
+            &c.accelerator
+        }),
+        esc(&c.qemu_version),
+        esc(&c.kernel_version)
+    );
+    if let Some(m) = &c.message {
+        let _ = write!(h, "<pre class=\"log\">{}</pre>", esc(m));
+    }
+    if failing.is_empty() {
+        h.push_str("<p>No failing tests.</p>");
+    }
+    let total = failing.len();
+    for t in failing.into_iter().take(MAX_SHOWN) {
+        failing_test(h, t);
+    }
+    h.push_str(&more(total, "p"));
+    h.push_str("</div></details>\n");
+}
+
+/// One failing (or flaky) test in a cell's details: name, status, change, message, log tail.
+fn failing_test(h: &mut String, t: &TestResult) {
+    let _ = write!(
+        h,
+        "<div class=\"test {}\"><span class=\"name\">{}</span> <span class=\"status\">{}</span>{}{}",
+        class(t.status),
+        esc(&t.name),
+        t.status.label(),
+        t.change
+            .map(|ch| format!(
+                "<span class=\"badge {}\">{}</span>",
+                change_class(ch),
+                ch.label()
+            ))
+            .unwrap_or_default(),
+        if t.attempts > 1 {
+            format!(" <span class=\"small\">({} attempts)</span>", t.attempts)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(m) = &t.message {
+        let _ = write!(h, "<div class=\"message\">{}</div>", esc(m));
+    }
+    if let Some(l) = &t.log_tail {
+        let _ = write!(h, "<pre class=\"log\">{}</pre>", esc(l));
+    }
+    h.push_str("</div>");
 }
 
 #[cfg(test)]

@@ -112,6 +112,60 @@ mod tests {
         }
     }
 
+    /// [`results`] with every part of the page in use: a previous run, removed tests, a
+    /// slowdown, attempts, and a test in each kind of change.
+    fn rich_results() -> RunResults {
+        let mut r = results();
+        let extra = |name: &str, status, change, attempts| TestResult {
+            name: name.into(),
+            kind: TestKind::Test,
+            status,
+            duration_s: 1.0,
+            attempts,
+            message: Some("first line\nsecond line".into()),
+            log_tail: None,
+            change,
+        };
+        r.cells[0].tests.extend([
+            extra("flaky.one", Status::Flaky, Some(Change::Flaky), 2),
+            extra("old.fail", Status::Failed, Some(Change::StillFailing), 1),
+            extra("fixed.now", Status::Passed, Some(Change::Fixed), 1),
+            extra("brand.new", Status::Passed, Some(Change::NewTest), 1),
+        ]);
+        r.cells[0].attempts = 2;
+        r.cells[0].total_s = 30.0;
+        r.cells[0].slowdown = Some(crate::matrix::results::Slowdown {
+            previous_s: 5.0,
+            current_s: 12.0,
+        });
+        r.cells[2].accelerator = String::new();
+        r.comparison = Some(crate::matrix::results::Comparison {
+            previous_run: Some("prev-1".into()),
+            previous_started_at: Some("2026-11-27T02:00:00Z".into()),
+            counts: Default::default(),
+            removed: vec![crate::matrix::results::RemovedTest {
+                cell: "unit/riscv64/debian-13".into(),
+                test: "gone.<test>".into(),
+            }],
+        });
+        r
+    }
+
+    #[test]
+    fn html_matches_its_snapshot() {
+        // The page byte for byte, so that restructuring the renderer cannot change it unseen.
+        // After an intended change: RUNNER_UPDATE_SNAPSHOT=1 cargo test -p runner html_matches
+        let html = html::render(&rich_results());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/matrix/render/testdata/index.html");
+        if std::env::var_os("RUNNER_UPDATE_SNAPSHOT").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &html).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(html == want, "index.html differs from {}", path.display());
+    }
+
     #[test]
     fn markdown_has_the_grid_and_what_changed() {
         let md = markdown::render(&results());
