@@ -40,6 +40,8 @@ pub struct RunSettings {
     /// Parent of the per-VM directories; `None`: the store's `vms/`. `runner serve` uses a
     /// directory of its own that it can sweep completely at start.
     pub vms_dir: Option<std::path::PathBuf>,
+    /// The isolation layers around each QEMU, detected once per process.
+    pub containment: engine::sandbox::Containment,
 }
 
 /// How a caller stops a run.
@@ -338,6 +340,7 @@ async fn run_timed(
                 engine::vm::state::FORMAT
             ))
         }),
+        containment: settings.containment.clone(),
     };
     let mut vm = match Vm::boot(&cfg).await {
         Ok(vm) => vm,

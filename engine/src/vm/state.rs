@@ -117,10 +117,15 @@ pub async fn save(
     qmp.execute("stop", None, QMP_TIMEOUT).await?;
     let result = async {
         enable_mapped_ram(qmp).await?;
-        let uri = format!("file:{}", staging.path().join(RAM).display());
+        // A contained QEMU sees nothing but its own directory (the overlay's): it writes the
+        // RAM there, and the state becomes the runner's, read-only, before anyone uses it.
+        let scratch = overlay.with_file_name("saved-ram.bin");
+        let uri = format!("file:{}", scratch.display());
         qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
             .await?;
         wait_for_migration(qmp).await?;
+        let saved_ram = staging.path().join(RAM);
+        take_over(&scratch, &saved_ram).map_err(io(&saved_ram))?;
         let saved_disk = staging.path().join(DISK);
         std::fs::copy(overlay, &saved_disk).map_err(io(&saved_disk))?;
         read_only(&saved_disk).map_err(io(&saved_disk))?;
@@ -281,6 +286,25 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
             desc: format!("{other:?}"),
         }),
     }
+}
+
+/// Moves `from` (written by QEMU, perhaps as another user) to `to`, owned by us, read-only.
+fn take_over(from: &Path, to: &Path) -> std::io::Result<()> {
+    if std::fs::rename(from, to).is_err() {
+        // Another filesystem (a VM directory in the temp dir): copy.
+        std::fs::copy(from, to)?;
+        std::fs::remove_file(from)?;
+    }
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    std::os::unix::fs::chown(to, Some(uid.as_raw()), Some(gid.as_raw()))?;
+    read_only(to)
+}
+
+/// The base image a saved state's disk was made on (from its meta.json).
+pub fn saved_base(dir: &Path) -> Option<PathBuf> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(META)).ok()?).ok()?;
+    meta["base"].as_str().map(PathBuf::from)
 }
 
 fn read_only(path: &Path) -> std::io::Result<()> {
