@@ -24,7 +24,7 @@ pub const PIDS_MAX: u64 = 512;
 const PREFIX: &str = "runner-vm-";
 /// How long the processes of a VM that was not stopped cleanly may take to die before its
 /// cgroup is given up (it is swept at the next start).
-const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// VM cgroups younger than this may be about to get their QEMU: the sweep spares them.
 const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
 
@@ -467,8 +467,10 @@ impl Drop for VmCgroup {
         if remove(&self.dirs) {
             return;
         }
-        // Still populated: the VM was not stopped and reaped (an error or panic path). Kill
-        // what is left, and let a thread remove the cgroup once it is empty.
+        // Still populated: the VM was dropped without being stopped and reaped (an error,
+        // a cancellation), and its processes are dying from the group's SIGKILL. Make sure of
+        // it, and wait for them — milliseconds, bounded — so the cgroup does not outlive the
+        // runner (the sweep at the next start would get it otherwise).
         for dir in &self.dirs {
             for pid in words(&dir.join("cgroup.procs")) {
                 if let Ok(pid) = pid.parse::<i32>() {
@@ -479,22 +481,21 @@ impl Drop for VmCgroup {
                 }
             }
         }
-        let dirs = std::mem::take(&mut self.dirs);
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + REMOVE_TIMEOUT;
-            while !remove(&dirs) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
+        let deadline = Instant::now() + REMOVE_TIMEOUT;
+        while !remove(&self.dirs) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
 /// Removes each directory that still exists; true when none is left.
 fn remove(dirs: &[PathBuf]) -> bool {
-    dirs.iter()
-        .filter(|d| d.exists())
-        .map(|d| std::fs::remove_dir(d).is_ok())
-        .fold(true, |all, ok| all && ok)
+    // Every directory is tried, even after one failed.
+    let mut all = true;
+    for d in dirs.iter().filter(|d| d.exists()) {
+        all &= std::fs::remove_dir(d).is_ok();
+    }
+    all
 }
 
 #[cfg(test)]
