@@ -93,8 +93,10 @@ pub fn command(sb: &Sandbox, bwrap: &Path, qemu: &Path, qemu_args: &[OsString]) 
         // Not root: bwrap needs a user namespace; QEMU inside must not make further ones.
         a.extend([os("--unshare-user"), os("--disable-userns")]);
     }
-    // QEMU (or setpriv) must die with bwrap, which dies with the runner (PDEATHSIG).
-    a.push(os("--die-with-parent"));
+    // QEMU (or setpriv) must die with bwrap, which dies with the runner (PDEATHSIG). QEMU is
+    // PID 1 of its namespace itself: it starts no children (`-sandbox spawn=deny`), so a
+    // reaper would only cost a fork; it handles SIGTERM, so the polite stop still works.
+    a.extend([os("--die-with-parent"), os("--as-pid-1")]);
     if sb.privileged {
         // Root keeps all capabilities in the sandbox unless told otherwise: keep only what
         // setpriv needs to switch users (a uid change from 0 then clears them all).
@@ -291,7 +293,7 @@ mod tests {
             "--unshare-net",
             "--unshare-uts",
             "--unshare-cgroup-try",
-            "--die-with-parent",
+            "--die-with-parent --as-pid-1",
             "--proc /proc",
             "--dev /dev",
         ] {
