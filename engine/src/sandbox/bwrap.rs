@@ -93,10 +93,10 @@ pub fn command(sb: &Sandbox, bwrap: &Path, qemu: &Path, qemu_args: &[OsString]) 
         // Not root: bwrap needs a user namespace; QEMU inside must not make further ones.
         a.extend([os("--unshare-user"), os("--disable-userns")]);
     }
-    // QEMU (or setpriv) must die with bwrap, which dies with the runner (PDEATHSIG). QEMU is
-    // PID 1 of its namespace itself: it starts no children (`-sandbox spawn=deny`), so a
-    // reaper would only cost a fork; it handles SIGTERM, so the polite stop still works.
-    a.extend([os("--die-with-parent"), os("--as-pid-1")]);
+    // QEMU must die with bwrap, which dies with the runner (PDEATHSIG). Not `--as-pid-1`:
+    // the kernel clears a process's parent-death signal when its uid changes (setpriv), so
+    // it is bwrap's own PID 1 whose death (it keeps the signal) takes QEMU with it.
+    a.push(os("--die-with-parent"));
     if sb.privileged {
         // Root keeps all capabilities in the sandbox unless told otherwise: keep only what
         // setpriv needs to switch users (a uid change from 0 then clears them all).
@@ -251,6 +251,8 @@ mod tests {
     fn root_drops_to_the_vm_user_inside_a_privileged_sandbox() {
         let s = build(&sandbox(true, Some(USER)));
         assert!(s.starts_with("/usr/bin/bwrap --unshare-pid"), "{s}");
+        // bwrap's PID 1 must stay: QEMU's own parent-death signal is gone after setpriv.
+        assert!(!s.contains("--as-pid-1"), "{s}");
         // No user namespace: the real uid 999 must exist outside.
         assert!(!s.contains("--unshare-user"), "{s}");
         assert!(
@@ -293,7 +295,7 @@ mod tests {
             "--unshare-net",
             "--unshare-uts",
             "--unshare-cgroup-try",
-            "--die-with-parent --as-pid-1",
+            "--die-with-parent",
             "--proc /proc",
             "--dev /dev",
         ] {
