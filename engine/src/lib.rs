@@ -8,6 +8,7 @@ pub mod bounded;
 pub mod child;
 pub mod image;
 pub mod qemu;
+pub mod sandbox;
 pub mod shell;
 pub mod size;
 pub mod vm;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use engine::image::ImageStore;
+use engine::sandbox::Containment;
 
 use runner::cli::{AccelArg, Cli, Command};
 use runner::commands;
@@ -41,29 +42,41 @@ async fn run(cli: Cli) -> i32 {
     let status = Status::new(cli.quiet);
     // What every VM-running command shares; serve picks its own VM directory (swept
     // completely at start), the others share the cache's.
-    let settings = |accel: AccelArg, saved_states| RunSettings {
+    let settings = |accel: AccelArg, saved_states, containment| RunSettings {
         store: store.clone(),
         accel: accel.into(),
         boot_timeout: boot_timeout(),
         saved_states,
         vms_dir: None,
         recipe_dir: None,
+        containment,
     };
     match cli.command {
         Command::Test(args) => {
-            let settings = settings(args.accel, !args.cold_boot);
+            let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::test::run(args, settings, status).await
         }
         Command::Matrix(args) => {
-            let settings = settings(args.accel, !args.cold_boot);
+            let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::matrix::run(args, settings, status).await
         }
         Command::Serve(args) => {
-            commands::serve::run(&args.config, settings(args.accel, true)).await
+            // serve decides itself what a missing layer means (see its config's [sandbox]).
+            let containment = Containment::detect().await;
+            commands::serve::run(&args.config, settings(args.accel, true, containment)).await
         }
         Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
         Command::Doctor => commands::doctor::run(&store).await,
     }
+}
+
+/// The isolation layers this host offers; a layer that is off is said once, on one line.
+async fn containment() -> Containment {
+    let c = Containment::detect().await;
+    if let Some(note) = c.note() {
+        eprintln!("runner: {note}");
+    }
+    c
 }
 
 /// `RUNNER_BOOT_TIMEOUT` (e.g. "5m") overrides the boot deadline for very slow hosts.

@@ -400,6 +400,8 @@ async fn bake(
         state_dir: store.vms_dir(),
         boot_timeout: BAKE_BOOT_TIMEOUT,
         saved_state: None,
+        // The bake runs the recipe's own, trusted packages, before any job.
+        containment: Default::default(),
     };
     let bake_err = |detail: String| ImageError::Bake { detail };
     let mut vm = Vm::boot(&cfg)

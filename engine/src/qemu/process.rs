@@ -1,7 +1,7 @@
 //! One QEMU child process: spawned in its own process group, its console and stderr kept in
-//! bounded tail buffers, and always stopped and reaped (polite → SIGTERM → SIGKILL).
+//! bounded tail buffers, and always stopped and reaped (polite → SIGTERM → SIGKILL). Its
+//! containment (bwrap, cgroup, rlimits) is prepared by `sandbox`; applied here at spawn.
 
-use std::ffi::OsString;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 use crate::bounded::TailBuffer;
+use crate::sandbox::{self, cgroup::VmCgroup, Launch};
 
 /// How much of the guest console we keep (the tail is what explains a failed boot).
 const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
@@ -32,26 +33,43 @@ pub struct QemuProcess {
     exit: Option<ExitStatus>,
     console: Arc<Mutex<TailBuffer>>,
     stderr: Arc<Mutex<TailBuffer>>,
+    /// Held for its `Drop`, last: removed after the processes in it are gone.
+    _cgroup: Option<VmCgroup>,
 }
 
 impl QemuProcess {
-    /// Starts `binary` with `args` in a new process group.
-    pub fn spawn(binary: &str, args: &[OsString], cwd: &Path) -> std::io::Result<Self> {
-        let mut cmd = Command::new(binary);
-        cmd.args(args)
+    /// Starts QEMU as `launch` says (directly, or inside bwrap) in a session and process
+    /// group of its own, joined to its cgroup before it runs.
+    pub fn spawn(launch: Launch, cwd: &Path) -> std::io::Result<Self> {
+        let mut cmd = Command::new(&launch.program);
+        cmd.args(&launch.args)
             .current_dir(cwd)
+            // The runner's environment may hold secrets; QEMU needs none of it.
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
-        // If runner itself dies without cleaning up (SIGKILL, OOM), its VMs must not live on.
-        // SAFETY: the closure runs in the forked child before exec and only makes one
-        // async-signal-safe system call (prctl).
+        let cgroup = launch.cgroup;
+        let join_cgroup = cgroup.as_ref().map(|c| c.join_handle());
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (setsid, prctl, setrlimit, open/write/close on
+        // strings prepared before the fork).
         #[allow(unsafe_code)]
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                // A session of its own: its own process group (killed as one), and no
+                // controlling terminal to inject keystrokes into.
+                nix::unistd::setsid()?;
+                // If runner itself dies without cleaning up (SIGKILL, OOM), its VMs must
+                // not live on.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                sandbox::apply_rlimits()?;
+                if let Some(join) = &join_cgroup {
+                    join.join()?;
+                }
+                Ok(())
             });
         }
         let mut child = cmd.spawn()?;
@@ -66,6 +84,7 @@ impl QemuProcess {
         }
         Ok(QemuProcess {
             child,
+            _cgroup: cgroup,
             pgid: Pid::from_raw(pid as i32),
             exit: None,
             console,

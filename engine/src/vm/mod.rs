@@ -20,6 +20,7 @@ use crate::arch::Arch;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
+use crate::sandbox::{self, cgroup, Containment, SandboxError, VmView};
 pub use dir::{sweep_abandoned, sweep_all, VmDir};
 pub use exec::{CommandEnd, GuestCommand};
 use overlay::OverlayError;
@@ -54,6 +55,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Overlay(#[from] OverlayError),
+    #[error("cannot contain QEMU")]
+    Sandbox(#[from] SandboxError),
     #[error("cannot start {binary}")]
     Spawn {
         binary: String,
@@ -116,6 +119,8 @@ pub struct VmConfig {
     /// exists the VM resumes from it; when it does not, a cold boot saves it. `None`: always
     /// boot cold, save nothing.
     pub saved_state: Option<PathBuf>,
+    /// The isolation layers around QEMU (see [`crate::sandbox`]).
+    pub containment: Containment,
 }
 
 /// How a VM came to life (for reports).
@@ -261,7 +266,23 @@ impl Vm {
         if resume_from.is_some() {
             argv.extend(["-incoming".into(), "defer".into()]);
         }
-        let mut process = QemuProcess::spawn(&binary, &argv, dir.path())
+        let view = vm_view(cfg, &dir, resume_from, pinned_state.as_ref());
+        // QEMU may run as the VM user: its directory and overlay become that user's.
+        let user = cfg.containment.user;
+        sandbox::hand_over(dir.path(), user)?;
+        if let Some(overlay) = &overlay {
+            sandbox::hand_over(overlay, user)?;
+        }
+        let limits = cgroup::limits(
+            cfg.memory_mib,
+            cfg.cpus,
+            cfg.accel == Accel::Tcg,
+            cgroup::host_memory_bytes(),
+        );
+        let launch = cfg
+            .containment
+            .prepare(&dir.id(), &cfg.qemu_binary, argv, &view, limits)?;
+        let mut process = QemuProcess::spawn(launch, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
 
         let boot_deadline = crate::bounded::deadline_in(cfg.boot_timeout);
@@ -643,6 +664,38 @@ async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), V
     // The relay runs for the VM's whole life; its status is never collected.
     agent.exec(&exec::relay_request(), AGENT_TIMEOUT).await?;
     Ok(())
+}
+
+/// What QEMU must see of the host: its own directory writable; kernel, initramfs, base image
+/// and saved state read-only (a pinned state sits in the writable directory, and is bound
+/// read-only over itself there: a compromised QEMU must not alter what later jobs resume).
+fn vm_view(
+    cfg: &VmConfig,
+    dir: &VmDir,
+    resume_from: Option<&Path>,
+    pinned: Option<&state::PinnedState>,
+) -> VmView {
+    let mut view = VmView {
+        writable: vec![dir.path().to_path_buf()],
+        read_only: vec![cfg.kernel.clone(), cfg.initrd.clone()],
+        kvm: cfg.accel == Accel::Kvm,
+    };
+    match &cfg.disk {
+        DiskSource::Overlay(base) => view.read_only.push(base.clone()),
+        DiskSource::Direct { path, .. } => view.writable.push(path.clone()),
+    }
+    if let (Some(saved), Some(pinned)) = (resume_from, pinned) {
+        view.read_only
+            .extend([pinned.ram.clone(), pinned.disk.clone()]);
+        // The saved disk names the base image by the path it had when the state was saved
+        // (another cache directory may share the states).
+        if let Some(base) = state::saved_base(saved) {
+            if base.is_file() && !view.read_only.contains(&base) {
+                view.read_only.push(base);
+            }
+        }
+    }
+    view
 }
 
 /// Connects to a UNIX socket QEMU is about to create.

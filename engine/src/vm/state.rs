@@ -117,12 +117,17 @@ pub async fn save(
     qmp.execute("stop", None, QMP_TIMEOUT).await?;
     let result = async {
         enable_mapped_ram(qmp).await?;
-        let uri = format!("file:{}", staging.path().join(RAM).display());
+        // A contained QEMU sees nothing but its own directory (the overlay's): it writes the
+        // RAM there, and the state becomes the runner's, read-only, before anyone uses it.
+        let scratch = overlay.with_file_name("saved-ram.bin");
+        let uri = format!("file:{}", scratch.display());
         qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)
             .await?;
         wait_for_migration(qmp).await?;
+        let saved_ram = staging.path().join(RAM);
+        take_over(&scratch, &saved_ram).map_err(io(&saved_ram))?;
         let saved_disk = staging.path().join(DISK);
-        std::fs::copy(overlay, &saved_disk).map_err(io(&saved_disk))?;
+        copy_regular(overlay, &saved_disk).map_err(io(&saved_disk))?;
         read_only(&saved_disk).map_err(io(&saved_disk))?;
         let meta = staging.path().join(META);
         let id = format!("{:016x}", rand::random::<u64>());
@@ -283,6 +288,54 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
     }
 }
 
+/// Opens `path` for reading only if it is a regular file and not a symlink: the VM directory
+/// belongs to the VM user, and a compromised QEMU could put a link to a host secret there.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Copies the regular file `from` (never what a symlink there points to) to a new `to`.
+fn copy_regular(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut src = open_regular(from)?;
+    let mut dst = std::fs::File::create_new(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    Ok(())
+}
+
+/// Moves `from` (written by QEMU, perhaps as another user) to `to`, owned by us, read-only.
+fn take_over(from: &Path, to: &Path) -> std::io::Result<()> {
+    open_regular(from)?;
+    if std::fs::rename(from, to).is_err() {
+        // Another filesystem (a VM directory in the temp dir): copy.
+        copy_regular(from, to)?;
+        std::fs::remove_file(from)?;
+    }
+    // Through the descriptor: the name could have been swapped since the rename.
+    let file = open_regular(to)?;
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))?;
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o444))
+}
+
+/// The base image a saved state's disk was made on (from its meta.json).
+pub fn saved_base(dir: &Path) -> Option<PathBuf> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(META)).ok()?).ok()?;
+    meta["base"].as_str().map(PathBuf::from)
+}
+
 fn read_only(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
@@ -291,6 +344,28 @@ fn read_only(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_in_the_vm_directory_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "key").unwrap();
+        let link = dir.path().join("saved-ram.bin");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(take_over(&link, &dir.path().join("ram.bin")).is_err());
+        assert!(copy_regular(&link, &dir.path().join("disk.qcow2")).is_err());
+        assert!(!dir.path().join("disk.qcow2").exists());
+        // A regular file is taken over: read-only.
+        let ram = dir.path().join("real-ram.bin");
+        std::fs::write(&ram, "ram").unwrap();
+        take_over(&ram, &dir.path().join("ram.bin")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ram.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
 
     #[test]
     fn prune_keeps_only_resumable_states() {

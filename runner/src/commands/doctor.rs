@@ -2,6 +2,7 @@
 
 use engine::image::ImageStore;
 use engine::qemu::host as qhost;
+use engine::sandbox::{Containment, Layer, VM_USER};
 use engine::Arch;
 
 use crate::exit;
@@ -15,8 +16,13 @@ pub async fn run(store: &ImageStore) -> i32 {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    let mut seccomp_missing = Vec::new();
     for arch in Arch::ALL {
         match qhost::qemu_for(arch).await {
+            Ok(q) if !q.sandbox => {
+                seccomp_missing.push(arch.name());
+                println!("{arch:<8} {} {} (sandbox: no)", q.path.display(), q.version);
+            }
             Ok(q) => println!(
                 "{arch:<8} {} {} (sandbox: {})",
                 q.path.display(),
@@ -54,6 +60,7 @@ pub async fn run(store: &ImageStore) -> i32 {
         Ok(()) => println!("kvm      usable: {host} guests run under KVM"),
         Err(why) => println!("kvm      not usable: {why}; every guest runs under TCG"),
     }
+    sandbox_layers(&seccomp_missing).await;
     let images = store.list();
     println!(
         "cache    {} ({} images)",
@@ -71,4 +78,44 @@ pub async fn run(store: &ImageStore) -> i32 {
     } else {
         exit::HOST
     }
+}
+
+/// Each isolation layer around QEMU: on, or off and why.
+async fn sandbox_layers(seccomp_missing: &[&str]) {
+    let c = Containment::detect().await;
+    for layer in Layer::ALL {
+        let state = match layer {
+            Layer::User => match c.user {
+                Some(u) => format!("on (QEMU runs as {VM_USER}, uid {})", u.uid),
+                None => off(&c, layer),
+            },
+            Layer::Namespace => match &c.bwrap {
+                Some(b) => format!(
+                    "on ({}: only the VM's own files visible, no network)",
+                    b.display()
+                ),
+                None => off(&c, layer),
+            },
+            Layer::Cgroup => match &c.cgroups {
+                Some(h) => format!("on ({})", h.describe()),
+                None => off(&c, layer),
+            },
+            Layer::Seccomp if seccomp_missing.is_empty() => {
+                "on (QEMU's -sandbox, every installed QEMU has it)".into()
+            }
+            Layer::Seccomp => format!(
+                "off (QEMU for {} built without -sandbox)",
+                seccomp_missing.join(", ")
+            ),
+        };
+        println!("sandbox  {:<9} {state}", layer.name());
+    }
+    println!(
+        "sandbox  rlimits   on (no core dumps, at most {} open files)",
+        engine::sandbox::MAX_OPEN_FILES
+    );
+}
+
+fn off(c: &Containment, layer: Layer) -> String {
+    format!("off ({})", c.why_off(layer).unwrap_or("not available"))
 }

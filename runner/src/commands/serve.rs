@@ -10,6 +10,8 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
+use engine::sandbox::{self, Containment};
+
 use crate::capacity::HostResources;
 use crate::exit;
 use crate::run::execute::RunSettings;
@@ -25,6 +27,10 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         }
     };
     init_logging(config.log_format);
+    if let Err(message) = check_sandbox(&config, &settings.containment, config_path).await {
+        eprintln!("runner: error: {message}");
+        return exit::HOST;
+    }
     // The service's VMs live in a directory of their own, locked for as long as we run:
     // whatever is in it at start belongs to a predecessor that died (even a second ago), so
     // it all goes, with any QEMU still naming it.
@@ -135,6 +141,40 @@ pub async fn run(config_path: &Path, mut settings: RunSettings) -> i32 {
         return exit::HOST;
     }
     exit::SUCCESS
+}
+
+/// Refuses to serve without the isolation layers the config requires (one line naming what
+/// is missing and why); logs which layers are on.
+async fn check_sandbox(
+    config: &ServeConfig,
+    containment: &Containment,
+    config_path: &Path,
+) -> Result<(), String> {
+    let required = config.sandbox.required(sandbox::running_as_root());
+    // seccomp is a property of each QEMU binary: every installed one must have it.
+    let mut seccomp = true;
+    for arch in engine::Arch::ALL {
+        if let Ok(q) = engine::qemu::host::qemu_for(arch).await {
+            seccomp &= q.sandbox;
+        }
+    }
+    let missing = sandbox::missing(containment, &required, seccomp);
+    if let Some((layer, why)) = missing.first() {
+        return Err(format!(
+            "the {layer} sandbox layer is required but off: {why} (or remove \"{layer}\" from [sandbox] require in {})",
+            config_path.display()
+        ));
+    }
+    let on: Vec<&str> = sandbox::Layer::ALL
+        .into_iter()
+        .filter(|&l| containment.is_on(l) || (l == sandbox::Layer::Seccomp && seccomp))
+        .map(sandbox::Layer::name)
+        .collect();
+    tracing::info!(layers = ?on, "QEMU sandbox");
+    for (layer, why) in &containment.off {
+        tracing::warn!(layer = layer.name(), why, "sandbox layer off");
+    }
+    Ok(())
 }
 
 /// Takes the lock that makes this process the only `runner serve` of its cache dir.

@@ -42,6 +42,8 @@ pub struct RunSettings {
     /// Parent of the per-VM directories; `None`: the store's `vms/`. `runner serve` uses a
     /// directory of its own that it can sweep completely at start.
     pub vms_dir: Option<std::path::PathBuf>,
+    /// The isolation layers around each QEMU, detected once per process.
+    pub containment: engine::sandbox::Containment,
     /// The operator's trusted recipe directory (`NAME.toml`), looked up before the built-in
     /// recipes.
     pub recipe_dir: Option<std::path::PathBuf>,
@@ -349,6 +351,7 @@ async fn run_timed(
                 engine::vm::state::FORMAT
             ))
         }),
+        containment: settings.containment.clone(),
     };
     let mut vm = match Vm::boot(&cfg).await {
         Ok(vm) => vm,

@@ -35,6 +35,40 @@ pub struct ServeConfig {
     /// The operator's own image recipes (`NAME.toml`), beside the built-in ones. Trusted:
     /// only the operator writes here. A repository's `images/` is never used by the service.
     pub recipe_dir: Option<PathBuf>,
+    /// Which isolation layers around QEMU the service refuses to run without.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+/// `[sandbox]`: `require = ["uid", "namespace", "cgroup", "seccomp"]` lists the layers
+/// `runner serve` must have (it exits at start, naming the missing one, otherwise). Without
+/// the key: uid (when root), namespace and seccomp — see `engine::sandbox::default_required`.
+/// `require = []` serves without any, for hosts that isolate the runner some other way.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    #[serde(default, deserialize_with = "de_layers")]
+    pub require: Option<Vec<engine::sandbox::Layer>>,
+}
+
+impl SandboxConfig {
+    /// The layers required, on a host where the runner is root or not.
+    pub fn required(&self, root: bool) -> Vec<engine::sandbox::Layer> {
+        self.require
+            .clone()
+            .unwrap_or_else(|| engine::sandbox::default_required(root))
+    }
+}
+
+fn de_layers<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<engine::sandbox::Layer>>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -194,6 +228,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
         ServeConfig::parse(Path::new("serve.toml"), text)
+    }
+
+    #[test]
+    fn sandbox_requirements_default_by_privilege_and_are_checked() {
+        use engine::sandbox::Layer;
+        let base =
+            "[[runners]]\nname = \"a\"\nurl = \"https://g\"\ntoken = \"t\"\narch = \"riscv64\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(
+            c.sandbox.required(true),
+            vec![Layer::User, Layer::Namespace, Layer::Seccomp]
+        );
+        assert_eq!(
+            c.sandbox.required(false),
+            vec![Layer::Namespace, Layer::Seccomp]
+        );
+        let c = parse(&format!("{base}[sandbox]\nrequire = [\"cgroup\"]\n")).unwrap();
+        assert_eq!(c.sandbox.required(true), vec![Layer::Cgroup]);
+        let c = parse(&format!("{base}[sandbox]\nrequire = []\n")).unwrap();
+        assert!(c.sandbox.required(true).is_empty());
+        let err = parse(&format!("{base}[sandbox]\nrequire = [\"selinux\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown sandbox layer 'selinux'"), "{err}");
     }
 
     #[test]
