@@ -130,17 +130,11 @@ fn copied_image() -> (tempfile::TempDir, std::path::PathBuf) {
     // Make sure the real image exists (built on first use).
     let r = runner(&workspace_root(), &["images", "build", "--arch", "riscv64"]);
     assert_eq!(r.code, 0, "{r}");
-    let real = std::fs::read_dir(cache_dir().join("images"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("debian-13-riscv64-")
-        })
-        .expect("riscv64 image");
+    // The image of today's recipe and builder: the cache may also hold older ones.
+    let key = runner(&workspace_root(), &["images", "key", "--arch", "riscv64"]);
+    assert_eq!(key.code, 0, "{key}");
+    let real = cache_dir().join("images").join(key.stdout.trim());
+    assert!(real.is_dir(), "no image at {}", real.display());
     let cache = tempfile::tempdir().unwrap();
     let copy = cache.path().join("images").join(real.file_name().unwrap());
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();

@@ -21,7 +21,7 @@ use crate::events::{Event, GuestReport, Reporters, VmFacts};
 use crate::exit;
 use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
 use crate::run::guest::Guest;
-use crate::run::plan::{GuestFile, StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
+use crate::run::plan::{StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::run::platform;
 
 use crate::run::workspace;
@@ -643,42 +643,6 @@ fn after_step(plan: &SuitePlan, index: usize, so_far: Outcome, outcome: Outcome)
         // A broken VM: nothing more can run in it.
         _ => Next::Finish(Outcome::combine(&[so_far, outcome])),
     }
-}
-
-/// Writes the plan's files into the guest (parent directories first).
-pub(super) async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    let parents: Vec<String> = files
-        .iter()
-        .filter_map(|f| std::path::Path::new(&f.path).parent())
-        .map(|p| engine::shell::quote(&p.display().to_string()))
-        .collect();
-    let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
-    let script = format!("umask 077; mkdir -p {}", parents.join(" "));
-    match vm
-        .run_script(&script, &env, Duration::from_secs(30), 4096)
-        .await
-    {
-        Ok((CommandEnd::Exited(0), _)) => {}
-        Ok((end, out)) => {
-            return Err(infra(
-                InfraKind::Agent,
-                format!(
-                    "creating directories in the guest failed ({end:?}): {}",
-                    out.trim()
-                ),
-            ))
-        }
-        Err(e) => return Err(vm_error(&e, true)),
-    }
-    for f in files {
-        vm.write_file(&f.path, &f.contents)
-            .await
-            .map_err(|e| vm_error(&e, true))?;
-    }
-    Ok(())
 }
 
 /// One entry per name, the last one winning (a step's env overrides the suite's): with

@@ -11,9 +11,9 @@ use tokio::sync::watch;
 
 use crate::events::GuestReport;
 use crate::outcome::Outcome;
-use crate::run::execute::write_files;
 use crate::run::plan::{SuitePlan, GUEST_WORKSPACE};
 use crate::run::transfer;
+use crate::run::transfer::write_files;
 
 /// A booted guest as the step loop sees it.
 pub(crate) trait Guest {

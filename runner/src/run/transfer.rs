@@ -11,7 +11,7 @@ use engine::vm::{CommandEnd, Vm, VmError};
 use crate::events::GuestReport;
 use crate::outcome::{chain, infra, vm_error};
 use crate::outcome::{InfraKind, Outcome};
-use crate::run::plan::{SuitePlan, GUEST_WORKSPACE};
+use crate::run::plan::{GuestFile, SuitePlan, GUEST_WORKSPACE};
 use crate::run::workspace;
 use engine::shell::quote;
 
@@ -196,6 +196,42 @@ pub(crate) async fn collect_results(
         }
     }
     outcome
+}
+
+/// Writes the plan's files into the guest (parent directories first).
+pub async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let parents: Vec<String> = files
+        .iter()
+        .filter_map(|f| std::path::Path::new(&f.path).parent())
+        .map(|p| engine::shell::quote(&p.display().to_string()))
+        .collect();
+    let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+    let script = format!("umask 077; mkdir -p {}", parents.join(" "));
+    match vm
+        .run_script(&script, &env, Duration::from_secs(30), 4096)
+        .await
+    {
+        Ok((CommandEnd::Exited(0), _)) => {}
+        Ok((end, out)) => {
+            return Err(infra(
+                InfraKind::Agent,
+                format!(
+                    "creating directories in the guest failed ({end:?}): {}",
+                    out.trim()
+                ),
+            ))
+        }
+        Err(e) => return Err(vm_error(&e, true)),
+    }
+    for f in files {
+        vm.write_file(&f.path, &f.contents)
+            .await
+            .map_err(|e| vm_error(&e, true))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
