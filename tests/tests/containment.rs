@@ -94,6 +94,22 @@ impl Drop for Running {
     }
 }
 
+/// A file that is removed again when the test ends, however it ends.
+struct Secret(PathBuf);
+
+impl Secret {
+    fn new(path: PathBuf) -> Secret {
+        std::fs::write(&path, "secret\n").expect("write the secret");
+        Secret(path)
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn a_running_qemu_sees_only_its_own_files_as_another_user_in_a_limited_cgroup() {
     let cache = private_cache();
@@ -102,6 +118,10 @@ fn a_running_qemu_sees_only_its_own_files_as_another_user_in_a_limited_cgroup() 
     let secrets = tempfile::tempdir().expect("tempdir");
     let config = secrets.path().join("serve.toml");
     std::fs::write(&config, "token = \"glrt-secret\"\n").unwrap();
+    // And one in root's home: the cache (and so the images QEMU reads) may live below it,
+    // so the home directory's skeleton can be there, but nothing else of it.
+    let home = PathBuf::from(std::env::var("HOME").expect("HOME"));
+    let home_secret = Secret::new(home.join(format!(".runner-containment-{}", std::process::id())));
     let other_vm = cache.path().join("vms/vm-other1");
     std::fs::create_dir_all(&other_vm).unwrap();
     std::fs::write(other_vm.join("qmp.sock"), "").unwrap();
@@ -126,7 +146,7 @@ fn a_running_qemu_sees_only_its_own_files_as_another_user_in_a_limited_cgroup() 
         config.as_path(),
         other_vm.as_path(),
         Path::new("/etc/passwd"),
-        Path::new("/root"),
+        home_secret.0.as_path(),
     ] {
         assert!(
             !in_ns(hidden).exists(),

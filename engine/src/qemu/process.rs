@@ -7,7 +7,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
@@ -121,8 +121,12 @@ impl QemuProcess {
         if let Some(status) = self.try_exit() {
             return Ok(status);
         }
-        let _ = killpg(self.pgid, Signal::SIGTERM);
+        signal_group(self.pgid, Signal::SIGTERM);
         if let Ok(result) = tokio::time::timeout(grace, self.wait()).await {
+            return result;
+        }
+        signal_group(self.pgid, Signal::SIGKILL);
+        if let Ok(result) = tokio::time::timeout(LEADER_EXIT_TIMEOUT, self.wait()).await {
             return result;
         }
         let _ = killpg(self.pgid, Signal::SIGKILL);
@@ -150,14 +154,65 @@ impl Drop for QemuProcess {
         if self.try_exit().is_some() {
             return;
         }
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-        let deadline = std::time::Instant::now() + KILLED_EXIT_TIMEOUT;
+        signal_group(self.pgid, Signal::SIGKILL);
+        let leader_deadline = std::time::Instant::now() + LEADER_EXIT_TIMEOUT;
+        self.wait_blocking(leader_deadline);
+        if self.try_exit().is_none() {
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+        }
+        self.wait_blocking(std::time::Instant::now() + KILLED_EXIT_TIMEOUT);
+    }
+}
+
+impl QemuProcess {
+    /// Polls for the exit until `deadline` (Drop cannot await).
+    fn wait_blocking(&mut self, deadline: std::time::Instant) {
         let mut backoff = Duration::from_millis(1);
         while self.try_exit().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(20));
         }
     }
+}
+
+/// How long the group's leader (bubblewrap's monitor, when QEMU is contained) gets to reap
+/// its children and exit after they were signalled, before it is killed too.
+const LEADER_EXIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends `sig` to every member of the process group `pgid` but its leader, or to the leader
+/// when it is alone. A contained QEMU runs under bubblewrap: leader (monitor) → namespace init
+/// → QEMU. Signalling the whole group at once let the monitor die before it reaped the init,
+/// which then lingered as a zombie of PID 1 after `runner` had exited; signalled this way the
+/// monitor sees its child end, reaps it and exits by itself, and we reap the monitor.
+fn signal_group(pgid: Pid, sig: Signal) {
+    let members = group_members(pgid);
+    if members.is_empty() {
+        let _ = killpg(pgid, sig);
+        return;
+    }
+    for pid in members {
+        let _ = kill(pid, sig);
+    }
+}
+
+/// The processes of group `pgid` other than its leader, from `/proc` (zombies included).
+fn group_members(pgid: Pid) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != pgid.as_raw())
+        .filter(|&pid| process_group_of(pid) == Some(pgid.as_raw()))
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// Field 5 of `/proc/PID/stat` (after the command name, which may hold spaces and ')').
+fn process_group_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
 }
 
 async fn drain_into<R: AsyncRead + Unpin>(mut reader: R, sink: Arc<Mutex<TailBuffer>>) {
@@ -167,5 +222,39 @@ async fn drain_into<R: AsyncRead + Unpin>(mut reader: R, sink: Arc<Mutex<TailBuf
             Ok(0) | Err(_) => return,
             Ok(n) => sink.lock().expect("tail lock").push(&buf[..n]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_members_are_found_without_the_leader_and_signalled() {
+        use std::os::unix::process::CommandExt;
+        // A leader with one child in its group, like bubblewrap's monitor and its init.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .expect("sh");
+        let pgid = Pid::from_raw(leader.id() as i32);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let members = loop {
+            let m = group_members(pgid);
+            if !m.is_empty() || std::time::Instant::now() > deadline {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(members.len(), 1, "{members:?}");
+        assert_ne!(members[0], pgid);
+        assert_eq!(process_group_of(pgid.as_raw()), Some(pgid.as_raw()));
+        // The member dies; the leader sees its child end, returns from `wait` and exits by
+        // itself: nobody is orphaned.
+        signal_group(pgid, Signal::SIGKILL);
+        let status = leader.wait().expect("wait");
+        assert!(status.success() || status.code().is_some(), "{status:?}");
+        assert!(group_members(pgid).is_empty());
     }
 }
