@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore};
-use engine::vm::{CommandEnd, DiskSource, StartKind, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, GuestFault, StartKind, Vm, VmConfig, VmError};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -439,7 +439,7 @@ async fn in_vm(
                 bytes: bytes.to_vec(),
             });
         };
-        let result = vm
+        let mut result = vm
             .run_stoppable(
                 &step.command,
                 GUEST_WORKSPACE,
@@ -449,7 +449,33 @@ async fn in_vm(
                 &mut live,
             )
             .await;
+        // What the job did to its guest is its failure, named in its output: a limit it hit
+        // (a step can exit 0 and leave a fork bomb behind), or a guest it stopped or broke.
+        let mut notes = Vec::new();
+        if result.is_ok() {
+            match vm.job_limits_hit().await {
+                Ok(hits) => notes.extend(hits.iter().map(ToString::to_string)),
+                Err(e) => result = Err(e),
+            }
+        }
+        let fault = match &result {
+            Err(e) => GuestFault::during_job(e, &vm.console_tail(40)),
+            Ok(_) => None,
+        };
+        notes.extend(fault.iter().map(ToString::to_string));
+        for note in &notes {
+            let line = format!("\nrunner: {note}\n");
+            current.tail.push(line.as_bytes());
+            reporters.emit(Event::Output {
+                id: id.clone(),
+                bytes: line.into_bytes(),
+            });
+        }
         let outcome = match result {
+            Ok(CommandEnd::Exited(0)) if !notes.is_empty() => Outcome::Failed {
+                exit_code: None,
+                signal: None,
+            },
             Ok(CommandEnd::Exited(0)) => Outcome::Passed,
             Ok(CommandEnd::Exited(code)) => Outcome::Failed {
                 exit_code: Some(code),
@@ -461,18 +487,10 @@ async fn in_vm(
             },
             Ok(CommandEnd::TimedOut) => Outcome::TimedOut,
             Ok(CommandEnd::Stopped) => Outcome::Cancelled,
-            // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
-            // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
-            Err(VmError::Died {
-                clean_exit: true, ..
-            }) => {
-                let why =
-                    "\nrunner: the guest powered off, rebooted or panicked during this step\n";
-                current.tail.push(why.as_bytes());
-                reporters.emit(Event::Output {
-                    id: id.clone(),
-                    bytes: why.as_bytes().to_vec(),
-                });
+            // Once a job's command has started, the job owns the guest: a guest that powered
+            // off, panicked, lost its agent or stopped answering is the job's doing, not the
+            // infrastructure's (a VM that never booted failed earlier, in `Vm::boot`).
+            Err(_) if fault.is_some() => {
                 // Nothing more can run in it.
                 let finished = state.current.take().expect("set above");
                 state.steps_done += 1;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::agent::ExecRequest;
 use crate::qemu::spec::OUTPUT_PORT_NAME;
+use crate::vm::cgroup;
 
 /// How often `guest-exec-status` is polled while no end marker has arrived.
 pub const STATUS_POLL: Duration = Duration::from_millis(200);
@@ -72,26 +73,61 @@ pub fn relay_request() -> ExecRequest {
     }
 }
 
-/// The wrapper: redirect everything to the output FIFO, enter the working directory, run
-/// the command, then print the marker so the host knows the output is complete.
+/// The wrapper: redirect everything to the output FIFO, (for a job's command) enter the job
+/// cgroup, enter the working directory, run the command, then print the marker so the host
+/// knows the output is complete.
 const WRAPPER: &str = r#"dir=$1; marker=$2; shift 2
 exec </dev/null >FIFO 2>&1
+ENTER_JOB
 cd "$dir" || { printf '%s' "$marker"; exit 126; }
 "$@"
 rc=$?
 printf '%s' "$marker"
 exit $rc"#;
 
-/// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment.
+/// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment,
+/// for the runner's own commands: they stay outside the job cgroup, so they run even when the
+/// job has used up its processes or memory.
 pub fn exec_request(
     cmd: &GuestCommand,
     cwd: &str,
     env: &[(String, String)],
     marker: &str,
 ) -> ExecRequest {
+    wrapped_request(cmd, cwd, env, marker, "")
+}
+
+/// [`exec_request`] for a job's command: the wrapper moves itself into the job cgroup first,
+/// so the command and everything it starts live under the job's limits (see [`cgroup`]).
+/// Without the cgroup (a step removed it) the command does not run unprotected: it fails.
+/// The wrapper also drops the agent's OOM immunity, which it inherited: the OOM killer must
+/// be able to pick the job's processes (else it finds nothing to kill and the kernel panics).
+pub fn job_exec_request(
+    cmd: &GuestCommand,
+    cwd: &str,
+    env: &[(String, String)],
+    marker: &str,
+) -> ExecRequest {
+    let enter = format!(
+        "echo $$ >{}/cgroup.procs && echo 0 >/proc/self/oom_score_adj || {{ echo 'runner: cannot enter the job cgroup {}'; printf '%s' \"$marker\"; exit 125; }}",
+        cgroup::JOB,
+        cgroup::JOB
+    );
+    wrapped_request(cmd, cwd, env, marker, &enter)
+}
+
+fn wrapped_request(
+    cmd: &GuestCommand,
+    cwd: &str,
+    env: &[(String, String)],
+    marker: &str,
+    enter_job: &str,
+) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
-        WRAPPER.replace("FIFO", OUTPUT_FIFO),
+        WRAPPER
+            .replace("FIFO", OUTPUT_FIFO)
+            .replace("ENTER_JOB", enter_job),
         "runner-wrapper".to_string(),
         cwd.to_string(),
         marker.to_string(),
@@ -247,6 +283,22 @@ mod tests {
             "M",
         );
         assert_eq!(&req.args[5..], ["/bin/sh", "-e", "-c", "false\necho no"]);
+    }
+
+    #[test]
+    fn only_job_commands_enter_the_job_cgroup() {
+        let cmd = GuestCommand::Argv(vec!["true".into()]);
+        let job = job_exec_request(&cmd, "/", &[], "M");
+        let own = exec_request(&cmd, "/", &[], "M");
+        let enter = "echo $$ >/sys/fs/cgroup/job/cgroup.procs";
+        assert!(job.args[1].contains(enter), "{}", job.args[1]);
+        assert!(!own.args[1].contains("cgroup"), "{}", own.args[1]);
+        // Entered after the redirect (so a failure is reported in the output), before the
+        // command, with the rest of the request unchanged.
+        let w = &job.args[1];
+        assert!(w.find(">/run/runner/output").unwrap() < w.find(enter).unwrap());
+        assert!(w.find(enter).unwrap() < w.find("\"$@\"").unwrap());
+        assert_eq!(job.args[2..], own.args[2..]);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! deadline), run commands with live output, move files, and stop. Dropping a `Vm` on any
 //! path kills its process group and removes its directory.
 
+pub mod cgroup;
 mod dir;
 pub mod exec;
+mod fault;
 pub mod overlay;
 pub mod state;
 
@@ -20,8 +22,10 @@ use crate::arch::Arch;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
+pub use cgroup::{JobLimits, LimitHit};
 pub use dir::{sweep_abandoned, sweep_all, VmDir};
 pub use exec::{CommandEnd, GuestCommand};
+pub use fault::GuestFault;
 use overlay::OverlayError;
 
 /// How long QEMU may take to create its sockets after it starts.
@@ -36,6 +40,8 @@ const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// After the agent's connection broke mid-command, how long QEMU gets to show it is exiting.
 const DIED_GRACE: Duration = Duration::from_secs(2);
+/// How often a running job command's process count is checked (see [`cgroup`]).
+const LIMIT_POLL: Duration = Duration::from_secs(1);
 /// How long killing a left-running command's process tree may take (SIGTERM grace included).
 const KILL_TREE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks of live output buffered between the port reader and the consumer. When full, the
@@ -147,6 +153,9 @@ pub struct Vm {
     base: Option<PathBuf>,
     /// The wrapper pid of a command that timed out or was stopped and may still run.
     left_running: Option<i64>,
+    /// The job cgroup's limits, and its counters as last read (see [`cgroup`]).
+    job_limits: JobLimits,
+    job_counters: cgroup::JobCounters,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
@@ -173,7 +182,14 @@ impl Vm {
                     }
                 },
                 Err(e) => {
-                    fallback = Some(format!("cannot resume from {}: {e}", state_dir.display()))
+                    // With the cause: "does not match its checksum" must reach the user.
+                    let mut why = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        why = format!("{why}: {c}");
+                        cause = c.source();
+                    }
+                    fallback = Some(format!("cannot resume from {}: {why}", state_dir.display()))
                 }
             }
             // A state that fails once will fail again: drop it; the cold boot saves anew.
@@ -211,7 +227,11 @@ impl Vm {
         let root = match (&cfg.disk, resume_from) {
             // Resuming: the disk must be exactly as it was when the state was saved.
             (DiskSource::Overlay(_), Some(saved)) => {
-                let pinned = state::pin(saved, dir.path())?;
+                // Off the async threads: a state not verified before is hashed here.
+                let (saved, vm_dir) = (saved.to_path_buf(), dir.path().to_path_buf());
+                let pinned = tokio::task::spawn_blocking(move || state::pin(&saved, &vm_dir))
+                    .await
+                    .map_err(|_| state::StateError::Changed)??;
                 let path = dir.join("overlay.qcow2");
                 overlay::create_overlay(&pinned.disk, &path).await?;
                 pinned_state = Some(pinned);
@@ -259,6 +279,7 @@ impl Vm {
         }
         let mut process = QemuProcess::spawn(&binary, &argv, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
+        let job_limits = JobLimits::for_memory(cfg.memory_mib);
 
         let boot_deadline = tokio::time::Instant::now() + cfg.boot_timeout;
         let handshake = async {
@@ -274,8 +295,8 @@ impl Vm {
             agent.sync(boot_deadline).await?;
             let version = agent.version(AGENT_TIMEOUT).await?;
             if resume_from.is_none() {
-                // A resumed VM has its relay already (it was saved with it).
-                start_output_relay(&mut agent).await?;
+                // A resumed VM has its relay and cgroups already (it was saved with them).
+                set_up_guest(&mut agent, &job_limits).await?;
             }
             Ok::<_, VmError>((qmp, output, agent, version))
         };
@@ -330,6 +351,9 @@ impl Vm {
                 DiskSource::Direct { .. } => None,
             },
             left_running: None,
+            job_limits,
+            // The job cgroup is new at setup, and saved before any job ran in it.
+            job_counters: cgroup::JobCounters::default(),
             dir,
         })
     }
@@ -366,15 +390,39 @@ impl Vm {
     ) -> Result<CommandEnd, VmError> {
         // Nobody holds the sender: this stop never fires.
         let (_, mut never) = watch::channel(false);
-        self.run_stoppable(cmd, cwd, env, timeout, &mut never, on_output)
+        self.run_in(
+            Placement::Runner,
+            cmd,
+            cwd,
+            env,
+            timeout,
+            &mut never,
+            on_output,
+        )
+        .await
+    }
+
+    /// Runs a job's command like [`Vm::run`], but in the job cgroup (under the job's limits,
+    /// see [`Vm::job_limits_hit`]), and also returns [`CommandEnd::Stopped`] as soon as `stop`
+    /// turns true (e.g. a graceful job cancel). A stopped or timed-out command keeps running
+    /// until [`Vm::stop_command`] kills it or the VM stops.
+    pub async fn run_stoppable(
+        &mut self,
+        cmd: &GuestCommand,
+        cwd: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        stop: &mut watch::Receiver<bool>,
+        on_output: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<CommandEnd, VmError> {
+        self.run_in(Placement::Job, cmd, cwd, env, timeout, stop, on_output)
             .await
     }
 
-    /// Like [`Vm::run`], but also returns [`CommandEnd::Stopped`] as soon as `stop` turns
-    /// true (e.g. a graceful job cancel). A stopped or timed-out command keeps running until
-    /// [`Vm::stop_command`] kills it or the VM stops.
-    pub async fn run_stoppable(
+    #[allow(clippy::too_many_arguments)]
+    async fn run_in(
         &mut self,
+        placement: Placement,
         cmd: &GuestCommand,
         cwd: &str,
         env: &[(String, String)],
@@ -385,7 +433,10 @@ impl Vm {
         let deadline = tokio::time::Instant::now() + timeout;
         let marker = exec::new_marker();
         let mut scanner = exec::MarkerScanner::new(&marker);
-        let request = exec::exec_request(cmd, cwd, env, &marker);
+        let request = match placement {
+            Placement::Job => exec::job_exec_request(cmd, cwd, env, &marker),
+            Placement::Runner => exec::exec_request(cmd, cwd, env, &marker),
+        };
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
         let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
@@ -398,6 +449,7 @@ impl Vm {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
         let mut exit_poll = exec::EXIT_POLL_START;
+        let mut next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
         loop {
             let poll = if scanner.found() {
                 if let Some(end) = exited {
@@ -448,6 +500,16 @@ impl Vm {
                         return Ok(CommandEnd::TimedOut);
                     }
                     exited = self.poll_status_or_died(pid).await?;
+                    if matches!(placement, Placement::Job)
+                        && exited.is_none()
+                        && tokio::time::Instant::now() >= next_limit_check
+                    {
+                        next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
+                        // Killed, the wrapper ends too; `job_limits_hit` then says why.
+                        if let Err(e) = self.kill_job_at_process_limit().await {
+                            return Err(self.agent_or_died(e).await);
+                        }
+                    }
                     if exited.is_some() && !scanner.found() {
                         drain_deadline = Some(tokio::time::Instant::now() + exec::OUTPUT_DRAIN);
                     }
@@ -490,6 +552,61 @@ impl Vm {
             .read_file(&format!("{SCRIPT_OUTPUT}.tail"), keep.max(1))
             .await?;
         Ok((end, String::from_utf8_lossy(&tail).into_owned()))
+    }
+
+    /// What the job ran into (its process or memory limit) since the last call, read from the
+    /// job cgroup's counters after a step. When it hit its process limit, all its processes
+    /// are killed: a fork bomb left running would starve everything that comes after.
+    pub async fn job_limits_hit(&mut self) -> Result<Vec<LimitHit>, VmError> {
+        // The agent's file calls need no fork in the guest: they work at the process limit.
+        let Some(pids) = self.read_job_file(cgroup::PIDS_EVENTS).await? else {
+            return Ok(Vec::new());
+        };
+        let Some(memory) = self.read_job_file(cgroup::MEMORY_EVENTS).await? else {
+            return Ok(Vec::new());
+        };
+        let now = cgroup::JobCounters::parse(&pids, &memory);
+        let hits = now.hits_since(&self.job_counters, &self.job_limits);
+        self.job_counters = now;
+        if hits
+            .iter()
+            .any(|h| matches!(h, LimitHit::Processes { .. }))
+        {
+            self.agent
+                .write_file(cgroup::KILL, b"1", AGENT_TIMEOUT)
+                .await?;
+            // Its wrapper is gone with it.
+            self.left_running = None;
+        }
+        Ok(hits)
+    }
+
+    /// Kills every process of the job when it has hit its process limit since the last
+    /// [`Vm::job_limits_hit`] (a fork bomb cannot be allowed to run into the step's timeout).
+    async fn kill_job_at_process_limit(&mut self) -> Result<(), AgentError> {
+        let Some(events) = self.read_job_file(cgroup::PIDS_EVENTS).await? else {
+            return Ok(());
+        };
+        if cgroup::pids_refused(&events) > self.job_counters.pids_refused {
+            self.agent
+                .write_file(cgroup::KILL, b"1", AGENT_TIMEOUT)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one of the job cgroup's files; `None` when the agent says it cannot (the job,
+    /// being root, removed its cgroup: its next command then refuses to run, and says why).
+    async fn read_job_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, AgentError> {
+        match self
+            .agent
+            .read_file(path, cgroup::EVENTS_MAX_BYTES, AGENT_TIMEOUT)
+            .await
+        {
+            Ok(data) => Ok(Some(data)),
+            Err(AgentError::Command { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Kills the command a timed-out or stopped [`Vm::run_stoppable`] left running (its whole
@@ -589,6 +706,14 @@ impl Vm {
     }
 }
 
+/// Where a guest command runs: the job's commands under the job's limits, the runner's own
+/// outside them (so that they still run when the job has used its share up).
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    Job,
+    Runner,
+}
+
 /// Resolves when `stop` turns true; never when its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|s| *s).await.is_err() {
@@ -596,12 +721,19 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Starts the guest side of live output (see `exec::relay_request`).
-async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), VmError> {
+/// Sets up a freshly booted guest in one agent call: the job cgroup (see [`cgroup`]) and the
+/// output FIFO; then starts the guest side of live output (see `exec::relay_request`).
+async fn set_up_guest(
+    agent: &mut AgentClient<UnixStream>,
+    limits: &JobLimits,
+) -> Result<(), VmError> {
     let mkfifo = crate::agent::ExecRequest {
         path: "/bin/sh".into(),
-        args: vec!["-c".into(), exec::MAKE_FIFO.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        args: vec![
+            "-c".into(),
+            format!("{}\n{}", limits.setup_script(), exec::MAKE_FIFO),
+        ],
+        env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
     };
     let pid = agent.exec(&mkfifo, AGENT_TIMEOUT).await?;
     let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
@@ -609,7 +741,7 @@ async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), V
         ExecStatus::Exited(0) => {}
         other => {
             return Err(VmError::Agent(AgentError::Command {
-                command: "create the output FIFO".into(),
+                command: "set up the job cgroup and the output FIFO".into(),
                 desc: format!("{other:?}"),
             }))
         }
