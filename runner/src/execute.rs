@@ -453,7 +453,8 @@ async fn in_vm(
         // (a step can exit 0 and leave a fork bomb behind), or a guest it stopped or broke.
         let mut notes = Vec::new();
         if result.is_ok() {
-            match vm.job_limits_hit().await {
+            let failed = !matches!(result, Ok(CommandEnd::Exited(0)));
+            match vm.job_limits_hit(failed).await {
                 Ok(hits) => notes.extend(hits.iter().map(ToString::to_string)),
                 Err(e) => result = Err(e),
             }

@@ -101,8 +101,8 @@ impl JobCounters {
     /// garbage reads as 0: the guest wrote these files, so they only ever add a message).
     pub fn parse(pids_events: &[u8], memory_events: &[u8]) -> JobCounters {
         JobCounters {
-            pids_refused: value_of(pids_events, "max"),
-            oom_kills: value_of(memory_events, "oom_kill"),
+            pids_refused: pids_refused(pids_events),
+            oom_kills: oom_kills(memory_events),
         }
     }
 
@@ -128,6 +128,11 @@ impl JobCounters {
 /// Forks refused so far, from `pids.events`.
 pub fn pids_refused(pids_events: &[u8]) -> u64 {
     value_of(pids_events, "max")
+}
+
+/// OOM kills so far, from `memory.events`.
+pub fn oom_kills(memory_events: &[u8]) -> u64 {
+    value_of(memory_events, "oom_kill")
 }
 
 fn value_of(text: &[u8], key: &str) -> u64 {
@@ -201,7 +206,10 @@ mod tests {
     fn setup_script_sets_the_limits() {
         let s = JobLimits::for_memory(1024).setup_script();
         assert!(s.contains("echo 1024 >/sys/fs/cgroup/job/pids.max"), "{s}");
-        assert!(s.contains("echo 896M >/sys/fs/cgroup/job/memory.max"), "{s}");
+        assert!(
+            s.contains("echo 896M >/sys/fs/cgroup/job/memory.max"),
+            "{s}"
+        );
         // The agent leaves the root group before the controllers are enabled below it.
         assert!(s.find("$PPID >$C/agent").unwrap() < s.find("+pids").unwrap());
     }

@@ -147,7 +147,10 @@ mod tests {
             let got = GuestFault::during_job(&e, console);
             match (&got, &want) {
                 // The agent's own words are checked elsewhere; here only the kind.
-                (Some(GuestFault::AgentUnresponsive(_)), Some(GuestFault::AgentUnresponsive(_))) => {}
+                (
+                    Some(GuestFault::AgentUnresponsive(_)),
+                    Some(GuestFault::AgentUnresponsive(_)),
+                ) => {}
                 _ => assert_eq!(got, want, "{e:?} / {console:?}"),
             }
         }

@@ -242,7 +242,10 @@ impl Vm {
             }
             (DiskSource::Overlay(base), None) => {
                 let path = dir.join("overlay.qcow2");
-                overlay::create_overlay(base, &path).await?;
+                // The real path: a saved state's disk keeps it as its backing file, and a
+                // path through a symlink that goes away would break every resume.
+                let base = base.canonicalize().unwrap_or_else(|_| base.clone());
+                overlay::create_overlay(&base, &path).await?;
                 RootDisk {
                     path,
                     format: "qcow2",
@@ -557,21 +560,31 @@ impl Vm {
     /// What the job ran into (its process or memory limit) since the last call, read from the
     /// job cgroup's counters after a step. When it hit its process limit, all its processes
     /// are killed: a fork bomb left running would starve everything that comes after.
-    pub async fn job_limits_hit(&mut self) -> Result<Vec<LimitHit>, VmError> {
+    ///
+    /// The process limit is checked after every step (a step can exit 0 and leave a fork bomb
+    /// behind); the memory limit only after a step that did not pass (`step_failed`): an OOM
+    /// kill that did not fail the step is no reason to fail it, and each file read costs three
+    /// agent round trips (10-30 ms under TCG) on every step.
+    pub async fn job_limits_hit(&mut self, step_failed: bool) -> Result<Vec<LimitHit>, VmError> {
         // The agent's file calls need no fork in the guest: they work at the process limit.
         let Some(pids) = self.read_job_file(cgroup::PIDS_EVENTS).await? else {
             return Ok(Vec::new());
         };
-        let Some(memory) = self.read_job_file(cgroup::MEMORY_EVENTS).await? else {
-            return Ok(Vec::new());
+        let oom_kills = if step_failed {
+            let Some(memory) = self.read_job_file(cgroup::MEMORY_EVENTS).await? else {
+                return Ok(Vec::new());
+            };
+            cgroup::oom_kills(&memory)
+        } else {
+            self.job_counters.oom_kills
         };
-        let now = cgroup::JobCounters::parse(&pids, &memory);
+        let now = cgroup::JobCounters {
+            pids_refused: cgroup::pids_refused(&pids),
+            oom_kills,
+        };
         let hits = now.hits_since(&self.job_counters, &self.job_limits);
         self.job_counters = now;
-        if hits
-            .iter()
-            .any(|h| matches!(h, LimitHit::Processes { .. }))
-        {
+        if hits.iter().any(|h| matches!(h, LimitHit::Processes { .. })) {
             self.agent
                 .write_file(cgroup::KILL, b"1", AGENT_TIMEOUT)
                 .await?;

@@ -527,7 +527,8 @@ mod tests {
     fn a_tampered_state_is_refused() {
         use std::os::unix::fs::FileExt;
         // (what was done to the state, after it was sealed)
-        let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        type Tamper = Box<dyn Fn(&Path)>;
+        let cases: Vec<(&str, Tamper)> = vec![
             (
                 "a byte of data changed",
                 Box::new(|d| rewrite(&d.join(RAM), |f| f.write_all_at(b"G", 1 << 20).unwrap())),
