@@ -64,12 +64,15 @@ impl JobLimits {
     }
 
     /// The guest shell script that sets the cgroups up. It runs as a child of qemu-ga, so
-    /// `$PPID` is the agent.
+    /// `$PPID` is the agent. `favordynmods` (Linux ≥ 6.0): every job command's wrapper moves
+    /// itself into the job cgroup, and without it each move waits for an RCU grace period —
+    /// milliseconds under TCG, and forever in a resumed riscv64 guest whose timers are broken
+    /// (a step `true` hung until its timeout); forks get a little dearer instead.
     pub fn setup_script(&self) -> String {
         format!(
             r#"set -e
 C=/sys/fs/cgroup
-grep -q "^cgroup2 $C " /proc/mounts || mount -t cgroup2 cgroup2 $C
+grep -q "^cgroup2 $C " /proc/mounts || mount -t cgroup2 -o favordynmods cgroup2 $C 2>/dev/null || mount -t cgroup2 cgroup2 $C
 mkdir -p $C/agent {JOB}
 echo 1 >$C/agent/cgroup.procs
 echo $PPID >$C/agent/cgroup.procs

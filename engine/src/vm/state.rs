@@ -375,9 +375,12 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         args: vec![
             "-e".into(),
             "open(my $f, '>', '/dev/urandom') or die $!; syswrite($f, pack('H*', $ARGV[0])) or die $!; \
-             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; select(undef, undef, undef, 0.02);"
+             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; \
+             open(my $c, '>', $ARGV[1]) or die $!; syswrite($c, '0') or die \"cgroup: $!\"; \
+             select(undef, undef, undef, 0.02);"
                 .into(),
             hex,
+            format!("{}/cgroup.procs", super::cgroup::JOB),
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
     };
@@ -396,8 +399,12 @@ pub async fn after_restore(agent: &mut AgentClient<UnixStream>) -> Result<(), Ag
         Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
         Err(e) => return Err(e),
     }
-    // The process ends with a 20 ms sleep: some saved riscv64 states resume with timers that
-    // never fire (every sleep hangs), and such a VM is useless. Not ending in time is how we
+    // The process moves itself into the job cgroup (as every job command's wrapper does) and
+    // ends with a 20 ms sleep: some saved riscv64 states resume with timers that never fire
+    // (every sleep hangs), and such a VM is useless. A cgroup move can wait for an RCU grace
+    // period, which such a guest may never finish even when this CPU's sleep works (our best
+    // explanation for a resumed VM whose step `true` hung until its timeout): the check does
+    // what each step will do. Not ending in time is how we
     // notice; the caller then discards the state and boots cold.
     let deadline = tokio::time::Instant::now() + RESUME_CHECK_TIMEOUT;
     match agent
