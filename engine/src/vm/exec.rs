@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::agent::ExecRequest;
 use crate::qemu::spec::OUTPUT_PORT_NAME;
+use crate::vm::job_cgroup;
 
 /// How often `guest-exec-status` is polled while no end marker has arrived.
 pub const STATUS_POLL: Duration = Duration::from_millis(200);
@@ -75,12 +76,14 @@ pub fn relay_request() -> ExecRequest {
     }
 }
 
-/// The wrapper: redirect everything to the output FIFO, enter the working directory, run
-/// the command, then print the end marker so the host knows the output is complete. A
-/// program that does not exist ends with the other marker instead: exit status 127 alone
-/// cannot tell it from a 127 of the command's own (a shell that did not find a tool).
+/// The wrapper: redirect everything to the output FIFO, (for a job's command) enter the job
+/// cgroup, enter the working directory, run the command, then print the end marker so the
+/// host knows the output is complete. A program that does not exist ends with the other
+/// marker instead: exit status 127 alone cannot tell it from a 127 of the command's own (a
+/// shell that did not find a tool).
 const WRAPPER: &str = r#"dir=$1; marker=$2; missing=$3; shift 3
 exec </dev/null >FIFO 2>&1
+ENTER_JOB
 cd "$dir" || { printf '%s' "$marker"; exit 126; }
 command -v "$1" >/dev/null || { printf '%s: not found\n' "$1"; printf '%s' "$missing"; exit 127; }
 "$@"
@@ -92,16 +95,49 @@ exit $rc"#;
 /// found`), as they would for `sh -c` typed by hand.
 const SHELL_NAME: &str = "sh";
 
-/// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment.
+/// Builds the `guest-exec` request for `cmd` in `cwd`, with `env` as the whole environment,
+/// for the runner's own commands: they stay outside the job cgroup, so they run even when the
+/// job has used up its processes or memory.
 pub fn exec_request(
     cmd: &GuestCommand,
     cwd: &str,
     env: &[(String, String)],
     markers: &EndMarkers,
 ) -> ExecRequest {
+    wrapped_request(cmd, cwd, env, markers, "")
+}
+
+/// [`exec_request`] for a job's command: the wrapper moves itself into the job cgroup first,
+/// so the command and everything it starts live under the job's limits (see [`job_cgroup`]).
+/// Without the cgroup (a step removed it) the command does not run unprotected: it fails.
+/// The wrapper also drops the agent's OOM immunity, which it inherited: the OOM killer must
+/// be able to pick the job's processes (else it finds nothing to kill and the kernel panics).
+pub fn job_exec_request(
+    cmd: &GuestCommand,
+    cwd: &str,
+    env: &[(String, String)],
+    markers: &EndMarkers,
+) -> ExecRequest {
+    let enter = format!(
+        "echo $$ >{}/cgroup.procs && echo 0 >/proc/self/oom_score_adj || {{ echo 'runner: cannot enter the job cgroup {}'; printf '%s' \"$marker\"; exit 125; }}",
+        job_cgroup::JOB,
+        job_cgroup::JOB
+    );
+    wrapped_request(cmd, cwd, env, markers, &enter)
+}
+
+fn wrapped_request(
+    cmd: &GuestCommand,
+    cwd: &str,
+    env: &[(String, String)],
+    markers: &EndMarkers,
+    enter_job: &str,
+) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
-        WRAPPER.replace("FIFO", OUTPUT_FIFO),
+        WRAPPER
+            .replace("FIFO", OUTPUT_FIFO)
+            .replace("ENTER_JOB", enter_job),
         SHELL_NAME.to_string(),
         cwd.to_string(),
         markers.ran.clone(),
@@ -343,7 +379,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("output");
         let mut req = exec_request(cmd, "/", &[], &markers());
-        req.args[1] = WRAPPER.replace("FIFO", &out.display().to_string());
+        req.args[1] = WRAPPER
+            .replace("FIFO", &out.display().to_string())
+            .replace("ENTER_JOB", "");
         let status = std::process::Command::new(&req.path)
             .args(&req.args)
             .env_clear()
@@ -393,6 +431,23 @@ mod tests {
             assert_eq!(text, format!("{want_out}{want_marker}"), "{cmd:?}");
             assert_eq!(rc, want_rc, "{cmd:?}");
         }
+    }
+
+    #[test]
+    fn only_job_commands_enter_the_job_cgroup() {
+        let cmd = GuestCommand::Argv(vec!["true".into()]);
+        let markers = EndMarkers::new();
+        let job = job_exec_request(&cmd, "/", &[], &markers);
+        let own = exec_request(&cmd, "/", &[], &markers);
+        let enter = "echo $$ >/sys/fs/cgroup/job/cgroup.procs";
+        assert!(job.args[1].contains(enter), "{}", job.args[1]);
+        assert!(!own.args[1].contains("cgroup"), "{}", own.args[1]);
+        // Entered after the redirect (so a failure is reported in the output), before the
+        // command, with the rest of the request unchanged.
+        let w = &job.args[1];
+        assert!(w.find(">/run/runner/output").unwrap() < w.find(enter).unwrap());
+        assert!(w.find(enter).unwrap() < w.find("\"$@\"").unwrap());
+        assert_eq!(job.args[2..], own.args[2..]);
     }
 
     #[test]

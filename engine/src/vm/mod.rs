@@ -4,6 +4,8 @@
 
 mod dir;
 pub mod exec;
+mod fault;
+pub mod job_cgroup;
 pub mod overlay;
 pub mod state;
 
@@ -20,9 +22,11 @@ use crate::arch::Arch;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
-use crate::sandbox::{self, cgroup, Containment, SandboxError, VmView};
+use crate::sandbox::{self, Containment, SandboxError, VmView};
 pub use dir::{sweep_abandoned, sweep_all, VmDir};
 pub use exec::{CommandEnd, GuestCommand};
+pub use fault::GuestFault;
+pub use job_cgroup::{JobLimits, LimitHit};
 use overlay::OverlayError;
 
 /// How long QEMU may take to create its sockets after it starts.
@@ -37,6 +41,8 @@ const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// After the agent's connection broke mid-command, how long QEMU gets to show it is exiting.
 const DIED_GRACE: Duration = Duration::from_secs(2);
+/// How often a running job command's process count is checked (see [`job_cgroup`]).
+const LIMIT_POLL: Duration = Duration::from_secs(1);
 /// How long killing a left-running command's process tree may take (SIGTERM grace included).
 const KILL_TREE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Chunks of live output buffered between the port reader and the consumer. When full, the
@@ -152,6 +158,9 @@ pub struct Vm {
     base: Option<PathBuf>,
     /// The wrapper pid of a command that timed out or was stopped and may still run.
     left_running: Option<i64>,
+    /// The job cgroup's limits, and its counters as last read (see [`job_cgroup`]).
+    job_limits: JobLimits,
+    job_counters: job_cgroup::JobCounters,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
@@ -167,21 +176,35 @@ impl Vm {
         if state::is_complete(state_dir) {
             let restore_started = Instant::now();
             match Vm::start(cfg, Some(state_dir)).await {
-                Ok(mut vm) => match state::after_restore(&mut vm.agent).await {
-                    Ok(()) => {
-                        vm.boot_time = restore_started.elapsed();
-                        return Ok(vm);
+                Ok(mut vm) => {
+                    match state::after_restore(&mut vm.agent, cfg.arch == Arch::Riscv64).await {
+                        Ok(()) => {
+                            vm.boot_time = restore_started.elapsed();
+                            return Ok(vm);
+                        }
+                        Err(e) => {
+                            vm.kill().await;
+                            fallback = Some(format!("resumed VM did not respond: {e}"));
+                        }
                     }
-                    Err(e) => {
-                        vm.kill().await;
-                        fallback = Some(format!("resumed VM did not respond: {e}"));
-                    }
-                },
+                }
                 Err(e) => {
+                    // With the cause: "does not match its checksum" must reach the user.
+                    let mut why = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        why = format!("{why}: {c}");
+                        cause = c.source();
+                    }
                     fallback = Some(format!(
                         "cannot resume from {}: {}",
                         state_dir.display(),
-                        one_line(&e)
+                        // QEMU's own exit: its last stderr lines, not the console tail.
+                        if matches!(e, VmError::QemuExited { .. }) {
+                            one_line(&e)
+                        } else {
+                            why.lines().next().unwrap_or_default().to_string()
+                        }
                     ))
                 }
             }
@@ -220,7 +243,11 @@ impl Vm {
         let root = match (&cfg.disk, resume_from) {
             // Resuming: the disk must be exactly as it was when the state was saved.
             (DiskSource::Overlay(_), Some(saved)) => {
-                let pinned = state::pin(saved, dir.path())?;
+                // Off the async threads: a state not verified before is hashed here.
+                let (saved, vm_dir) = (saved.to_path_buf(), dir.path().to_path_buf());
+                let pinned = tokio::task::spawn_blocking(move || state::pin(&saved, &vm_dir))
+                    .await
+                    .map_err(|_| state::StateError::Changed)??;
                 let path = dir.join("overlay.qcow2");
                 overlay::create_overlay(&pinned.disk, &path).await?;
                 pinned_state = Some(pinned);
@@ -231,7 +258,10 @@ impl Vm {
             }
             (DiskSource::Overlay(base), None) => {
                 let path = dir.join("overlay.qcow2");
-                overlay::create_overlay(base, &path).await?;
+                // The real path: a saved state's disk keeps it as its backing file, and a
+                // path through a symlink that goes away would break every resume.
+                let base = base.canonicalize().unwrap_or_else(|_| base.clone());
+                overlay::create_overlay(&base, &path).await?;
                 RootDisk {
                     path,
                     format: "qcow2",
@@ -273,17 +303,18 @@ impl Vm {
         if let Some(overlay) = &overlay {
             sandbox::hand_over(overlay, user)?;
         }
-        let limits = cgroup::limits(
+        let limits = sandbox::cgroup::limits(
             cfg.memory_mib,
             cfg.cpus,
             cfg.accel == Accel::Tcg,
-            cgroup::host_memory_bytes(),
+            sandbox::cgroup::host_memory_bytes(),
         );
         let launch = cfg
             .containment
             .prepare(&dir.id(), &cfg.qemu_binary, argv, &view, limits)?;
         let mut process = QemuProcess::spawn(launch, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
+        let job_limits = JobLimits::for_memory(cfg.memory_mib);
 
         let boot_deadline = crate::bounded::deadline_in(cfg.boot_timeout);
         let handshake = async {
@@ -299,8 +330,8 @@ impl Vm {
             agent.sync(boot_deadline).await?;
             let version = agent.version(AGENT_TIMEOUT).await?;
             if resume_from.is_none() {
-                // A resumed VM has its relay already (it was saved with it).
-                start_output_relay(&mut agent).await?;
+                // A resumed VM has its relay and cgroups already (it was saved with them).
+                set_up_guest(&mut agent, &job_limits).await?;
             }
             Ok::<_, VmError>((qmp, output, agent, version))
         };
@@ -355,6 +386,9 @@ impl Vm {
                 DiskSource::Direct { .. } => None,
             },
             left_running: None,
+            job_limits,
+            // The job cgroup is new at setup, and saved before any job ran in it.
+            job_counters: job_cgroup::JobCounters::default(),
             dir,
         })
     }
@@ -391,15 +425,39 @@ impl Vm {
     ) -> Result<CommandEnd, VmError> {
         // Nobody holds the sender: this stop never fires.
         let (_, mut never) = watch::channel(false);
-        self.run_stoppable(cmd, cwd, env, timeout, &mut never, on_output)
+        self.run_in(
+            Placement::Runner,
+            cmd,
+            cwd,
+            env,
+            timeout,
+            &mut never,
+            on_output,
+        )
+        .await
+    }
+
+    /// Runs a job's command like [`Vm::run`], but in the job cgroup (under the job's limits,
+    /// see [`Vm::job_limits_hit`]), and also returns [`CommandEnd::Stopped`] as soon as `stop`
+    /// turns true (e.g. a graceful job cancel). A stopped or timed-out command keeps running
+    /// until [`Vm::stop_command`] kills it or the VM stops.
+    pub async fn run_stoppable(
+        &mut self,
+        cmd: &GuestCommand,
+        cwd: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        stop: &mut watch::Receiver<bool>,
+        on_output: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<CommandEnd, VmError> {
+        self.run_in(Placement::Job, cmd, cwd, env, timeout, stop, on_output)
             .await
     }
 
-    /// Like [`Vm::run`], but also returns [`CommandEnd::Stopped`] as soon as `stop` turns
-    /// true (e.g. a graceful job cancel). A stopped or timed-out command keeps running until
-    /// [`Vm::stop_command`] kills it or the VM stops.
-    pub async fn run_stoppable(
+    #[allow(clippy::too_many_arguments)]
+    async fn run_in(
         &mut self,
+        placement: Placement,
         cmd: &GuestCommand,
         cwd: &str,
         env: &[(String, String)],
@@ -410,7 +468,10 @@ impl Vm {
         let deadline = crate::bounded::deadline_in(timeout);
         let markers = exec::EndMarkers::new();
         let mut scanner = exec::MarkerScanner::new(&markers);
-        let request = exec::exec_request(cmd, cwd, env, &markers);
+        let request = match placement {
+            Placement::Job => exec::job_exec_request(cmd, cwd, env, &markers),
+            Placement::Runner => exec::exec_request(cmd, cwd, env, &markers),
+        };
         // Output left over from an earlier command's background processes is not ours.
         while self.output.try_recv().is_ok() {}
         let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
@@ -423,6 +484,7 @@ impl Vm {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
         let mut exit_poll = exec::EXIT_POLL_START;
+        let mut next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
         loop {
             let poll = if let Some(seen) = scanner.seen() {
                 if let Some(end) = exited {
@@ -476,6 +538,16 @@ impl Vm {
                         return Ok(CommandEnd::TimedOut);
                     }
                     exited = self.poll_status_or_died(pid).await?;
+                    if matches!(placement, Placement::Job)
+                        && exited.is_none()
+                        && tokio::time::Instant::now() >= next_limit_check
+                    {
+                        next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
+                        // Killed, the wrapper ends too; `job_limits_hit` then says why.
+                        if let Err(e) = self.kill_job_at_process_limit().await {
+                            return Err(self.agent_or_died(e).await);
+                        }
+                    }
                     if exited.is_some() && !scanner.found() {
                         drain_deadline = Some(tokio::time::Instant::now() + exec::OUTPUT_DRAIN);
                     }
@@ -518,6 +590,71 @@ impl Vm {
             .read_file(&format!("{SCRIPT_OUTPUT}.tail"), keep.max(1))
             .await?;
         Ok((end, String::from_utf8_lossy(&tail).into_owned()))
+    }
+
+    /// What the job ran into (its process or memory limit) since the last call, read from the
+    /// job cgroup's counters after a step. When it hit its process limit, all its processes
+    /// are killed: a fork bomb left running would starve everything that comes after.
+    ///
+    /// The process limit is checked after every step (a step can exit 0 and leave a fork bomb
+    /// behind); the memory limit only after a step that did not pass (`step_failed`): an OOM
+    /// kill that did not fail the step is no reason to fail it, and each file read costs three
+    /// agent round trips (10-30 ms under TCG) on every step.
+    pub async fn job_limits_hit(&mut self, step_failed: bool) -> Result<Vec<LimitHit>, VmError> {
+        // The agent's file calls need no fork in the guest: they work at the process limit.
+        let Some(pids) = self.read_job_file(job_cgroup::PIDS_EVENTS).await? else {
+            return Ok(Vec::new());
+        };
+        let oom_kills = if step_failed {
+            let Some(memory) = self.read_job_file(job_cgroup::MEMORY_EVENTS).await? else {
+                return Ok(Vec::new());
+            };
+            job_cgroup::oom_kills(&memory)
+        } else {
+            self.job_counters.oom_kills
+        };
+        let now = job_cgroup::JobCounters {
+            pids_refused: job_cgroup::pids_refused(&pids),
+            oom_kills,
+        };
+        let hits = now.hits_since(&self.job_counters, &self.job_limits);
+        self.job_counters = now;
+        if hits.iter().any(|h| matches!(h, LimitHit::Processes { .. })) {
+            self.agent
+                .write_file(job_cgroup::KILL, b"1", AGENT_TIMEOUT)
+                .await?;
+            // Its wrapper is gone with it.
+            self.left_running = None;
+        }
+        Ok(hits)
+    }
+
+    /// Kills every process of the job when it has hit its process limit since the last
+    /// [`Vm::job_limits_hit`] (a fork bomb cannot be allowed to run into the step's timeout).
+    async fn kill_job_at_process_limit(&mut self) -> Result<(), AgentError> {
+        let Some(events) = self.read_job_file(job_cgroup::PIDS_EVENTS).await? else {
+            return Ok(());
+        };
+        if job_cgroup::pids_refused(&events) > self.job_counters.pids_refused {
+            self.agent
+                .write_file(job_cgroup::KILL, b"1", AGENT_TIMEOUT)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one of the job cgroup's files; `None` when the agent says it cannot (the job,
+    /// being root, removed its cgroup: its next command then refuses to run, and says why).
+    async fn read_job_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, AgentError> {
+        match self
+            .agent
+            .read_file(path, job_cgroup::EVENTS_MAX_BYTES, AGENT_TIMEOUT)
+            .await
+        {
+            Ok(data) => Ok(Some(data)),
+            Err(AgentError::Command { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Kills the command a timed-out or stopped [`Vm::run_stoppable`] left running (its whole
@@ -636,6 +773,14 @@ fn one_line(e: &VmError) -> String {
     }
 }
 
+/// Where a guest command runs: the job's commands under the job's limits, the runner's own
+/// outside them (so that they still run when the job has used its share up).
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    Job,
+    Runner,
+}
+
 /// Resolves when `stop` turns true; never when its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|s| *s).await.is_err() {
@@ -643,12 +788,19 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Starts the guest side of live output (see `exec::relay_request`).
-async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), VmError> {
+/// Sets up a freshly booted guest in one agent call: the job cgroup (see [`job_cgroup`]) and the
+/// output FIFO; then starts the guest side of live output (see `exec::relay_request`).
+async fn set_up_guest(
+    agent: &mut AgentClient<UnixStream>,
+    limits: &JobLimits,
+) -> Result<(), VmError> {
     let mkfifo = crate::agent::ExecRequest {
         path: "/bin/sh".into(),
-        args: vec!["-c".into(), exec::MAKE_FIFO.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        args: vec![
+            "-c".into(),
+            format!("{}\n{}", limits.setup_script(), exec::MAKE_FIFO),
+        ],
+        env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
     };
     let pid = agent.exec(&mkfifo, AGENT_TIMEOUT).await?;
     let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
@@ -656,7 +808,7 @@ async fn start_output_relay(agent: &mut AgentClient<UnixStream>) -> Result<(), V
         ExecStatus::Exited(0) => {}
         other => {
             return Err(VmError::Agent(AgentError::Command {
-                command: "create the output FIFO".into(),
+                command: "set up the job cgroup and the output FIFO".into(),
                 desc: format!("{other:?}"),
             }))
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore, RecipeLookup};
 use engine::qemu::host::AccelChoice;
-use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig, VmError};
+use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -536,10 +536,31 @@ async fn run_step<G: Guest>(
             bytes: bytes.to_vec(),
         });
     };
-    let result = guest
+    let mut result = guest
         .run_step(&step.command, env, timeout, stop, &mut live)
         .await;
+    // What the job did to its guest is its failure, named in its output: a limit it hit (a
+    // step can exit 0 and leave a fork bomb behind), or a guest it stopped or broke. Once a
+    // job's command has started the job owns the guest; a VM that never booted failed earlier.
+    let mut notes = Vec::new();
+    if let Ok(end) = &result {
+        let failed = *end != CommandEnd::Exited(0);
+        match guest.limits_hit(failed).await {
+            Ok(hits) => notes.extend(hits),
+            Err(e) => result = Err(e),
+        }
+    }
+    let fault = result.as_ref().err().and_then(|e| guest.job_fault(e));
+    notes.extend(fault.iter().cloned());
+    for note in &notes {
+        live(format!("\nrunner: {note}\n").as_bytes());
+    }
+    let job_failed = Outcome::Failed {
+        exit_code: None,
+        signal: None,
+    };
     let (outcome, gone) = match result {
+        Ok(CommandEnd::Exited(0)) if !notes.is_empty() => (job_failed, false),
         Ok(CommandEnd::NotFound) => {
             // Only when the wrapper found argv[0] missing; a 127 from inside the command
             // is the guest's own message, already in the output.
@@ -554,19 +575,8 @@ async fn run_step<G: Guest>(
             (step_outcome(CommandEnd::NotFound), false)
         }
         Ok(end) => (step_outcome(end), false),
-        // QEMU exiting cleanly mid-step means the guest powered off, rebooted or
-        // panicked (-no-reboot, panic=-1): the test's doing, not the infrastructure's.
-        Err(VmError::Died {
-            clean_exit: true, ..
-        }) => {
-            let why = "\nrunner: the guest powered off, rebooted or panicked during this step\n";
-            live(why.as_bytes());
-            let failed = Outcome::Failed {
-                exit_code: None,
-                signal: None,
-            };
-            (failed, true)
-        }
+        // Nothing more can run in it.
+        Err(_) if fault.is_some() => (job_failed, true),
         Err(e) => (vm_error(&e, true), false),
     };
     let finished = state.current.take().expect("set above");
@@ -741,7 +751,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
-    use engine::vm::GuestCommand;
+    use engine::vm::{GuestCommand, GuestFault, VmError};
     use engine::Arch;
 
     use crate::events::Reporter;
@@ -752,8 +762,10 @@ mod tests {
         End(CommandEnd),
         /// QEMU exits cleanly mid-step: the guest powered off or panicked.
         GuestPoweredOff,
-        /// QEMU dies under the step: the infrastructure's fault.
+        /// QEMU dies under the step (a crash, or killed).
         QemuCrashed,
+        /// Something on the host side fails under the step (not the guest's doing).
+        HostError,
         /// The run is interrupted while the step runs; the step ends `Stopped` if the loop
         /// handed it the interrupt, else it finishes normally.
         Interrupted,
@@ -800,6 +812,10 @@ mod tests {
                     clean_exit: false,
                     stderr: String::new(),
                 }),
+                Ending::HostError => Err(VmError::Dir {
+                    parent: "/nonexistent".into(),
+                    source: std::io::Error::other("disk gone"),
+                }),
                 Ending::Interrupted => {
                     self.interrupt.send_replace(true);
                     Ok(if *stop.borrow() {
@@ -814,6 +830,14 @@ mod tests {
         async fn stop_command(&mut self) -> Result<(), VmError> {
             self.stopped_commands += 1;
             Ok(())
+        }
+
+        async fn limits_hit(&mut self, _: bool) -> Result<Vec<String>, VmError> {
+            Ok(Vec::new())
+        }
+
+        fn job_fault(&self, e: &VmError) -> Option<String> {
+            GuestFault::during_job(e, "").map(|f| f.to_string())
         }
 
         async fn collect_results(
@@ -1081,17 +1105,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn qemu_dying_under_a_step_is_an_infrastructure_error() {
+    async fn qemu_dying_under_a_step_is_the_jobs_failure_and_nothing_more_runs() {
+        // Once the job's command runs, the job owns the guest: a VM that stops under it is
+        // the job's doing (it can crash or starve its own VM), said in its output.
         use StepWhen::*;
         let steps = [("test", OnSuccess, false), ("clean", Always, false)];
         let r = run(&steps, vec![Ending::QemuCrashed]).await;
         assert_eq!(r.guest.ran, names(&["test"]));
+        assert_eq!(
+            r.outcome,
+            Outcome::Failed {
+                exit_code: None,
+                signal: None
+            }
+        );
+        assert!(!r.guest.collected);
+    }
+
+    #[tokio::test]
+    async fn a_host_side_error_under_a_step_is_an_infrastructure_error() {
+        use StepWhen::*;
+        let steps = [("test", OnSuccess, false)];
+        let r = run(&steps, vec![Ending::HostError]).await;
         assert!(
             matches!(r.outcome, Outcome::InfraError { .. }),
             "{:?}",
             r.outcome
         );
-        assert!(!r.guest.collected);
     }
 
     #[test]

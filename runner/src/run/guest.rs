@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use engine::vm::{CommandEnd, GuestCommand, Vm, VmError};
+use engine::vm::{CommandEnd, GuestCommand, GuestFault, Vm, VmError};
 use tokio::sync::watch;
 
 use crate::events::GuestReport;
@@ -34,6 +34,14 @@ pub(crate) trait Guest {
 
     /// Kills the command a timed-out or stopped step left running.
     async fn stop_command(&mut self) -> Result<(), VmError>;
+
+    /// After a step: the job's limits it hit (processes, memory), one note each. `failed`:
+    /// the step did not exit 0 (the memory counters are read only then).
+    async fn limits_hit(&mut self, failed: bool) -> Result<Vec<String>, VmError>;
+
+    /// What `e`, an error while a job's step ran, says the job did to its guest (powered it
+    /// off, panicked it, killed or starved its agent); `None` for a host-side error.
+    fn job_fault(&self, e: &VmError) -> Option<String>;
 
     /// Brings back the plan's JUnit reports and artifacts.
     async fn collect_results(
@@ -66,6 +74,15 @@ impl Guest for Vm {
 
     async fn stop_command(&mut self) -> Result<(), VmError> {
         Vm::stop_command(self).await
+    }
+
+    async fn limits_hit(&mut self, failed: bool) -> Result<Vec<String>, VmError> {
+        let hits = self.job_limits_hit(failed).await?;
+        Ok(hits.iter().map(ToString::to_string).collect())
+    }
+
+    fn job_fault(&self, e: &VmError) -> Option<String> {
+        GuestFault::during_job(e, &self.console_tail(40)).map(|f| f.to_string())
     }
 
     async fn collect_results(
