@@ -1,4 +1,5 @@
-//! The event stream from a run to its reporters (console, JUnit, later GitLab/GitHub).
+//! The event stream from a run to its reporters (console, JUnit, the markdown summary, the
+//! GitLab job log, GitHub check runs, the matrix).
 //! One producer — the suite executor — and any number of consumers; reporters never reach
 //! back into the run.
 

@@ -373,17 +373,15 @@ fn images_list_shows_the_cache_and_verify_finds_a_corrupt_copy() {
     // A private copy of the riscv64 image in a cache of its own (not `private_cache`, whose
     // images are the shared ones): the shared cache is never touched.
     let cache = tempfile::tempdir().unwrap();
-    let shared = e2e::cache_dir().join("images");
-    let image = std::fs::read_dir(&shared)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .contains("-riscv64-")
-        })
-        .expect("a cached riscv64 image (run any riscv64 test first)");
+    // The image of today's recipe and builder: the shared cache may also hold older ones.
+    let key = runner(&workspace_root(), &["images", "key", "--arch", "riscv64"]);
+    assert_eq!(key.code, 0, "{key}");
+    let image = e2e::cache_dir().join("images").join(key.stdout.trim());
+    assert!(
+        image.is_dir(),
+        "no cached riscv64 image at {} (run any riscv64 test first)",
+        image.display()
+    );
     let copy = cache.path().join("images").join(image.file_name().unwrap());
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
     let status = Command::new("cp")
@@ -478,17 +476,15 @@ fn a_second_image_build_waits_for_the_first_and_reuses_its_image() {
 
     // "The other runner" finishes: the image appears (a copy of the shared one, which has the
     // same recipe hash), then the lock is released.
-    let shared = e2e::cache_dir().join("images");
-    let image = std::fs::read_dir(&shared)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .contains("-riscv64-")
-        })
-        .expect("a cached riscv64 image (run any riscv64 test first)");
+    // The image of today's recipe and builder: the shared cache may also hold older ones.
+    let key = runner(&workspace_root(), &["images", "key", "--arch", "riscv64"]);
+    assert_eq!(key.code, 0, "{key}");
+    let image = e2e::cache_dir().join("images").join(key.stdout.trim());
+    assert!(
+        image.is_dir(),
+        "no cached riscv64 image at {} (run any riscv64 test first)",
+        image.display()
+    );
     let copy = images.join(image.file_name().unwrap());
     let status = Command::new("cp")
         .args(["-r", "--reflink=auto"])

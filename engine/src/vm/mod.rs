@@ -833,7 +833,16 @@ fn vm_view(
         kvm: cfg.accel == Accel::Kvm,
     };
     match &cfg.disk {
-        DiskSource::Overlay(base) => view.read_only.push(base.clone()),
+        DiskSource::Overlay(base) => {
+            view.read_only.push(base.clone());
+            // The overlay names its backing file by its real path (a cache whose images/ is
+            // a link to another's must not break when the link goes): QEMU opens that one.
+            if let Ok(real) = base.canonicalize() {
+                if real != *base {
+                    view.read_only.push(real);
+                }
+            }
+        }
         DiskSource::Direct { path, .. } => view.writable.push(path.clone()),
     }
     if let (Some(saved), Some(pinned)) = (resume_from, pinned) {

@@ -243,7 +243,7 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
     }
     classify::classify(&mut results, history.previous(), &spec.history);
     if let Err(e) = render::write_all(&args.out, &results) {
-        status.error(&e.to_string());
+        status.error(&crate::outcome::chain(&e));
         return exit::IO;
     }
     // A cancelled run is not kept: its missing cells would read as removed tests next time.
@@ -251,7 +251,7 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         if ran.interrupted {
             status.line("runner: the run was cancelled; it is not added to the history");
         } else if let Err(w) = history.save(&results, spec.history.keep) {
-            status.line(&format!("runner: warning: {w}"));
+            status.line(&format!("runner: warning: {}", crate::outcome::chain(&w)));
         }
     }
     summary(&status, &results, &args.out);

@@ -17,7 +17,7 @@ use super::results::RunResults;
 pub enum HistoryError {
     #[error("no usable history directory; this run is not kept")]
     Unusable,
-    #[error("cannot keep this run in {dir}: {source}")]
+    #[error("cannot keep this run in {dir}")]
     Write {
         dir: PathBuf,
         #[source]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::results::RunResults;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write the report {path}: {source}")]
+#[error("cannot write the report {path}")]
 pub struct WriteError {
     pub path: PathBuf,
     #[source]
