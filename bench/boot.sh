@@ -83,7 +83,12 @@ newest_with() {
     done
     [ -n "$best" ] && echo "$best"
 }
-image_dir() { newest_with "$cache/images/debian-13-$1-*/" manifest.json kernel initrd.cpio rootfs.qcow2; }
+# The image of today's recipe and builder (the cache may hold older ones under other keys).
+image_dir() {
+    local key
+    key=$("$runner" images key --arch "$1") || return 1
+    [ -f "$cache/images/$key/rootfs.qcow2" ] && echo "$cache/images/$key"
+}
 # The state runner saved for this image with its default 2 vCPUs, 1024 MiB, TCG.
 state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-2c-1024m-qemu*/" meta.json ram.bin disk.qcow2; }
 
