@@ -49,8 +49,10 @@ pub fn kill_daemons_under(dir: &Path) {
     kill_daemons_naming(&dir.to_string_lossy());
 }
 
-/// SIGTERM (faked saves its state and exits) to every `faked` whose command line contains
-/// `needle`; the needle is a random staging path, so it names only our own daemons.
+/// SIGKILL to every `faked` whose command line contains `needle` (a random staging path, so
+/// only our own daemons). Not SIGTERM: on SIGTERM faked saves its state into the staging
+/// directory, and a save landing while a cancelled build removes that directory left a
+/// half-removed `.staging-*` behind. Nothing needs the state once its session is dropped.
 fn kill_daemons_naming(needle: &str) {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return;
@@ -70,7 +72,7 @@ fn kill_daemons_naming(needle: &str) {
             .is_some_and(|n| n.starts_with("faked"))
             && cmdline.contains(needle)
         {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }
