@@ -335,3 +335,27 @@ pub fn spawn_until_output(cache: &Path, mark: &str) -> std::process::Child {
     assert_eq!(line, mark);
     child
 }
+
+/// How long a runner may take to stop after Ctrl-C (it stops its VM and reports first).
+pub const INTERRUPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit, at most [`INTERRUPT_DEADLINE`].
+pub fn interrupt_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(sent, "kill -INT {}", child.id());
+    let deadline = std::time::Instant::now() + INTERRUPT_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runner did not stop within {INTERRUPT_DEADLINE:?} of SIGINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -76,32 +76,10 @@ fn ctrl_c_stops_the_vm_and_exits_130() {
     let mut child = e2e::spawn_until_output(cache.path(), "started");
     let qemu = e2e::qemu_pids_using(&cache.path().display().to_string());
     assert!(!qemu.is_empty(), "QEMU should be running now");
-    let pid = child.id() as i32;
-    assert_eq!(unsafe_free_kill(pid, "INT"), 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "runner did not stop within 30 s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = e2e::interrupt_and_wait(&mut child);
     assert_eq!(status.code(), Some(130));
     e2e::assert_reaped(&qemu);
     assert_nothing_left(cache.path());
-}
-
-/// Sends a signal with kill(1), keeping the test crate free of unsafe code.
-fn unsafe_free_kill(pid: i32, sig: &str) -> i32 {
-    Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("kill")
-        .code()
-        .unwrap_or(-1)
 }
 
 #[test]

@@ -5,7 +5,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use e2e::{assert_nothing_left, private_cache, runner_bin, runner_with_cache, workspace_root};
 
@@ -195,15 +194,7 @@ fn a_running_qemu_sees_only_its_own_files_as_another_user_in_a_limited_cgroup() 
         assert_eq!(read_number(&cgroup_dir(pid, "pids").join("pids.max")), 512);
 
         // The runner stops (Ctrl-C): the cgroup goes with the VM.
-        kill(child.id(), "INT");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "runner ignored SIGINT for 30 s");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = e2e::interrupt_and_wait(child);
         assert_eq!(status.code(), Some(130));
         assert!(!memory.exists(), "cgroup {} left behind", memory.display());
     } else {

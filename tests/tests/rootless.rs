@@ -9,9 +9,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use e2e::{assert_nothing_left, cache_dir, runner_with_cache, Run};
 
@@ -202,22 +200,7 @@ fn ctrl_c_exits_130_as_a_plain_user() {
     assert_eq!(build_image().code, 0, "{}", build_image());
     let cache = private_cache_of(&cache_dir());
     let mut child = e2e::spawn_until_output(cache.path(), "started");
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "runner did not stop within 30 s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = e2e::interrupt_and_wait(&mut child);
     assert_eq!(status.code(), Some(130));
     assert_nothing_left(cache.path());
 }
