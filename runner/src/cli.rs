@@ -58,11 +58,13 @@ pub enum AccelArg {
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// Guest architecture(s): riscv64, aarch64, x86_64 (comma-separated or repeated).
+    /// Guest architecture(s), comma-separated or repeated: riscv64, aarch64, x86_64, armhf,
+    /// ppc64el, s390x, i386, mips64el, mipsel (`runner doctor` shows each one's machine).
     /// Default: `[defaults] arch` of runner.toml.
     #[arg(long, value_delimiter = ',')]
     pub arch: Vec<String>,
-    /// Base image (recipe name). Default: runner.toml's, else debian-13.
+    /// Base image (recipe name). Default: runner.toml's, else the architecture's own
+    /// (debian-13; debian-12 for i386, mips64el, mipsel, ppc64el, s390x).
     #[arg(long)]
     pub image: Option<String>,
     /// Write a JUnit XML report here.
@@ -149,8 +151,8 @@ pub enum ImagesCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
         /// Recipe name: images/NAME.toml in this directory, else a built-in one.
-        #[arg(default_value = "debian-13")]
-        recipe: String,
+        /// Default: each architecture's own (debian-13, or debian-12 where trixie lacks it).
+        recipe: Option<String>,
         /// Debian mirror to use instead of the recipe's.
         #[arg(long, env = "RUNNER_DEBIAN_MIRROR")]
         mirror: Option<String>,
@@ -168,8 +170,8 @@ pub enum ImagesCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
         /// Recipe name: images/NAME.toml in this directory, else a built-in one.
-        #[arg(default_value = "debian-13")]
-        recipe: String,
+        /// Default: each architecture's own (debian-13, or debian-12 where trixie lacks it).
+        recipe: Option<String>,
     },
     /// List cached images and whether they are intact.
     List,

@@ -13,7 +13,7 @@
 //! # runner.toml — all sections optional except at least one [[suite]]
 //! [defaults]
 //! arch = ["riscv64", "aarch64"]   # arches used when the CLI gives no --arch (default: none)
-//! image = "debian-13"             # base image name (default "debian-13")
+//! image = "debian-13"             # base image name (default: the arch's, debian-13 or debian-12)
 //! timeout = "20m"                 # default per-suite timeout (default 30m)
 //! step_timeout = "10m"            # default per-step timeout (default: the suite timeout)
 //! cpus = 2                        # vCPUs (default 2, 1..=64)
@@ -59,7 +59,6 @@ use toml::Spanned;
 /// The name the CLI looks for when not told which suite file to use.
 pub const SUITE_FILE_NAME: &str = "runner.toml";
 
-const DEFAULT_IMAGE: &str = "debian-13";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Longest duration a suite file may give. Larger ones are mistakes (or attacks: "100y"
 /// overflowed deadline arithmetic); `runner serve` caps lower still (`max_timeout`).
@@ -81,7 +80,8 @@ pub struct SuiteFile {
 pub struct Defaults {
     /// Used when the CLI gives no `--arch`; empty means the CLI must give one.
     pub arch: Vec<Arch>,
-    pub image: ImageName,
+    /// `None`: each architecture's default image (`Arch::default_image`).
+    pub image: Option<ImageName>,
     pub timeout: Duration,
     pub step_timeout: Option<Duration>,
     pub cpus: u32,
@@ -328,11 +328,9 @@ fn defaults(raw: RawDefaults) -> Result<Defaults, Problem> {
     }
     // A name, never a path: it is looked up only where the caller's RecipeLookup allows.
     let image = match &raw.image {
-        None => DEFAULT_IMAGE
-            .parse()
-            .expect("the default image name is valid"),
+        None => None,
         Some(image) => match image.get_ref().parse::<ImageName>() {
-            Ok(name) => name,
+            Ok(name) => Some(name),
             Err(e) => bail!(image => "defaults.image: {e}"),
         },
     };
@@ -583,7 +581,7 @@ step = [{ name = "only", run = "true" }]
         let d = &file.defaults;
         // Debian's "arm64" and our "aarch64" are the same arch, so it is listed once.
         assert_eq!(d.arch, [Arch::Riscv64, Arch::Aarch64]);
-        assert_eq!((&*d.image, d.cpus, d.memory_mib), ("debian-12", 4, 2048));
+        assert_eq!((d.image.as_deref(), d.cpus, d.memory_mib), (Some("debian-12"), 4, 2048));
         assert_eq!((d.timeout, d.step_timeout), (20 * MIN, Some(10 * MIN)));
         let ws = &file.workspace;
         assert_eq!(ws.root, Path::new("/proj/src/.."));
@@ -624,7 +622,7 @@ step = [{ name = "only", run = "true" }]
         let file = SuiteFile::parse(Path::new("runner.toml"), &text).unwrap();
         let d = &file.defaults;
         assert!(d.arch.is_empty());
-        assert_eq!((&*d.image, d.cpus, d.memory_mib), ("debian-13", 2, 1024));
+        assert_eq!((d.image.as_deref(), d.cpus, d.memory_mib), (None, 2, 1024));
         assert_eq!((d.timeout, d.step_timeout), (30 * MIN, None));
         // A bare file name resolves against the current directory, and comes out absolute.
         assert_eq!(file.workspace.root, std::path::absolute(".").unwrap());
@@ -676,7 +674,7 @@ step = [{ name = "only", run = "true" }]
             ("empty artifact path", suite("artifacts = [\"\"]"), "is empty or absolute", Some(3)),
             ("invalid glob", suite("junit = [\"a[\"]"), "not a valid glob", Some(3)),
             ("'..' in an exclude", format!("[workspace]\nexclude = [\"../x\"]\n{}", suite("")), "workspace.exclude path", Some(2)),
-            ("unknown arch", suite("arch = [\"mips\"]"), "unknown architecture 'mips' (supported: riscv64, aarch64, x86_64)", Some(3)),
+            ("unknown arch", suite("arch = [\"mips\"]"), "unknown architecture 'mips' (supported: riscv64, aarch64, x86_64, armhf, ppc64el, s390x, i386, mips64el, mipsel)", Some(3)),
             ("memory too small", defaults("memory = \"64M\""), "defaults.memory must be a whole number of MiB in 128M..=64G", Some(2)),
             ("memory too large", defaults("memory = 65537"), "defaults.memory must be", Some(2)),
             ("memory not whole MiB", defaults("memory = \"1048577K\""), "defaults.memory must be", Some(2)),

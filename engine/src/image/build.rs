@@ -52,6 +52,11 @@ sync
 fstrim / || true
 "#;
 
+/// The `--setup-hook` that turns the empty target into a merged-/usr tree: each top-level
+/// library and binary directory is a link into /usr. The union of every architecture's
+/// list; links to directories no package fills are harmless.
+const MERGED_USR_HOOK: &str = r#"for d in bin sbin lib lib32 lib64 libx32 libo32; do mkdir -p "$1/usr/$d" && ln -s "usr/$d" "$1/$d"; done"#;
+
 /// Knobs for building.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -63,6 +68,25 @@ pub struct BuildOptions {
     pub force: bool,
 }
 
+/// Refuses, before anything is downloaded, an image whose Debian release is known to lack
+/// `arch` (mips on trixie, riscv64 on bookworm), naming the built-in images that carry it.
+pub fn check_distribution(recipe: &Recipe, arch: Arch) -> Result<(), ImageError> {
+    if arch.in_distribution(&recipe.distribution) != Some(false) {
+        return Ok(());
+    }
+    Err(ImageError::ArchNotInDistribution {
+        image: recipe.name.to_string(),
+        distribution: recipe.distribution.clone(),
+        arch,
+        alternatives: arch
+            .images()
+            .iter()
+            .map(|i| format!("--image {i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 /// Returns the image for (recipe, arch), building it first when it is not in the cache.
 /// `progress` receives one-line status messages.
 pub async fn ensure_image(
@@ -72,6 +96,7 @@ pub async fn ensure_image(
     opts: &BuildOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<BaseImage, ImageError> {
+    check_distribution(recipe, arch)?;
     // The operator's --mirror is part of what is built, so part of the hash.
     let recipe = &match &opts.mirror {
         Some(m) => recipe.with_mirror(m)?,
@@ -282,6 +307,12 @@ async fn mmdebstrap(
         )
         // Keep the .debs: the bake installs them properly inside the guest.
         .arg("--skip=cleanup/apt/cache")
+        // Merged /usr from the first file on, as debootstrap does: trixie's packages ship
+        // their files under /usr already, bookworm's still under /bin, /lib…, and would
+        // otherwise leave an unmerged tree (no /usr/lib/modules; usrmerge converting it in
+        // the bake, under TCG). Debian's own setup hook does more (a dummy package) than an
+        // extract-only build needs.
+        .arg(format!("--setup-hook={MERGED_USR_HOOK}"))
         // Docs, man pages and translations only slow the bake and fill the disk.
         .args([
             "--dpkgopt=path-exclude=/usr/share/doc/*",
@@ -552,6 +583,32 @@ mod tests {
         assert_eq!(v["libattr1"], "1:2.5.2-3");
         assert_eq!(v["bash"], "5.2.37-2");
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn an_arch_missing_from_the_release_is_refused_with_the_alternatives() {
+        let lookup = crate::image::RecipeLookup {
+            operator_dir: None,
+            repository: crate::image::RepositoryRecipes::Refused,
+        };
+        let trixie = lookup.find(&"debian-13".parse().unwrap()).unwrap();
+        let bookworm = lookup.find(&"debian-12".parse().unwrap()).unwrap();
+        let err = check_distribution(&trixie, Arch::Mipsel)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "image 'debian-13' is Debian trixie, which has no mipsel kernel QEMU can boot; mipsel runs on: --image debian-12"
+        );
+        assert!(check_distribution(&bookworm, Arch::Riscv64).is_err());
+        for arch in Arch::ALL {
+            let default = lookup.find(&arch.default_image().parse().unwrap()).unwrap();
+            assert!(check_distribution(&default, arch).is_ok(), "{arch}");
+        }
+        // A release the table does not know (an operator's sid recipe) is not second-guessed.
+        let mut sid = trixie.clone();
+        sid.distribution = "sid".into();
+        assert!(check_distribution(&sid, Arch::Mipsel).is_ok());
     }
 
     #[test]

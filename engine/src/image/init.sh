@@ -24,7 +24,15 @@ $B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /newroot/tmp
 $B mkdir -p /newroot/dev/pts /newroot/dev/shm /newroot/dev/virtio-ports /newroot/run/qemu-ga
 $B mount -t devpts -o gid=5,mode=620 devpts /newroot/dev/pts
 $B mount -t tmpfs -o mode=1777,nosuid,nodev shm /newroot/dev/shm
-# udev is not running: name the virtio-serial ports ourselves, as udev would.
+# udev is not running: name the virtio-serial ports ourselves, as udev would. Where
+# virtio_console is a module (bookworm kernels), its ports appear a moment after loading it.
+ports() { $B cat /newroot/sys/class/virtio-ports/*/name 2>/dev/null; }
+i=0
+until ports | $B grep -qx org.qemu.guest_agent.0 && ports | $B grep -qx org.runner.output.0; do
+  i=$((i + 1))
+  [ $i -gt 1000 ] && fail "no virtio-serial ports for the agent and the output after 10 s"
+  $B usleep 10000
+done
 for p in /newroot/sys/class/virtio-ports/*; do
   read -r name < "$p/name" && $B ln -sf "../${p##*/}" "/newroot/dev/virtio-ports/$name"
 done

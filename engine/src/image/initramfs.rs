@@ -12,9 +12,17 @@ use crate::image::ImageError;
 /// The initramfs `/init`; part of the image hash.
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
 
-/// The modules the root disk needs. Their dependencies are added from `modules.dep`.
-/// crc32c has no hard dependency edge to ext4 (it is a "softdep"), so it is listed.
-const ROOT_MODULES: &[&str] = &["crc32c_generic", "virtio_blk", "ext4"];
+/// The modules the root disk and the agent's ports need. Their dependencies are added from
+/// `modules.dep`; a module built into the kernel is not in it and is skipped (trixie builds
+/// virtio_pci and virtio_console in, bookworm ships them as modules). crc32c has no hard
+/// dependency edge to ext4 (it is a "softdep"), so it is listed.
+const ROOT_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "ext4",
+];
 
 /// Resolves `wanted` and their dependencies from a `modules.dep` text into load order
 /// (dependencies first). Returns module paths relative to the modules dir. Built-in
@@ -212,7 +220,7 @@ kernel/crypto/crc32c_generic.ko.xz:
 
     #[test]
     fn dependencies_load_first() {
-        let order = load_order(DEP, ROOT_MODULES).unwrap();
+        let order = load_order(DEP, &["crc32c_generic", "virtio_blk", "ext4"]).unwrap();
         let names: Vec<_> = order.iter().map(|p| module_name(p)).collect();
         assert_eq!(
             names,

@@ -31,6 +31,13 @@ pub enum ImageError {
     Tool { tool: String, detail: String },
     #[error("the image bake (configuring packages inside the guest) failed: {detail}")]
     Bake { detail: String },
+    #[error("image '{image}' is Debian {distribution}, which has no {arch} kernel QEMU can boot; {arch} runs on: {alternatives}")]
+    ArchNotInDistribution {
+        image: String,
+        distribution: String,
+        arch: crate::arch::Arch,
+        alternatives: String,
+    },
     #[error("another runner is building {what}; waited too long for its lock {lock}")]
     Locked { what: String, lock: PathBuf },
 }

@@ -15,12 +15,15 @@ use crate::size::parse_size;
 
 /// Bumped whenever the builder changes what it produces from the same recipe, so that
 /// cached images from an older builder are not reused. 2: extraction under fakeroot, and the
-/// hash covers the recipe's origin and mirror.
-pub const BUILDER_VERSION: u32 = 2;
+/// hash covers the recipe's origin and mirror. 3: merged /usr set up before extraction, the
+/// virtio transport and console modules in the initramfs (bookworm kernels).
+pub const BUILDER_VERSION: u32 = 3;
 
 /// The recipes shipped with runner.
-pub const BUILTIN_RECIPES: &[(&str, &str)] =
-    &[("debian-13", include_str!("../../../images/debian-13.toml"))];
+pub const BUILTIN_RECIPES: &[(&str, &str)] = &[
+    ("debian-13", include_str!("../../../images/debian-13.toml")),
+    ("debian-12", include_str!("../../../images/debian-12.toml")),
+];
 
 /// Packages every image gets, whatever the recipe says. `?essential` is apt's pattern for
 /// Debian's Essential set (what maintainer scripts may assume).

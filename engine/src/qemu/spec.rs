@@ -63,29 +63,23 @@ pub struct VmSpec {
     pub sandbox: bool,
 }
 
-/// The QEMU machine model for an architecture.
+/// The QEMU machine model (with its options) for an architecture.
 pub fn machine(arch: Arch) -> &'static str {
-    match arch {
-        Arch::Riscv64 | Arch::Aarch64 => "virt",
-        // q35 gives us PCIe like the other two; SeaBIOS loads the kernel through fw_cfg.
-        Arch::X86_64 => "q35",
+    arch.info().machine
+}
+
+/// The CPU model: the host's CPU under KVM; under TCG the table's model (chosen to boot fast
+/// and run the distribution's userland).
+pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => arch.info().cpu_tcg,
     }
 }
 
-/// The CPU model: the host's CPU under KVM; under TCG a model that boots fast.
-pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
-    match (arch, accel) {
-        (_, Accel::Kvm) => "host",
-        // The default rv64 model has the extensions Debian's trixie userland targets, minus
-        // Sstc: with it, guests resumed from a saved state never wake from sleep (QEMU 10
-        // seemingly does not re-arm the stimecmp timer after loading one). Without it the
-        // kernel uses the SBI timer, which survives. tests/commands.rs checks this.
-        (Arch::Riscv64, Accel::Tcg) => "rv64,sstc=off",
-        // `max` alone emulates the QARMA5 pointer-authentication cipher, which is very slow
-        // under TCG; the implementation-defined algorithm is cheap and just as correct.
-        (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
-        (Arch::X86_64, Accel::Tcg) => "max",
-    }
+/// A virtio device name on this architecture's bus (`virtio-blk` → `virtio-blk-ccw` on s390x).
+fn virtio(arch: Arch, device: &str) -> String {
+    format!("{device}-{}", arch.info().bus.suffix())
 }
 
 /// The `-accel` argument.
@@ -99,10 +93,16 @@ pub fn accel_arg(accel: Accel) -> &'static str {
 /// The kernel command line. `panic=-1` with `-no-reboot` turns a guest panic (or the agent,
 /// PID 1's child, dying) into QEMU exiting instead of a hang.
 pub fn kernel_cmdline(arch: Arch) -> String {
-    format!(
+    let mut line = format!(
         "console={} panic=-1 quiet loglevel=3 rdinit=/init",
         arch.console_device()
-    )
+    );
+    let extra = arch.info().kernel_args;
+    if !extra.is_empty() {
+        line.push(' ');
+        line.push_str(extra);
+    }
+    line
 }
 
 fn push(argv: &mut Vec<OsString>, items: &[&str]) {
@@ -149,7 +149,11 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     drive.push(escape_opt(&spec.root.path));
     a.push("-drive".into());
     a.push(drive);
-    push(&mut a, &["-device", "virtio-blk-pci,drive=root"]);
+    push_kv(
+        &mut a,
+        "-device",
+        format!("{},drive=root", virtio(spec.arch, "virtio-blk")),
+    );
     // Control plane: QMP, the agent port and the live-output port.
     a.push("-qmp".into());
     a.push(socket_chardev_path(
@@ -157,7 +161,11 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
         &spec.sockets.qmp,
         ",server=on,wait=off",
     ));
-    push(&mut a, &["-device", "virtio-serial-pci,id=vser0"]);
+    push_kv(
+        &mut a,
+        "-device",
+        format!("{},id=vser0", virtio(spec.arch, "virtio-serial")),
+    );
     for (id, path, port) in [
         ("agent0", &spec.sockets.agent, AGENT_PORT_NAME),
         ("output0", &spec.sockets.output, OUTPUT_PORT_NAME),
@@ -258,6 +266,9 @@ mod tests {
             ),
             (Arch::X86_64, Accel::Tcg, "q35", "max", "console=ttyS0"),
             (Arch::X86_64, Accel::Kvm, "q35", "host", "console=ttyS0"),
+            (Arch::Armhf, Accel::Tcg, "virt", "cortex-a15", "console=ttyAMA0"),
+            (Arch::S390x, Accel::Tcg, "s390-ccw-virtio", "max", "console=ttysclp0"),
+            (Arch::Mipsel, Accel::Tcg, "malta", "24Kf", "console=ttyS0"),
         ];
         for (arch, accel, machine, cpu, console) in cases {
             let s = spec(arch, accel);
@@ -298,6 +309,23 @@ mod tests {
     fn no_network_device_is_ever_added() {
         let s = joined(&spec(Arch::X86_64, Accel::Tcg));
         assert!(!s.contains("-netdev") && !s.contains("virtio-net"), "{s}");
+    }
+
+    #[test]
+    fn virtio_devices_follow_the_bus() {
+        let ccw = joined(&spec(Arch::S390x, Accel::Tcg));
+        assert!(ccw.contains("virtio-blk-ccw,drive=root"), "{ccw}");
+        assert!(ccw.contains("virtio-serial-ccw,id=vser0"), "{ccw}");
+        assert!(!ccw.contains("-pci"), "{ccw}");
+        let pci = joined(&spec(Arch::Ppc64el, Accel::Tcg));
+        assert!(pci.contains("virtio-blk-pci,drive=root"), "{pci}");
+        assert!(pci.contains("virtio-serial-pci,id=vser0"), "{pci}");
+    }
+
+    #[test]
+    fn machine_specific_kernel_arguments_are_appended() {
+        assert!(kernel_cmdline(Arch::Mips64el).ends_with(" nokaslr"));
+        assert!(!kernel_cmdline(Arch::Riscv64).contains("nokaslr"));
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32
             mirror,
             force,
             accel,
-        } => build(store, &arch, &recipe, mirror, force, accel, status).await,
-        ImagesCommand::Key { arch, recipe } => key(&arch, &recipe, status),
+        } => build(store, &arch, recipe.as_deref(), mirror, force, accel, status).await,
+        ImagesCommand::Key { arch, recipe } => key(&arch, recipe.as_deref(), status),
         ImagesCommand::List => list(store),
         ImagesCommand::Verify => verify(store),
     }
@@ -35,6 +35,14 @@ fn user_recipes() -> RecipeLookup {
     }
 }
 
+/// The architectures named on the command line, or the one-line reason one is unknown.
+fn parse_arches(names: &[String]) -> Result<Vec<Arch>, String> {
+    names
+        .iter()
+        .map(|n| n.trim().parse::<Arch>().map_err(|e| e.to_string()))
+        .collect()
+}
+
 /// The recipe named `name`, or the one-line reason there is none.
 fn find_recipe(name: &str, recipes: &RecipeLookup) -> Result<Recipe, String> {
     let name: ImageName = name.parse().map_err(|e| format!("RECIPE: {e}"))?;
@@ -46,32 +54,33 @@ fn find_recipe(name: &str, recipes: &RecipeLookup) -> Result<Recipe, String> {
 async fn build(
     store: &ImageStore,
     arches: &[String],
-    recipe: &str,
+    recipe: Option<&str>,
     mirror: Option<String>,
     force: bool,
     accel: AccelArg,
     status: &Status,
 ) -> i32 {
-    let recipes = user_recipes();
-    let image_name = match find_recipe(recipe, &recipes) {
-        Ok(r) => match mirror.as_deref().map(|m| r.with_mirror(m)) {
-            Some(Err(e)) => {
-                status.error(&e.to_string());
-                return exit::USAGE;
-            }
-            _ => r.name,
-        },
+    let arches = match parse_arches(arches) {
+        Ok(a) => a,
         Err(e) => {
             status.error(&e);
             return exit::CONFIG;
         }
     };
+    let recipes = user_recipes();
     let mut code = exit::SUCCESS;
-    for name in arches {
-        let arch: Arch = match name.parse() {
-            Ok(a) => a,
+    for arch in arches {
+        let recipe = recipe.unwrap_or(arch.default_image());
+        let image_name = match find_recipe(recipe, &recipes) {
+            Ok(r) => match mirror.as_deref().map(|m| r.with_mirror(m)) {
+                Some(Err(e)) => {
+                    status.error(&e.to_string());
+                    return exit::USAGE;
+                }
+                _ => r.name,
+            },
             Err(e) => {
-                status.error(&e.to_string());
+                status.error(&e);
                 return exit::CONFIG;
             }
         };
@@ -118,24 +127,29 @@ async fn build(
     code
 }
 
-/// Prints the cache key of `recipe` for each of `arches`: the same name as the image's
-/// directory, computed without building anything (no QEMU needed).
-fn key(arches: &[String], recipe: &str, status: &Status) -> i32 {
-    let recipe = match find_recipe(recipe, &user_recipes()) {
-        Ok(r) => r,
+/// Prints the cache key of the image for each of `arches` (`recipe`, else the arch's
+/// default): the same name as the image's directory, computed without building anything
+/// (no QEMU needed).
+fn key(arches: &[String], recipe: Option<&str>, status: &Status) -> i32 {
+    let arches = match parse_arches(arches) {
+        Ok(a) => a,
         Err(e) => {
             status.error(&e);
             return exit::CONFIG;
         }
     };
-    for name in arches {
-        let arch: Arch = match name.trim().parse() {
-            Ok(a) => a,
+    for arch in arches {
+        let recipe = match find_recipe(recipe.unwrap_or(arch.default_image()), &user_recipes()) {
+            Ok(r) => r,
             Err(e) => {
-                status.error(&e.to_string());
+                status.error(&e);
                 return exit::CONFIG;
             }
         };
+        if let Err(e) = engine::image::build::check_distribution(&recipe, arch) {
+            status.error(&e.to_string());
+            return exit::CONFIG;
+        }
         let hash = recipe.hash(arch, engine::image::initramfs::INIT_SCRIPT);
         println!("{}-{arch}-{hash}", recipe.name);
     }

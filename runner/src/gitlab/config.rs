@@ -121,7 +121,7 @@ fn default_output_limit() -> u64 {
     4096
 }
 fn default_image() -> String {
-    crate::run::plan::DEFAULT_IMAGE.to_string()
+    "debian-13".to_string()
 }
 fn default_cpus() -> u32 {
     crate::run::plan::DEFAULT_CPUS

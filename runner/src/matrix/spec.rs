@@ -382,19 +382,25 @@ impl MatrixSpec {
                 file.path.display()
             )));
         }
-        let images = if self.images.is_empty() {
-            vec![file.defaults.image.to_string()]
+        // Images named by the matrix or the suites file; otherwise each arch's default.
+        let named_images: Option<Vec<String>> = if self.images.is_empty() {
+            file.defaults.image.as_ref().map(|i| vec![i.to_string()])
         } else {
-            self.images.clone()
+            Some(self.images.clone())
+        };
+        let images_for = |arch: Arch| {
+            named_images
+                .clone()
+                .unwrap_or_else(|| vec![arch.default_image().to_string()])
         };
         for sel in self.include.iter().chain(&self.exclude) {
             if let Some(s) = &sel.suite {
                 check_suite(s)?;
             }
         }
-        let mut all_images: BTreeSet<&str> = images.iter().map(String::as_str).collect();
-        all_images.extend(self.include.iter().filter_map(|s| s.image.as_deref()));
-        for image in all_images {
+        let mut all_images: BTreeSet<String> = arches.iter().flat_map(|&a| images_for(a)).collect();
+        all_images.extend(self.include.iter().filter_map(|s| s.image.clone()));
+        for image in &all_images {
             image_check(image).map_err(invalid)?;
         }
 
@@ -402,7 +408,7 @@ impl MatrixSpec {
         let mut cells = Vec::new();
         for suite in &suites {
             for &arch in &arches {
-                for image in &images {
+                for image in &images_for(arch) {
                     let cell = Cell {
                         suite: suite.clone(),
                         arch,
@@ -441,7 +447,10 @@ impl MatrixSpec {
             cells.push(Cell {
                 suite: suite.clone(),
                 arch,
-                image: inc.image.clone().unwrap_or_else(|| images[0].clone()),
+                image: inc
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| images_for(arch)[0].clone()),
                 timeout: inc.timeout.or(self.timeout),
             });
         }

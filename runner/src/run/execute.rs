@@ -329,7 +329,8 @@ async fn run_timed(
             .clone()
             .unwrap_or_else(|| settings.store.vms_dir()),
         boot_timeout: settings.boot_timeout,
-        saved_state: settings.saved_states.then(|| {
+        // Only where the arch table says a resumed guest keeps running (see engine::arch).
+        saved_state: (settings.saved_states && plan.id.arch.info().saved_states).then(|| {
             // A state fits only the exact VM it was saved from: key it on all of it.
             let image_id = image
                 .dir

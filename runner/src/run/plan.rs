@@ -11,8 +11,20 @@ use engine::Arch;
 use crate::events::RunId;
 use crate::suite::{Suite, SuiteFile};
 
-/// Default image when neither the CLI nor runner.toml names one.
-pub const DEFAULT_IMAGE: &str = "debian-13";
+/// The image when neither the CLI nor runner.toml names one: the architecture's own default
+/// (Debian 12 where trixie lacks it).
+pub fn default_image(arch: Arch) -> ImageName {
+    arch.default_image()
+        .parse()
+        .expect("the table's default image names are valid")
+}
+
+/// vCPUs and memory as asked, within what the architecture's machine boots with (malta has
+/// one CPU; a 32-bit guest uses at most 3 GiB). Never more than asked.
+pub fn fit_machine(arch: Arch, cpus: u32, memory_mib: u32) -> (u32, u32) {
+    let info = arch.info();
+    (cpus.min(info.max_cpus), memory_mib.min(info.max_memory_mib))
+}
 /// Default timeout for `runner test -- CMD`.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_CPUS: u32 = 2;
@@ -187,6 +199,11 @@ pub fn plan_suites(
     for &arch in arches {
         for suite in selected.iter().filter(|s| s.runs_on(arch)) {
             let timeout = ov.timeout.unwrap_or(suite.timeout);
+            let (cpus, memory_mib) = fit_machine(
+                arch,
+                ov.cpus.unwrap_or(file.defaults.cpus),
+                ov.memory_mib.unwrap_or(file.defaults.memory_mib),
+            );
             plans.push(SuitePlan {
                 id: RunId {
                     suite: suite.name.clone(),
@@ -195,7 +212,8 @@ pub fn plan_suites(
                 image: ov
                     .image
                     .clone()
-                    .unwrap_or_else(|| file.defaults.image.clone()),
+                    .or_else(|| file.defaults.image.clone())
+                    .unwrap_or_else(|| default_image(arch)),
                 repository_recipes: repository_recipes.clone(),
                 workspace: Some(WorkspacePlan {
                     root: file.workspace.root.clone(),
@@ -218,8 +236,8 @@ pub fn plan_suites(
                 timeout,
                 junit: suite.junit.clone(),
                 artifacts: suite.artifacts.clone(),
-                cpus: ov.cpus.unwrap_or(file.defaults.cpus),
-                memory_mib: ov.memory_mib.unwrap_or(file.defaults.memory_mib),
+                cpus,
+                memory_mib,
                 out_dir: out_root.join(format!("{}-{arch}", suite.name)),
                 files: Vec::new(),
                 max_artifacts: MAX_ARTIFACTS,
@@ -246,16 +264,17 @@ pub fn plan_command(
     ov: &Overrides,
 ) -> SuitePlan {
     let timeout = ov.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
+    let (cpus, memory_mib) = fit_machine(
+        arch,
+        ov.cpus.unwrap_or(DEFAULT_CPUS),
+        ov.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+    );
     SuitePlan {
         id: RunId {
             suite: "command".into(),
             arch,
         },
-        image: ov.image.clone().unwrap_or_else(|| {
-            DEFAULT_IMAGE
-                .parse()
-                .expect("the default image name is valid")
-        }),
+        image: ov.image.clone().unwrap_or_else(|| default_image(arch)),
         repository_recipes: match std::env::current_dir() {
             Ok(dir) if ov.repository_recipes => RepositoryRecipes::Honoured(dir),
             _ => RepositoryRecipes::Refused,
@@ -277,8 +296,8 @@ pub fn plan_command(
         timeout,
         junit: Vec::new(),
         artifacts: Vec::new(),
-        cpus: ov.cpus.unwrap_or(DEFAULT_CPUS),
-        memory_mib: ov.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+        cpus,
+        memory_mib,
         out_dir: ov
             .out
             .clone()

@@ -44,10 +44,14 @@ pub async fn base_image(
     force: bool,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<BaseImage, Outcome> {
-    let recipe = recipes.find(name).map_err(|e| Outcome::InfraError {
+    let config_error = |e: &dyn std::error::Error| Outcome::InfraError {
         kind: InfraKind::Config,
-        message: image::build::error_chain(&e),
-    })?;
+        message: image::build::error_chain(e),
+    };
+    let recipe = recipes.find(name).map_err(|e| config_error(&e))?;
+    // Before the QEMU/KVM checks and any download: asking mipsel of a trixie image is the
+    // caller's mistake, with the images that would do named.
+    image::build::check_distribution(&recipe, platform.arch).map_err(|e| config_error(&e))?;
     let opts = BuildOptions {
         mirror,
         qemu: platform.qemu.clone(),
