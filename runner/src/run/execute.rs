@@ -682,6 +682,7 @@ fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
         ("TERM".into(), "dumb".into()),
         ("CI".into(), "true".into()),
         ("RUNNER_ARCH".into(), plan.id.arch.name().into()),
+        ("RUNNER_DEBIAN_ARCH".into(), plan.id.arch.debian().into()),
         ("RUNNER_SUITE".into(), plan.id.suite.clone()),
         ("RUNNER_WORKSPACE".into(), GUEST_WORKSPACE.into()),
     ]
