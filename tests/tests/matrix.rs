@@ -542,8 +542,11 @@ printf '<testsuite name="%s">%s</testsuite>\n' "$1" "$cases" >"out/$1.xml"
 [ "$3" -eq 0 ]
 "#;
 
-/// (key, status, sorted (test, status)) of every cell, in the report's order.
-fn cells_of(results: &Value) -> Vec<(String, String, Vec<(String, String)>)> {
+/// A cell as compared: key, status, and its (test, status) pairs sorted.
+type CellView = (String, String, Vec<(String, String)>);
+
+/// Every cell, in the report's order.
+fn cells_of(results: &Value) -> Vec<CellView> {
     results["cells"]
         .as_array()
         .unwrap()

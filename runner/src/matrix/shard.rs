@@ -176,7 +176,8 @@ mod tests {
     #[test]
     fn shard_values_parse_or_are_refused_with_the_reason() {
         // (input, Ok((K, N)) or a part of the message)
-        let cases: [(&str, Result<(u32, u32), &str>); 11] = [
+        type Want = Result<(u32, u32), &'static str>;
+        let cases: [(&str, Want); 11] = [
             ("1/2", Ok((1, 2))),
             ("2/2", Ok((2, 2))),
             ("1/1", Ok((1, 1))),
