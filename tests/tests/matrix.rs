@@ -671,6 +671,9 @@ fn two_shards_merged_report_what_the_unsharded_run_reports() {
     assert_eq!(got, want);
 
     // Merged: the same cells, statuses and tests as the unsharded run, compared with it.
+    // Into a directory that held a shard before: what is there afterwards is no shard.
+    std::fs::create_dir(p.join("merged")).unwrap();
+    std::fs::copy(p.join("s2/shard.json"), p.join("merged/shard.json")).unwrap();
     let r = runner_with_cache(
         p,
         &[
@@ -738,7 +741,7 @@ fn two_shards_merged_report_what_the_unsharded_run_reports() {
     std::fs::create_dir(p.join("other")).unwrap();
     std::fs::write(p.join("other/shard.json"), other.to_string()).unwrap();
     // (shard directories, what the message says)
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["s1", "s1"], "shard 1/2 is given twice (s1 and s1)"),
         (&["s2"], "shard 1/2 is missing"),
         (
@@ -746,6 +749,7 @@ fn two_shards_merged_report_what_the_unsharded_run_reports() {
             "s1 and other are shards of different matrices",
         ),
         (&["s1", "full"], "full is not a matrix shard"),
+        (&["s1", "merged"], "merged is not a matrix shard"),
     ];
     for (dirs, want) in cases {
         let mut args = vec!["matrix", "merge", "--out", "refused", "--history", "h"];

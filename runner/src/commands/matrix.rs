@@ -126,7 +126,8 @@ fn take_shard(
     let estimates = shard::estimates(&keys, history);
     let shard_of = shard::split(&estimates, shard.count);
     let split: Vec<Assigned> = keys
-        .into_iter()
+        .iter()
+        .cloned()
         .zip(&shard_of)
         .map(|(key, &shard)| Assigned { key, shard })
         .collect();
@@ -144,11 +145,18 @@ fn take_shard(
         .filter(|(_, &s)| s == shard.index)
         .map(|(c, _)| c)
         .collect();
+    let basis = if keys.iter().any(|k| !history.trend(k).is_empty()) {
+        format!(
+            "about {} of {} by the history",
+            human_secs(mine_ms as f64 / 1000.0),
+            human_secs(total_ms as f64 / 1000.0)
+        )
+    } else {
+        "split by count (no history to go by)".to_string()
+    };
     status.line(&format!(
-        "runner matrix: shard {shard}: {} of {all_count} cells, about {} of {} by the history",
+        "runner matrix: shard {shard}: {} of {all_count} cells, {basis}",
         mine.len(),
-        human_secs(mine_ms as f64 / 1000.0),
-        human_secs(total_ms as f64 / 1000.0),
     ));
     Ok((
         mine,
@@ -379,6 +387,9 @@ fn finish_run(
     status: &Status,
 ) -> i32 {
     compare(&mut results, &history, &ending.settings);
+    // A whole run's directory is no shard (a shard.json left by an earlier run would be
+    // taken for one by a merge).
+    let _ = std::fs::remove_file(out.join(SHARD_FILE));
     if let Err(e) = render::write_all(out, &results) {
         status.error(&crate::outcome::chain(&e));
         return exit::IO;
