@@ -636,6 +636,12 @@ fn two_shards_merged_report_what_the_unsharded_run_reports() {
         records.push(read_json(&p.join(&out).join("shard.json")));
     }
     assert_eq!(history_runs(&p.join("h")), 1, "shards are not kept");
+    eprintln!(
+        "figures: unsharded {:.1} s, shards {:.1} s and {:.1} s (run one after the other)",
+        full["run"]["duration_s"].as_f64().unwrap(),
+        records[0]["run"]["duration_s"].as_f64().unwrap(),
+        records[1]["run"]["duration_s"].as_f64().unwrap()
+    );
     // Both computed the same split; together they ran every cell exactly once.
     assert_eq!(records[0]["split"], records[1]["split"]);
     assert_eq!(records[0]["matrix"], records[1]["matrix"]);
