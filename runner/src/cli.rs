@@ -107,10 +107,17 @@ pub struct TestArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct MatrixArgs {
+    #[command(subcommand)]
+    pub command: Option<MatrixCommand>,
     /// Matrix file (e.g. nightly.toml). Without one: every suite of ./runner.toml.
     #[arg(value_name = "FILE")]
     pub file: Option<PathBuf>,
+    /// Run only part K of N of the cells (e.g. 1/2), split by their durations in --history;
+    /// merge the shards' --out directories with `runner matrix merge`.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
     /// Architectures, replacing the matrix file's (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub arch: Vec<String>,
@@ -141,6 +148,26 @@ pub struct MatrixArgs {
     /// Always boot the kernel; do not resume from (or save) a VM state saved after boot.
     #[arg(long)]
     pub cold_boot: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MatrixCommand {
+    /// Put the shards of one matrix run (`--shard K/N`) back together: the four reports and
+    /// the history entry an unsharded run would have written.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Where the merged reports go.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Compare with the previous run kept here, and keep this one.
+    #[arg(long, value_name = "DIR")]
+    pub history: Option<PathBuf>,
+    /// The --out directory of every shard.
+    #[arg(value_name = "SHARD_DIR", required = true)]
+    pub shards: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

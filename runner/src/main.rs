@@ -7,7 +7,7 @@ use clap::Parser;
 use engine::image::ImageStore;
 use engine::sandbox::Containment;
 
-use runner::cli::{AccelArg, Cli, Command};
+use runner::cli::{AccelArg, Cli, Command, MatrixArgs, MatrixCommand};
 use runner::commands;
 use runner::report::console::Status;
 use runner::run::execute::{RunSettings, BOOT_TIMEOUT};
@@ -56,6 +56,10 @@ async fn run(cli: Cli) -> i32 {
             let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::test::run(args, settings, status).await
         }
+        Command::Matrix(MatrixArgs {
+            command: Some(MatrixCommand::Merge(args)),
+            ..
+        }) => commands::matrix::merge(args, status),
         Command::Matrix(args) => {
             let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::matrix::run(args, settings, status).await

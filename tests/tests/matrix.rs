@@ -495,3 +495,320 @@ fn bad_matrix_input_is_refused_with_one_line() {
     assert_eq!(r.code, 78, "{r}");
     assert!(r.stderr.contains("no matrix file missing.toml"), "{r}");
 }
+
+/// Four suites with 1, 3, 3 and 1 tests, one of them failing: the cells differ in status and
+/// in test count, so a cell put back in the wrong place shows.
+const SHARD_SUITES: &str = r#"
+[defaults]
+arch = ["riscv64"]
+
+[[suite]]
+name = "one"
+junit = ["out/*.xml"]
+  [[suite.step]]
+  name = "tests"
+  run = "sh t.sh one 1 0"
+
+[[suite]]
+name = "two"
+junit = ["out/*.xml"]
+  [[suite.step]]
+  name = "tests"
+  run = "sh t.sh two 3 0"
+
+[[suite]]
+name = "three"
+junit = ["out/*.xml"]
+  [[suite.step]]
+  name = "tests"
+  run = "sh t.sh three 2 1"
+
+[[suite]]
+name = "four"
+  [[suite.step]]
+  name = "plain"
+  run = "echo four"
+"#;
+
+/// `sh t.sh SUITE PASSING FAILING`: that many JUnit testcases of each kind.
+const SHARD_TESTS_SH: &str = r#"
+mkdir -p out
+cases=""
+i=0
+while [ "$i" -lt "$2" ]; do i=$((i + 1)); cases="$cases<testcase classname=\"$1\" name=\"ok$i\"/>"; done
+i=0
+while [ "$i" -lt "$3" ]; do i=$((i + 1)); cases="$cases<testcase classname=\"$1\" name=\"bad$i\"><failure message=\"bad $i\"/></testcase>"; done
+printf '<testsuite name="%s">%s</testsuite>\n' "$1" "$cases" >"out/$1.xml"
+[ "$3" -eq 0 ]
+"#;
+
+/// A cell as compared: key, status, and its (test, status) pairs sorted.
+type CellView = (String, String, Vec<(String, String)>);
+
+/// Every cell, in the report's order.
+fn cells_of(results: &Value) -> Vec<CellView> {
+    results["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let mut tests: Vec<(String, String)> = c["tests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t["name"].to_string(), t["status"].to_string()))
+                .collect();
+            tests.sort();
+            (c["key"].to_string(), c["status"].to_string(), tests)
+        })
+        .collect()
+}
+
+fn history_runs(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        .count()
+}
+
+#[test]
+fn two_shards_merged_report_what_the_unsharded_run_reports() {
+    let cache = private_cache();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for (name, text) in [
+        ("runner.toml", SHARD_SUITES),
+        ("t.sh", SHARD_TESTS_SH),
+        (
+            "m.toml",
+            "arch = ['riscv64']\nretries = 0\ntimeout = '10m'\n",
+        ),
+    ] {
+        std::fs::write(p.join(name), text).unwrap();
+    }
+
+    // The whole matrix on one host: the baseline, and the history the shards split by.
+    let r = runner_with_cache(
+        p,
+        &[
+            "matrix",
+            "m.toml",
+            "--jobs",
+            "2",
+            "--out",
+            "full",
+            "--history",
+            "h",
+        ],
+        cache.path(),
+    );
+    assert_eq!(r.code, 1, "three's failure is new\n{r}");
+    let full = read_json(&p.join("full/results.json"));
+    assert_eq!(full["cells"].as_array().unwrap().len(), 4, "{full:#}");
+    assert_eq!(cell(&full, "three/riscv64/debian-13")["status"], "failed");
+
+    // Two shards, as two hosts would run them (here one after the other).
+    let mut records = Vec::new();
+    for k in ["1/2", "2/2"] {
+        let out = format!("s{}", &k[..1]);
+        let r = runner_with_cache(
+            p,
+            &[
+                "matrix",
+                "m.toml",
+                "--shard",
+                k,
+                "--jobs",
+                "2",
+                "--out",
+                &out,
+                "--history",
+                "h",
+            ],
+            cache.path(),
+        );
+        assert_eq!(r.code, 0, "a shard's verdict is the merge's\n{r}");
+        assert!(r.stderr.contains(&format!("shard {k}: ")), "{r}");
+        for f in ["shard.json", "results.json", "index.html"] {
+            assert!(p.join(&out).join(f).is_file(), "{out}/{f}\n{r}");
+        }
+        records.push(read_json(&p.join(&out).join("shard.json")));
+    }
+    assert_eq!(history_runs(&p.join("h")), 1, "shards are not kept");
+    eprintln!(
+        "figures: unsharded {:.1} s, shards {:.1} s and {:.1} s (run one after the other)",
+        full["run"]["duration_s"].as_f64().unwrap(),
+        records[0]["run"]["duration_s"].as_f64().unwrap(),
+        records[1]["run"]["duration_s"].as_f64().unwrap()
+    );
+    // Both computed the same split; together they ran every cell exactly once.
+    assert_eq!(records[0]["split"], records[1]["split"]);
+    assert_eq!(records[0]["matrix"], records[1]["matrix"]);
+    let mut ran: Vec<String> = records
+        .iter()
+        .flat_map(|r| r["cells"].as_array().unwrap().clone())
+        .map(|c| c["key"].as_str().unwrap().to_string())
+        .collect();
+    ran.sort();
+    let mut all: Vec<String> = full["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap().to_string())
+        .collect();
+    all.sort();
+    assert_eq!(ran, all);
+    // The split is the one the history's durations give (not, say, the cells' order).
+    let history = runner::matrix::history::History::open(&p.join("h"));
+    let keys: Vec<String> = records[0]["split"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap().to_string())
+        .collect();
+    let want = runner::matrix::shard::split(&runner::matrix::shard::estimates(&keys, &history), 2);
+    let got: Vec<u32> = records[0]["split"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["shard"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got, want);
+
+    // Merged: the same cells, statuses and tests as the unsharded run, compared with it.
+    // Into a directory that held a shard before: what is there afterwards is no shard.
+    std::fs::create_dir(p.join("merged")).unwrap();
+    std::fs::copy(p.join("s2/shard.json"), p.join("merged/shard.json")).unwrap();
+    let r = runner_with_cache(
+        p,
+        &[
+            "matrix",
+            "merge",
+            "--out",
+            "merged",
+            "--history",
+            "h",
+            "s1",
+            "s2",
+        ],
+        cache.path(),
+    );
+    assert_eq!(r.code, 0, "still failing is no regression\n{r}");
+    let merged = read_json(&p.join("merged/results.json"));
+    assert_eq!(cells_of(&merged), cells_of(&full));
+    assert_eq!(merged["comparison"]["previous_run"], full["run"]["id"]);
+    assert_eq!(
+        merged["comparison"]["counts"]["still_failing"], 2,
+        "bad1 and its step: {merged:#}"
+    );
+    assert_eq!(
+        merged["comparison"]["counts"]["new_failure"], 0,
+        "{merged:#}"
+    );
+    assert_eq!(merged["run"]["complete"], true);
+    for c in merged["cells"].as_array().unwrap() {
+        assert_eq!(c["trend_s"].as_array().unwrap().len(), 1, "{c:#}");
+    }
+    assert_eq!(history_runs(&p.join("h")), 2, "the merged run is kept");
+    let junit = |dir: &str| {
+        let xml = std::fs::read_to_string(p.join(dir).join("junit.xml")).unwrap();
+        let report = Report::deserialize_from_str(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+        let suites: Vec<(String, usize, usize)> = report
+            .test_suites
+            .iter()
+            .map(|s| (s.name.to_string(), s.tests, s.failures))
+            .collect();
+        (suites, report.tests, report.failures)
+    };
+    assert_eq!(junit("merged"), junit("full"));
+    assert_eq!(junit("merged").0.len(), 4);
+    let md = std::fs::read_to_string(p.join("merged/summary.md")).unwrap();
+    assert!(md.contains("| suite | riscv64 |"), "{md}");
+    // The page, as a real browser renders it.
+    let dom = rendered_dom(&p.join("merged/index.html"));
+    assert!(dom.contains("<table class=\"grid\" id=\"grid\">"), "{dom}");
+    for c in full["cells"].as_array().unwrap() {
+        let mark = format!(
+            "data-cell=\"{}\" data-status=\"{}\"",
+            c["key"].as_str().unwrap(),
+            c["status"].as_str().unwrap()
+        );
+        assert!(dom.contains(&mark), "{mark}: {dom}");
+    }
+    assert!(
+        !dom.contains("http://") && !dom.contains("https://"),
+        "no external asset"
+    );
+
+    // Shards that are not the parts of one run: one line each, exit 78, nothing written.
+    let mut other = records[1].clone();
+    other["matrix"] = Value::from("0".repeat(64));
+    std::fs::create_dir(p.join("other")).unwrap();
+    std::fs::write(p.join("other/shard.json"), other.to_string()).unwrap();
+    // (shard directories, what the message says)
+    let cases: [(&[&str], &str); 5] = [
+        (&["s1", "s1"], "shard 1/2 is given twice (s1 and s1)"),
+        (&["s2"], "shard 1/2 is missing"),
+        (
+            &["s1", "other"],
+            "s1 and other are shards of different matrices",
+        ),
+        (&["s1", "full"], "full is not a matrix shard"),
+        (&["s1", "merged"], "merged is not a matrix shard"),
+    ];
+    for (dirs, want) in cases {
+        let mut args = vec!["matrix", "merge", "--out", "refused", "--history", "h"];
+        args.extend_from_slice(dirs);
+        let r = runner_with_cache(p, &args, cache.path());
+        assert_eq!(r.code, 78, "{dirs:?}\n{r}");
+        let lines: Vec<_> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{dirs:?}\n{r}");
+        assert!(
+            lines[0].starts_with("runner: error:") && lines[0].contains(want),
+            "{dirs:?}\n{r}"
+        );
+        assert!(!p.join("refused").exists());
+    }
+    assert_eq!(history_runs(&p.join("h")), 2, "nothing refused is kept");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
+fn bad_shard_arguments_are_refused_with_one_line() {
+    let dir = project();
+    let p = dir.path();
+    let cache = private_cache();
+    // (--shard value, what the message must say); exit 2 like any bad command line.
+    let cases = [
+        ("3/2", "K must be between 1 and N"),
+        ("0/2", "K must be between 1 and N"),
+        ("1/0", "N must be between 1 and 256"),
+        ("half", "expected K/N"),
+    ];
+    for (value, want) in cases {
+        let r = runner_with_cache(
+            p,
+            &["matrix", "nightly.toml", "--shard", value],
+            cache.path(),
+        );
+        assert_eq!(r.code, 2, "{value}\n{r}");
+        let lines: Vec<_> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{value}\n{r}");
+        assert!(
+            lines[0].starts_with("runner: error: --shard") && lines[0].contains(want),
+            "{value}\n{r}"
+        );
+        assert!(!p.join("matrix-report").exists(), "nothing ran");
+    }
+    // merge needs at least one shard, and a directory that is one.
+    let r = runner_with_cache(p, &["matrix", "merge", "--out", "o"], cache.path());
+    assert_eq!(r.code, 2, "{r}");
+    let r = runner_with_cache(
+        p,
+        &["matrix", "merge", "--out", "o", "nowhere"],
+        cache.path(),
+    );
+    assert_eq!(r.code, 78, "{r}");
+    assert!(r.stderr.contains("nowhere is not a matrix shard"), "{r}");
+}

@@ -45,6 +45,8 @@ fn scalar(y: &Yaml) -> Option<String> {
 struct Context {
     inputs: HashMap<String, String>,
     matrix: HashMap<String, String>,
+    /// The job's number of matrix combinations (`strategy.job-total`).
+    job_total: usize,
     env: HashMap<String, String>,
 }
 
@@ -65,6 +67,9 @@ impl Context {
                 .get(name)
                 .unwrap_or_else(|| panic!("unknown matrix key '{name}'"))
                 .clone();
+        }
+        if e == "strategy.job-total" {
+            return self.job_total.to_string();
         }
         if let Some(name) = e.strip_prefix("env.") {
             return self
@@ -306,10 +311,12 @@ fn every_runner_command_in_the_templates_parses_with_the_real_cli() {
                     );
                 }
             }
+            let job_total = combos.len();
             for matrix in combos {
                 let mut ctx = Context {
                     inputs: inputs.clone(),
                     matrix,
+                    job_total,
                     env: HashMap::new(),
                 };
                 ctx.env = hash_env(&doc["env"], &ctx);
@@ -350,6 +357,9 @@ fn every_runner_command_in_the_templates_parses_with_the_real_cli() {
                                     assert!(["riscv64", "aarch64", "x86_64"].contains(&a.as_str()), "{name}: arch {a}");
                                 }
                             }
+                            Ok(Cli { command: runner::cli::Command::Matrix(m), .. }) => {
+                                check_shard(&m, &format!("{name}: job {job_name}"));
+                            }
                             Ok(_) => {}
                         }
                         checked += 1;
@@ -360,6 +370,15 @@ fn every_runner_command_in_the_templates_parses_with_the_real_cli() {
         }
     }
     assert!(checked >= 3, "only {checked} runner commands found");
+}
+
+/// A `--shard K/N` in a template is a valid one (the CLI keeps it as text until it runs).
+fn check_shard(m: &runner::cli::MatrixArgs, what: &str) {
+    if let Some(s) = &m.shard {
+        if let Err(e) = s.parse::<runner::matrix::shard::Shard>() {
+            panic!("{what}: {e}");
+        }
+    }
 }
 
 #[test]
@@ -450,6 +469,7 @@ fn the_word_splitter_and_command_finder_work() {
     let ctx = Context {
         inputs: HashMap::new(),
         matrix: HashMap::new(),
+        job_total: 1,
         env: HashMap::from([("A".to_string(), "x y".to_string())]),
     };
     assert_eq!(
@@ -578,26 +598,43 @@ fn check_gitlab_template(name: &str, doc: &Yaml) -> usize {
         env.extend(globals.clone());
         env.extend(gitlab_variables(&parent["variables"]));
         env.extend(gitlab_variables(&job["variables"]));
-        let mut ctx = Context {
-            inputs: HashMap::new(),
-            matrix: HashMap::new(),
-            env,
-        };
-        for key in ["before_script", "script", "after_script"] {
-            let lines: Vec<String> = field(key)
-                .as_vec()
-                .map(|v| v.iter().filter_map(scalar).collect())
-                .unwrap_or_default();
-            let script = lines.join("\n");
-            for var in script_variables(&script) {
-                ctx.env.entry(var).or_insert_with(|| SCRIPT_VALUE.into());
+        // `parallel: N`: N copies of the job, told apart by CI_NODE_INDEX (1..=N).
+        let nodes = field("parallel").as_i64().unwrap_or(1);
+        assert!(
+            (1..=200).contains(&nodes),
+            "{name}: job {job_name}: parallel {nodes}"
+        );
+        for node in 1..=nodes {
+            let mut ctx = Context {
+                inputs: HashMap::new(),
+                matrix: HashMap::new(),
+                job_total: 1,
+                env: env.clone(),
+            };
+            ctx.env.insert("CI_NODE_TOTAL".into(), nodes.to_string());
+            if field("parallel").as_i64().is_some() {
+                ctx.env.insert("CI_NODE_INDEX".into(), node.to_string());
             }
-            for cmd in runner_commands(&script) {
-                let argv = words(&cmd, &ctx);
-                if let Err(e) = Cli::try_parse_from(&argv) {
-                    panic!("{name}: job {job_name}: `{cmd}` → {argv:?} is not a valid runner command line:\n{e}");
+            for key in ["before_script", "script", "after_script"] {
+                let lines: Vec<String> = field(key)
+                    .as_vec()
+                    .map(|v| v.iter().filter_map(scalar).collect())
+                    .unwrap_or_default();
+                let script = lines.join("\n");
+                for var in script_variables(&script) {
+                    ctx.env.entry(var).or_insert_with(|| SCRIPT_VALUE.into());
                 }
-                checked += 1;
+                for cmd in runner_commands(&script) {
+                    let argv = words(&cmd, &ctx);
+                    match Cli::try_parse_from(&argv) {
+                        Err(e) => panic!("{name}: job {job_name}: `{cmd}` → {argv:?} is not a valid runner command line:\n{e}"),
+                        Ok(Cli { command: runner::cli::Command::Matrix(m), .. }) => {
+                            check_shard(&m, &format!("{name}: job {job_name}"));
+                        }
+                        Ok(_) => {}
+                    }
+                    checked += 1;
+                }
             }
         }
     }
@@ -630,6 +667,10 @@ fn the_gitlab_template_check_catches_a_misspelt_flag_and_an_unknown_variable() {
         (
             "stages: [t]\nj:\n  stage: t\n  variables: {MATRIX_FILE: m.toml}\n  script:\n    - runner matrix \"$MATRIX_FIEL\"\n",
             "MATRIX_FIEL",
+        ),
+        (
+            "stages: [t]\nj:\n  stage: t\n  parallel: 3\n  script:\n    - runner matrix m.toml --shard \"$CI_NODE_INDEX/2\"\n",
+            "--shard '3/2': K must be between 1 and N",
         ),
     ];
     for (text, needle) in cases {
@@ -712,4 +753,110 @@ fn actionlint_catches_an_outdated_pin_and_a_script_bug() {
         "{findings}"
     );
     assert!(findings.contains("SC2086"), "{findings}");
+}
+
+#[test]
+fn the_nightly_templates_fan_out_in_shards_and_merge_them_in_a_final_job() {
+    // GitLab: `parallel: N` shards, numbered by GitLab, and a report job after all of them.
+    let (_, gl) = gitlab_templates()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("nightly-matrix.gitlab-ci.yml"))
+        .expect("the GitLab nightly template");
+    let shards = &gl["nightly-matrix"];
+    assert!(shards["parallel"].as_i64().is_some_and(|n| n >= 1));
+    let script = shards["script"][0].as_str().unwrap();
+    assert!(
+        script.contains("--shard \"$CI_NODE_INDEX/$CI_NODE_TOTAL\"")
+            && script.contains("--out \"matrix-shards/$CI_NODE_INDEX\""),
+        "{script}"
+    );
+    assert_eq!(
+        shards["cache"]["policy"].as_str(),
+        Some("pull"),
+        "only the report saves the history"
+    );
+    assert_eq!(
+        shards["artifacts"]["paths"][0].as_str(),
+        Some("matrix-shards/")
+    );
+    let report = &gl["nightly-matrix-report"];
+    assert_eq!(report["needs"][0]["job"].as_str(), Some("nightly-matrix"));
+    for rule in report["rules"].as_vec().unwrap() {
+        assert_eq!(
+            rule["when"].as_str(),
+            Some("always"),
+            "merge after a failed shard too"
+        );
+    }
+    assert_eq!(report["cache"]["when"].as_str(), Some("always"));
+    let merge = report["script"][0].as_str().unwrap();
+    assert!(
+        merge.starts_with("runner matrix merge") && merge.ends_with(" matrix-shards/*"),
+        "{merge}"
+    );
+    assert_eq!(
+        report["artifacts"]["reports"]["junit"].as_str(),
+        Some("matrix-report/junit.xml")
+    );
+
+    // GitHub: a matrix of shards 1..=N, N taken from the matrix itself, and a report job.
+    let (_, gh) = templates()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("nightly-matrix.yml"))
+        .expect("the GitHub nightly template");
+    let job = &gh["jobs"]["shard"];
+    let numbers: Vec<i64> = job["strategy"]["matrix"]["shard"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as i64).collect::<Vec<_>>(),
+        "shards 1..=N"
+    );
+    assert_eq!(job["strategy"]["fail-fast"].as_bool(), Some(false));
+    assert_eq!(
+        job["env"]["SHARDS"].as_str(),
+        Some("${{ strategy.job-total }}")
+    );
+    let steps = job["steps"].as_vec().unwrap();
+    assert!(steps.iter().any(|s| s["run"]
+        .as_str()
+        .is_some_and(|r| r.contains("--shard \"$SHARD/$SHARDS\"")
+            && r.contains("--out \"matrix-shard-$SHARD\""))));
+    let upload = steps
+        .iter()
+        .find(|s| {
+            s["uses"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+        })
+        .expect("each shard uploads its directory");
+    assert_eq!(upload["if"].as_str(), Some("always()"));
+    assert_eq!(
+        upload["with"]["name"].as_str(),
+        Some("matrix-shard-${{ matrix.shard }}")
+    );
+    let report = &gh["jobs"]["report"];
+    assert_eq!(report["needs"].as_str(), Some("shard"));
+    assert_eq!(report["if"].as_str(), Some("always()"));
+    let steps = report["steps"].as_vec().unwrap();
+    let download = steps
+        .iter()
+        .find(|s| {
+            s["uses"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("actions/download-artifact@"))
+        })
+        .expect("the report fetches the shards");
+    assert_eq!(download["with"]["pattern"].as_str(), Some("matrix-shard-*"));
+    assert_eq!(download["with"]["path"].as_str(), Some("shards"));
+    assert!(steps.iter().any(|s| s["run"].as_str().is_some_and(|r| r
+        .starts_with("runner matrix merge")
+        && r.trim_end().ends_with(" shards/*"))));
+    assert!(steps.iter().any(|s| s["uses"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("actions/cache/save@"))));
 }

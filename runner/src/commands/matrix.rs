@@ -1,6 +1,8 @@
 //! `runner matrix`: read the matrix (or every suite of runner.toml), plan its cells, run
 //! them in parallel, compare with the history, write the four reports, and turn the result
-//! into the exit status chosen by `--fail-on`.
+//! into the exit status chosen by `--fail-on`. With `--shard K/N` only this host's part of
+//! the cells runs and `shard.json` is left for `runner matrix merge`, which does the
+//! comparing, the history and the exit status for the whole run.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -10,17 +12,19 @@ use engine::Arch;
 use tokio::sync::watch;
 
 use crate::capacity::HostResources;
-use crate::cli::MatrixArgs;
+use crate::cli::{MatrixArgs, MergeArgs};
 use crate::exit;
 use crate::matrix::classify;
 use crate::matrix::history::History;
+use crate::matrix::merge::{self, Assigned, ShardRecord, SHARD_FILE, SHARD_SCHEMA, SHARD_VERSION};
 use crate::matrix::progress::Progress;
 use crate::matrix::render;
 use crate::matrix::results::{
     human_secs, Change, RunInfo, RunResults, Status as CellStatus, SCHEMA, VERSION,
 };
 use crate::matrix::run::{run_matrix, start_order, PlannedCell, Schedule};
-use crate::matrix::spec::{MatrixSpec, MAX_RETRIES};
+use crate::matrix::shard::{self, Shard};
+use crate::matrix::spec::{FailOn, HistorySettings, MatrixSpec, MAX_RETRIES};
 use crate::report::console::Status;
 use crate::run::execute::RunSettings;
 use crate::run::plan::{self, Overrides};
@@ -82,6 +86,86 @@ fn spec(args: &MatrixArgs) -> Result<MatrixSpec, Refusal> {
         return Err(Refusal("--jobs must be at least 1".into(), exit::USAGE));
     }
     Ok(spec)
+}
+
+/// `--shard K/N`, checked.
+fn shard_arg(args: &MatrixArgs) -> Result<Option<Shard>, Refusal> {
+    args.shard
+        .as_deref()
+        .map(|s| {
+            s.parse()
+                .map_err(|e: shard::InvalidShard| Refusal(e.to_string(), exit::USAGE))
+        })
+        .transpose()
+}
+
+/// This host's part of the matrix, and what `shard.json` needs to prove it.
+struct ShardPlan {
+    shard: Shard,
+    fingerprint: String,
+    split: Vec<Assigned>,
+}
+
+/// Keeps this shard's cells of `cells`; says which and how long they are expected to take.
+fn take_shard(
+    shard: Shard,
+    spec: &MatrixSpec,
+    cells: Vec<PlannedCell>,
+    history: &History,
+    status: &Status,
+) -> Result<(Vec<PlannedCell>, ShardPlan), Refusal> {
+    let suites_file = std::fs::read(&spec.suites_file).map_err(|e| {
+        config(format!(
+            "cannot read the suite file {}: {e}",
+            spec.suites_file.display()
+        ))
+    })?;
+    let all: Vec<_> = cells.iter().map(|c| c.cell.clone()).collect();
+    let fingerprint = shard::fingerprint(spec, &all, &suites_file);
+    let keys: Vec<String> = all.iter().map(|c| c.key()).collect();
+    let estimates = shard::estimates(&keys, history);
+    let shard_of = shard::split(&estimates, shard.count);
+    let split: Vec<Assigned> = keys
+        .iter()
+        .cloned()
+        .zip(&shard_of)
+        .map(|(key, &shard)| Assigned { key, shard })
+        .collect();
+    let total_ms: u64 = estimates.iter().sum();
+    let mine_ms: u64 = estimates
+        .iter()
+        .zip(&shard_of)
+        .filter(|(_, &s)| s == shard.index)
+        .map(|(e, _)| e)
+        .sum();
+    let all_count = cells.len();
+    let mine: Vec<PlannedCell> = cells
+        .into_iter()
+        .zip(&shard_of)
+        .filter(|(_, &s)| s == shard.index)
+        .map(|(c, _)| c)
+        .collect();
+    let basis = if keys.iter().any(|k| !history.trend(k).is_empty()) {
+        format!(
+            "about {} of {} by the history",
+            human_secs(mine_ms as f64 / 1000.0),
+            human_secs(total_ms as f64 / 1000.0)
+        )
+    } else {
+        "split by count (no history to go by)".to_string()
+    };
+    status.line(&format!(
+        "runner matrix: shard {shard}: {} of {all_count} cells, {basis}",
+        mine.len(),
+    ));
+    Ok((
+        mine,
+        ShardPlan {
+            shard,
+            fingerprint,
+            split,
+        },
+    ))
 }
 
 /// The cells and their plans.
@@ -156,9 +240,10 @@ fn cancel_on_signals() -> watch::Receiver<bool> {
 pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32 {
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let (spec, cells) = match spec(&args).and_then(|s| {
+    let (spec, shard, cells) = match spec(&args).and_then(|s| {
+        let shard = shard_arg(&args)?;
         let cells = plan_cells(&s, &args.out)?;
-        Ok((s, cells))
+        Ok((s, shard, cells))
     }) {
         Ok(x) => x,
         Err(Refusal(msg, code)) => {
@@ -166,13 +251,23 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
             return code;
         }
     };
-    let mut history = match &args.history {
+    let history = match &args.history {
         Some(dir) => History::open(dir),
         None => History::none(),
     };
     for w in &history.warnings {
         status.line(&format!("runner: warning: {w}"));
     }
+    let (cells, shard) = match shard {
+        None => (cells, None),
+        Some(s) => match take_shard(s, &spec, cells, &history, &status) {
+            Ok((cells, plan)) => (cells, Some(plan)),
+            Err(Refusal(msg, code)) => {
+                status.error(&msg);
+                return code;
+            }
+        },
+    };
     let jobs = args.jobs.unwrap_or_else(|| {
         // The biggest VM of the matrix decides how many fit.
         let cpus = cells.iter().map(|c| c.plan.cpus).max().unwrap_or(1);
@@ -220,11 +315,11 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
     )
     .await;
 
-    let mut results = RunResults {
+    let results = RunResults {
         schema: SCHEMA.into(),
         version: VERSION,
         run: RunInfo {
-            id: format!("{:08x}", rand::random::<u32>()),
+            id: new_run_id(),
             started_at,
             finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             duration_s: started.elapsed().as_secs_f64(),
@@ -238,28 +333,169 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
         cells: ran.cells,
         comparison: None,
     };
+    match shard {
+        Some(plan) => finish_shard(
+            results,
+            plan,
+            &spec,
+            &history,
+            ran.interrupted,
+            &args.out,
+            &status,
+        ),
+        None => {
+            let ending = Ending {
+                fail_on: spec.fail_on,
+                settings: spec.history,
+                keep: args.history.is_some(),
+                interrupted: ran.interrupted,
+            };
+            finish_run(results, history, ending, &args.out, &status)
+        }
+    }
+}
+
+fn new_run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// How a whole run (unsharded, or merged) ends.
+struct Ending {
+    fail_on: FailOn,
+    settings: HistorySettings,
+    /// Keep the run in the history (`--history` given).
+    keep: bool,
+    /// Cancelled by a signal.
+    interrupted: bool,
+}
+
+/// The trend of each cell and what changed since the previous run.
+fn compare(results: &mut RunResults, history: &History, settings: &HistorySettings) {
     for c in &mut results.cells {
         c.trend_s = history.trend(&c.key);
     }
-    classify::classify(&mut results, history.previous(), &spec.history);
-    if let Err(e) = render::write_all(&args.out, &results) {
+    classify::classify(results, history.previous(), settings);
+}
+
+/// Compares with the history, writes the four reports, keeps the run in the history, says
+/// what happened; returns the exit status.
+fn finish_run(
+    mut results: RunResults,
+    mut history: History,
+    ending: Ending,
+    out: &Path,
+    status: &Status,
+) -> i32 {
+    compare(&mut results, &history, &ending.settings);
+    // A whole run's directory is no shard (a shard.json left by an earlier run would be
+    // taken for one by a merge).
+    let _ = std::fs::remove_file(out.join(SHARD_FILE));
+    if let Err(e) = render::write_all(out, &results) {
         status.error(&crate::outcome::chain(&e));
         return exit::IO;
     }
     // A cancelled run is not kept: its missing cells would read as removed tests next time.
-    if args.history.is_some() {
-        if ran.interrupted {
+    if ending.keep {
+        if ending.interrupted {
             status.line("runner: the run was cancelled; it is not added to the history");
-        } else if let Err(w) = history.save(&results, spec.history.keep) {
+        } else if let Err(w) = history.save(&results, ending.settings.keep) {
             status.line(&format!("runner: warning: {}", crate::outcome::chain(&w)));
         }
     }
-    summary(&status, &results, &args.out);
-    if ran.interrupted {
+    summary(status, &results, out);
+    if ending.interrupted {
         status.error("cancelled: every VM was stopped; the partial report is written");
         return exit::CANCELLED;
     }
-    classify::exit_status(&results, spec.fail_on)
+    classify::exit_status(&results, ending.fail_on)
+}
+
+/// A shard's end: its own four reports (compared with the history, for a look at this part
+/// alone) and `shard.json` for the merge. The verdict is the merge's: a shard that ran
+/// exits 0 whatever its cells did, and is never kept in the history.
+fn finish_shard(
+    mut results: RunResults,
+    plan: ShardPlan,
+    spec: &MatrixSpec,
+    history: &History,
+    interrupted: bool,
+    out: &Path,
+    status: &Status,
+) -> i32 {
+    let record = ShardRecord {
+        schema: SHARD_SCHEMA.into(),
+        version: SHARD_VERSION,
+        shard: plan.shard,
+        matrix: plan.fingerprint,
+        origin: spec.origin.clone(),
+        split: plan.split,
+        fail_on: spec.fail_on,
+        history: spec.history.into(),
+        interrupted,
+        run: results.run.clone(),
+        // As they ran: the merge compares the whole run with the history itself.
+        cells: results.cells.clone(),
+    };
+    compare(&mut results, history, &spec.history);
+    let written = render::write_all(out, &results)
+        .and_then(|()| render::write_atomically(&out.join(SHARD_FILE), &record.to_json()));
+    if let Err(e) = written {
+        status.error(&crate::outcome::chain(&e));
+        return exit::IO;
+    }
+    summary(status, &results, out);
+    status.line(&format!(
+        "runner matrix: shard {} written to {}; `runner matrix merge` puts the shards together (and keeps the run in the history)",
+        plan.shard,
+        out.join(SHARD_FILE).display()
+    ));
+    if interrupted {
+        status.error("cancelled: every VM was stopped; the partial shard is written");
+        return exit::CANCELLED;
+    }
+    exit::SUCCESS
+}
+
+/// `runner matrix merge`: the shards' `shard.json`, checked and put together, then ended
+/// as the unsharded run would have been.
+pub fn merge(args: MergeArgs, status: Status) -> i32 {
+    let mut shards = Vec::new();
+    for dir in &args.shards {
+        match merge::read_shard(dir) {
+            Ok(record) => shards.push((dir.clone(), record)),
+            Err(e) => {
+                status.error(&crate::outcome::chain(&e));
+                return exit::CONFIG;
+            }
+        }
+    }
+    let merged = match merge::merge(shards, new_run_id()) {
+        Ok(m) => m,
+        Err(e) => {
+            status.error(&crate::outcome::chain(&e));
+            return exit::CONFIG;
+        }
+    };
+    let history = match &args.history {
+        Some(dir) => History::open(dir),
+        None => History::none(),
+    };
+    for w in &history.warnings {
+        status.line(&format!("runner: warning: {w}"));
+    }
+    status.line(&format!(
+        "runner matrix merge: {} shards of {}, {} cells",
+        merged.count,
+        merged.origin,
+        merged.results.cells.len()
+    ));
+    let ending = Ending {
+        fail_on: merged.fail_on,
+        settings: merged.history,
+        keep: args.history.is_some(),
+        interrupted: merged.interrupted,
+    };
+    finish_run(merged.results, history, ending, &args.out, &status)
 }
 
 /// The end of the run on the terminal: each cell, what changed, where the reports are.

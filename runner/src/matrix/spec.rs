@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use engine::size::Memory;
 use engine::Arch;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::suite::{self, SuiteFile};
 
@@ -77,7 +77,7 @@ pub enum MatrixError {
 }
 
 /// What makes a run fail (the exit status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FailOn {
     /// Only a new failure since the previous run (the default: a matrix already red does

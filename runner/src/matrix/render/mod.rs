@@ -33,13 +33,24 @@ pub fn write_all(out: &Path, results: &RunResults) -> Result<(), WriteError> {
         ("index.html", html::render(results)),
     ];
     for (name, text) in files {
-        let path = out.join(name);
-        let tmp = out.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(err(&path))?;
+        write_atomically(&out.join(name), &text)?;
     }
     Ok(())
+}
+
+/// Writes `path` through a temporary file beside it and a rename (its directory exists).
+pub fn write_atomically(path: &Path, text: &str) -> Result<(), WriteError> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            WriteError {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
 }
 
 #[cfg(test)]
