@@ -18,20 +18,39 @@ pub async fn run(store: &ImageStore) -> i32 {
     );
     let mut seccomp_missing = Vec::new();
     for arch in Arch::ALL {
+        let i = arch.info();
+        // What the architecture is, whatever this host has installed.
+        println!(
+            "{:<8} debian {} ({}-bit, {}-endian), {} -M {} -cpu {}, virtio-{}, up to {} vCPUs, image {}, saved states {}",
+            arch.name(),
+            i.debian,
+            i.bits,
+            match i.endian {
+                engine::arch::Endian::Little => "little",
+                engine::arch::Endian::Big => "big",
+            },
+            i.qemu_binary,
+            i.machine.split(',').next().unwrap_or(i.machine),
+            i.cpu_tcg,
+            i.bus.suffix(),
+            i.max_cpus,
+            i.default_image,
+            if i.saved_states { "yes" } else { "no (boots cold)" },
+        );
         match qhost::qemu_for(arch).await {
             Ok(q) if !q.sandbox => {
                 seccomp_missing.push(arch.name());
-                println!("{arch:<8} {} {} (sandbox: no)", q.path.display(), q.version);
+                println!("{:<8} {} {} (sandbox: no)", "", q.path.display(), q.version);
             }
             Ok(q) => println!(
-                "{arch:<8} {} {} (sandbox: {})",
+                "{:<8} {} {} (sandbox: yes)",
+                "",
                 q.path.display(),
-                q.version,
-                if q.sandbox { "yes" } else { "no" }
+                q.version
             ),
             Err(e) => {
                 ok = false;
-                println!("{arch:<8} MISSING: {e}");
+                println!("{:<8} MISSING: {e}", "");
             }
         }
     }
