@@ -64,7 +64,7 @@ pub struct TestArgs {
     #[arg(long, value_delimiter = ',')]
     pub arch: Vec<String>,
     /// Base image (recipe name). Default: runner.toml's, else the architecture's own
-    /// (debian-13; debian-12 for i386, mips64el, mipsel, ppc64el, s390x).
+    /// (debian-13; debian-12 for i386, mips64el, mipsel, ppc64el, s390x); "" means that too.
     #[arg(long)]
     pub image: Option<String>,
     /// Write a JUnit XML report here.
@@ -178,7 +178,7 @@ pub enum ImagesCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
         /// Recipe name: images/NAME.toml in this directory, else a built-in one.
-        /// Default: each architecture's own (debian-13, or debian-12 where trixie lacks it).
+        /// Default (or ""): each architecture's own (debian-13, or debian-12 where trixie lacks it).
         recipe: Option<String>,
         /// Debian mirror to use instead of the recipe's.
         #[arg(long, env = "RUNNER_DEBIAN_MIRROR")]
@@ -197,7 +197,7 @@ pub enum ImagesCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         arch: Vec<String>,
         /// Recipe name: images/NAME.toml in this directory, else a built-in one.
-        /// Default: each architecture's own (debian-13, or debian-12 where trixie lacks it).
+        /// Default (or ""): each architecture's own (debian-13, or debian-12 where trixie lacks it).
         recipe: Option<String>,
     },
     /// List cached images and whether they are intact.

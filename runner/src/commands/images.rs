@@ -17,19 +17,8 @@ pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32
             mirror,
             force,
             accel,
-        } => {
-            build(
-                store,
-                &arch,
-                recipe.as_deref(),
-                mirror,
-                force,
-                accel,
-                status,
-            )
-            .await
-        }
-        ImagesCommand::Key { arch, recipe } => key(&arch, recipe.as_deref(), status),
+        } => build(store, &arch, named(&recipe), mirror, force, accel, status).await,
+        ImagesCommand::Key { arch, recipe } => key(&arch, named(&recipe), status),
         ImagesCommand::List => list(store),
         ImagesCommand::Verify => verify(store),
     }
@@ -44,6 +33,12 @@ fn user_recipes() -> RecipeLookup {
             .map(RepositoryRecipes::Honoured)
             .unwrap_or(RepositoryRecipes::Refused),
     }
+}
+
+/// The recipe the user named; an empty name is "each architecture's default", so CI templates
+/// can pass an optional input through.
+fn named(recipe: &Option<String>) -> Option<&str> {
+    recipe.as_deref().filter(|r| !r.is_empty())
 }
 
 /// The architectures named on the command line, or the one-line reason one is unknown.

@@ -61,9 +61,11 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
             ));
         }
     }
+    // `--image ""` is "the default", so CI templates can pass an optional input through.
     let image = args
         .image
         .as_deref()
+        .filter(|i| !i.is_empty())
         .map(|i| {
             i.parse()
                 .map_err(|e: InvalidImageName| Refusal(format!("--image: {e}"), exit::USAGE))

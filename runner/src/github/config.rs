@@ -50,7 +50,7 @@ pub struct GithubConfig {
     #[serde(default = "default_protocols")]
     pub git_protocols: Vec<String>,
     /// Images a repository's runner.toml may name (built-in or in the serve config's
-    /// `recipe_dir`); default: only the built-in `debian-13`.
+    /// `recipe_dir`); default: the built-in ones (`debian-13`, `debian-12`).
     #[serde(default = "default_images")]
     pub allowed_images: Vec<engine::image::ImageName>,
     /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
@@ -59,7 +59,10 @@ pub struct GithubConfig {
 }
 
 fn default_images() -> Vec<engine::image::ImageName> {
-    vec!["debian-13".parse().expect("a valid image name")]
+    engine::image::recipe::BUILTIN_RECIPES
+        .iter()
+        .map(|(name, _)| name.parse().expect("a valid image name"))
+        .collect()
 }
 fn default_webhook_path() -> String {
     "/github/webhook".into()
@@ -222,7 +225,10 @@ mod tests {
 
     #[test]
     fn allowed_images_are_names() {
-        assert_eq!(parse("").allowed_images, vec!["debian-13".parse().unwrap()]);
+        assert_eq!(
+            parse("").allowed_images,
+            vec!["debian-13".parse().unwrap(), "debian-12".parse().unwrap()]
+        );
         let c = parse("allowed_images = [\"debian-13\", \"ci-heavy\"]");
         assert_eq!(c.allowed_images.len(), 2);
         // A path is never an image name: refused when the config is read.
