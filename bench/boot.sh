@@ -8,8 +8,8 @@
 #            vs. the floor booting the same kernel, initramfs and disk
 #
 # Usage: bench/boot.sh [--runs N] [--warmup N] [--mode both|resumed|cold] [--no-build] [ARCH...]
-#   ARCH      riscv64 aarch64 x86_64 (default: all three; those without a cached image are
-#             skipped with a message)
+#   ARCH      any of `runner doctor`'s (default: riscv64 aarch64 x86_64; `all` for every one;
+#             those without a cached image are skipped with a message)
 #   --runs    counted runs of each measure (default 5); the measures alternate
 #   --warmup  uncounted runs of each first (default 1; the first runner run saves the state)
 #   --mode    which start modes to measure (default both)
@@ -33,8 +33,8 @@ while [ $# -gt 0 ]; do
         --mode) mode=${2:?--mode needs both, resumed or cold}; shift 2 ;;
         --no-build) build=0; shift ;;
         -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        riscv64|aarch64|x86_64) arches+=("$1"); shift ;;
-        *) echo "boot.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+        -*) echo "boot.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+        *) arches+=("$1"); shift ;;
     esac
 done
 case $runs in ''|*[!0-9]*|0) echo "boot.sh: --runs must be a positive integer" >&2; exit 2 ;; esac
@@ -49,6 +49,14 @@ if [ "$build" = 1 ] && [ -z "${RUNNER:-}" ]; then
     (cd "$root" && cargo build --release -q -p runner)
 fi
 [ -x "$runner" ] || { echo "boot.sh: no runner binary at $runner" >&2; exit 1; }
+table_json=$("$runner" doctor --json)
+all_arches=$(python3 -c 'import json,sys; print(" ".join(r["name"] for r in json.loads(sys.argv[1])))' "$table_json")
+if [ "${arches[*]}" = all ]; then read -r -a arches <<<"$all_arches"; fi
+for a in "${arches[@]}"; do
+    case " $all_arches " in *" $a "*) ;; *) echo "boot.sh: unknown architecture '$a' (known: $all_arches)" >&2; exit 2 ;; esac
+done
+# vCPUs runner gives a default job on ARCH (2, or fewer where the machine boots with fewer).
+cpus_of() { python3 -c 'import json,sys; r=[r for r in json.loads(sys.argv[1]) if r["name"]==sys.argv[2]][0]; print(min(2, r["max_cpus"]))' "$table_json" "$1"; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/runner-bench.XXXXXX")
 child=
@@ -59,6 +67,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$work/cwd" # an empty cwd: no runner.toml is picked up
+echo "$table_json" >"$work/arches.json"
 
 now() { date +%s.%N; }
 
@@ -89,8 +98,8 @@ image_dir() {
     key=$("$runner" images key --arch "$1") || return 1
     [ -f "$cache/images/$key/rootfs.qcow2" ] && echo "$cache/images/$key"
 }
-# The state runner saved for this image with its default 2 vCPUs, 1024 MiB, TCG.
-state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-2c-1024m-qemu*/" meta.json ram.bin disk.qcow2; }
+# The state runner saved for this image (arch $2) with its default vCPUs, 1024 MiB, TCG.
+state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-$(cpus_of "$2")c-1024m-qemu*/" meta.json ram.bin disk.qcow2; }
 
 runner_args() { # mode arch
     echo test --arch "$2" --accel tcg
@@ -115,7 +124,7 @@ time_runner() {
 time_floor() {
     local out resume=()
     [ "$1" = resumed ] && resume=(--resume "$4")
-    if ! out=$(python3 "$here/floor.py" ${resume[@]+"${resume[@]}"} "$2" "$3" 2>"$work/floor.err"); then
+    if ! out=$(python3 "$here/floor.py" --table "$work/arches.json" ${resume[@]+"${resume[@]}"} "$2" "$3" 2>"$work/floor.err"); then
         echo "boot.sh: floor failed ($2, $1):" >&2; tail -n 20 "$work/floor.err" >&2; return 1
     fi
     grep '^floor ' "$work/floor.err" >>"$work/$2.$1.floor-phases" || true
@@ -160,18 +169,23 @@ qemu_version=$(qemu-system-riscv64 --version 2>/dev/null | head -n1 \
 
 table=()
 phases=()
+images=()
 for arch in "${arches[@]}"; do
     if ! img=$(image_dir "$arch"); then
         echo "boot.sh: skipping $arch: no cached image (runner images build --arch $arch)" >&2
         continue
     fi
     echo "boot.sh: $arch: $img; $warmup warm-up + $runs runs of each of: ${modes[*]}" >&2
+    images+=("$(python3 -c 'import json,sys
+m = json.load(open(sys.argv[1] + "/manifest.json"))
+size = sum(a["size"] for a in m["artifacts"].values()) / 2**20
+print(f"| {m[\"arch\"]} | {m[\"recipe\"]} ({m[\"distribution\"]}, kernel {m[\"kernel_version\"]}) | {m[\"build_seconds\"]:.0f} s | {size:.0f} MiB |")' "$img")")
     st=
     for m in "${modes[@]}"; do
         rm -f "$work/$arch.$m".*
         for ((i = 0; i < warmup; i++)); do
             time_runner "$m" "$arch" >/dev/null || continue 3
-            if [ "$m" = resumed ] && [ -z "$st" ] && ! st=$(state_dir "$img"); then
+            if [ "$m" = resumed ] && [ -z "$st" ] && ! st=$(state_dir "$img" "$arch"); then
                 echo "boot.sh: $arch: runner saved no state under $cache/states; skipping resumed" >&2
                 continue 2
             fi
@@ -179,10 +193,10 @@ for arch in "${arches[@]}"; do
         done
         rm -f "$work/$arch.$m".*
     done
-    if [ " ${modes[*]} " != " cold " ] && [ -z "$st" ] && ! st=$(state_dir "$img"); then
+    if [ " ${modes[*]} " != " cold " ] && [ -z "$st" ] && ! st=$(state_dir "$img" "$arch"); then
         # --warmup 0 and no state yet: one uncounted runner run saves it
         time_runner resumed "$arch" >/dev/null || continue
-        st=$(state_dir "$img") || { echo "boot.sh: $arch: no saved state; skipping" >&2; continue; }
+        st=$(state_dir "$img" "$arch") || { echo "boot.sh: $arch: no saved state; skipping" >&2; continue; }
         rm -f "$work/$arch.resumed".*
     fi
     for ((i = 1; i <= runs; i++)); do
@@ -218,3 +232,9 @@ echo
 echo "| arch, start mode | floor: state loaded | floor: agent answers | floor: \`true\` exited | floor: QEMU exited | runner: reported start | floor QEMU max RSS |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${phases[@]}"
+echo
+echo "The images (build time as recorded when each was built, on whatever else the machine was doing then; size = kernel + initramfs + compressed root disk):"
+echo
+echo "| arch | image | build time | size |"
+echo "| --- | --- | --- | --- |"
+printf '%s\n' "${images[@]}"

@@ -13,7 +13,10 @@ its disk.qcow2, QEMU with the same arguments plus `-incoming defer`, QMP
 `migrate-incoming` of its ram.bin (mapped-ram), `cont`, then the same agent handshake,
 `true` and quit. (runner's clock and RNG refresh after a resume is not in this floor.)
 
-Usage: floor.py [--cpus N] [--memory MIB] [--timeout S] [--resume STATE_DIR] ARCH IMAGE_DIR
+Usage: floor.py --table JSON [--cpus N] [--memory MIB] [--timeout S] [--resume STATE_DIR] ARCH IMAGE_DIR
+
+--table is the output of `runner doctor --json`: the machine, CPU, console, kernel command line
+and virtio bus of each architecture, so the floor starts exactly the QEMU runner starts.
 
 stdout: one line, the elapsed seconds.
 stderr: one line of phases: `floor ARCH agent=S true=S exit=S qemu_maxrss_kib=K`
@@ -35,10 +38,8 @@ import sys
 import tempfile
 import time
 
-# Mirrors engine/src/qemu/spec.rs (machine(), cpu_model(), kernel_cmdline(), argv()).
-MACHINE = {"riscv64": "virt", "aarch64": "virt", "x86_64": "q35"}
-CPU = {"riscv64": "rv64", "aarch64": "max,pauth-impdef=on", "x86_64": "max"}
-CONSOLE = {"riscv64": "ttyS0", "aarch64": "ttyAMA0", "x86_64": "ttyS0"}
+# The argument vector mirrors engine/src/qemu/spec.rs argv(); the per-arch values come from
+# `runner doctor --json` (engine/src/arch.rs), never from a copy here.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 AGENT_PORT = "org.qemu.guest_agent.0"
 OUTPUT_PORT = "org.runner.output.0"
@@ -61,21 +62,22 @@ def esc(path):
     return path.replace(",", ",,")
 
 
-def qemu_argv(binary, arch, image, d, cpus, memory, sandbox):
+def qemu_argv(binary, row, image, d, cpus, memory, sandbox):
+    bus = row["virtio_bus"]
     a = [binary, "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-         "-name", "runner-floor", "-machine", MACHINE[arch], "-accel", "tcg,thread=multi",
-         "-cpu", CPU[arch], "-smp", str(cpus), "-m", f"{memory}M"]
+         "-name", "runner-floor", "-machine", row["machine"], "-accel", "tcg,thread=multi",
+         "-cpu", row["cpu_tcg"], "-smp", str(cpus), "-m", f"{memory}M"]
     if sandbox:
         a += ["-sandbox", SANDBOX]
     a += ["-kernel", os.path.join(image, "kernel"),
           "-initrd", os.path.join(image, "initrd.cpio"),
-          "-append", f"console={CONSOLE[arch]} panic=-1 quiet loglevel=3 rdinit=/init",
+          "-append", row["kernel_cmdline"],
           "-serial", "stdio",
           "-drive", "if=none,id=root,discard=unmap,cache=unsafe,format=qcow2,file="
           + esc(os.path.join(d, "overlay.qcow2")),
-          "-device", "virtio-blk-pci,drive=root",
+          "-device", f"virtio-blk-{bus},drive=root",
           "-qmp", f"unix:{esc(os.path.join(d, 'qmp.sock'))},server=on,wait=off",
-          "-device", "virtio-serial-pci,id=vser0"]
+          "-device", f"virtio-serial-{bus},id=vser0"]
     for cid, sock, port in (("agent0", "agent.sock", AGENT_PORT),
                             ("output0", "output.sock", OUTPUT_PORT)):
         a += ["-chardev",
@@ -170,10 +172,23 @@ def reap(proc, until):
         time.sleep(0.002)
 
 
+def arch_row(table_path, arch):
+    """The row of `runner doctor --json` for `arch`."""
+    with open(table_path) as f:
+        rows = json.load(f)
+    for row in rows:
+        if row["name"] == arch:
+            return row
+    raise Failed(f"{arch} is not in {table_path} ({', '.join(r['name'] for r in rows)})")
+
+
 def run(args, d):
-    binary = shutil.which(f"qemu-system-{args.arch}")
+    row = arch_row(args.table, args.arch)
+    binary = shutil.which(row["qemu_binary"])
     if not binary:
-        raise Failed(f"qemu-system-{args.arch} not found")
+        raise Failed(f"{row['qemu_binary']} not found")
+    # runner cuts vCPUs to what the machine boots with (malta: 1); so does the floor.
+    args.cpus = min(args.cpus, row["max_cpus"])
     base = os.path.join(args.image, "rootfs.qcow2")
     for f in ("kernel", "initrd.cpio", "rootfs.qcow2"):
         if not os.path.isfile(os.path.join(args.image, f)):
@@ -186,7 +201,7 @@ def run(args, d):
         base = os.path.join(args.resume, "disk.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base,
                     os.path.join(d, "overlay.qcow2")], check=True, stdin=subprocess.DEVNULL)
-    argv = qemu_argv(binary, args.arch, args.image, d, args.cpus, args.memory,
+    argv = qemu_argv(binary, row, args.image, d, args.cpus, args.memory,
                      has_sandbox(binary))
     if args.resume:
         argv += ["-incoming", "defer"]
@@ -282,7 +297,8 @@ def run(args, d):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("arch", choices=sorted(MACHINE))
+    p.add_argument("arch")
+    p.add_argument("--table", required=True, help="the output of `runner doctor --json`")
     p.add_argument("image", help="image directory (kernel, initrd.cpio, rootfs.qcow2)")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", type=int, default=1024, help="MiB")

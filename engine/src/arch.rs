@@ -305,7 +305,8 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_package: "linux-image-4kc-malta",
         bus: VirtioBus::Pci,
         max_cpus: 1,
-        max_memory_mib: 2048,
+        // The 4kc-malta kernel has no highmem: it uses the first 256 MiB whatever QEMU gives.
+        max_memory_mib: 256,
         distributions: BOOKWORM,
         default_image: "debian-12",
         saved_states: true,

@@ -28,8 +28,13 @@ pub enum Command {
     /// Build, list and verify base images.
     #[command(subcommand)]
     Images(ImagesCommand),
-    /// Check this host: QEMU per architecture, KVM, the image cache.
-    Doctor,
+    /// Check this host: every architecture (machine, image, saved states) with its QEMU, KVM,
+    /// the image cache.
+    Doctor {
+        /// Print only the architecture table, as JSON (for scripts), and check nothing.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run suites × architectures × images in parallel and report what regressed.
     Matrix(MatrixArgs),
     /// Run as a service: a GitLab runner and/or a GitHub App, jobs in fresh VMs.

@@ -70,7 +70,8 @@ async fn run(cli: Cli) -> i32 {
             commands::serve::run(&args.config, settings(args.accel, true, containment)).await
         }
         Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
-        Command::Doctor => commands::doctor::run(&store).await,
+        Command::Doctor { json: true } => commands::doctor::arch_table_json(),
+        Command::Doctor { json: false } => commands::doctor::run(&store).await,
     }
 }
 

@@ -7,6 +7,38 @@ use engine::Arch;
 
 use crate::exit;
 
+/// `runner doctor --json`: the architecture table, one object per arch, for scripts (the
+/// benchmark's bare-QEMU floor builds its command line from it).
+pub fn arch_table_json() -> i32 {
+    let rows: Vec<serde_json::Value> = Arch::ALL
+        .iter()
+        .map(|&arch| {
+            let i = arch.info();
+            serde_json::json!({
+                "name": i.name,
+                "debian": i.debian,
+                "uname": i.uname,
+                "bits": i.bits,
+                "big_endian": i.endian == engine::arch::Endian::Big,
+                "qemu_binary": i.qemu_binary,
+                "machine": i.machine,
+                "cpu_tcg": i.cpu_tcg,
+                "console": i.console,
+                "kernel_cmdline": engine::qemu::spec::kernel_cmdline(arch),
+                "virtio_bus": i.bus.suffix(),
+                "max_cpus": i.max_cpus,
+                "max_memory_mib": i.max_memory_mib,
+                "default_image": i.default_image,
+                "images": arch.images(),
+                "saved_states": i.saved_states,
+                "note": i.note,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::Value::Array(rows));
+    exit::SUCCESS
+}
+
 pub async fn run(store: &ImageStore) -> i32 {
     let mut ok = true;
     println!(
