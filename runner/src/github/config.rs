@@ -141,6 +141,13 @@ impl GithubConfig {
 
     /// The validated `[github.limits]`.
     pub fn limits(&self) -> Result<Limits, String> {
+        let gitlab_only = self.limits.gitlab_only_keys();
+        if !gitlab_only.is_empty() {
+            return Err(format!(
+                "[github.limits] {} apply only to [runners.limits] (GitLab jobs)",
+                gitlab_only.join(", ")
+            ));
+        }
         self.limits.validate("[github.limits]")
     }
 

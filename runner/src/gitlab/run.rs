@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use super::artifacts::upload_results;
+use super::dependencies;
 use super::entry::EntryContext;
 use super::job::{self, Job, JobHandle};
 use super::prepare::prepare;
@@ -202,6 +203,8 @@ async fn execute(
 
     // Sources, on the host.
     let mut fetch_guard = None;
+    // The host directory that becomes the guest's workspace, if any.
+    let mut root: Option<PathBuf> = None;
     if let Some(mut checkout) = prepared.checkout.take() {
         let (dest, guard) = checkout_dir(ectx, &job, &checkout, work.path());
         if guard.is_none() && checkout.strategy == GitStrategy::Fetch {
@@ -223,29 +226,7 @@ async fn execute(
                     say("\n");
                 }
                 say(&format!("Checked out {}\n", sources::short(&done.sha)));
-                // The sources are packed in memory for the guest: the operator's cap first.
-                let cap = entry.limits.max_workspace;
-                match sources::tree_size(&checkout.dest) {
-                    Ok(size) if size > cap => {
-                        let over = crate::serve::OverLimit {
-                            what: "the job's sources".into(),
-                            asked: crate::serve::limits::size_text(size),
-                            key: "max_workspace_size",
-                            cap: crate::serve::limits::size_text(cap),
-                            fix: "use a shallower GIT_DEPTH or GIT_STRATEGY none, or ask the runner's operator to raise the limit",
-                        };
-                        tracing::warn!("job refused: {over}");
-                        say(&format!("\x1b[31;1mERROR: {over}\x1b[0;m\n"));
-                        return failed("script_failure", None);
-                    }
-                    // Unreadable: packing reports it (as the host's problem).
-                    _ => {}
-                }
-                prepared.plan.workspace = Some(WorkspacePlan {
-                    root: checkout.dest.clone(),
-                    exclude: Vec::new(),
-                    max_size: cap,
-                });
+                root = Some(checkout.dest.clone());
             }
             Err(e) => {
                 let msg = sources::redact(&crate::outcome::chain(&e));
@@ -262,6 +243,88 @@ async fn execute(
             }
         }
         say(&format!("section_end:{}:get_sources\r\x1b[0K", unix_now()));
+    }
+
+    // Artifacts of earlier jobs, into the workspace (after the checkout, as gitlab-runner).
+    if job.dependencies.iter().any(|d| d.artifacts_file.is_some()) {
+        let root = root.get_or_insert_with(|| work.path().join("src"));
+        if let Err(e) = std::fs::create_dir_all(&*root) {
+            say(&format!(
+                "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
+                root.display()
+            ));
+            return failed("runner_system_failure", None);
+        }
+        say(&format!(
+            "section_start:{}:download_artifacts\r\x1b[0K\x1b[36;1mDownloading artifacts\x1b[0;m\n",
+            unix_now()
+        ));
+        let caps = dependencies::Caps {
+            download: entry.limits.max_dependencies,
+            unpacked: entry.limits.max_workspace,
+        };
+        let restore = dependencies::restore(
+            &ectx.client,
+            &job.dependencies,
+            root,
+            work.path(),
+            caps,
+            &say,
+        );
+        let mut cancelled = cancel.clone();
+        let result = tokio::select! {
+            r = restore => r,
+            _ = cancelled.wait_for(|c| *c) => {
+                say("\x1b[31;1mERROR: cancelled while downloading artifacts\x1b[0;m\n");
+                return failed("runner_system_failure", None);
+            }
+        };
+        if let Err(e) = result {
+            let msg = crate::outcome::chain(&e);
+            tracing::warn!("job refused: {msg}");
+            say(&format!("\x1b[31;1mERROR: {msg}\x1b[0;m\n"));
+            let reason = if e.is_job_fault() {
+                "script_failure"
+            } else {
+                "runner_system_failure"
+            };
+            return failed(reason, None);
+        }
+        say(&format!(
+            "section_end:{}:download_artifacts\r\x1b[0K",
+            unix_now()
+        ));
+    }
+
+    // The workspace is packed in memory for the guest: the operator's cap first.
+    if let Some(root) = root {
+        let cap = entry.limits.max_workspace;
+        match sources::tree_size(&root) {
+            Ok(size) if size > cap => {
+                let what = if job.dependencies.is_empty() {
+                    "the job's sources"
+                } else {
+                    "the job's sources and dependencies' artifacts"
+                };
+                let over = crate::serve::OverLimit {
+                    what: what.into(),
+                    asked: crate::serve::limits::size_text(size),
+                    key: "max_workspace_size",
+                    cap: crate::serve::limits::size_text(cap),
+                    fix: "use a shallower GIT_DEPTH or GIT_STRATEGY none, or ask the runner's operator to raise the limit",
+                };
+                tracing::warn!("job refused: {over}");
+                say(&format!("\x1b[31;1mERROR: {over}\x1b[0;m\n"));
+                return failed("script_failure", None);
+            }
+            // Unreadable: packing reports it (as the host's problem).
+            _ => {}
+        }
+        prepared.plan.workspace = Some(WorkspacePlan {
+            root,
+            exclude: Vec::new(),
+            max_size: cap,
+        });
     }
 
     // The run.
