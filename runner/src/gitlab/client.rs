@@ -103,7 +103,8 @@ pub fn runner_info(name: &str, arch: &str) -> Value {
 pub fn features() -> Value {
     json!({
         "variables": true,
-        "image": false,
+        // `image:` picks the VM (see `prepare::parse_image`); `services:` are refused.
+        "image": true,
         "services": false,
         "artifacts": true,
         "cache": false,
@@ -404,12 +405,12 @@ mod tests {
             "cancel_gracefully",
             "return_exit_code",
             "multi_build_steps",
+            "image",
         ] {
             assert_eq!(f[on], true, "{on}");
         }
         for off in [
             "two_phase_job_commit",
-            "image",
             "services",
             "cache",
             "artifacts_exclude",

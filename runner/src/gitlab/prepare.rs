@@ -1,5 +1,6 @@
-//! A GitLab job becomes a `SuitePlan`: architecture and image (the entry's, or the
-//! `RUNNER_ARCH`/`RUNNER_IMAGE` variables within what the entry allows), variables (expanded
+//! A GitLab job becomes a `SuitePlan`: architecture and image (the entry's, or the job's
+//! `image:` and `RUNNER_ARCH`/`RUNNER_IMAGE` within what the entry allows; `services:`
+//! refused), variables (expanded
 //! unless raw; file variables as guest files), steps (bash scripts with GitLab's `when` and
 //! timeouts), JUnit and archive artifact paths, and the host-side checkout. Everything wrong
 //! with a job is found here, before any VM starts, as one line for its log.
@@ -42,8 +43,7 @@ pub struct Prepared {
 /// Validates the job against the entry and builds its plan. Errors are the job's fault
 /// (one line for its log).
 pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result<Prepared, String> {
-    let arch = choose_arch(entry, job)?;
-    let image = choose_image(entry, job)?;
+    let (arch, image) = choose_vm(entry, job)?;
     let limits = &entry.limits;
     let timeout = Duration::from_secs(job.runner_info.timeout.max(1));
     limits
@@ -92,39 +92,114 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     })
 }
 
-/// The entry's architecture, or `RUNNER_ARCH` when the entry allows it.
-fn choose_arch(entry: &RunnerEntry, job: &Job) -> Result<engine::Arch, String> {
-    let Some(name) = job.var(ARCH_VARIABLE).filter(|v| !v.is_empty()) else {
-        return Ok(entry.arch);
+/// What a job's `image:` names: an architecture, an image, or both (`ARCH/IMAGE`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageChoice {
+    pub arch: Option<engine::Arch>,
+    pub image: Option<engine::image::ImageName>,
+}
+
+/// Parses `image:` — `riscv64`, `debian-13` or `riscv64/debian-13` (an architecture name
+/// wins over an image of the same name). Architecture names are the engine's, so new guest
+/// architectures work here as soon as the engine knows them.
+pub fn parse_image(name: &str) -> Result<ImageChoice, String> {
+    let name = name.trim();
+    let malformed = || {
+        format!(
+            "image '{}' is not ARCH, IMAGE or ARCH/IMAGE (e.g. riscv64/debian-13): this runner starts VMs of its own images, not container images",
+            name.chars().take(200).collect::<String>()
+        )
+    };
+    let image = |s: &str| {
+        s.parse::<engine::image::ImageName>()
+            .map_err(|_| malformed())
+    };
+    match name.split('/').collect::<Vec<_>>()[..] {
+        [""] => Ok(ImageChoice::default()),
+        [one] => Ok(match one.parse::<engine::Arch>() {
+            Ok(arch) => ImageChoice {
+                arch: Some(arch),
+                image: None,
+            },
+            Err(_) => ImageChoice {
+                arch: None,
+                image: Some(image(one)?),
+            },
+        }),
+        [arch, img] => Ok(ImageChoice {
+            arch: Some(
+                arch.parse()
+                    .map_err(|e: engine::arch::UnknownArch| format!("image '{name}': {e}"))?,
+            ),
+            image: Some(image(img)?),
+        }),
+        _ => Err(malformed()),
+    }
+}
+
+/// The job's VM: the entry's default architecture and image, replaced by what `image:` names,
+/// each part replaced again by `RUNNER_ARCH`/`RUNNER_IMAGE` when set (a pipeline variable can
+/// re-target a job without editing it); whatever is picked must be allowed by the entry.
+fn choose_vm(entry: &RunnerEntry, job: &Job) -> Result<(engine::Arch, String), String> {
+    if let Some(names) = services(job) {
+        return Err(format!(
+            "services: ({names}) are not supported by this runner: each job runs alone in one VM; remove `services:` from the job (or from `default:`) and start what the tests need in the script"
+        ));
+    }
+    let image_name = job.image.as_ref().map(|i| i.name.trim()).unwrap_or("");
+    let from_image = parse_image(image_name)?;
+    let var = |key: &str| job.var(key).filter(|v| !v.is_empty());
+    let (arch, arch_source) = match var(ARCH_VARIABLE) {
+        Some(v) => (
+            v.parse::<engine::Arch>()
+                .map_err(|e: engine::arch::UnknownArch| e.to_string())?,
+            format!("{ARCH_VARIABLE}={v}"),
+        ),
+        None => match from_image.arch {
+            Some(a) => (a, format!("image '{image_name}' (architecture {a})")),
+            None => (entry.arch, String::new()),
+        },
+    };
+    let (image, image_source) = match var(IMAGE_VARIABLE) {
+        Some(v) => (v.to_string(), format!("{IMAGE_VARIABLE}={v}")),
+        None => match &from_image.image {
+            Some(i) => (i.to_string(), format!("image '{image_name}'")),
+            None => (entry.image.clone(), String::new()),
+        },
     };
     let allowed = entry.arches();
-    let arch: engine::Arch = name
-        .parse()
-        .map_err(|e: engine::arch::UnknownArch| e.to_string())?;
     if !allowed.contains(&arch) {
         return Err(format!(
-            "{ARCH_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
+            "{arch_source} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
             entry.name,
             allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok(arch)
-}
-
-/// The entry's image, or `RUNNER_IMAGE` when the entry allows it.
-fn choose_image(entry: &RunnerEntry, job: &Job) -> Result<String, String> {
-    let Some(name) = job.var(IMAGE_VARIABLE).filter(|v| !v.is_empty()) else {
-        return Ok(entry.image.clone());
-    };
     let allowed = entry.images();
-    if !allowed.iter().any(|i| i == name) {
+    if !allowed.contains(&image) {
         return Err(format!(
-            "{IMAGE_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_images",
+            "{image_source} is not allowed on runner '{}' (allowed images: {}); pick one of those or add it to allowed_images",
             entry.name,
             allowed.join(", ")
         ));
     }
-    Ok(name.to_string())
+    Ok((arch, image))
+}
+
+/// The names of the job's services, if it has any.
+fn services(job: &Job) -> Option<String> {
+    let names: Vec<&str> = job
+        .services
+        .iter()
+        .map(|s| {
+            if s.name.is_empty() {
+                "?"
+            } else {
+                s.name.as_str()
+            }
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
 }
 
 /// The steps' environment: the job's variables (expanded unless raw; file variables become
@@ -427,5 +502,122 @@ mod tests {
         let mut j = job(r#"{"key":"GIT_STRATEGY","value":"none"}"#);
         j.git_info.sha = "main".into();
         assert!(prepare(&entry(), &j, dir.path()).is_ok());
+    }
+
+    #[test]
+    fn image_names_an_architecture_an_image_or_both() {
+        let img = |s: &str| Some(s.parse::<engine::image::ImageName>().unwrap());
+        // (image:, arch, image)
+        let cases = [
+            ("", None, None),
+            ("riscv64", Some(engine::Arch::Riscv64), None),
+            ("arm64", Some(engine::Arch::Aarch64), None), // Debian's name too
+            ("debian-13", None, img("debian-13")),
+            (
+                " x86_64/debian-12 ",
+                Some(engine::Arch::X86_64),
+                img("debian-12"),
+            ),
+        ];
+        for (name, arch, image) in cases {
+            assert_eq!(
+                parse_image(name).unwrap(),
+                ImageChoice { arch, image },
+                "{name}"
+            );
+        }
+        // (image:, message part)
+        let bad = [
+            ("debian:trixie", "is not ARCH, IMAGE or ARCH/IMAGE"),
+            ("registry.example.com/group/image:1", "not container images"),
+            ("mips/debian-13", "mips"),
+            ("riscv64/", "is not ARCH, IMAGE or ARCH/IMAGE"),
+            ("riscv64/../x", "is not ARCH, IMAGE or ARCH/IMAGE"),
+        ];
+        for (name, want) in bad {
+            let e = parse_image(name).unwrap_err();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn image_and_variables_pick_the_vm_within_what_the_entry_allows() {
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\nimage='debian-13'\nallowed_arches=['aarch64']\nallowed_images=['debian-12']\n",
+        )
+        .unwrap();
+        let entry = &cfg.runners[0];
+        let with = |image: Option<&str>, vars: &str| {
+            let mut j = job(vars);
+            j.image = image.map(|name| job::Image { name: name.into() });
+            choose_vm(entry, &j)
+        };
+        let ok = |image: Option<&str>, vars: &str| with(image, vars).unwrap();
+        let (rv, aa) = (engine::Arch::Riscv64, engine::Arch::Aarch64);
+        // (image:, variables, chosen)
+        let cases = [
+            (None, "", (rv, "debian-13")),
+            (Some(""), "", (rv, "debian-13")),
+            (Some("aarch64"), "", (aa, "debian-13")),
+            (Some("debian-12"), "", (rv, "debian-12")),
+            (Some("aarch64/debian-12"), "", (aa, "debian-12")),
+            // The variables win over image:, each for its own part.
+            (
+                Some("aarch64/debian-12"),
+                r#"{"key":"RUNNER_ARCH","value":"riscv64"}"#,
+                (rv, "debian-12"),
+            ),
+            (
+                Some("aarch64"),
+                r#"{"key":"RUNNER_IMAGE","value":"debian-12"}"#,
+                (aa, "debian-12"),
+            ),
+        ];
+        for (image, vars, (arch, img)) in cases {
+            assert_eq!(ok(image, vars), (arch, img.to_string()), "{image:?} {vars}");
+        }
+        // (image:, variables, message)
+        let refused = [
+            (
+                Some("x86_64"),
+                "",
+                "image 'x86_64' (architecture x86_64) is not allowed on runner 'r' (allowed: riscv64, aarch64)",
+            ),
+            (
+                Some("riscv64/debian-11"),
+                "",
+                "image 'riscv64/debian-11' is not allowed on runner 'r' (allowed images: debian-13, debian-12); pick one",
+            ),
+            (
+                Some("riscv64"),
+                r#"{"key":"RUNNER_ARCH","value":"x86_64"}"#,
+                "RUNNER_ARCH=x86_64 is not allowed",
+            ),
+            (Some("ubuntu:24.04"), "", "image 'ubuntu:24.04' is not ARCH, IMAGE"),
+        ];
+        for (image, vars, want) in refused {
+            let e = with(image, vars).unwrap_err();
+            assert!(e.starts_with(want), "{image:?} {vars}: {e}");
+        }
+    }
+
+    #[test]
+    fn services_are_refused_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("");
+        j.services = vec![
+            job::Service {
+                name: "postgres:16".into(),
+            },
+            job::Service {
+                name: "redis".into(),
+            },
+        ];
+        let e = prepare(&entry(), &j, dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("services: (postgres:16, redis) are not supported by this runner"),
+            "{e}"
+        );
     }
 }
