@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::fake_gitlab::{job_payload, FakeGitlab, JobRecord};
+use e2e::fake_gitlab::{job_payload, zip_of, DependencyArtifact, FakeGitlab, JobRecord};
 use e2e::{private_cache, qemu_processes_using, runner_bin};
 use serde_json::json;
 
@@ -975,5 +975,227 @@ fn final_update_412_resends_the_whole_log_once_and_202_is_asked_again_after_the_
     assert_eq!(gl.violations(), Vec::<String>::new());
     serve.signal("TERM");
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+/// A dependency entry of a job payload, as GitLab sends it.
+fn dependency(id: u64, name: &str, size: usize) -> serde_json::Value {
+    json!({"id": id, "name": name, "token": format!("deptoken-{id}-secret"),
+           "artifacts_file": {"filename": "artifacts.zip", "size": size}})
+}
+
+#[test]
+fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    // Stage 1's artifacts: a script that runs on the guest and a data file.
+    let zip = zip_of(&[
+        (
+            "bin/hello.sh",
+            b"#!/bin/sh\necho \"hello from $(uname -m)\"\n",
+            0o755,
+        ),
+        ("data/message.txt", b"built in stage 1\n", 0o644),
+    ]);
+    gl.with(|s| {
+        s.dependency_artifacts.insert(
+            950,
+            DependencyArtifact {
+                token: "deptoken-950-secret".into(),
+                zip: zip.clone(),
+                unavailable: 2,
+                redirect: true,
+                ..Default::default()
+            },
+        )
+    });
+    let mut job = job_payload(
+        951,
+        &["./bin/hello.sh", "cat data/message.txt"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    );
+    job["image"] = json!({"name": "riscv64/debian-13"});
+    // A dependency without artifacts is not asked for.
+    job["dependencies"] = json!([
+        {"id": 949, "name": "lint", "token": "deptoken-949-secret", "artifacts_file": null},
+        dependency(950, "build", zip.len()),
+    ]);
+    gl.enqueue(job);
+    let j = gl.wait_final(951, JOB_DEADLINE);
+    let log = trace(&j);
+    assert_eq!(j.final_update.unwrap()["state"], "success", "{log}");
+    assert!(log.contains("hello from riscv64"), "{log}");
+    assert!(log.contains("built in stage 1"), "{log}");
+    assert!(log.contains("Using debian-13 on riscv64"), "{log}");
+    assert!(!log.contains("deptoken-950-secret"), "{log}");
+    // Two 503s retried, then GitLab's 307 followed to the storage.
+    let downloads = gl.with(|s| s.downloads.clone());
+    let seen: Vec<(u64, &str, u16)> = downloads
+        .iter()
+        .map(|d| (d.id, d.path.as_str(), d.status))
+        .collect();
+    let api = "/api/v4/jobs/950/artifacts";
+    assert_eq!(
+        seen,
+        [
+            (950, api, 503),
+            (950, api, 503),
+            (950, api, 307),
+            (950, "/storage/950", 200)
+        ]
+    );
+    assert!(downloads
+        .iter()
+        .all(|d| d.job_token.as_deref() == Some("deptoken-950-secret")));
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn bad_dependencies_images_and_services_fail_the_job_naming_them_without_a_vm() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}[runners.limits]\nmax_dependencies_size = \"64K\"\n",
+        config(&gl.url)
+    );
+    let serve = Serve::start(cache.path(), &cfg);
+    // Where a `../` entry would land if it were written (the job's directory is in /tmp).
+    let outside = tempfile::tempdir().unwrap();
+    let escape = format!(
+        "../../../../../../../..{}/escaped.txt",
+        outside.path().display()
+    );
+    // Incompressible (xorshift), so that the download itself is over 64K.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let artifacts = [
+        // (dependency job, status, archive)
+        (960, Some(404), zip_of(&[("a", b"a", 0o644)])),
+        (961, Some(403), zip_of(&[("a", b"a", 0o644)])),
+        (
+            962,
+            None,
+            zip_of(&[
+                ("ok.txt", b"fine", 0o644),
+                (escape.as_str(), b"pwned", 0o644),
+            ]),
+        ),
+        (963, None, zip_of(&[("noise.bin", &noise, 0o644)])),
+        (964, Some(502), zip_of(&[("a", b"a", 0o644)])),
+    ];
+    gl.with(|s| {
+        for (id, status, zip) in &artifacts {
+            s.dependency_artifacts.insert(
+                *id,
+                DependencyArtifact {
+                    token: format!("deptoken-{id}-secret"),
+                    zip: zip.clone(),
+                    status: *status,
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    let failed_with = |id: u64, reason: &str, want: &str| {
+        let j = gl.wait_final(id, Duration::from_secs(90));
+        let log = trace(&j);
+        let fin = j.final_update.clone().unwrap();
+        assert_eq!(fin["state"], "failed", "{id}: {log}");
+        assert_eq!(fin["failure_reason"], reason, "{id}: {log}");
+        assert!(log.contains(want), "{id}: no '{want}' in:\n{log}");
+        assert!(
+            !log.contains("Starting a"),
+            "{id}: a VM was started:\n{log}"
+        );
+    };
+    let job_needing = |id: u64, dep: u64, name: &str| {
+        let mut job = job_payload(id, &["true"], &[], &[("GIT_STRATEGY", "none", false)], 600);
+        job["dependencies"] = json!([dependency(dep, name, 100)]);
+        job
+    };
+    // (job, dependency, its name, failure_reason, message)
+    let cases = [
+        (
+            970,
+            960,
+            "build",
+            "script_failure",
+            "the artifacts of dependency 'build' (job 960) are not found (404)",
+        ),
+        (
+            971,
+            961,
+            "build-b",
+            "script_failure",
+            "GitLab refused the artifacts of dependency 'build-b' (job 961) (403)",
+        ),
+        (
+            972,
+            962,
+            "evil",
+            "script_failure",
+            "the artifacts of dependency 'evil' (job 962) cannot be unpacked: entry '../../",
+        ),
+        (
+            973,
+            963,
+            "big",
+            "script_failure",
+            "over this runner's limit max_dependencies_size = 64K",
+        ),
+        (
+            974,
+            964,
+            "flaky",
+            "runner_system_failure",
+            "dependency 'flaky' (job 964) failed: 502 replies 5 times",
+        ),
+    ];
+    for (id, dep, name, reason, want) in cases {
+        gl.enqueue(job_needing(id, dep, name));
+        failed_with(id, reason, want);
+    }
+    assert!(!outside.path().join("escaped.txt").exists());
+    let retried = gl.with(|s| s.downloads.iter().filter(|d| d.id == 964).count());
+    assert_eq!(retried, 5, "502s are retried a bounded number of times");
+
+    // image: and services: refused before anything starts.
+    let mut job = job_payload(975, &["true"], &[], &[], 600);
+    job["image"] = json!({"name": "x86_64"});
+    gl.enqueue(job);
+    failed_with(
+        975,
+        "script_failure",
+        "image 'x86_64' (architecture x86_64) is not allowed on runner 'riscv64-emu' (allowed: riscv64)",
+    );
+    let mut job = job_payload(976, &["true"], &[], &[], 600);
+    job["image"] = json!({"name": "rust:1.80", "entrypoint": [""]});
+    gl.enqueue(job);
+    failed_with(
+        976,
+        "script_failure",
+        "image 'rust:1.80' is not ARCH, IMAGE or ARCH/IMAGE",
+    );
+    let mut job = job_payload(977, &["true"], &[], &[], 600);
+    job["services"] = json!([{"name": "postgres:16", "alias": "db"}]);
+    gl.enqueue(job);
+    failed_with(
+        977,
+        "script_failure",
+        "services: (postgres:16) are not supported by this runner",
+    );
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    drop(serve);
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }

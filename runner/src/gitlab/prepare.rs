@@ -49,7 +49,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     limits
         .check_timeout("the job's timeout", timeout)
         .map_err(|e| e.to_string())?;
-    let (env, files) = environment(job, arch);
+    let (env, files) = environment(job, arch, &image);
     let steps = steps(job, &env, timeout, limits)?;
     let artifacts = ArtifactPaths::of(job)?;
     let checkout = checkout(entry, job, work)?;
@@ -203,8 +203,13 @@ fn services(job: &Job) -> Option<String> {
 }
 
 /// The steps' environment: the job's variables (expanded unless raw; file variables become
-/// guest files whose path is the value), then what gitlab-runner itself adds.
-fn environment(job: &Job, arch: engine::Arch) -> (Vec<(String, String)>, Vec<GuestFile>) {
+/// guest files whose path is the value), then what gitlab-runner itself adds, and the VM's
+/// `RUNNER_ARCH`/`RUNNER_IMAGE` (canonical names, after the job's own).
+fn environment(
+    job: &Job,
+    arch: engine::Arch,
+    image: &str,
+) -> (Vec<(String, String)>, Vec<GuestFile>) {
     let raw: HashMap<String, String> = job
         .variables
         .iter()
@@ -233,6 +238,9 @@ fn environment(job: &Job, arch: engine::Arch) -> (Vec<(String, String)>, Vec<Gue
         ("GITLAB_CI", "true"),
         ("CI", "true"),
         ("CI_RUNNER_EXECUTABLE_ARCH", arch.name()),
+        // The VM the job got, however it was picked (as `runner test` sets them).
+        (ARCH_VARIABLE, arch.name()),
+        (IMAGE_VARIABLE, image),
     ] {
         env.push((k.to_string(), val.to_string()));
     }
@@ -430,6 +438,15 @@ mod tests {
         assert_eq!(get("R"), Some("x$A"));
         assert_eq!(get("F"), Some("/tmp/runner-job/variables/F"));
         assert_eq!(get("CI_PROJECT_DIR"), Some("/workspace"));
+        // The chosen VM, last (so it wins over the job's own spelling).
+        let last = |k: &str| {
+            env.iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(last("RUNNER_ARCH"), Some("aarch64"));
+        assert_eq!(last("RUNNER_IMAGE"), Some("debian-13"));
         assert_eq!(p.plan.files[0].contents, b"file body");
         assert_eq!(p.plan.steps[1].when, StepWhen::Always);
         assert!(p.plan.steps[1].allow_failure);
