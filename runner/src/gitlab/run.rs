@@ -246,54 +246,10 @@ async fn execute(
     }
 
     // Artifacts of earlier jobs, into the workspace (after the checkout, as gitlab-runner).
-    if job.dependencies.iter().any(|d| d.artifacts_file.is_some()) {
-        let root = root.get_or_insert_with(|| work.path().join("src"));
-        if let Err(e) = std::fs::create_dir_all(&*root) {
-            say(&format!(
-                "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
-                root.display()
-            ));
-            return failed("runner_system_failure", None);
-        }
-        say(&format!(
-            "section_start:{}:download_artifacts\r\x1b[0K\x1b[36;1mDownloading artifacts\x1b[0;m\n",
-            unix_now()
-        ));
-        let caps = dependencies::Caps {
-            download: entry.limits.max_dependencies,
-            unpacked: entry.limits.max_workspace,
-        };
-        let restore = dependencies::restore(
-            &ectx.client,
-            &job.dependencies,
-            root,
-            work.path(),
-            caps,
-            &say,
-        );
-        let mut cancelled = cancel.clone();
-        let result = tokio::select! {
-            r = restore => r,
-            _ = cancelled.wait_for(|c| *c) => {
-                say("\x1b[31;1mERROR: cancelled while downloading artifacts\x1b[0;m\n");
-                return failed("runner_system_failure", None);
-            }
-        };
-        if let Err(e) = result {
-            let msg = crate::outcome::chain(&e);
-            tracing::warn!("job refused: {msg}");
-            say(&format!("\x1b[31;1mERROR: {msg}\x1b[0;m\n"));
-            let reason = if e.is_job_fault() {
-                "script_failure"
-            } else {
-                "runner_system_failure"
-            };
-            return failed(reason, None);
-        }
-        say(&format!(
-            "section_end:{}:download_artifacts\r\x1b[0K",
-            unix_now()
-        ));
+    if let Err(state) =
+        restore_dependencies(ectx, &job, &mut root, work.path(), &cancel, &say).await
+    {
+        return state;
     }
 
     // The workspace is packed in memory for the guest: the operator's cap first.
@@ -369,6 +325,64 @@ async fn execute(
     }
     say(&format!("{}\n", summary(&outcome)));
     final_state(&outcome)
+}
+
+/// Downloads the artifacts of the job's dependencies into its workspace `root` (a new
+/// directory under `work` when the job has no checkout). Err: the job's final state, its
+/// reason already in the log.
+async fn restore_dependencies(
+    ectx: &EntryContext,
+    job: &Job,
+    root: &mut Option<PathBuf>,
+    work: &std::path::Path,
+    cancel: &watch::Receiver<bool>,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<(), Value> {
+    if !job.dependencies.iter().any(|d| d.artifacts_file.is_some()) {
+        return Ok(());
+    }
+    let entry = &ectx.entry;
+    let root = root.get_or_insert_with(|| work.join("src"));
+    if let Err(e) = std::fs::create_dir_all(&*root) {
+        say(&format!(
+            "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
+            root.display()
+        ));
+        return Err(failed("runner_system_failure", None));
+    }
+    say(&format!(
+        "section_start:{}:download_artifacts\r\x1b[0K\x1b[36;1mDownloading artifacts\x1b[0;m\n",
+        unix_now()
+    ));
+    let caps = dependencies::Caps {
+        download: entry.limits.max_dependencies,
+        unpacked: entry.limits.max_workspace,
+    };
+    let restore = dependencies::restore(&ectx.client, &job.dependencies, root, work, caps, say);
+    let mut cancelled = cancel.clone();
+    let result = tokio::select! {
+        r = restore => r,
+        _ = cancelled.wait_for(|c| *c) => {
+            say("\x1b[31;1mERROR: cancelled while downloading artifacts\x1b[0;m\n");
+            return Err(failed("runner_system_failure", None));
+        }
+    };
+    if let Err(e) = result {
+        let msg = crate::outcome::chain(&e);
+        tracing::warn!("job refused: {msg}");
+        say(&format!("\x1b[31;1mERROR: {msg}\x1b[0;m\n"));
+        let reason = if e.is_job_fault() {
+            "script_failure"
+        } else {
+            "runner_system_failure"
+        };
+        return Err(failed(reason, None));
+    }
+    say(&format!(
+        "section_end:{}:download_artifacts\r\x1b[0K",
+        unix_now()
+    ));
+    Ok(())
 }
 
 /// The one mapping from how a run ended to GitLab's state, failure_reason and exit_code.

@@ -160,8 +160,11 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A zip of (name, data, unix mode) entries; names are written as given.
-    pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    /// (name, data, unix mode) of one entry.
+    type Entry<'a> = (&'a str, &'a [u8], u32);
+
+    /// A zip of `entries`; names are written as given.
+    fn zip_of(entries: &[Entry]) -> Vec<u8> {
         let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         for (name, data, mode) in entries {
             let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
@@ -209,7 +212,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dest = root.path().join("ws");
         // (entries, expected message part)
-        let cases: [(&[(&str, &[u8], u32)], &str); 3] = [
+        let cases: [(&[Entry], &str); 3] = [
             (
                 &[("ok.txt", b"x", 0o644), ("../escaped.txt", b"x", 0o644)],
                 "'../escaped.txt' would land outside",
