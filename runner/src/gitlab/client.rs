@@ -107,7 +107,9 @@ pub fn features() -> Value {
         "image": true,
         "services": false,
         "artifacts": true,
-        "cache": false,
+        // Local to this host (gitlab::cache); not shared between runners.
+        "cache": true,
+        "fallback_cache_keys": true,
         "shared": false,
         "upload_multiple_artifacts": true,
         "upload_raw_artifacts": false,
@@ -406,13 +408,15 @@ mod tests {
             "return_exit_code",
             "multi_build_steps",
             "image",
+            "cache",
+            "fallback_cache_keys",
         ] {
             assert_eq!(f[on], true, "{on}");
         }
         for off in [
             "two_phase_job_commit",
             "services",
-            "cache",
+            "shared",
             "artifacts_exclude",
         ] {
             assert_eq!(f[off], false, "{off}");

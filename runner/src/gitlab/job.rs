@@ -40,6 +40,45 @@ pub struct Job {
     /// Earlier jobs whose artifacts this job gets (`dependencies:`/`needs:`).
     #[serde(default, deserialize_with = "null_default")]
     pub dependencies: Vec<Dependency>,
+    /// The job's `cache:` entries, keys resolved by GitLab (`key:files` hashed, the
+    /// `-protected`/`-non_protected` suffix added).
+    #[serde(default, deserialize_with = "null_default")]
+    pub cache: Vec<Cache>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Cache {
+    #[serde(default, deserialize_with = "null_default")]
+    pub key: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub untracked: bool,
+    #[serde(default, deserialize_with = "null_default")]
+    pub policy: CachePolicy,
+    #[serde(default, deserialize_with = "null_default")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub when: When,
+    /// Keys to restore from, in order, when `key` has no cache yet.
+    #[serde(default, deserialize_with = "null_default")]
+    pub fallback_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CachePolicy {
+    Pull,
+    Push,
+    #[default]
+    PullPush,
+}
+
+impl CachePolicy {
+    pub fn pulls(self) -> bool {
+        self != CachePolicy::Push
+    }
+    pub fn pushes(self) -> bool {
+        self != CachePolicy::Pull
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -218,7 +257,7 @@ impl Job {
             return JobError::Payload(e);
         };
         let null = serde_json::Value::Null;
-        let fields: [(&'static str, Check); 12] = [
+        let fields: [(&'static str, Check); 13] = [
             ("id", check::<u64>),
             ("token", check::<String>),
             ("job_info", check::<JobInfo>),
@@ -231,6 +270,7 @@ impl Job {
             ("image", check::<Option<Image>>),
             ("services", check::<Option<Vec<Service>>>),
             ("dependencies", check::<Option<Vec<Dependency>>>),
+            ("cache", check::<Option<Vec<Cache>>>),
         ];
         for (field, check) in fields {
             if let Some(source) = check(map.get(field).unwrap_or(&null)) {
@@ -378,6 +418,8 @@ mod tests {
             1234
         );
         assert_eq!(full.services[0].name, "postgres:16");
+        assert_eq!(full.cache[0].policy, CachePolicy::Pull);
+        assert_eq!(full.cache[0].fallback_keys, ["main-protected"]);
         let nulls = Job::parse(NULLS.as_bytes()).unwrap();
         let absent = Job::parse(ABSENT.as_bytes()).unwrap();
         for job in [&nulls, &absent] {

@@ -12,10 +12,12 @@
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
 //! - `artifacts` — JUnit (gzip) and archive (zip) uploads
 //! - `dependencies` — earlier jobs' artifacts, downloaded into the workspace
+//! - `cache` — `cache:` archives kept on this host, restored and saved per job
 //! - `unzip` — a zip from GitLab unpacked safely into a workspace
 //! - `client` — the REST API and the retry backoff
 
 pub mod artifacts;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod dependencies;

@@ -6,6 +6,7 @@
 //! with a job is found here, before any VM starts, as one line for its log.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::vm::GuestCommand;
@@ -38,6 +39,11 @@ pub struct Prepared {
     pub step_junit: bool,
     pub junit: Option<Artifact>,
     pub archive: Option<Artifact>,
+    /// The guest globs of the archive artifact (the plan's `artifacts` also bring back the
+    /// caches' files; [`select`] tells them apart).
+    pub archive_globs: Vec<String>,
+    /// The job's `cache:` entries and the guest globs of each.
+    pub caches: Vec<(job::Cache, Vec<String>)>,
 }
 
 /// Validates the job against the entry and builds its plan. Errors are the job's fault
@@ -52,6 +58,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     let (env, files) = environment(job, arch, &image);
     let steps = steps(job, &env, timeout, limits)?;
     let artifacts = ArtifactPaths::of(job)?;
+    let caches = cache_globs(job)?;
     let checkout = checkout(entry, job, work)?;
     let step_junit = entry.step_junit
         || matches!(
@@ -74,7 +81,13 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         steps,
         timeout,
         junit: artifacts.junit_paths,
-        artifacts: artifacts.archive_paths,
+        // Both come back in one archive, bounded by max_artifacts_size.
+        artifacts: artifacts
+            .archive_paths
+            .iter()
+            .chain(caches.iter().flat_map(|(_, g)| g))
+            .cloned()
+            .collect(),
         cpus: entry.cpus,
         memory_mib: entry.memory_mib()?,
         out_dir: work.join("artifacts"),
@@ -89,6 +102,8 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         step_junit,
         junit: artifacts.junit,
         archive: artifacts.archive,
+        archive_globs: artifacts.archive_paths,
+        caches,
     })
 }
 
@@ -319,7 +334,7 @@ impl ArtifactPaths {
             .map(|a| a.paths.iter().flat_map(|p| file_globs(p)).collect())
             .unwrap_or_default();
         for p in junit_paths.iter().chain(&archive_paths) {
-            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+            if !relative_path(p) {
                 return Err(format!(
                     "artifact path '{p}' must be relative to the project directory, without '..'"
                 ));
@@ -332,6 +347,52 @@ impl ArtifactPaths {
             archive_paths,
         })
     }
+}
+
+/// Each `cache:` entry that saves (`push`/`pull-push`) with the guest globs of its `paths`
+/// (a cache that only pulls brings nothing back).
+fn cache_globs(job: &Job) -> Result<Vec<(job::Cache, Vec<String>)>, String> {
+    let mut out = Vec::new();
+    for c in &job.cache {
+        let globs: Vec<String> = if c.policy.pushes() {
+            c.paths.iter().flat_map(|p| file_globs(p)).collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(p) = c.paths.iter().find(|p| !relative_path(p)) {
+            return Err(format!(
+                "cache path '{p}' must be relative to the project directory, without '..'"
+            ));
+        }
+        out.push((c.clone(), globs));
+    }
+    Ok(out)
+}
+
+fn relative_path(p: &str) -> bool {
+    !(p.starts_with('/') || p.split('/').any(|c| c == ".."))
+}
+
+/// The files of `files` (below `root`) that one of the guest `globs` matches, with the
+/// guest's sh semantics: `*` and `?` match neither `/` nor a leading `.`.
+pub fn select(files: &[PathBuf], root: &Path, globs: &[String]) -> Vec<PathBuf> {
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let patterns: Vec<glob::Pattern> = globs
+        .iter()
+        .filter_map(|g| glob::Pattern::new(g).ok())
+        .collect();
+    files
+        .iter()
+        .filter(|f| {
+            let rel = f.strip_prefix(root).unwrap_or(f);
+            patterns.iter().any(|p| p.matches_path_with(rel, options))
+        })
+        .cloned()
+        .collect()
 }
 
 /// The host-side checkout (`GIT_STRATEGY`, `GIT_DEPTH`), or none for `GIT_STRATEGY: none`.
