@@ -1199,3 +1199,119 @@ fn bad_dependencies_images_and_services_fail_the_job_naming_them_without_a_vm() 
     drop(serve);
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }
+
+/// The zips of the entry's local cache (`serve-cache/`), with their sizes.
+fn cache_archives(cache: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let root = cache.join("serve-cache/riscv64-emu");
+    for project in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(project.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((f.path(), size));
+        }
+    }
+    out
+}
+
+#[test]
+fn cache_is_pushed_restored_by_key_and_fallback_kept_by_policy_and_bounded() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!("{}cache_max_size = \"100K\"\n", config(&gl.url));
+    let _serve = Serve::start(cache.path(), &cfg);
+    let run = |id: u64, script: &[&str], caches: serde_json::Value| {
+        let mut job = job_payload(id, script, &[], &[("GIT_STRATEGY", "none", false)], 600);
+        job["cache"] = caches;
+        job["artifacts"] = json!([{"name": "report", "paths": ["report.txt"], "when": "always",
+            "artifact_type": "archive", "artifact_format": "zip"}]);
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{id}: {log}"
+        );
+        (j, log)
+    };
+    let entry = |key: &str, policy: &str, fallback: &[&str]| {
+        json!([{"key": key, "untracked": false, "policy": policy, "paths": ["vendor/"],
+                "when": "on_success", "fallback_keys": fallback}])
+    };
+    let a = "deps-non_protected";
+    // 1. Pushes: 40K of noise (incompressible) and a marker; the artifact stays separate.
+    let (j, log) = run(
+        1101,
+        &[
+            "mkdir -p vendor",
+            "echo 'cached by 1101' > vendor/data.txt",
+            "head -c 40000 /dev/urandom > vendor/noise.bin",
+            "echo report > report.txt",
+        ],
+        entry(a, "pull-push", &[]),
+    );
+    assert!(log.contains(&format!("no cache for {a}")), "{log}");
+    assert!(
+        log.contains(&format!("Created cache {a} (2 file(s)")),
+        "{log}"
+    );
+    let upload = j.artifacts.iter().find(|u| u.file_name == "report.zip");
+    let upload = upload.unwrap_or_else(|| panic!("no artifact upload\n{log}"));
+    let names: Vec<String> = zip::ZipArchive::new(std::io::Cursor::new(upload.data.clone()))
+        .unwrap()
+        .file_names()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names, ["report.txt"], "the cache's files are not artifacts");
+    // 2. Restores by key; `pull` does not save what the job changed.
+    let (_, log) = run(
+        1102,
+        &[
+            "cat vendor/data.txt",
+            "echo 'changed by 1102' > vendor/data.txt",
+        ],
+        entry(a, "pull", &[]),
+    );
+    assert!(log.contains("cached by 1101"), "{log}");
+    assert!(
+        log.contains(&format!("Successfully extracted cache {a}")),
+        "{log}"
+    );
+    assert!(!log.contains("Created cache"), "{log}");
+    // 3. A missing key falls back to fallback_keys in order (the first one missing too).
+    let (_, log) = run(
+        1103,
+        &["cat vendor/data.txt"],
+        entry("feature-non_protected", "pull", &["nope-non_protected", a]),
+    );
+    assert!(log.contains("cached by 1101"), "{log}");
+    assert!(!log.contains("changed by 1102"), "{log}");
+    assert!(
+        log.contains(&format!("Successfully extracted cache {a}")),
+        "{log}"
+    );
+    // 4. Two more 40K caches: over 100K, so the least recently used one (1's) goes.
+    for (id, key) in [(1104, "b-non_protected"), (1105, "c-non_protected")] {
+        let (_, log) = run(
+            id,
+            &[
+                "mkdir -p vendor",
+                "head -c 40000 /dev/urandom > vendor/noise.bin",
+            ],
+            entry(key, "push", &[]),
+        );
+        assert!(log.contains(&format!("Created cache {key}")), "{log}");
+    }
+    let archives = cache_archives(cache.path());
+    let total: u64 = archives.iter().map(|(_, s)| s).sum();
+    assert_eq!(archives.len(), 2, "{archives:?}");
+    assert!(total <= 100 << 10, "{archives:?}");
+    let (_, log) = run(1106, &["test ! -e vendor/data.txt"], entry(a, "pull", &[]));
+    assert!(log.contains(&format!("no cache for {a}")), "{log}");
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
