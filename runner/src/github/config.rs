@@ -266,6 +266,10 @@ mod tests {
                 Some("[github.limits] max_memory must be"),
             ),
             (
+                "webhook_secret = \"s\"\nlimits = { max_dependencies_size = \"1G\" }",
+                Some("[github.limits] max_dependencies_size apply only to [runners.limits]"),
+            ),
+            (
                 "webhook_secret = \"s\"\ngit_protocols = []",
                 Some("[github] git_protocols is empty"),
             ),

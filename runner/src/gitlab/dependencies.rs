@@ -64,6 +64,7 @@ impl DependencyError {
             self,
             DependencyError::Unreachable { .. }
                 | DependencyError::Unavailable { .. }
+                | DependencyError::Redirect { .. }
                 | DependencyError::Save { .. }
         ) && !matches!(
             self,
@@ -277,6 +278,82 @@ async fn download(
                 tracing::warn!(dependency = dep.id, "artifact download: retrying: {source}");
                 tokio::time::sleep(backoff.next(None)).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_unsafe_artifacts_are_the_jobs_fault_outages_are_not() {
+        let (name, id) = ("build".to_string(), 7);
+        let io = || std::io::Error::other("disk full");
+        // (error, the job's fault)
+        let cases = [
+            (
+                DependencyError::NotFound {
+                    name: name.clone(),
+                    id,
+                },
+                true,
+            ),
+            (
+                DependencyError::Forbidden {
+                    name: name.clone(),
+                    id,
+                },
+                true,
+            ),
+            (
+                DependencyError::Unpack {
+                    name: name.clone(),
+                    id,
+                    source: UnzipError::Escape("../x".into()),
+                },
+                true,
+            ),
+            (
+                DependencyError::TooLarge {
+                    name: name.clone(),
+                    id,
+                    cap: "1M".into(),
+                },
+                true,
+            ),
+            (
+                DependencyError::Unavailable {
+                    name: name.clone(),
+                    id,
+                    status: 503,
+                },
+                false,
+            ),
+            (
+                DependencyError::Unpack {
+                    name: name.clone(),
+                    id,
+                    source: UnzipError::Write {
+                        path: "/w".into(),
+                        source: io(),
+                    },
+                },
+                false,
+            ),
+            (
+                DependencyError::Save {
+                    name: name.clone(),
+                    source: io(),
+                },
+                false,
+            ),
+        ];
+        for (e, fault) in cases {
+            assert_eq!(e.is_job_fault(), fault, "{e}");
+            // One line, naming the dependency.
+            let line = crate::outcome::chain(&e);
+            assert!(line.contains("'build'") && !line.contains('\n'), "{line}");
         }
     }
 }
