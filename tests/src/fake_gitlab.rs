@@ -70,6 +70,9 @@ pub struct DependencyArtifact {
     pub unavailable: u32,
     /// Answer 307 to `/storage/:id` (object storage) instead of the archive.
     pub redirect: bool,
+    /// The storage's base URL in that 307 (another origin, e.g. the fake's own port as
+    /// `localhost`); relative to GitLab when None.
+    pub storage_url: Option<String>,
 }
 
 /// One download request.
@@ -609,9 +612,10 @@ async fn download_artifact(
             None if dep.redirect => {
                 let mut h = HeaderMap::new();
                 // Relative, as a proxy may send it.
+                let base = dep.storage_url.clone().unwrap_or_default();
                 h.insert(
                     "Location",
-                    HeaderValue::from_str(&format!("/storage/{id}")).expect("header"),
+                    HeaderValue::from_str(&format!("{base}/storage/{id}")).expect("header"),
                 );
                 (StatusCode::TEMPORARY_REDIRECT, h).into_response()
             }

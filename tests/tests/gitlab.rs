@@ -978,6 +978,11 @@ fn final_update_412_resends_the_whole_log_once_and_202_is_asked_again_after_the_
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }
 
+/// The fake's URL with `localhost` for `127.0.0.1`: the same server, another origin.
+fn gl_url_as_localhost(url: &str) -> String {
+    url.replace("127.0.0.1", "localhost")
+}
+
 /// A dependency entry of a job payload, as GitLab sends it.
 fn dependency(id: u64, name: &str, size: usize) -> serde_json::Value {
     json!({"id": id, "name": name, "token": format!("deptoken-{id}-secret"),
@@ -1012,14 +1017,29 @@ fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect(
     });
     let mut job = job_payload(
         951,
-        &["./bin/hello.sh", "cat data/message.txt"],
+        &["./bin/hello.sh", "cat data/message.txt data/docs.txt"],
         &[],
         &[("GIT_STRATEGY", "none", false)],
         600,
     );
     job["image"] = json!({"name": "riscv64/debian-13"});
+    // Another job's artifacts in object storage (another origin): the job token stays home.
+    let docs = zip_of(&[("data/docs.txt", b"from storage\n", 0o644)]);
+    gl.with(|s| {
+        s.dependency_artifacts.insert(
+            948,
+            DependencyArtifact {
+                token: "deptoken-948-secret".into(),
+                zip: docs.clone(),
+                redirect: true,
+                storage_url: Some(gl_url_as_localhost(&gl.url)),
+                ..Default::default()
+            },
+        )
+    });
     // A dependency without artifacts is not asked for.
     job["dependencies"] = json!([
+        dependency(948, "docs", docs.len()),
         {"id": 949, "name": "lint", "token": "deptoken-949-secret", "artifacts_file": null},
         dependency(950, "build", zip.len()),
     ]);
@@ -1029,12 +1049,14 @@ fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect(
     assert_eq!(j.final_update.unwrap()["state"], "success", "{log}");
     assert!(log.contains("hello from riscv64"), "{log}");
     assert!(log.contains("built in stage 1"), "{log}");
+    assert!(log.contains("from storage"), "{log}");
     assert!(log.contains("Using debian-13 on riscv64"), "{log}");
     assert!(!log.contains("deptoken-950-secret"), "{log}");
     // Two 503s retried, then GitLab's 307 followed to the storage.
     let downloads = gl.with(|s| s.downloads.clone());
     let seen: Vec<(u64, &str, u16)> = downloads
         .iter()
+        .filter(|d| d.id == 950)
         .map(|d| (d.id, d.path.as_str(), d.status))
         .collect();
     let api = "/api/v4/jobs/950/artifacts";
@@ -1049,7 +1071,20 @@ fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect(
     );
     assert!(downloads
         .iter()
+        .filter(|d| d.id == 950)
         .all(|d| d.job_token.as_deref() == Some("deptoken-950-secret")));
+    let to_storage: Vec<(&str, Option<&str>)> = downloads
+        .iter()
+        .filter(|d| d.id == 948)
+        .map(|d| (d.path.as_str(), d.job_token.as_deref()))
+        .collect();
+    assert_eq!(
+        to_storage,
+        [
+            ("/api/v4/jobs/948/artifacts", Some("deptoken-948-secret")),
+            ("/storage/948", None)
+        ]
+    );
     assert_eq!(gl.violations(), Vec::<String>::new());
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }

@@ -249,52 +249,8 @@ async fn execute(
 
     // The caches, then artifacts of earlier jobs, into the workspace (gitlab-runner's order).
     let caches = cache_store(ectx);
-    if job.cache.iter().any(|c| c.policy.pulls()) {
-        let root = root.get_or_insert_with(|| work.path().join("src")).clone();
-        if let Err(e) = std::fs::create_dir_all(&root) {
-            say(&format!(
-                "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
-                root.display()
-            ));
-            return failed("runner_system_failure", None);
-        }
-        say(&format!(
-            "section_start:{}:restore_cache\r\x1b[0K\x1b[36;1mRestoring cache\x1b[0;m\n",
-            unix_now()
-        ));
-        let (store, project, caches_of_job, log) = (
-            caches.clone(),
-            job.job_info.project_id,
-            job.cache.clone(),
-            log.clone(),
-        );
-        let fallback = job.var(cache::FALLBACK_VARIABLE).map(str::to_string);
-        let max = entry.limits.max_workspace;
-        // Blocking file work, off the runtime's workers.
-        let restored = tokio::task::spawn_blocking(move || {
-            let say = |s: &str| {
-                let _ = log.send(s.as_bytes().to_vec());
-            };
-            cache::restore(
-                &store,
-                project,
-                &caches_of_job,
-                fallback.as_deref(),
-                &root,
-                max,
-                &say,
-            )
-        })
-        .await;
-        if let Err(e) = restored {
-            say(&format!(
-                "\x1b[33;1mWARNING: restoring the cache failed: {e}\x1b[0;m\n"
-            ));
-        }
-        say(&format!(
-            "section_end:{}:restore_cache\r\x1b[0K",
-            unix_now()
-        ));
+    if let Err(state) = restore_caches(&caches, ectx, &job, &mut root, work.path(), &log).await {
+        return state;
     }
     // Artifacts of earlier jobs, into the workspace (after the checkout, as gitlab-runner).
     if let Err(state) =
@@ -391,6 +347,71 @@ fn cache_store(ectx: &EntryContext) -> cache::CacheStore {
     // Checked at the entry's start (RunnerEntry::check).
     let max = ectx.entry.cache_max_bytes().unwrap_or(u64::MAX);
     cache::CacheStore::new(dir, max)
+}
+
+/// Restores the job's caches into its workspace `root` (a new directory under `work` when
+/// the job has no checkout). Err: the job's final state, its reason already in the log.
+async fn restore_caches(
+    store: &cache::CacheStore,
+    ectx: &EntryContext,
+    job: &Job,
+    root: &mut Option<PathBuf>,
+    work: &std::path::Path,
+    log: &mpsc::UnboundedSender<Vec<u8>>,
+) -> Result<(), Value> {
+    if !job.cache.iter().any(|c| c.policy.pulls()) {
+        return Ok(());
+    }
+    let say = |s: &str| {
+        let _ = log.send(s.as_bytes().to_vec());
+    };
+    let entry = &ectx.entry;
+    let root = root.get_or_insert_with(|| work.join("src")).clone();
+    if let Err(e) = std::fs::create_dir_all(&root) {
+        say(&format!(
+            "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
+            root.display()
+        ));
+        return Err(failed("runner_system_failure", None));
+    }
+    say(&format!(
+        "section_start:{}:restore_cache\r\x1b[0K\x1b[36;1mRestoring cache\x1b[0;m\n",
+        unix_now()
+    ));
+    let (store, project, caches_of_job, log) = (
+        store.clone(),
+        job.job_info.project_id,
+        job.cache.clone(),
+        log.clone(),
+    );
+    let fallback = job.var(cache::FALLBACK_VARIABLE).map(str::to_string);
+    let max = entry.limits.max_workspace;
+    // Blocking file work, off the runtime's workers.
+    let restored = tokio::task::spawn_blocking(move || {
+        let say = |s: &str| {
+            let _ = log.send(s.as_bytes().to_vec());
+        };
+        cache::restore(
+            &store,
+            project,
+            &caches_of_job,
+            fallback.as_deref(),
+            &root,
+            max,
+            &say,
+        )
+    })
+    .await;
+    if let Err(e) = restored {
+        say(&format!(
+            "\x1b[33;1mWARNING: restoring the cache failed: {e}\x1b[0;m\n"
+        ));
+    }
+    say(&format!(
+        "section_end:{}:restore_cache\r\x1b[0K",
+        unix_now()
+    ));
+    Ok(())
 }
 
 /// Saves the caches whose `policy` and `when` fit the outcome, from the files the guest gave
