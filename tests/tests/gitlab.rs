@@ -993,7 +993,13 @@ fn dependency(id: u64, name: &str, size: usize) -> serde_json::Value {
 fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect() {
     let cache = private_cache();
     let gl = FakeGitlab::start(TOKEN);
-    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    // The entry's default is aarch64: the job's image: is what makes its VM riscv64.
+    let cfg = config(&gl.url).replace(
+        "arch = \"riscv64\"\n",
+        "arch = \"aarch64\"\nallowed_arches = [\"riscv64\"]\n",
+    );
+    assert!(cfg.contains("allowed_arches"), "{cfg}");
+    let _serve = Serve::start(cache.path(), &cfg);
     // Stage 1's artifacts: a script that runs on the guest and a data file.
     let zip = zip_of(&[
         (
