@@ -14,6 +14,7 @@
 //! - `dependencies` — earlier jobs' artifacts, downloaded into the workspace
 //! - `cache` — `cache:` archives kept on this host, restored and saved per job
 //! - `unzip` — a zip from GitLab unpacked safely into a workspace
+//! - `workspace` — caches and earlier jobs' artifacts in, caches out, around the script
 //! - `client` — the REST API and the retry backoff
 
 pub mod artifacts;
@@ -30,6 +31,7 @@ pub mod script;
 pub mod service;
 pub mod trace;
 pub mod unzip;
+pub mod workspace;
 
 pub use config::RunnerEntry;
 pub use service::serve;

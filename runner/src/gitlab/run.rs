@@ -1,7 +1,8 @@
 //! One job from pick-up to final report: parse the payload, say `running`, plan it
-//! (`prepare`), check out its sources on the host, run it in a VM while the log streams to
-//! GitLab (`reporter` → `trace`), upload JUnit reports and artifacts, and send the final
-//! state — derived from the run's `Outcome` by [`final_state`] alone.
+//! (`prepare`), check out its sources on the host, restore its caches and earlier jobs'
+//! artifacts into them (`workspace`), run it in a VM while the log streams to GitLab
+//! (`reporter` → `trace`), save its caches, upload JUnit reports and artifacts, and send the
+//! final state — derived from the run's `Outcome` by [`final_state`] alone.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -12,19 +13,17 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use super::artifacts::upload_results;
-use super::cache;
-use super::dependencies;
 use super::entry::EntryContext;
 use super::job::{self, Job, JobHandle};
 use super::prepare::prepare;
 use super::reporter::{sanitize, unix_now, Found, TraceReporter};
 use super::trace::{JobLog, Signals, Uploader};
+use super::workspace;
 use crate::events::Reporters;
 use crate::outcome::Outcome;
 use crate::report::junit::JunitReporter;
 use crate::run::execute::{run_suite_with, Controls};
 use crate::run::plan::WorkspacePlan;
-use crate::serve::limits::size_text;
 use crate::serve::Slot;
 use crate::sources::{self, Checkout, GitStrategy};
 
@@ -248,15 +247,17 @@ async fn execute(
     }
 
     // The caches, then artifacts of earlier jobs, into the workspace (gitlab-runner's order).
-    let caches = cache_store(ectx);
-    if let Err(state) = restore_caches(&caches, ectx, &job, &mut root, work.path(), &log).await {
-        return state;
+    let caches = workspace::cache_store(ectx);
+    if let Err(reason) =
+        workspace::restore_caches(&caches, ectx, &job, &mut root, work.path(), &log).await
+    {
+        return failed(reason, None);
     }
     // Artifacts of earlier jobs, into the workspace (after the checkout, as gitlab-runner).
-    if let Err(state) =
-        restore_dependencies(ectx, &job, &mut root, work.path(), &cancel, &say).await
+    if let Err(reason) =
+        workspace::restore_dependencies(ectx, &job, &mut root, work.path(), &cancel, &say).await
     {
-        return state;
+        return failed(reason, None);
     }
 
     // The workspace is packed in memory for the guest: the operator's cap first.
@@ -319,7 +320,7 @@ async fn execute(
     // Artifacts (not for a cancelled job: GitLab has already let go of it).
     if outcome != Outcome::Cancelled {
         let found = std::mem::take(&mut *found.lock().expect("not poisoned"));
-        save_caches(&caches, &job, &prepared, &outcome, &found, &log).await;
+        workspace::save_caches(&caches, &job, &prepared, &outcome, &found, &log).await;
         upload_results(
             ectx,
             &job,
@@ -333,224 +334,6 @@ async fn execute(
     }
     say(&format!("{}\n", summary(&outcome)));
     final_state(&outcome)
-}
-
-/// The entry's local cache.
-fn cache_store(ectx: &EntryContext) -> cache::CacheStore {
-    let dir = ectx
-        .serve
-        .settings
-        .store
-        .root()
-        .join("serve-cache")
-        .join(sanitize(&ectx.entry.name));
-    // Checked at the entry's start (RunnerEntry::check).
-    let max = ectx.entry.cache_max_bytes().unwrap_or(u64::MAX);
-    cache::CacheStore::new(dir, max)
-}
-
-/// Restores the job's caches into its workspace `root` (a new directory under `work` when
-/// the job has no checkout). Err: the job's final state, its reason already in the log.
-async fn restore_caches(
-    store: &cache::CacheStore,
-    ectx: &EntryContext,
-    job: &Job,
-    root: &mut Option<PathBuf>,
-    work: &std::path::Path,
-    log: &mpsc::UnboundedSender<Vec<u8>>,
-) -> Result<(), Value> {
-    if !job.cache.iter().any(|c| c.policy.pulls()) {
-        return Ok(());
-    }
-    let say = |s: &str| {
-        let _ = log.send(s.as_bytes().to_vec());
-    };
-    let entry = &ectx.entry;
-    let root = root.get_or_insert_with(|| work.join("src")).clone();
-    if let Err(e) = std::fs::create_dir_all(&root) {
-        say(&format!(
-            "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
-            root.display()
-        ));
-        return Err(failed("runner_system_failure", None));
-    }
-    say(&format!(
-        "section_start:{}:restore_cache\r\x1b[0K\x1b[36;1mRestoring cache\x1b[0;m\n",
-        unix_now()
-    ));
-    let (store, project, caches_of_job, log) = (
-        store.clone(),
-        job.job_info.project_id,
-        job.cache.clone(),
-        log.clone(),
-    );
-    let fallback = job.var(cache::FALLBACK_VARIABLE).map(str::to_string);
-    let max = entry.limits.max_workspace;
-    // Blocking file work, off the runtime's workers.
-    let restored = tokio::task::spawn_blocking(move || {
-        let say = |s: &str| {
-            let _ = log.send(s.as_bytes().to_vec());
-        };
-        cache::restore(
-            &store,
-            project,
-            &caches_of_job,
-            fallback.as_deref(),
-            &root,
-            max,
-            &say,
-        )
-    })
-    .await;
-    if let Err(e) = restored {
-        say(&format!(
-            "\x1b[33;1mWARNING: restoring the cache failed: {e}\x1b[0;m\n"
-        ));
-    }
-    say(&format!(
-        "section_end:{}:restore_cache\r\x1b[0K",
-        unix_now()
-    ));
-    Ok(())
-}
-
-/// Saves the caches whose `policy` and `when` fit the outcome, from the files the guest gave
-/// back; trouble is a warning in the log, never the job's failure.
-async fn save_caches(
-    store: &cache::CacheStore,
-    job: &Job,
-    prepared: &super::prepare::Prepared,
-    outcome: &Outcome,
-    found: &Found,
-    log: &mpsc::UnboundedSender<Vec<u8>>,
-) {
-    let succeeded = outcome.is_success();
-    let due: Vec<(job::Cache, Vec<PathBuf>)> = prepared
-        .caches
-        .iter()
-        .filter(|(c, _)| cache::saves_after(c, succeeded))
-        .map(|(c, globs)| {
-            let files = super::prepare::select(&found.artifacts, &prepared.plan.out_dir, globs);
-            (c.clone(), files)
-        })
-        .collect();
-    if due.is_empty() {
-        return;
-    }
-    let (store, project, root, log) = (
-        store.clone(),
-        job.job_info.project_id,
-        prepared.plan.out_dir.clone(),
-        log.clone(),
-    );
-    let saved = tokio::task::spawn_blocking(move || {
-        let say = |s: &str| {
-            let _ = log.send(s.as_bytes().to_vec());
-        };
-        say(&format!(
-            "section_start:{}:archive_cache\r\x1b[0K\x1b[36;1mSaving cache\x1b[0;m\n",
-            unix_now()
-        ));
-        for (c, files) in due {
-            let key = cache::key(&c);
-            if c.untracked {
-                say(&format!("\x1b[33;1mWARNING: cache {key}: untracked files are not cached by this runner; list them in cache:paths\x1b[0;m\n"));
-            }
-            if files.is_empty() {
-                say(&format!(
-                    "\x1b[33;1mWARNING: cache {key}: no files matched its paths; not saved\x1b[0;m\n"
-                ));
-                continue;
-            }
-            match store.save(project, &key, &root, &files) {
-                Ok(cache::Saved::Stored {
-                    files,
-                    size,
-                    evicted,
-                }) => say(&format!(
-                    "Created cache {key} ({files} file(s), {}{})\n",
-                    size_text(size),
-                    if evicted > 0 {
-                        format!("; {evicted} least recently used cache(s) removed")
-                    } else {
-                        String::new()
-                    }
-                )),
-                Ok(cache::Saved::TooLarge { size }) => say(&format!(
-                    "\x1b[33;1mWARNING: cache {key} is {} packed, over this runner's cache_max_size = {}; not saved\x1b[0;m\n",
-                    size_text(size),
-                    size_text(store.max_size())
-                )),
-                Err(e) => say(&format!(
-                    "\x1b[33;1mWARNING: cache {key} not saved: {}\x1b[0;m\n",
-                    crate::outcome::chain(&e)
-                )),
-            }
-        }
-        say(&format!("section_end:{}:archive_cache\r\x1b[0K", unix_now()));
-    })
-    .await;
-    if let Err(e) = saved {
-        tracing::warn!("saving the cache failed: {e}");
-    }
-}
-
-/// Downloads the artifacts of the job's dependencies into its workspace `root` (a new
-/// directory under `work` when the job has no checkout). Err: the job's final state, its
-/// reason already in the log.
-async fn restore_dependencies(
-    ectx: &EntryContext,
-    job: &Job,
-    root: &mut Option<PathBuf>,
-    work: &std::path::Path,
-    cancel: &watch::Receiver<bool>,
-    say: &(dyn Fn(&str) + Sync),
-) -> Result<(), Value> {
-    if !job.dependencies.iter().any(|d| d.artifacts_file.is_some()) {
-        return Ok(());
-    }
-    let entry = &ectx.entry;
-    let root = root.get_or_insert_with(|| work.join("src"));
-    if let Err(e) = std::fs::create_dir_all(&*root) {
-        say(&format!(
-            "\x1b[31;1mERROR: cannot create the workspace {}: {e}\x1b[0;m\n",
-            root.display()
-        ));
-        return Err(failed("runner_system_failure", None));
-    }
-    say(&format!(
-        "section_start:{}:download_artifacts\r\x1b[0K\x1b[36;1mDownloading artifacts\x1b[0;m\n",
-        unix_now()
-    ));
-    let caps = dependencies::Caps {
-        download: entry.limits.max_dependencies,
-        unpacked: entry.limits.max_workspace,
-    };
-    let restore = dependencies::restore(&ectx.client, &job.dependencies, root, work, caps, say);
-    let mut cancelled = cancel.clone();
-    let result = tokio::select! {
-        r = restore => r,
-        _ = cancelled.wait_for(|c| *c) => {
-            say("\x1b[31;1mERROR: cancelled while downloading artifacts\x1b[0;m\n");
-            return Err(failed("runner_system_failure", None));
-        }
-    };
-    if let Err(e) = result {
-        let msg = crate::outcome::chain(&e);
-        tracing::warn!("job refused: {msg}");
-        say(&format!("\x1b[31;1mERROR: {msg}\x1b[0;m\n"));
-        let reason = if e.is_job_fault() {
-            "script_failure"
-        } else {
-            "runner_system_failure"
-        };
-        return Err(failed(reason, None));
-    }
-    say(&format!(
-        "section_end:{}:download_artifacts\r\x1b[0K",
-        unix_now()
-    ));
-    Ok(())
 }
 
 /// The one mapping from how a run ended to GitLab's state, failure_reason and exit_code.
