@@ -157,3 +157,27 @@ fn default_protocols() -> Vec<String> {
 fn default_check_interval() -> Duration {
     Duration::from_secs(3)
 }
+
+#[cfg(test)]
+mod tests {
+    fn parse(extra: &str) -> Result<crate::serve::ServeConfig, String> {
+        crate::serve::ServeConfig::parse(
+            std::path::Path::new("serve.toml"),
+            &format!("[[runners]]\nname = \"r\"\nurl = \"http://x\"\ntoken = \"t\"\narch = \"riscv64\"\n{extra}"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cache_max_size_is_a_size() {
+        let c = parse("").unwrap();
+        assert_eq!(c.runners[0].cache_max_bytes(), Ok(2 << 30));
+        let c = parse("cache_max_size = \"100K\"").unwrap();
+        assert_eq!(c.runners[0].cache_max_bytes(), Ok(100 << 10));
+        // Not a size, or nothing.
+        for bad in ["\"lots\"", "\"0\""] {
+            let e = parse(&format!("cache_max_size = {bad}")).unwrap_err();
+            assert!(e.contains("runner 'r': cache_max_size"), "{bad}: {e}");
+        }
+    }
+}
