@@ -107,7 +107,7 @@ pub fn unzip(
             .map_err(write_err(&target))?;
         let budget = max_bytes - done.bytes;
         // One byte past the budget tells "exactly full" from "too large".
-        let copied = std::io::copy(&mut (&mut entry).take(budget + 1), &mut out)
+        let copied = std::io::copy(&mut (&mut entry).take(budget.saturating_add(1)), &mut out)
             .map_err(write_err(&target))?;
         if copied > budget {
             return Err(UnzipError::TooLarge { limit: max_bytes });
