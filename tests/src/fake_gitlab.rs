@@ -5,7 +5,9 @@
 //! update while "persisting", `Job-Status: canceling|canceled`, 5xx bursts,
 //! `X-GitLab-Trace-Update-Interval` — that records what the runner sends so tests can assert
 //! on it. It also checks the protocol itself (Content-Range shape, patch size, tokens) and
-//! records every violation in [`State::violations`].
+//! records every violation in [`State::violations`]. Earlier jobs' artifacts
+//! ([`State::dependency_artifacts`]) are served by `GET /jobs/:id/artifacts` with their own
+//! failure modes: 404/403, 5xx bursts, a 307 to a storage URL.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use serde_json::{json, Value};
 
@@ -56,6 +58,46 @@ pub struct ArtifactUpload {
     pub data: Vec<u8>,
 }
 
+/// The artifacts archive of an earlier job, and how the fake misbehaves serving it.
+#[derive(Debug, Clone, Default)]
+pub struct DependencyArtifact {
+    /// The token a download must carry in `JOB-TOKEN`.
+    pub token: String,
+    pub zip: Vec<u8>,
+    /// Answer this status instead (404 expired, 403 forbidden).
+    pub status: Option<u16>,
+    /// The next N downloads get 503 (with `Retry-After: 1`).
+    pub unavailable: u32,
+    /// Answer 307 to `/storage/:id` (object storage) instead of the archive.
+    pub redirect: bool,
+    /// The storage's base URL in that 307 (another origin, e.g. the fake's own port as
+    /// `localhost`); relative to GitLab when None.
+    pub storage_url: Option<String>,
+}
+
+/// One download request.
+#[derive(Debug, Clone)]
+pub struct Download {
+    /// The job whose artifacts were asked for.
+    pub id: u64,
+    /// `/api/v4/jobs/:id/artifacts` or `/storage/:id`.
+    pub path: String,
+    pub job_token: Option<String>,
+    pub status: u16,
+}
+
+/// A zip of (name, data, unix mode) entries, names written exactly as given (`../x` too).
+pub fn zip_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data, mode) in entries {
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        z.start_file(*name, opts).expect("zip entry");
+        z.write_all(data).expect("zip data");
+    }
+    z.finish().expect("zip").into_inner()
+}
+
 /// Everything the fake knows; tests read and tweak it through [`FakeGitlab::with`].
 #[derive(Debug, Default)]
 pub struct State {
@@ -82,6 +124,10 @@ pub struct State {
     pub trace_interval: u64,
     /// Protocol violations seen (tests assert this stays empty).
     pub violations: Vec<String>,
+    /// Artifacts of earlier jobs, by job id, for `GET /jobs/:id/artifacts`.
+    pub dependency_artifacts: BTreeMap<u64, DependencyArtifact>,
+    /// Every `GET /jobs/:id/artifacts` and storage download, in order.
+    pub downloads: Vec<Download>,
     last_update: u64,
 }
 
@@ -110,7 +156,11 @@ impl FakeGitlab {
             .route("/api/v4/jobs/request", post(request_job))
             .route("/api/v4/jobs/{id}", put(update_job))
             .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
-            .route("/api/v4/jobs/{id}/artifacts", post(upload_artifact))
+            .route(
+                "/api/v4/jobs/{id}/artifacts",
+                post(upload_artifact).get(download_artifact),
+            )
+            .route("/storage/{id}", get(download_from_storage))
             .with_state(state.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -527,6 +577,81 @@ async fn upload_artifact(
     }
     s.jobs.get_mut(&id).expect("checked").artifacts.push(upload);
     (StatusCode::CREATED, axum::Json(json!({}))).into_response()
+}
+
+async fn download_artifact(
+    AxState(state): Shared,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    let mut s = state.lock().expect("state");
+    if let Some(r) = outage(&mut s) {
+        return r;
+    }
+    let sent = headers
+        .get("job-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let reply = match s.dependency_artifacts.get_mut(&id) {
+        None => (StatusCode::NOT_FOUND, "404 Not found").into_response(),
+        Some(dep) if sent.as_deref() != Some(dep.token.as_str()) => {
+            let v = format!("artifacts of job {id}: download without its JOB-TOKEN");
+            s.violations.push(v);
+            (StatusCode::FORBIDDEN, Json403).into_response()
+        }
+        Some(dep) => match dep.status {
+            Some(code) => StatusCode::from_u16(code)
+                .expect("a status code")
+                .into_response(),
+            None if dep.unavailable > 0 => {
+                dep.unavailable -= 1;
+                let mut h = HeaderMap::new();
+                h.insert("Retry-After", HeaderValue::from_static("1"));
+                (StatusCode::SERVICE_UNAVAILABLE, h).into_response()
+            }
+            None if dep.redirect => {
+                let mut h = HeaderMap::new();
+                // Relative, as a proxy may send it.
+                let base = dep.storage_url.clone().unwrap_or_default();
+                h.insert(
+                    "Location",
+                    HeaderValue::from_str(&format!("{base}/storage/{id}")).expect("header"),
+                );
+                (StatusCode::TEMPORARY_REDIRECT, h).into_response()
+            }
+            None => (StatusCode::OK, dep.zip.clone()).into_response(),
+        },
+    };
+    s.downloads.push(Download {
+        id,
+        path: format!("/api/v4/jobs/{id}/artifacts"),
+        job_token: sent,
+        status: reply.status().as_u16(),
+    });
+    reply
+}
+
+async fn download_from_storage(
+    AxState(state): Shared,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Response {
+    let mut s = state.lock().expect("state");
+    let reply = match s.dependency_artifacts.get(&id) {
+        Some(dep) => (StatusCode::OK, dep.zip.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    };
+    let job_token = headers
+        .get("job-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    s.downloads.push(Download {
+        id,
+        path: format!("/storage/{id}"),
+        job_token,
+        status: reply.status().as_u16(),
+    });
+    reply
 }
 
 /// Splits a multipart/form-data body: (field name, file name, data) per part.

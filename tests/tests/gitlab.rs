@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::fake_gitlab::{job_payload, FakeGitlab, JobRecord};
+use e2e::fake_gitlab::{job_payload, zip_of, DependencyArtifact, FakeGitlab, JobRecord};
 use e2e::{private_cache, qemu_processes_using, runner_bin};
 use serde_json::json;
 
@@ -975,5 +975,384 @@ fn final_update_412_resends_the_whole_log_once_and_202_is_asked_again_after_the_
     assert_eq!(gl.violations(), Vec::<String>::new());
     serve.signal("TERM");
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+/// The fake's URL with `localhost` for `127.0.0.1`: the same server, another origin.
+fn gl_url_as_localhost(url: &str) -> String {
+    url.replace("127.0.0.1", "localhost")
+}
+
+/// A dependency entry of a job payload, as GitLab sends it.
+fn dependency(id: u64, name: &str, size: usize) -> serde_json::Value {
+    json!({"id": id, "name": name, "token": format!("deptoken-{id}-secret"),
+           "artifacts_file": {"filename": "artifacts.zip", "size": size}})
+}
+
+#[test]
+fn earlier_jobs_artifacts_and_image_reach_the_vm_through_retries_and_a_redirect() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    // The entry's default is aarch64: the job's image: is what makes its VM riscv64.
+    let cfg = config(&gl.url).replace(
+        "arch = \"riscv64\"\n",
+        "arch = \"aarch64\"\nallowed_arches = [\"riscv64\"]\n",
+    );
+    assert!(cfg.contains("allowed_arches"), "{cfg}");
+    let _serve = Serve::start(cache.path(), &cfg);
+    // Stage 1's artifacts: a script that runs on the guest and a data file.
+    let zip = zip_of(&[
+        (
+            "bin/hello.sh",
+            b"#!/bin/sh\necho \"hello from $(uname -m)\"\n",
+            0o755,
+        ),
+        ("data/message.txt", b"built in stage 1\n", 0o644),
+    ]);
+    gl.with(|s| {
+        s.dependency_artifacts.insert(
+            950,
+            DependencyArtifact {
+                token: "deptoken-950-secret".into(),
+                zip: zip.clone(),
+                unavailable: 2,
+                redirect: true,
+                ..Default::default()
+            },
+        )
+    });
+    let mut job = job_payload(
+        951,
+        &["./bin/hello.sh", "cat data/message.txt data/docs.txt"],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    );
+    job["image"] = json!({"name": "riscv64/debian-13"});
+    // Another job's artifacts in object storage (another origin): the job token stays home.
+    let docs = zip_of(&[("data/docs.txt", b"from storage\n", 0o644)]);
+    gl.with(|s| {
+        s.dependency_artifacts.insert(
+            948,
+            DependencyArtifact {
+                token: "deptoken-948-secret".into(),
+                zip: docs.clone(),
+                redirect: true,
+                storage_url: Some(gl_url_as_localhost(&gl.url)),
+                ..Default::default()
+            },
+        )
+    });
+    // A dependency without artifacts is not asked for.
+    job["dependencies"] = json!([
+        dependency(948, "docs", docs.len()),
+        {"id": 949, "name": "lint", "token": "deptoken-949-secret", "artifacts_file": null},
+        dependency(950, "build", zip.len()),
+    ]);
+    gl.enqueue(job);
+    let j = gl.wait_final(951, JOB_DEADLINE);
+    let log = trace(&j);
+    assert_eq!(j.final_update.unwrap()["state"], "success", "{log}");
+    assert!(log.contains("hello from riscv64"), "{log}");
+    assert!(log.contains("built in stage 1"), "{log}");
+    assert!(log.contains("from storage"), "{log}");
+    assert!(log.contains("Using debian-13 on riscv64"), "{log}");
+    assert!(!log.contains("deptoken-950-secret"), "{log}");
+    // Two 503s retried, then GitLab's 307 followed to the storage.
+    let downloads = gl.with(|s| s.downloads.clone());
+    let seen: Vec<(u64, &str, u16)> = downloads
+        .iter()
+        .filter(|d| d.id == 950)
+        .map(|d| (d.id, d.path.as_str(), d.status))
+        .collect();
+    let api = "/api/v4/jobs/950/artifacts";
+    assert_eq!(
+        seen,
+        [
+            (950, api, 503),
+            (950, api, 503),
+            (950, api, 307),
+            (950, "/storage/950", 200)
+        ]
+    );
+    assert!(downloads
+        .iter()
+        .filter(|d| d.id == 950)
+        .all(|d| d.job_token.as_deref() == Some("deptoken-950-secret")));
+    let to_storage: Vec<(&str, Option<&str>)> = downloads
+        .iter()
+        .filter(|d| d.id == 948)
+        .map(|d| (d.path.as_str(), d.job_token.as_deref()))
+        .collect();
+    assert_eq!(
+        to_storage,
+        [
+            ("/api/v4/jobs/948/artifacts", Some("deptoken-948-secret")),
+            ("/storage/948", None)
+        ]
+    );
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn bad_dependencies_images_and_services_fail_the_job_naming_them_without_a_vm() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}[runners.limits]\nmax_dependencies_size = \"64K\"\n",
+        config(&gl.url)
+    );
+    let serve = Serve::start(cache.path(), &cfg);
+    // Where a `../` entry would land if it were written (the job's directory is in /tmp).
+    let outside = tempfile::tempdir().unwrap();
+    let escape = format!(
+        "../../../../../../../..{}/escaped.txt",
+        outside.path().display()
+    );
+    // Incompressible (xorshift), so that the download itself is over 64K.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let artifacts = [
+        // (dependency job, status, archive)
+        (960, Some(404), zip_of(&[("a", b"a", 0o644)])),
+        (961, Some(403), zip_of(&[("a", b"a", 0o644)])),
+        (
+            962,
+            None,
+            zip_of(&[
+                ("ok.txt", b"fine", 0o644),
+                (escape.as_str(), b"pwned", 0o644),
+            ]),
+        ),
+        (963, None, zip_of(&[("noise.bin", &noise, 0o644)])),
+        (964, Some(502), zip_of(&[("a", b"a", 0o644)])),
+    ];
+    gl.with(|s| {
+        for (id, status, zip) in &artifacts {
+            s.dependency_artifacts.insert(
+                *id,
+                DependencyArtifact {
+                    token: format!("deptoken-{id}-secret"),
+                    zip: zip.clone(),
+                    status: *status,
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    let failed_with = |id: u64, reason: &str, want: &str| {
+        let j = gl.wait_final(id, Duration::from_secs(90));
+        let log = trace(&j);
+        let fin = j.final_update.clone().unwrap();
+        assert_eq!(fin["state"], "failed", "{id}: {log}");
+        assert_eq!(fin["failure_reason"], reason, "{id}: {log}");
+        assert!(log.contains(want), "{id}: no '{want}' in:\n{log}");
+        assert!(
+            !log.contains("Starting a"),
+            "{id}: a VM was started:\n{log}"
+        );
+    };
+    let job_needing = |id: u64, dep: u64, name: &str| {
+        let mut job = job_payload(id, &["true"], &[], &[("GIT_STRATEGY", "none", false)], 600);
+        job["dependencies"] = json!([dependency(dep, name, 100)]);
+        job
+    };
+    // (job, dependency, its name, failure_reason, message)
+    let cases = [
+        (
+            970,
+            960,
+            "build",
+            "script_failure",
+            "the artifacts of dependency 'build' (job 960) are not found (404)",
+        ),
+        (
+            971,
+            961,
+            "build-b",
+            "script_failure",
+            "GitLab refused the artifacts of dependency 'build-b' (job 961) (403)",
+        ),
+        (
+            972,
+            962,
+            "evil",
+            "script_failure",
+            "the artifacts of dependency 'evil' (job 962) cannot be unpacked: entry '../../",
+        ),
+        (
+            973,
+            963,
+            "big",
+            "script_failure",
+            "over this runner's limit max_dependencies_size = 64K",
+        ),
+        (
+            974,
+            964,
+            "flaky",
+            "runner_system_failure",
+            "dependency 'flaky' (job 964) failed: 502 replies 5 times",
+        ),
+    ];
+    for (id, dep, name, reason, want) in cases {
+        gl.enqueue(job_needing(id, dep, name));
+        failed_with(id, reason, want);
+    }
+    assert!(!outside.path().join("escaped.txt").exists());
+    let retried = gl.with(|s| s.downloads.iter().filter(|d| d.id == 964).count());
+    assert_eq!(retried, 5, "502s are retried a bounded number of times");
+
+    // image: and services: refused before anything starts.
+    let mut job = job_payload(975, &["true"], &[], &[], 600);
+    job["image"] = json!({"name": "x86_64"});
+    gl.enqueue(job);
+    failed_with(
+        975,
+        "script_failure",
+        "image 'x86_64' (architecture x86_64) is not allowed on runner 'riscv64-emu' (allowed: riscv64)",
+    );
+    let mut job = job_payload(976, &["true"], &[], &[], 600);
+    job["image"] = json!({"name": "rust:1.80", "entrypoint": [""]});
+    gl.enqueue(job);
+    failed_with(
+        976,
+        "script_failure",
+        "image 'rust:1.80' is not ARCH, IMAGE or ARCH/IMAGE",
+    );
+    let mut job = job_payload(977, &["true"], &[], &[], 600);
+    job["services"] = json!([{"name": "postgres:16", "alias": "db"}]);
+    gl.enqueue(job);
+    failed_with(
+        977,
+        "script_failure",
+        "services: (postgres:16) are not supported by this runner",
+    );
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    drop(serve);
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+/// The zips of the entry's local cache (`serve-cache/`), with their sizes.
+fn cache_archives(cache: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let root = cache.join("serve-cache/riscv64-emu");
+    for project in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(project.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((f.path(), size));
+        }
+    }
+    out
+}
+
+#[test]
+fn cache_is_pushed_restored_by_key_and_fallback_kept_by_policy_and_bounded() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!("{}cache_max_size = \"100K\"\n", config(&gl.url));
+    let _serve = Serve::start(cache.path(), &cfg);
+    let run = |id: u64, script: &[&str], caches: serde_json::Value| {
+        let mut job = job_payload(id, script, &[], &[("GIT_STRATEGY", "none", false)], 600);
+        job["cache"] = caches;
+        job["artifacts"] = json!([{"name": "report", "paths": ["report.txt"], "when": "always",
+            "artifact_type": "archive", "artifact_format": "zip"}]);
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{id}: {log}"
+        );
+        (j, log)
+    };
+    let entry = |key: &str, policy: &str, fallback: &[&str]| {
+        json!([{"key": key, "untracked": false, "policy": policy, "paths": ["vendor/"],
+                "when": "on_success", "fallback_keys": fallback}])
+    };
+    let a = "deps-non_protected";
+    // 1. Pushes: 40K of noise (incompressible) and a marker; the artifact stays separate.
+    let (j, log) = run(
+        1101,
+        &[
+            "mkdir -p vendor",
+            "echo 'cached by 1101' > vendor/data.txt",
+            "head -c 40000 /dev/urandom > vendor/noise.bin",
+            "echo report > report.txt",
+        ],
+        entry(a, "pull-push", &[]),
+    );
+    assert!(log.contains(&format!("no cache for {a}")), "{log}");
+    assert!(
+        log.contains(&format!("Created cache {a} (2 file(s)")),
+        "{log}"
+    );
+    let upload = j.artifacts.iter().find(|u| u.file_name == "report.zip");
+    let upload = upload.unwrap_or_else(|| panic!("no artifact upload\n{log}"));
+    let names: Vec<String> = zip::ZipArchive::new(std::io::Cursor::new(upload.data.clone()))
+        .unwrap()
+        .file_names()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names, ["report.txt"], "the cache's files are not artifacts");
+    // 2. Restores by key; `pull` does not save what the job changed.
+    let (_, log) = run(
+        1102,
+        &[
+            "cat vendor/data.txt",
+            "echo 'changed by 1102' > vendor/data.txt",
+        ],
+        entry(a, "pull", &[]),
+    );
+    assert!(log.contains("cached by 1101"), "{log}");
+    assert!(
+        log.contains(&format!("Successfully extracted cache {a}")),
+        "{log}"
+    );
+    assert!(!log.contains("Created cache"), "{log}");
+    // 3. A missing key falls back to fallback_keys in order (the first one missing too).
+    let (_, log) = run(
+        1103,
+        &["cat vendor/data.txt"],
+        entry("feature-non_protected", "pull", &["nope-non_protected", a]),
+    );
+    assert!(log.contains("cached by 1101"), "{log}");
+    assert!(!log.contains("changed by 1102"), "{log}");
+    assert!(
+        log.contains(&format!("Successfully extracted cache {a}")),
+        "{log}"
+    );
+    // 4. Two more 40K caches: over 100K, so the least recently used one (1's) goes.
+    for (id, key) in [(1104, "b-non_protected"), (1105, "c-non_protected")] {
+        let (_, log) = run(
+            id,
+            &[
+                "mkdir -p vendor",
+                "head -c 40000 /dev/urandom > vendor/noise.bin",
+            ],
+            entry(key, "push", &[]),
+        );
+        assert!(log.contains(&format!("Created cache {key}")), "{log}");
+    }
+    let archives = cache_archives(cache.path());
+    let total: u64 = archives.iter().map(|(_, s)| s).sum();
+    assert_eq!(archives.len(), 2, "{archives:?}");
+    assert!(total <= 100 << 10, "{archives:?}");
+    let (_, log) = run(1106, &["test ! -e vendor/data.txt"], entry(a, "pull", &[]));
+    assert!(log.contains(&format!("no cache for {a}")), "{log}");
+    assert_eq!(gl.violations(), Vec::<String>::new());
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }

@@ -144,6 +144,13 @@ impl GithubConfig {
 
     /// The validated `[github.limits]`.
     pub fn limits(&self) -> Result<Limits, String> {
+        let gitlab_only = self.limits.gitlab_only_keys();
+        if !gitlab_only.is_empty() {
+            return Err(format!(
+                "[github.limits] {} apply only to [runners.limits] (GitLab jobs)",
+                gitlab_only.join(", ")
+            ));
+        }
         self.limits.validate("[github.limits]")
     }
 
@@ -263,6 +270,10 @@ mod tests {
             (
                 "webhook_secret = \"s\"\nlimits = { max_memory = \"64T\" }",
                 Some("[github.limits] max_memory must be"),
+            ),
+            (
+                "webhook_secret = \"s\"\nlimits = { max_dependencies_size = \"1G\" }",
+                Some("[github.limits] max_dependencies_size apply only to [runners.limits]"),
             ),
             (
                 "webhook_secret = \"s\"\ngit_protocols = []",

@@ -146,7 +146,7 @@ pub async fn upload_results(
     job: &Job,
     prepared: &Prepared,
     outcome: &Outcome,
-    found: Found,
+    found: &Found,
     step_junit: &std::path::Path,
     say: &(dyn Fn(&str) + Sync),
 ) {
@@ -206,13 +206,23 @@ pub async fn upload_results(
             }
         }
     }
+    // The caches' files came back in the same archive: only the artifacts' own go up.
+    let archive_files = if prepared.caches.is_empty() {
+        found.artifacts.clone()
+    } else {
+        super::prepare::select(
+            &found.artifacts,
+            &prepared.plan.out_dir,
+            &prepared.archive_globs,
+        )
+    };
     if let Some(a) = &prepared.archive {
-        if !found.artifacts.is_empty() && fits(a.when) {
+        if !archive_files.is_empty() && fits(a.when) {
             say(&format!(
                 "Uploading artifacts ({} file(s))\n",
-                found.artifacts.len()
+                archive_files.len()
             ));
-            let result = match zip_files(&prepared.plan.out_dir, &found.artifacts) {
+            let result = match zip_files(&prepared.plan.out_dir, &archive_files) {
                 Ok(data) => {
                     let name = if a.name.is_empty() {
                         "artifacts.zip".to_string()
@@ -242,7 +252,7 @@ pub async fn upload_results(
                     say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
                 }
             }
-        } else if found.artifacts.is_empty() && fits(a.when) {
+        } else if archive_files.is_empty() && fits(a.when) {
             say("WARNING: no files matched the artifact paths\n");
         }
     }

@@ -25,6 +25,8 @@ pub enum ClientError {
     Build(String),
     #[error("GitLab at {url} sent a reply larger than {limit} bytes")]
     TooLarge { url: String, limit: usize },
+    #[error("cannot save what GitLab at {url} sent: {message}")]
+    Sink { url: String, message: String },
 }
 
 /// What came back from one call.
@@ -101,10 +103,13 @@ pub fn runner_info(name: &str, arch: &str) -> Value {
 pub fn features() -> Value {
     json!({
         "variables": true,
-        "image": false,
+        // `image:` picks the VM (see `prepare::parse_image`); `services:` are refused.
+        "image": true,
         "services": false,
         "artifacts": true,
-        "cache": false,
+        // Local to this host (gitlab::cache); not shared between runners.
+        "cache": true,
+        "fallback_cache_keys": true,
         "shared": false,
         "upload_multiple_artifacts": true,
         "upload_raw_artifacts": false,
@@ -159,6 +164,11 @@ impl Client {
             .send()
             .await
             .map_err(|e| self.transport(e))?;
+        self.read_reply(resp).await
+    }
+
+    /// Status, headers and the body (at most [`MAX_REPLY`]) of a reply.
+    async fn read_reply(&self, resp: reqwest::Response) -> Result<Reply, ClientError> {
         let status = resp.status();
         let headers = resp.headers().clone();
         // Replies are JSON documents (a job payload is the largest): read at most
@@ -273,6 +283,60 @@ impl Client {
         .await
     }
 
+    /// `GET /jobs/:id/artifacts` with `JOB-TOKEN` (gitlab-runner's download of a dependency's
+    /// artifacts), or `url` (a redirect's `Location`; the token only goes along when
+    /// `send_token`). A 200's body is streamed into `sink`, at most `limit` bytes
+    /// ([`ClientError::TooLarge`] past that), and the returned reply's body is empty; any
+    /// other reply comes back as it is (bounded like every reply).
+    pub async fn download_artifacts(
+        &self,
+        url: Option<&str>,
+        id: u64,
+        job_token: &str,
+        send_token: bool,
+        sink: &mut (dyn std::io::Write + Send),
+        limit: u64,
+    ) -> Result<Reply, ClientError> {
+        let url = url
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{}/jobs/{id}/artifacts", self.api));
+        let timeout = CALL_TIMEOUT + Duration::from_secs(limit / (1 << 20));
+        let mut req = self.http.get(&url).timeout(timeout);
+        if send_token {
+            req = req.header("JOB-TOKEN", job_token);
+        }
+        let request_id = format!("{:016x}", rand::random::<u64>());
+        let mut resp = req
+            .header("X-Request-Id", request_id)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if resp.status() != StatusCode::OK {
+            return self.read_reply(resp).await;
+        }
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(e))? {
+            written += chunk.len() as u64;
+            if written > limit {
+                return Err(ClientError::TooLarge {
+                    url: self.url.clone(),
+                    limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                });
+            }
+            sink.write_all(&chunk).map_err(|e| ClientError::Sink {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(Reply {
+            status,
+            headers,
+            body: bytes::Bytes::new(),
+        })
+    }
+
     /// `POST /jobs/:id/artifacts` (multipart field `file`; type and format both as query
     /// parameters and as multipart fields, since servers read one or the other). `url`
     /// overrides the endpoint (a 307's `Location`).
@@ -343,14 +407,16 @@ mod tests {
             "cancel_gracefully",
             "return_exit_code",
             "multi_build_steps",
+            "image",
+            "cache",
+            "fallback_cache_keys",
         ] {
             assert_eq!(f[on], true, "{on}");
         }
         for off in [
             "two_phase_job_commit",
-            "image",
             "services",
-            "cache",
+            "shared",
             "artifacts_exclude",
         ] {
             assert_eq!(f[off], false, "{off}");

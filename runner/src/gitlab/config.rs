@@ -55,6 +55,10 @@ pub struct RunnerEntry {
     /// Transports git may fetch with (`GIT_ALLOW_PROTOCOL`); a local path counts as "file".
     #[serde(default = "default_protocols")]
     pub git_protocols: Vec<String>,
+    /// Disk for this entry's `cache:` archives (all projects), e.g. "2G"; the least recently
+    /// used go first.
+    #[serde(default = "default_cache_max_size")]
+    pub cache_max_size: String,
     /// Caps on what a job may ask for (`[runners.limits]`), as written.
     #[serde(default, rename = "limits")]
     pub limits_config: LimitsConfig,
@@ -96,6 +100,7 @@ impl RunnerEntry {
     /// Checks what serde could not and fills in [`RunnerEntry::limits`].
     pub fn check(&mut self) -> Result<(), String> {
         self.memory_mib()?;
+        self.cache_max_bytes()?;
         let section = format!("runner '{}' limits", self.name);
         let github_only = self.limits_config.github_only_keys();
         if !github_only.is_empty() {
@@ -106,6 +111,17 @@ impl RunnerEntry {
         }
         self.limits = self.limits_config.validate(&section)?;
         crate::sources::check_protocols(&format!("runner '{}'", self.name), &self.git_protocols)
+    }
+
+    /// `cache_max_size` in bytes, or why it is not a size.
+    pub fn cache_max_bytes(&self) -> Result<u64, String> {
+        match engine::size::parse_size(&self.cache_max_size) {
+            Ok(b) if b > 0 => Ok(b),
+            _ => Err(format!(
+                "runner '{}': cache_max_size '{}' is not a size like \"2G\" or \"512M\"",
+                self.name, self.cache_max_size
+            )),
+        }
     }
 
     /// The log cap in bytes.
@@ -123,6 +139,9 @@ fn default_output_limit() -> u64 {
 fn default_image() -> String {
     "debian-13".to_string()
 }
+fn default_cache_max_size() -> String {
+    "2G".into()
+}
 fn default_cpus() -> u32 {
     crate::run::plan::DEFAULT_CPUS
 }
@@ -137,4 +156,28 @@ fn default_protocols() -> Vec<String> {
 }
 fn default_check_interval() -> Duration {
     Duration::from_secs(3)
+}
+
+#[cfg(test)]
+mod tests {
+    fn parse(extra: &str) -> Result<crate::serve::ServeConfig, String> {
+        crate::serve::ServeConfig::parse(
+            std::path::Path::new("serve.toml"),
+            &format!("[[runners]]\nname = \"r\"\nurl = \"http://x\"\ntoken = \"t\"\narch = \"riscv64\"\n{extra}"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cache_max_size_is_a_size() {
+        let c = parse("").unwrap();
+        assert_eq!(c.runners[0].cache_max_bytes(), Ok(2 << 30));
+        let c = parse("cache_max_size = \"100K\"").unwrap();
+        assert_eq!(c.runners[0].cache_max_bytes(), Ok(100 << 10));
+        // Not a size, or nothing.
+        for bad in ["\"lots\"", "\"0\""] {
+            let e = parse(&format!("cache_max_size = {bad}")).unwrap_err();
+            assert!(e.contains("runner 'r': cache_max_size"), "{bad}: {e}");
+        }
+    }
 }

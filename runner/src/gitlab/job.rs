@@ -31,6 +31,87 @@ pub struct Job {
     pub artifacts: Vec<Artifact>,
     #[serde(default, deserialize_with = "null_default")]
     pub features: Features,
+    /// The job's `image:` (which VM, see `prepare::vm_choice`).
+    #[serde(default, deserialize_with = "null_default")]
+    pub image: Option<Image>,
+    /// The job's `services:`; refused (each job is one VM), never silently dropped.
+    #[serde(default, deserialize_with = "null_default")]
+    pub services: Vec<Service>,
+    /// Earlier jobs whose artifacts this job gets (`dependencies:`/`needs:`).
+    #[serde(default, deserialize_with = "null_default")]
+    pub dependencies: Vec<Dependency>,
+    /// The job's `cache:` entries, keys resolved by GitLab (`key:files` hashed, the
+    /// `-protected`/`-non_protected` suffix added).
+    #[serde(default, deserialize_with = "null_default")]
+    pub cache: Vec<Cache>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Cache {
+    #[serde(default, deserialize_with = "null_default")]
+    pub key: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub untracked: bool,
+    #[serde(default, deserialize_with = "null_default")]
+    pub policy: CachePolicy,
+    #[serde(default, deserialize_with = "null_default")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub when: When,
+    /// Keys to restore from, in order, when `key` has no cache yet.
+    #[serde(default, deserialize_with = "null_default")]
+    pub fallback_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CachePolicy {
+    Pull,
+    Push,
+    #[default]
+    PullPush,
+}
+
+impl CachePolicy {
+    pub fn pulls(self) -> bool {
+        self != CachePolicy::Push
+    }
+    pub fn pushes(self) -> bool {
+        self != CachePolicy::Pull
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Image {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Service {
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+}
+
+/// An earlier job of the pipeline; its artifacts are fetched with its own `token`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dependency {
+    pub id: u64,
+    pub token: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    /// Absent when that job left no artifacts archive.
+    #[serde(default, deserialize_with = "null_default")]
+    pub artifacts_file: Option<ArtifactsFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ArtifactsFile {
+    #[serde(default, deserialize_with = "null_default")]
+    pub filename: String,
+    /// Bytes, as GitLab stored them (a hint: the download is bounded on its own).
+    #[serde(default, deserialize_with = "null_default")]
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,7 +257,7 @@ impl Job {
             return JobError::Payload(e);
         };
         let null = serde_json::Value::Null;
-        let fields: [(&'static str, Check); 9] = [
+        let fields: [(&'static str, Check); 13] = [
             ("id", check::<u64>),
             ("token", check::<String>),
             ("job_info", check::<JobInfo>),
@@ -186,6 +267,10 @@ impl Job {
             ("steps", check::<Option<Vec<Step>>>),
             ("artifacts", check::<Option<Vec<Artifact>>>),
             ("features", check::<Option<Features>>),
+            ("image", check::<Option<Image>>),
+            ("services", check::<Option<Vec<Service>>>),
+            ("dependencies", check::<Option<Vec<Dependency>>>),
+            ("cache", check::<Option<Vec<Cache>>>),
         ];
         for (field, check) in fields {
             if let Some(source) = check(map.get(field).unwrap_or(&null)) {
@@ -204,7 +289,7 @@ impl Job {
             .map(|v| v.value.as_str())
     }
 
-    /// Values to mask in the log: masked variables, plus the job token (always secret).
+    /// Values to mask in the log: masked variables, plus the job tokens (always secret).
     pub fn secrets(&self) -> Vec<String> {
         let mut s: Vec<String> = self
             .variables
@@ -213,6 +298,12 @@ impl Job {
             .map(|v| v.value.clone())
             .collect();
         s.push(self.token.clone());
+        s.extend(
+            self.dependencies
+                .iter()
+                .filter(|d| !d.token.is_empty())
+                .map(|d| d.token.clone()),
+        );
         s
     }
 }
@@ -296,7 +387,7 @@ mod tests {
     const ABSENT: &str = include_str!("fixtures/job-optional-absent.json");
 
     /// Fields a payload cannot do without (as `/`-joined paths; `[]` is any list element).
-    const REQUIRED: [&str; 11] = [
+    const REQUIRED: [&str; 13] = [
         "id",
         "token",
         "job_info",
@@ -308,6 +399,8 @@ mod tests {
         "runner_info/timeout",
         "variables/[]/key",
         "steps/[]/name",
+        "dependencies/[]/id",
+        "dependencies/[]/token",
     ];
 
     fn parse(v: &serde_json::Value) -> Job {
@@ -319,7 +412,14 @@ mod tests {
     fn fixtures_with_optional_fields_null_or_absent_mean_the_defaults() {
         let full = Job::parse(FULL.as_bytes()).unwrap();
         assert_eq!(full.artifacts[1].when, When::OnFailure);
-        assert_eq!(full.secrets(), ["hunter22", "glcbt-full"]);
+        assert_eq!(full.secrets(), ["hunter22", "glcbt-full", "glcbt-dep"]);
+        assert_eq!(
+            full.dependencies[0].artifacts_file.as_ref().unwrap().size,
+            1234
+        );
+        assert_eq!(full.services[0].name, "postgres:16");
+        assert_eq!(full.cache[0].policy, CachePolicy::Pull);
+        assert_eq!(full.cache[0].fallback_keys, ["main-protected"]);
         let nulls = Job::parse(NULLS.as_bytes()).unwrap();
         let absent = Job::parse(ABSENT.as_bytes()).unwrap();
         for job in [&nulls, &absent] {

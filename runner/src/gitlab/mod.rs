@@ -11,11 +11,17 @@
 //! - `script` — step lines as a bash script, echoed like gitlab-runner's shell executor
 //! - `trace` — the job log (masking, `output_limit`, crc32) and its uploader
 //! - `artifacts` — JUnit (gzip) and archive (zip) uploads
+//! - `dependencies` — earlier jobs' artifacts, downloaded into the workspace
+//! - `cache` — `cache:` archives kept on this host, restored and saved per job
+//! - `unzip` — a zip from GitLab unpacked safely into a workspace
+//! - `workspace` — caches and earlier jobs' artifacts in, caches out, around the script
 //! - `client` — the REST API and the retry backoff
 
 pub mod artifacts;
+pub mod cache;
 pub mod client;
 pub mod config;
+pub mod dependencies;
 pub mod entry;
 pub mod job;
 pub mod prepare;
@@ -24,6 +30,8 @@ pub mod run;
 pub mod script;
 pub mod service;
 pub mod trace;
+pub mod unzip;
+pub mod workspace;
 
 pub use config::RunnerEntry;
 pub use service::serve;

@@ -1,10 +1,12 @@
-//! A GitLab job becomes a `SuitePlan`: architecture and image (the entry's, or the
-//! `RUNNER_ARCH`/`RUNNER_IMAGE` variables within what the entry allows), variables (expanded
+//! A GitLab job becomes a `SuitePlan`: architecture and image (the entry's, or the job's
+//! `image:` and `RUNNER_ARCH`/`RUNNER_IMAGE` within what the entry allows; `services:`
+//! refused), variables (expanded
 //! unless raw; file variables as guest files), steps (bash scripts with GitLab's `when` and
 //! timeouts), JUnit and archive artifact paths, and the host-side checkout. Everything wrong
 //! with a job is found here, before any VM starts, as one line for its log.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::vm::GuestCommand;
@@ -37,21 +39,26 @@ pub struct Prepared {
     pub step_junit: bool,
     pub junit: Option<Artifact>,
     pub archive: Option<Artifact>,
+    /// The guest globs of the archive artifact (the plan's `artifacts` also bring back the
+    /// caches' files; [`select`] tells them apart).
+    pub archive_globs: Vec<String>,
+    /// The job's `cache:` entries and the guest globs of each.
+    pub caches: Vec<(job::Cache, Vec<String>)>,
 }
 
 /// Validates the job against the entry and builds its plan. Errors are the job's fault
 /// (one line for its log).
 pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result<Prepared, String> {
-    let arch = choose_arch(entry, job)?;
-    let image = choose_image(entry, job)?;
+    let (arch, image) = choose_vm(entry, job)?;
     let limits = &entry.limits;
     let timeout = Duration::from_secs(job.runner_info.timeout.max(1));
     limits
         .check_timeout("the job's timeout", timeout)
         .map_err(|e| e.to_string())?;
-    let (env, files) = environment(job, arch);
+    let (env, files) = environment(job, arch, &image);
     let steps = steps(job, &env, timeout, limits)?;
     let artifacts = ArtifactPaths::of(job)?;
+    let caches = cache_globs(job)?;
     let checkout = checkout(entry, job, work)?;
     let step_junit = entry.step_junit
         || matches!(
@@ -74,7 +81,13 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         steps,
         timeout,
         junit: artifacts.junit_paths,
-        artifacts: artifacts.archive_paths,
+        // Both come back in one archive, bounded by max_artifacts_size.
+        artifacts: artifacts
+            .archive_paths
+            .iter()
+            .chain(caches.iter().flat_map(|(_, g)| g))
+            .cloned()
+            .collect(),
         cpus: entry.cpus,
         memory_mib: entry.memory_mib()?,
         out_dir: work.join("artifacts"),
@@ -89,47 +102,129 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         step_junit,
         junit: artifacts.junit,
         archive: artifacts.archive,
+        archive_globs: artifacts.archive_paths,
+        caches,
     })
 }
 
-/// The entry's architecture, or `RUNNER_ARCH` when the entry allows it.
-fn choose_arch(entry: &RunnerEntry, job: &Job) -> Result<engine::Arch, String> {
-    let Some(name) = job.var(ARCH_VARIABLE).filter(|v| !v.is_empty()) else {
-        return Ok(entry.arch);
+/// What a job's `image:` names: an architecture, an image, or both (`ARCH/IMAGE`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageChoice {
+    pub arch: Option<engine::Arch>,
+    pub image: Option<engine::image::ImageName>,
+}
+
+/// Parses `image:` — `riscv64`, `debian-13` or `riscv64/debian-13` (an architecture name
+/// wins over an image of the same name). Architecture names are the engine's, so new guest
+/// architectures work here as soon as the engine knows them.
+pub fn parse_image(name: &str) -> Result<ImageChoice, String> {
+    let name = name.trim();
+    let malformed = || {
+        format!(
+            "image '{}' is not ARCH, IMAGE or ARCH/IMAGE (e.g. riscv64/debian-13): this runner starts VMs of its own images, not container images",
+            name.chars().take(200).collect::<String>()
+        )
+    };
+    let image = |s: &str| {
+        s.parse::<engine::image::ImageName>()
+            .map_err(|_| malformed())
+    };
+    match name.split('/').collect::<Vec<_>>()[..] {
+        [""] => Ok(ImageChoice::default()),
+        [one] => Ok(match one.parse::<engine::Arch>() {
+            Ok(arch) => ImageChoice {
+                arch: Some(arch),
+                image: None,
+            },
+            Err(_) => ImageChoice {
+                arch: None,
+                image: Some(image(one)?),
+            },
+        }),
+        [arch, img] => Ok(ImageChoice {
+            arch: Some(
+                arch.parse()
+                    .map_err(|e: engine::arch::UnknownArch| format!("image '{name}': {e}"))?,
+            ),
+            image: Some(image(img)?),
+        }),
+        _ => Err(malformed()),
+    }
+}
+
+/// The job's VM: the entry's default architecture and image, replaced by what `image:` names,
+/// each part replaced again by `RUNNER_ARCH`/`RUNNER_IMAGE` when set (a pipeline variable can
+/// re-target a job without editing it); whatever is picked must be allowed by the entry.
+fn choose_vm(entry: &RunnerEntry, job: &Job) -> Result<(engine::Arch, String), String> {
+    if let Some(names) = services(job) {
+        return Err(format!(
+            "services: ({names}) are not supported by this runner: each job runs alone in one VM; remove `services:` from the job (or from `default:`) and start what the tests need in the script"
+        ));
+    }
+    let image_name = job.image.as_ref().map(|i| i.name.trim()).unwrap_or("");
+    let from_image = parse_image(image_name)?;
+    let var = |key: &str| job.var(key).filter(|v| !v.is_empty());
+    let (arch, arch_source) = match var(ARCH_VARIABLE) {
+        Some(v) => (
+            v.parse::<engine::Arch>()
+                .map_err(|e: engine::arch::UnknownArch| e.to_string())?,
+            format!("{ARCH_VARIABLE}={v}"),
+        ),
+        None => match from_image.arch {
+            Some(a) => (a, format!("image '{image_name}' (architecture {a})")),
+            None => (entry.arch, String::new()),
+        },
+    };
+    let (image, image_source) = match var(IMAGE_VARIABLE) {
+        Some(v) => (v.to_string(), format!("{IMAGE_VARIABLE}={v}")),
+        None => match &from_image.image {
+            Some(i) => (i.to_string(), format!("image '{image_name}'")),
+            None => (entry.image.clone(), String::new()),
+        },
     };
     let allowed = entry.arches();
-    let arch: engine::Arch = name
-        .parse()
-        .map_err(|e: engine::arch::UnknownArch| e.to_string())?;
     if !allowed.contains(&arch) {
         return Err(format!(
-            "{ARCH_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
+            "{arch_source} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_arches",
             entry.name,
             allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok(arch)
-}
-
-/// The entry's image, or `RUNNER_IMAGE` when the entry allows it.
-fn choose_image(entry: &RunnerEntry, job: &Job) -> Result<String, String> {
-    let Some(name) = job.var(IMAGE_VARIABLE).filter(|v| !v.is_empty()) else {
-        return Ok(entry.image.clone());
-    };
     let allowed = entry.images();
-    if !allowed.iter().any(|i| i == name) {
+    if !allowed.contains(&image) {
         return Err(format!(
-            "{IMAGE_VARIABLE}={name} is not allowed on runner '{}' (allowed: {}); pick one of those or add it to allowed_images",
+            "{image_source} is not allowed on runner '{}' (allowed images: {}); pick one of those or add it to allowed_images",
             entry.name,
             allowed.join(", ")
         ));
     }
-    Ok(name.to_string())
+    Ok((arch, image))
+}
+
+/// The names of the job's services, if it has any.
+fn services(job: &Job) -> Option<String> {
+    let names: Vec<&str> = job
+        .services
+        .iter()
+        .map(|s| {
+            if s.name.is_empty() {
+                "?"
+            } else {
+                s.name.as_str()
+            }
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
 }
 
 /// The steps' environment: the job's variables (expanded unless raw; file variables become
-/// guest files whose path is the value), then what gitlab-runner itself adds.
-fn environment(job: &Job, arch: engine::Arch) -> (Vec<(String, String)>, Vec<GuestFile>) {
+/// guest files whose path is the value), then what gitlab-runner itself adds, and the VM's
+/// `RUNNER_ARCH`/`RUNNER_IMAGE` (canonical names, after the job's own).
+fn environment(
+    job: &Job,
+    arch: engine::Arch,
+    image: &str,
+) -> (Vec<(String, String)>, Vec<GuestFile>) {
     let raw: HashMap<String, String> = job
         .variables
         .iter()
@@ -158,6 +253,9 @@ fn environment(job: &Job, arch: engine::Arch) -> (Vec<(String, String)>, Vec<Gue
         ("GITLAB_CI", "true"),
         ("CI", "true"),
         ("CI_RUNNER_EXECUTABLE_ARCH", arch.name()),
+        // The VM the job got, however it was picked (as `runner test` sets them).
+        (ARCH_VARIABLE, arch.name()),
+        (IMAGE_VARIABLE, image),
     ] {
         env.push((k.to_string(), val.to_string()));
     }
@@ -236,7 +334,7 @@ impl ArtifactPaths {
             .map(|a| a.paths.iter().flat_map(|p| file_globs(p)).collect())
             .unwrap_or_default();
         for p in junit_paths.iter().chain(&archive_paths) {
-            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+            if !relative_path(p) {
                 return Err(format!(
                     "artifact path '{p}' must be relative to the project directory, without '..'"
                 ));
@@ -249,6 +347,52 @@ impl ArtifactPaths {
             archive_paths,
         })
     }
+}
+
+/// Each `cache:` entry that saves (`push`/`pull-push`) with the guest globs of its `paths`
+/// (a cache that only pulls brings nothing back).
+fn cache_globs(job: &Job) -> Result<Vec<(job::Cache, Vec<String>)>, String> {
+    let mut out = Vec::new();
+    for c in &job.cache {
+        let globs: Vec<String> = if c.policy.pushes() {
+            c.paths.iter().flat_map(|p| file_globs(p)).collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(p) = c.paths.iter().find(|p| !relative_path(p)) {
+            return Err(format!(
+                "cache path '{p}' must be relative to the project directory, without '..'"
+            ));
+        }
+        out.push((c.clone(), globs));
+    }
+    Ok(out)
+}
+
+fn relative_path(p: &str) -> bool {
+    !(p.starts_with('/') || p.split('/').any(|c| c == ".."))
+}
+
+/// The files of `files` (below `root`) that one of the guest `globs` matches, with the
+/// guest's sh semantics: `*` and `?` match neither `/` nor a leading `.`.
+pub fn select(files: &[PathBuf], root: &Path, globs: &[String]) -> Vec<PathBuf> {
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let patterns: Vec<glob::Pattern> = globs
+        .iter()
+        .filter_map(|g| glob::Pattern::new(g).ok())
+        .collect();
+    files
+        .iter()
+        .filter(|f| {
+            let rel = f.strip_prefix(root).unwrap_or(f);
+            patterns.iter().any(|p| p.matches_path_with(rel, options))
+        })
+        .cloned()
+        .collect()
 }
 
 /// The host-side checkout (`GIT_STRATEGY`, `GIT_DEPTH`), or none for `GIT_STRATEGY: none`.
@@ -355,6 +499,15 @@ mod tests {
         assert_eq!(get("R"), Some("x$A"));
         assert_eq!(get("F"), Some("/tmp/runner-job/variables/F"));
         assert_eq!(get("CI_PROJECT_DIR"), Some("/workspace"));
+        // The chosen VM, last (so it wins over the job's own spelling).
+        let last = |k: &str| {
+            env.iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(last("RUNNER_ARCH"), Some("aarch64"));
+        assert_eq!(last("RUNNER_IMAGE"), Some("debian-13"));
         assert_eq!(p.plan.files[0].contents, b"file body");
         assert_eq!(p.plan.steps[1].when, StepWhen::Always);
         assert!(p.plan.steps[1].allow_failure);
@@ -427,5 +580,122 @@ mod tests {
         let mut j = job(r#"{"key":"GIT_STRATEGY","value":"none"}"#);
         j.git_info.sha = "main".into();
         assert!(prepare(&entry(), &j, dir.path()).is_ok());
+    }
+
+    #[test]
+    fn image_names_an_architecture_an_image_or_both() {
+        let img = |s: &str| Some(s.parse::<engine::image::ImageName>().unwrap());
+        // (image:, arch, image)
+        let cases = [
+            ("", None, None),
+            ("riscv64", Some(engine::Arch::Riscv64), None),
+            ("arm64", Some(engine::Arch::Aarch64), None), // Debian's name too
+            ("debian-13", None, img("debian-13")),
+            (
+                " x86_64/debian-12 ",
+                Some(engine::Arch::X86_64),
+                img("debian-12"),
+            ),
+        ];
+        for (name, arch, image) in cases {
+            assert_eq!(
+                parse_image(name).unwrap(),
+                ImageChoice { arch, image },
+                "{name}"
+            );
+        }
+        // (image:, message part)
+        let bad = [
+            ("debian:trixie", "is not ARCH, IMAGE or ARCH/IMAGE"),
+            ("registry.example.com/group/image:1", "not container images"),
+            ("mips/debian-13", "mips"),
+            ("riscv64/", "is not ARCH, IMAGE or ARCH/IMAGE"),
+            ("riscv64/../x", "is not ARCH, IMAGE or ARCH/IMAGE"),
+        ];
+        for (name, want) in bad {
+            let e = parse_image(name).unwrap_err();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn image_and_variables_pick_the_vm_within_what_the_entry_allows() {
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\nimage='debian-13'\nallowed_arches=['aarch64']\nallowed_images=['debian-12']\n",
+        )
+        .unwrap();
+        let entry = &cfg.runners[0];
+        let with = |image: Option<&str>, vars: &str| {
+            let mut j = job(vars);
+            j.image = image.map(|name| job::Image { name: name.into() });
+            choose_vm(entry, &j)
+        };
+        let ok = |image: Option<&str>, vars: &str| with(image, vars).unwrap();
+        let (rv, aa) = (engine::Arch::Riscv64, engine::Arch::Aarch64);
+        // (image:, variables, chosen)
+        let cases = [
+            (None, "", (rv, "debian-13")),
+            (Some(""), "", (rv, "debian-13")),
+            (Some("aarch64"), "", (aa, "debian-13")),
+            (Some("debian-12"), "", (rv, "debian-12")),
+            (Some("aarch64/debian-12"), "", (aa, "debian-12")),
+            // The variables win over image:, each for its own part.
+            (
+                Some("aarch64/debian-12"),
+                r#"{"key":"RUNNER_ARCH","value":"riscv64"}"#,
+                (rv, "debian-12"),
+            ),
+            (
+                Some("aarch64"),
+                r#"{"key":"RUNNER_IMAGE","value":"debian-12"}"#,
+                (aa, "debian-12"),
+            ),
+        ];
+        for (image, vars, (arch, img)) in cases {
+            assert_eq!(ok(image, vars), (arch, img.to_string()), "{image:?} {vars}");
+        }
+        // (image:, variables, message)
+        let refused = [
+            (
+                Some("x86_64"),
+                "",
+                "image 'x86_64' (architecture x86_64) is not allowed on runner 'r' (allowed: riscv64, aarch64)",
+            ),
+            (
+                Some("riscv64/debian-11"),
+                "",
+                "image 'riscv64/debian-11' is not allowed on runner 'r' (allowed images: debian-13, debian-12); pick one",
+            ),
+            (
+                Some("riscv64"),
+                r#"{"key":"RUNNER_ARCH","value":"x86_64"}"#,
+                "RUNNER_ARCH=x86_64 is not allowed",
+            ),
+            (Some("ubuntu:24.04"), "", "image 'ubuntu:24.04' is not ARCH, IMAGE"),
+        ];
+        for (image, vars, want) in refused {
+            let e = with(image, vars).unwrap_err();
+            assert!(e.starts_with(want), "{image:?} {vars}: {e}");
+        }
+    }
+
+    #[test]
+    fn services_are_refused_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("");
+        j.services = vec![
+            job::Service {
+                name: "postgres:16".into(),
+            },
+            job::Service {
+                name: "redis".into(),
+            },
+        ];
+        let e = prepare(&entry(), &j, dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("services: (postgres:16, redis) are not supported by this runner"),
+            "{e}"
+        );
     }
 }

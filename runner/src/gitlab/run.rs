@@ -1,7 +1,8 @@
 //! One job from pick-up to final report: parse the payload, say `running`, plan it
-//! (`prepare`), check out its sources on the host, run it in a VM while the log streams to
-//! GitLab (`reporter` → `trace`), upload JUnit reports and artifacts, and send the final
-//! state — derived from the run's `Outcome` by [`final_state`] alone.
+//! (`prepare`), check out its sources on the host, restore its caches and earlier jobs'
+//! artifacts into them (`workspace`), run it in a VM while the log streams to GitLab
+//! (`reporter` → `trace`), save its caches, upload JUnit reports and artifacts, and send the
+//! final state — derived from the run's `Outcome` by [`final_state`] alone.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use super::job::{self, Job, JobHandle};
 use super::prepare::prepare;
 use super::reporter::{sanitize, unix_now, Found, TraceReporter};
 use super::trace::{JobLog, Signals, Uploader};
+use super::workspace;
 use crate::events::Reporters;
 use crate::outcome::Outcome;
 use crate::report::junit::JunitReporter;
@@ -202,6 +204,8 @@ async fn execute(
 
     // Sources, on the host.
     let mut fetch_guard = None;
+    // The host directory that becomes the guest's workspace, if any.
+    let mut root: Option<PathBuf> = None;
     if let Some(mut checkout) = prepared.checkout.take() {
         let (dest, guard) = checkout_dir(ectx, &job, &checkout, work.path());
         if guard.is_none() && checkout.strategy == GitStrategy::Fetch {
@@ -223,29 +227,7 @@ async fn execute(
                     say("\n");
                 }
                 say(&format!("Checked out {}\n", sources::short(&done.sha)));
-                // The sources are packed in memory for the guest: the operator's cap first.
-                let cap = entry.limits.max_workspace;
-                match sources::tree_size(&checkout.dest) {
-                    Ok(size) if size > cap => {
-                        let over = crate::serve::OverLimit {
-                            what: "the job's sources".into(),
-                            asked: crate::serve::limits::size_text(size),
-                            key: "max_workspace_size",
-                            cap: crate::serve::limits::size_text(cap),
-                            fix: "use a shallower GIT_DEPTH or GIT_STRATEGY none, or ask the runner's operator to raise the limit",
-                        };
-                        tracing::warn!("job refused: {over}");
-                        say(&format!("\x1b[31;1mERROR: {over}\x1b[0;m\n"));
-                        return failed("script_failure", None);
-                    }
-                    // Unreadable: packing reports it (as the host's problem).
-                    _ => {}
-                }
-                prepared.plan.workspace = Some(WorkspacePlan {
-                    root: checkout.dest.clone(),
-                    exclude: Vec::new(),
-                    max_size: cap,
-                });
+                root = Some(checkout.dest.clone());
             }
             Err(e) => {
                 let msg = sources::redact(&crate::outcome::chain(&e));
@@ -262,6 +244,51 @@ async fn execute(
             }
         }
         say(&format!("section_end:{}:get_sources\r\x1b[0K", unix_now()));
+    }
+
+    // The caches, then artifacts of earlier jobs, into the workspace (gitlab-runner's order).
+    let caches = workspace::cache_store(ectx);
+    if let Err(reason) =
+        workspace::restore_caches(&caches, ectx, &job, &mut root, work.path(), &log).await
+    {
+        return failed(reason, None);
+    }
+    // Artifacts of earlier jobs, into the workspace (after the checkout, as gitlab-runner).
+    if let Err(reason) =
+        workspace::restore_dependencies(ectx, &job, &mut root, work.path(), &cancel, &say).await
+    {
+        return failed(reason, None);
+    }
+
+    // The workspace is packed in memory for the guest: the operator's cap first.
+    if let Some(root) = root {
+        let cap = entry.limits.max_workspace;
+        match sources::tree_size(&root) {
+            Ok(size) if size > cap => {
+                let what = if job.dependencies.is_empty() {
+                    "the job's sources"
+                } else {
+                    "the job's sources and dependencies' artifacts"
+                };
+                let over = crate::serve::OverLimit {
+                    what: what.into(),
+                    asked: crate::serve::limits::size_text(size),
+                    key: "max_workspace_size",
+                    cap: crate::serve::limits::size_text(cap),
+                    fix: "use a shallower GIT_DEPTH or GIT_STRATEGY none, or ask the runner's operator to raise the limit",
+                };
+                tracing::warn!("job refused: {over}");
+                say(&format!("\x1b[31;1mERROR: {over}\x1b[0;m\n"));
+                return failed("script_failure", None);
+            }
+            // Unreadable: packing reports it (as the host's problem).
+            _ => {}
+        }
+        prepared.plan.workspace = Some(WorkspacePlan {
+            root,
+            exclude: Vec::new(),
+            max_size: cap,
+        });
     }
 
     // The run.
@@ -293,12 +320,13 @@ async fn execute(
     // Artifacts (not for a cancelled job: GitLab has already let go of it).
     if outcome != Outcome::Cancelled {
         let found = std::mem::take(&mut *found.lock().expect("not poisoned"));
+        workspace::save_caches(&caches, &job, &prepared, &outcome, &found, &log).await;
         upload_results(
             ectx,
             &job,
             &prepared,
             &outcome,
-            found,
+            &found,
             &step_junit_path,
             &say,
         )

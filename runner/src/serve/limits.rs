@@ -19,6 +19,7 @@ pub const DEFAULT_MAX_RUNS: usize = 20;
 pub const DEFAULT_MAX_WORKSPACE_SIZE: &str = "1G";
 pub const DEFAULT_MAX_ARTIFACTS_SIZE: &str = "256M";
 pub const DEFAULT_IMAGE_BUILD_TIMEOUT: &str = "1h";
+pub const DEFAULT_MAX_DEPENDENCIES_SIZE: &str = "512M";
 
 /// The `limits` table as written. Every key is optional; unknown keys are errors.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -38,6 +39,8 @@ pub struct LimitsConfig {
     pub max_artifacts_size: Option<String>,
     /// Longest a base image build may take before it is stopped ("1h").
     pub image_build_timeout: Option<String>,
+    /// GitLab only: most bytes of earlier jobs' artifacts one job may download ("512M").
+    pub max_dependencies_size: Option<String>,
 }
 
 /// Validated caps.
@@ -50,6 +53,7 @@ pub struct Limits {
     pub max_workspace: u64,
     pub max_artifacts: u64,
     pub image_build_timeout: Duration,
+    pub max_dependencies: u64,
 }
 
 impl Default for Limits {
@@ -113,7 +117,24 @@ impl LimitsConfig {
                 &self.image_build_timeout,
                 DEFAULT_IMAGE_BUILD_TIMEOUT,
             )?,
+            max_dependencies: size(
+                "max_dependencies_size",
+                &self.max_dependencies_size,
+                DEFAULT_MAX_DEPENDENCIES_SIZE,
+            )?,
         })
+    }
+
+    /// The keys set here that only a `[[runners]]` entry uses (a GitHub run has no earlier
+    /// jobs to take artifacts from).
+    pub fn gitlab_only_keys(&self) -> Vec<&'static str> {
+        [(
+            "max_dependencies_size",
+            self.max_dependencies_size.is_some(),
+        )]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
     }
 
     /// The keys set here that a `[[runners]]` entry cannot use: its VM size is the entry's
@@ -267,6 +288,7 @@ mod tests {
         );
         assert_eq!(d.max_timeout, Duration::from_secs(3 * 3600));
         assert_eq!((d.max_workspace, d.max_artifacts), (1 << 30, 256 << 20));
+        assert_eq!(d.max_dependencies, 512 << 20);
         // (config text, part of the message)
         let cases = [
             ("max_cpus = 0", "max_cpus is 0"),
@@ -280,6 +302,7 @@ mod tests {
             ("max_timeout = \"0s\"", "max_timeout"),
             ("max_runs = 0", "max_runs must be at least 1"),
             ("max_workspace_size = \"0\"", "max_workspace_size"),
+            ("max_dependencies_size = \"x\"", "max_dependencies_size 'x'"),
             (
                 "image_build_timeout = \"soon\"",
                 "image_build_timeout 'soon'",
