@@ -30,9 +30,10 @@ pub struct RunnerEntry {
     /// Default guest architecture for this entry's jobs.
     #[serde(deserialize_with = "de_arch")]
     pub arch: engine::Arch,
-    /// Default base image (recipe name) for this entry's jobs.
-    #[serde(default = "default_image")]
-    pub image: String,
+    /// Default base image (recipe name) for this entry's jobs; unset: each architecture's
+    /// own default (debian-13, or debian-12 where trixie lacks the architecture).
+    #[serde(default)]
+    pub image: Option<String>,
     /// Architectures a job may pick with the `RUNNER_ARCH` variable (default: only `arch`).
     #[serde(default, deserialize_with = "de_arches")]
     pub allowed_arches: Vec<engine::Arch>,
@@ -78,15 +79,36 @@ impl RunnerEntry {
         v
     }
 
-    /// Images jobs of this entry may use (the default one first).
-    pub fn images(&self) -> Vec<String> {
-        let mut v = vec![self.image.clone()];
+    /// The image a job on `arch` gets when it names none.
+    pub fn default_image(&self, arch: engine::Arch) -> String {
+        self.image
+            .clone()
+            .unwrap_or_else(|| arch.default_image().to_string())
+    }
+
+    /// Images jobs of this entry may use on `arch` (its default one first).
+    pub fn images_for(&self, arch: engine::Arch) -> Vec<String> {
+        let default = self.default_image(arch);
+        let mut v = vec![default.clone()];
         v.extend(
             self.allowed_images
                 .iter()
-                .filter(|i| **i != self.image)
+                .filter(|i| **i != default)
                 .cloned(),
         );
+        v
+    }
+
+    /// Every image a job of this entry may use, on any of its architectures.
+    pub fn images(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for arch in self.arches() {
+            for image in self.images_for(arch) {
+                if !v.contains(&image) {
+                    v.push(image);
+                }
+            }
+        }
         v
     }
 
@@ -135,9 +157,6 @@ fn one() -> usize {
 }
 fn default_output_limit() -> u64 {
     4096
-}
-fn default_image() -> String {
-    "debian-13".to_string()
 }
 fn default_cache_max_size() -> String {
     "2G".into()

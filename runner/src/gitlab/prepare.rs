@@ -179,7 +179,7 @@ fn choose_vm(entry: &RunnerEntry, job: &Job) -> Result<(engine::Arch, String), S
         Some(v) => (v.to_string(), format!("{IMAGE_VARIABLE}={v}")),
         None => match &from_image.image {
             Some(i) => (i.to_string(), format!("image '{image_name}'")),
-            None => (entry.image.clone(), String::new()),
+            None => (entry.default_image(arch), String::new()),
         },
     };
     let allowed = entry.arches();
@@ -190,7 +190,7 @@ fn choose_vm(entry: &RunnerEntry, job: &Job) -> Result<(engine::Arch, String), S
             allowed.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
         ));
     }
-    let allowed = entry.images();
+    let allowed = entry.images_for(arch);
     if !allowed.contains(&image) {
         return Err(format!(
             "{image_source} is not allowed on runner '{}' (allowed images: {}); pick one of those or add it to allowed_images",
@@ -678,6 +678,32 @@ mod tests {
             let e = with(image, vars).unwrap_err();
             assert!(e.starts_with(want), "{image:?} {vars}: {e}");
         }
+    }
+
+    #[test]
+    fn without_an_entry_image_each_arch_gets_its_own_default() {
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\nallowed_arches=['mipsel']\n",
+        )
+        .unwrap();
+        let entry = &cfg.runners[0];
+        let pick = |image: &str| {
+            let mut j = job("");
+            j.image = Some(job::Image { name: image.into() });
+            choose_vm(entry, &j)
+        };
+        assert_eq!(
+            pick("riscv64").unwrap(),
+            (engine::Arch::Riscv64, "debian-13".to_string())
+        );
+        // trixie has no mipsel: the arch's default is Debian 12, and only that one.
+        assert_eq!(
+            pick("mipsel").unwrap(),
+            (engine::Arch::Mipsel, "debian-12".to_string())
+        );
+        let e = pick("mipsel/debian-13").unwrap_err();
+        assert!(e.contains("allowed images: debian-12"), "{e}");
     }
 
     #[test]
