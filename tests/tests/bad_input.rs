@@ -39,12 +39,37 @@ fn malformed_suite_file_names_line_and_column() {
 }
 
 #[test]
+fn an_image_without_the_architecture_is_refused_with_the_alternatives() {
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "mipsel",
+            "--image",
+            "debian-13",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(r.code, CONFIG, "{r}");
+    assert!(
+        error_line(&r.stderr).contains(
+            "image 'debian-13' is Debian trixie, which has no mipsel kernel QEMU can boot; mipsel runs on: --image debian-12"
+        ),
+        "{r}"
+    );
+    // Nothing was built or booted for it.
+    assert!(!r.stderr.contains("booting"), "{r}");
+}
+
+#[test]
 fn unknown_architecture() {
     let r = runner(&workspace_root(), &["test", "--arch", "mips", "--", "true"]);
     assert_eq!(r.code, CONFIG, "{r}");
     assert!(
         error_line(&r.stderr)
-            .contains("unknown architecture 'mips' (supported: riscv64, aarch64, x86_64)"),
+            .contains("unknown architecture 'mips' (supported: riscv64, aarch64, x86_64, armhf, ppc64el, s390x, i386, mips64el, mipsel)"),
         "{r}"
     );
 }
