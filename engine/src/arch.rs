@@ -37,6 +37,34 @@ impl VirtioBus {
     }
 }
 
+/// Whether jobs resume from a saved VM state on an architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedStates {
+    /// Resumed VMs were checked to keep running.
+    Yes,
+    /// Only VMs with one vCPU: with more, the other CPUs of a resumed guest never run again.
+    SingleCpu,
+}
+
+impl SavedStates {
+    /// Whether a VM with `cpus` vCPUs may resume from a saved state.
+    pub fn allow(self, cpus: u32) -> bool {
+        match self {
+            SavedStates::Yes => true,
+            SavedStates::SingleCpu => cpus == 1,
+        }
+    }
+}
+
+/// How the kernel encodes ioctl numbers: the direction bits differ on POWER and MIPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoctlEncoding {
+    /// `_IOC_NONE` is 0 (x86, arm, riscv, s390).
+    Generic,
+    /// `_IOC_NONE` is 1 at bit 29 (powerpc, mips).
+    PowerMips,
+}
+
 /// Byte order of the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endian {
@@ -71,6 +99,9 @@ pub struct ArchInfo {
     /// Debian's package with the kernel QEMU boots.
     pub kernel_package: &'static str,
     pub bus: VirtioBus,
+    /// vCPUs a job gets when it asks for no number: 2, or 1 where only 1-vCPU VMs resume
+    /// (a cold boot costs far more than the second vCPU gives a short job).
+    pub default_cpus: u32,
     /// Most vCPUs the machine/kernel pair boots with.
     pub max_cpus: u32,
     /// Most guest memory the machine/kernel pair uses.
@@ -80,8 +111,10 @@ pub struct ArchInfo {
     /// The built-in image used when none is named.
     pub default_image: &'static str,
     /// Whether jobs resume from a saved VM state (QEMU's migration works for this machine
-    /// and the resumed guest was checked to keep running); otherwise every job boots cold.
-    pub saved_states: bool,
+    /// and the resumed guest was checked to keep running); otherwise they boot cold.
+    pub saved_states: SavedStates,
+    /// How `ioctl` request numbers are built in this guest's kernel.
+    pub ioctl: IoctlEncoding,
     /// One line for `doctor`, `--help` and the README: what is special about this guest.
     pub note: &'static str,
 }
@@ -112,11 +145,13 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "",
         kernel_package: "linux-image-riscv64",
         bus: VirtioBus::Pci,
+        default_cpus: 2,
         max_cpus: 8,
         max_memory_mib: 16384,
         distributions: TRIXIE,
         default_image: "debian-13",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "virt + OpenSBI; saved states are checked for live timers after every resume",
     },
     ArchInfo {
@@ -136,11 +171,13 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "",
         kernel_package: "linux-image-arm64",
         bus: VirtioBus::Pci,
+        default_cpus: 2,
         max_cpus: 8,
         max_memory_mib: 16384,
         distributions: BOTH,
         default_image: "debian-13",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "virt",
     },
     ArchInfo {
@@ -159,11 +196,13 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "",
         kernel_package: "linux-image-amd64",
         bus: VirtioBus::Pci,
+        default_cpus: 2,
         max_cpus: 8,
         max_memory_mib: 16384,
         distributions: BOTH,
         default_image: "debian-13",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "q35; KVM when the host is x86_64 and KVM really runs a guest",
     },
     ArchInfo {
@@ -182,11 +221,13 @@ pub static TABLE: [ArchInfo; 9] = [
         // LPAE: the virt machine's PCI windows and RAM sit above 4 GiB otherwise unreachable.
         kernel_package: "linux-image-armmp-lpae",
         bus: VirtioBus::Pci,
+        default_cpus: 2,
         max_cpus: 4,
         max_memory_mib: 3072,
         distributions: BOTH,
         default_image: "debian-13",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "32-bit ARMv7 (hard-float) on virt + cortex-a15, LPAE kernel",
     },
     ArchInfo {
@@ -206,6 +247,7 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "",
         kernel_package: "linux-image-powerpc64le",
         bus: VirtioBus::Pci,
+        default_cpus: 1,
         max_cpus: 4,
         max_memory_mib: 16384,
         distributions: BOTH,
@@ -213,10 +255,11 @@ pub static TABLE: [ArchInfo; 9] = [
         // trixie's current point release for this architecture only partly (404s on libc6,
         // the kernel…), bookworm completely. `--image debian-13` works where the mirror does.
         default_image: "debian-12",
-        // A resumed pseries guest never answers its agent again (QEMU 10.0.2, TCG, measured
-        // 2026-12-02): every job boots cold.
-        saved_states: false,
-        note: "POWER9 on pseries (SLOF), console hvc0; boots cold (resumed guests hang)",
+        // With two vCPUs a resumed pseries guest reports a hard lockup of CPU 1 and never
+        // answers its agent (QEMU 10.0.2, TCG, measured 2026-12-02); one vCPU resumes fine.
+        saved_states: SavedStates::SingleCpu,
+        ioctl: IoctlEncoding::PowerMips,
+        note: "POWER9 on pseries (SLOF), console hvc0; only 1-vCPU VMs resume from saved states",
     },
     ArchInfo {
         arch: Arch::S390x,
@@ -233,6 +276,7 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "",
         kernel_package: "linux-image-s390x",
         bus: VirtioBus::Ccw,
+        default_cpus: 2,
         max_cpus: 4,
         max_memory_mib: 16384,
         distributions: BOTH,
@@ -240,7 +284,8 @@ pub static TABLE: [ArchInfo; 9] = [
         // trixie's current point release for this architecture only partly (404s on libc6,
         // the kernel…), bookworm completely. `--image debian-13` works where the mirror does.
         default_image: "debian-12",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "big-endian; virtio over channel I/O (-ccw devices), SCLP console",
     },
     ArchInfo {
@@ -260,11 +305,13 @@ pub static TABLE: [ArchInfo; 9] = [
         // userland alike, so the job sees a plain 32-bit system (uname -m i686, LONG_BIT 32).
         kernel_package: "linux-image-686-pae",
         bus: VirtioBus::Pci,
+        default_cpus: 2,
         max_cpus: 4,
         max_memory_mib: 3072,
         distributions: BOOKWORM,
         default_image: "debian-12",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::Generic,
         note: "32-bit x86 on q35; Debian 12 (trixie has no i386 kernel)",
     },
     ArchInfo {
@@ -282,11 +329,13 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "nokaslr",
         kernel_package: "linux-image-5kc-malta",
         bus: VirtioBus::Pci,
+        default_cpus: 1,
         max_cpus: 1,
         max_memory_mib: 2048,
         distributions: BOOKWORM,
         default_image: "debian-12",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::PowerMips,
         note: "malta, 1 vCPU; Debian 12 (trixie dropped mips)",
     },
     ArchInfo {
@@ -304,12 +353,14 @@ pub static TABLE: [ArchInfo; 9] = [
         kernel_args: "nokaslr",
         kernel_package: "linux-image-4kc-malta",
         bus: VirtioBus::Pci,
+        default_cpus: 1,
         max_cpus: 1,
         // The 4kc-malta kernel has no highmem: it uses the first 256 MiB whatever QEMU gives.
         max_memory_mib: 256,
         distributions: BOOKWORM,
         default_image: "debian-12",
-        saved_states: true,
+        saved_states: SavedStates::Yes,
+        ioctl: IoctlEncoding::PowerMips,
         note: "32-bit MIPS on malta, 1 vCPU; Debian 12 (trixie dropped mips)",
     },
 ];
@@ -377,6 +428,15 @@ impl Arch {
     pub fn in_distribution(self, codename: &str) -> Option<bool> {
         let known = TABLE.iter().any(|i| i.distributions.contains(&codename));
         known.then(|| self.info().distributions.contains(&codename))
+    }
+
+    /// The request number of an argument-less ioctl `_IO(kind, nr)` in this guest's kernel.
+    pub fn ioctl_io(self, kind: u8, nr: u8) -> u32 {
+        let base = (u32::from(kind) << 8) | u32::from(nr);
+        match self.info().ioctl {
+            IoctlEncoding::Generic => base,
+            IoctlEncoding::PowerMips => base | (1 << 29),
+        }
     }
 
     /// The built-in images that carry this architecture.
@@ -500,10 +560,28 @@ mod tests {
     }
 
     #[test]
+    fn ioctl_numbers_follow_the_guest_kernel() {
+        // RNDRESEEDCRNG = _IO('R', 0x07), as <linux/random.h> gives it per architecture.
+        assert_eq!(Arch::X86_64.ioctl_io(b'R', 7), 0x5207);
+        assert_eq!(Arch::S390x.ioctl_io(b'R', 7), 0x5207);
+        assert_eq!(Arch::Ppc64el.ioctl_io(b'R', 7), 0x2000_5207);
+        assert_eq!(Arch::Mipsel.ioctl_io(b'R', 7), 0x2000_5207);
+    }
+
+    #[test]
+    fn single_cpu_states_resume_only_single_cpu_vms() {
+        assert!(SavedStates::SingleCpu.allow(1) && !SavedStates::SingleCpu.allow(2));
+        assert!(SavedStates::Yes.allow(4));
+    }
+
+    #[test]
     fn limits_are_sane() {
         for arch in Arch::ALL {
             let i = arch.info();
-            assert!(i.max_cpus >= 1 && i.max_memory_mib >= 512, "{arch}");
+            assert!(i.max_cpus >= 1 && i.max_memory_mib >= 256, "{arch}");
+            assert!((1..=i.max_cpus).contains(&i.default_cpus), "{arch}");
+            // The default VM resumes wherever the arch resumes at all.
+            assert!(i.saved_states.allow(i.default_cpus), "{arch}");
             assert!(i.bits == 32 || i.bits == 64, "{arch}");
         }
     }

@@ -84,7 +84,8 @@ pub struct Defaults {
     pub image: Option<ImageName>,
     pub timeout: Duration,
     pub step_timeout: Option<Duration>,
-    pub cpus: u32,
+    /// `None`: the architecture's default (2; 1 on ppc64el and mips).
+    pub cpus: Option<u32>,
     pub memory_mib: u32,
 }
 
@@ -334,10 +335,11 @@ fn defaults(raw: RawDefaults) -> Result<Defaults, Problem> {
             Err(e) => bail!(image => "defaults.image: {e}"),
         },
     };
-    let cpus = raw.cpus.map_or(Ok(2), |cpus| match *cpus.get_ref() {
-        n @ 1..=64 => Ok(n),
-        n => bail!(cpus => "defaults.cpus is {n}; give between 1 and 64"),
-    })?;
+    let cpus = match raw.cpus.as_ref().map(|c| (c, *c.get_ref())) {
+        None => None,
+        Some((_, n @ 1..=64)) => Some(n),
+        Some((cpus, n)) => bail!(cpus => "defaults.cpus is {n}; give between 1 and 64"),
+    };
     let memory_mib = match &raw.memory {
         None => 1024,
         Some(memory) => match Memory::from_bytes(size(memory, "defaults.memory", MIB)?) {
@@ -583,7 +585,7 @@ step = [{ name = "only", run = "true" }]
         assert_eq!(d.arch, [Arch::Riscv64, Arch::Aarch64]);
         assert_eq!(
             (d.image.as_deref(), d.cpus, d.memory_mib),
-            (Some("debian-12"), 4, 2048)
+            (Some("debian-12"), Some(4), 2048)
         );
         assert_eq!((d.timeout, d.step_timeout), (20 * MIN, Some(10 * MIN)));
         let ws = &file.workspace;
@@ -625,7 +627,10 @@ step = [{ name = "only", run = "true" }]
         let file = SuiteFile::parse(Path::new("runner.toml"), &text).unwrap();
         let d = &file.defaults;
         assert!(d.arch.is_empty());
-        assert_eq!((d.image.as_deref(), d.cpus, d.memory_mib), (None, 2, 1024));
+        assert_eq!(
+            (d.image.as_deref(), d.cpus, d.memory_mib),
+            (None, None, 1024)
+        );
         assert_eq!((d.timeout, d.step_timeout), (30 * MIN, None));
         // A bare file name resolves against the current directory, and comes out absolute.
         assert_eq!(file.workspace.root, std::path::absolute(".").unwrap());

@@ -120,7 +120,8 @@ fn ppc64el_is_a_little_endian_power_guest() {
         debian: "ppc64el",
         word: "1",
         long_bit: "64",
-        resumes: false,
+        // Its default VM has one vCPU, the only size that resumes on pseries.
+        resumes: true,
     });
 }
 

@@ -176,18 +176,16 @@ impl Vm {
         if state::is_complete(state_dir) {
             let restore_started = Instant::now();
             match Vm::start(cfg, Some(state_dir)).await {
-                Ok(mut vm) => {
-                    match state::after_restore(&mut vm.agent, cfg.arch == Arch::Riscv64).await {
-                        Ok(()) => {
-                            vm.boot_time = restore_started.elapsed();
-                            return Ok(vm);
-                        }
-                        Err(e) => {
-                            vm.kill().await;
-                            fallback = Some(format!("resumed VM did not respond: {e}"));
-                        }
+                Ok(mut vm) => match state::after_restore(&mut vm.agent, cfg.arch).await {
+                    Ok(()) => {
+                        vm.boot_time = restore_started.elapsed();
+                        return Ok(vm);
                     }
-                }
+                    Err(e) => {
+                        vm.kill().await;
+                        fallback = Some(format!("resumed VM did not respond: {e}"));
+                    }
+                },
                 Err(e) => {
                     // With the cause: "does not match its checksum" must reach the user.
                     let mut why = e.to_string();

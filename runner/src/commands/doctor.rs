@@ -30,7 +30,10 @@ pub fn arch_table_json() -> i32 {
                 "max_memory_mib": i.max_memory_mib,
                 "default_image": i.default_image,
                 "images": arch.images(),
-                "saved_states": i.saved_states,
+                "saved_states": match i.saved_states {
+                    engine::arch::SavedStates::Yes => "yes",
+                    engine::arch::SavedStates::SingleCpu => "single-cpu",
+                },
                 "note": i.note,
             })
         })
@@ -67,7 +70,10 @@ pub async fn run(store: &ImageStore) -> i32 {
             i.bus.suffix(),
             i.max_cpus,
             i.default_image,
-            if i.saved_states { "yes" } else { "no (boots cold)" },
+            match i.saved_states {
+                engine::arch::SavedStates::Yes => "yes",
+                engine::arch::SavedStates::SingleCpu => "only with 1 vCPU",
+            },
         );
         match qhost::qemu_for(arch).await {
             Ok(q) if !q.sandbox => {

@@ -330,28 +330,29 @@ async fn run_timed(
             .unwrap_or_else(|| settings.store.vms_dir()),
         boot_timeout: settings.boot_timeout,
         // Only where the arch table says a resumed guest keeps running (see engine::arch).
-        saved_state: (settings.saved_states && plan.id.arch.info().saved_states).then(|| {
-            // A state fits only the exact VM it was saved from: key it on all of it.
-            let image_id = image
-                .dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let disk = image
-                .manifest
-                .artifacts
-                .get("rootfs.qcow2")
-                .map(|a| a.sha256[..12].to_string())
-                .unwrap_or_default();
-            settings.store.states_dir().join(format!(
-                "{image_id}-{disk}-{}-{}c-{}m-qemu{}-f{}",
-                platform.accel.accel.name(),
-                plan.cpus,
-                plan.memory_mib,
-                platform.qemu.version,
-                engine::vm::state::FORMAT
-            ))
-        }),
+        saved_state: (settings.saved_states && plan.id.arch.info().saved_states.allow(plan.cpus))
+            .then(|| {
+                // A state fits only the exact VM it was saved from: key it on all of it.
+                let image_id = image
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let disk = image
+                    .manifest
+                    .artifacts
+                    .get("rootfs.qcow2")
+                    .map(|a| a.sha256[..12].to_string())
+                    .unwrap_or_default();
+                settings.store.states_dir().join(format!(
+                    "{image_id}-{disk}-{}-{}c-{}m-qemu{}-f{}",
+                    platform.accel.accel.name(),
+                    plan.cpus,
+                    plan.memory_mib,
+                    platform.qemu.version,
+                    engine::vm::state::FORMAT
+                ))
+            }),
         containment: settings.containment.clone(),
     };
     let mut vm = match Vm::boot(&cfg).await {

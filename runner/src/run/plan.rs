@@ -201,7 +201,9 @@ pub fn plan_suites(
             let timeout = ov.timeout.unwrap_or(suite.timeout);
             let (cpus, memory_mib) = fit_machine(
                 arch,
-                ov.cpus.unwrap_or(file.defaults.cpus),
+                ov.cpus
+                    .or(file.defaults.cpus)
+                    .unwrap_or(arch.info().default_cpus),
                 ov.memory_mib.unwrap_or(file.defaults.memory_mib),
             );
             plans.push(SuitePlan {
@@ -266,7 +268,7 @@ pub fn plan_command(
     let timeout = ov.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
     let (cpus, memory_mib) = fit_machine(
         arch,
-        ov.cpus.unwrap_or(DEFAULT_CPUS),
+        ov.cpus.unwrap_or(arch.info().default_cpus),
         ov.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
     );
     SuitePlan {
@@ -349,6 +351,29 @@ arch = ["riscv64"]
             .iter()
             .map(|p| format!("{}/{}", p.id.suite, p.id.arch))
             .collect()
+    }
+
+    #[test]
+    fn vm_size_follows_the_architecture() {
+        let ov = Overrides::default();
+        let size = |arch| {
+            let p = plan_command(vec!["true".into()], arch, None, &ov);
+            (p.cpus, p.memory_mib, p.image.to_string())
+        };
+        assert_eq!(size(Arch::Riscv64), (2, 1024, "debian-13".into()));
+        // ppc64el resumes only 1-vCPU VMs; malta boots one CPU; mipsel uses 256 MiB.
+        assert_eq!(size(Arch::Ppc64el), (1, 1024, "debian-12".into()));
+        assert_eq!(size(Arch::Mipsel), (1, 256, "debian-12".into()));
+        // Asked for more than the machine has: cut, never raised.
+        let big = Overrides {
+            cpus: Some(4),
+            memory_mib: Some(4096),
+            ..Overrides::default()
+        };
+        let p = plan_command(vec!["true".into()], Arch::Mips64el, None, &big);
+        assert_eq!((p.cpus, p.memory_mib), (1, 2048));
+        let p = plan_command(vec!["true".into()], Arch::X86_64, None, &big);
+        assert_eq!((p.cpus, p.memory_mib), (4, 4096));
     }
 
     #[test]
