@@ -369,37 +369,73 @@ pub async fn restore(qmp: &mut QmpClient, state: &PinnedState) -> Result<(), Sta
     Ok(())
 }
 
-/// What a resumed guest needs: the host's time (its clock stopped at save time) and fresh
-/// entropy (every job resumed from one state starts with the same RNG state). The reseed runs
-/// as a guest process while the clock is set, so the two overlap.
 /// A 20 ms sleep pinned to each CPU in turn. Timers are per CPU: riscv64 states can resume
 /// with one hart's timer dead and the other's fine, and a check that happened to run on the
 /// good one let a job hang in its first `sleep` until its timeout.
 const SLEEP_ON_EVERY_CPU: &str = "command -v taskset >/dev/null || exit 0; n=$(nproc --all); \
 i=0; while [ $i -lt $n ]; do taskset -c $i sleep 0.02 || exit 1; i=$((i+1)); done";
 
+/// The guest side of [`after_restore`], one perl process (perl-base is in Debian's Essential
+/// set, so every image has it). Arguments: "1" to re-arm riscv64 timers, the seed in hex, the
+/// job cgroup's `cgroup.procs`, and a shell script to end with (or nothing).
+///
+/// Re-arming the timers. QEMU 10.0's RISC-V ACLINT timer migrates each hart's `mtimecmp`
+/// but not the QEMU timer armed for it, and has no post-load hook to re-arm it (fixed
+/// upstream after 10.0: "hw/intc: Save time_delta in RISC-V mtimer VMState"). A hart whose
+/// next timer event was pending at save time resumes with it never firing; the guest kernel
+/// still believes it programmed, so it only writes `mtimecmp` again for a timer that expires
+/// *earlier* than that one, and as guest time has passed it, no new timer is earlier: the
+/// hart sleeps forever (most saves had such a hart). An absolute `clock_nanosleep` to 1 ns
+/// after boot is earlier than anything: the kernel reprograms the timer (SBI set_timer, which
+/// writes `mtimecmp` and arms QEMU's timer), the interrupt fires at once, and the hart's timers
+/// run again. It is done on each CPU (pinned with `sched_setaffinity`); syscall numbers are
+/// the generic table's (riscv64: 122 and 115), so only riscv64 guests run this part.
+///
+/// Reseeding. Bytes written to /dev/urandom only reach readers at the next CRNG reseed, which
+/// a resumed guest would not do for a while (its clock was stopped): write fresh bytes, then
+/// force a reseed (RNDRESEEDCRNG, 0x5207).
+const AFTER_RESTORE_PL: &str = r#"
+my ($rearm, $seed, $procs, $then) = @ARGV;
+if ($rearm) {
+    opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
+    my $n = grep { /^cpu[0-9]+$/ } readdir $d;
+    my $long_ago = pack('qq', 0, 1);
+    for my $cpu (0 .. $n - 1) {
+        my $mask = pack('Q', 1 << $cpu);
+        syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!";
+        syscall(115, 1, 1, $long_ago, 0) == 0 or die "clock_nanosleep: $!";
+    }
+    my $all = pack('Q', (1 << $n) - 1);
+    syscall(122, 0, length $all, $all);
+}
+open(my $f, '>', '/dev/urandom') or die $!;
+syswrite($f, pack('H*', $seed)) or die $!;
+ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
+open(my $c, '>', $procs) or die $!;
+syswrite($c, '0') or die "cgroup: $!";
+select(undef, undef, undef, 0.02);
+exec('/bin/sh', '-c', $then) if $then;
+"#;
+
+/// What a resumed guest needs: the host's time (its clock stopped at save time), fresh
+/// entropy (every job resumed from one state starts with the same RNG state) and, on
+/// riscv64, timers that fire (see [`AFTER_RESTORE_PL`]), then a check that it can sleep.
+/// The guest process runs while the clock is set, so the two overlap.
 pub async fn after_restore(
     agent: &mut AgentClient<UnixStream>,
-    every_cpu: bool,
+    riscv64: bool,
 ) -> Result<(), AgentError> {
-    // Mixed-in bytes only reach readers at the next reseed, which a resumed guest would not
-    // do for a while (its clock was stopped): write fresh bytes, then force a reseed
-    // (RNDRESEEDCRNG). perl-base is in Debian's Essential set, so every image has it.
     let seed: [u8; 32] = rand::random();
     let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
     let req = ExecRequest {
         path: "/usr/bin/perl".into(),
         args: vec![
             "-e".into(),
-            "open(my $f, '>', '/dev/urandom') or die $!; syswrite($f, pack('H*', $ARGV[0])) or die $!; \
-             ioctl($f, 0x5207, 0) or die \"RNDRESEEDCRNG: $!\"; \
-             open(my $c, '>', $ARGV[1]) or die $!; syswrite($c, '0') or die \"cgroup: $!\"; \
-             select(undef, undef, undef, 0.02); \
-             exec('/bin/sh', '-c', $ARGV[2]) if $ARGV[2];"
-                .into(),
+            AFTER_RESTORE_PL.into(),
+            if riscv64 { "1" } else { "" }.into(),
             hex,
             format!("{}/cgroup.procs", super::job_cgroup::JOB),
-            if every_cpu {
+            if riscv64 {
                 SLEEP_ON_EVERY_CPU.into()
             } else {
                 String::new()
