@@ -40,11 +40,14 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the post-resume reseed-and-sleep may take before the state counts as broken.
 const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the end of that process is polled: every job's start waits for it.
+const RESUME_CHECK_POLL: Duration = Duration::from_millis(20);
 
 /// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
-/// relay; 3: riscv64 without Sstc; 4: the job cgroup), so that states saved by an older runner
+/// relay; 3: riscv64 without Sstc; 4: the job cgroup; 5: saves checked before they are
+/// published, so older ones may be bad), so that states saved by an older runner
 /// are not resumed; callers put it in the state's key.
-pub const FORMAT: u32 = 4;
+pub const FORMAT: u32 = 5;
 
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
@@ -456,15 +459,10 @@ pub async fn restore(qmp: &mut QmpClient, state: &PinnedState) -> Result<(), Sta
     Ok(())
 }
 
-/// A 20 ms sleep pinned to each CPU in turn. Timers are per CPU: riscv64 states can resume
-/// with one hart's timer dead and the other's fine, and a check that happened to run on the
-/// good one let a job hang in its first `sleep` until its timeout.
-const SLEEP_ON_EVERY_CPU: &str = "command -v taskset >/dev/null || exit 0; n=$(nproc --all); \
-i=0; while [ $i -lt $n ]; do taskset -c $i sleep 0.02 || exit 1; i=$((i+1)); done";
-
 /// The guest side of [`after_restore`], one perl process (perl-base is in Debian's Essential
-/// set, so every image has it). Arguments: "1" to re-arm riscv64 timers, the seed in hex, the
-/// job cgroup's `cgroup.procs`, and a shell script to end with (or nothing).
+/// set, so every image has it; one process, as each exec costs tens of ms in a freshly
+/// resumed TCG guest). Arguments: what to do about timers (`rearm`, `check` or nothing, see
+/// [`Timers`]), the seed in hex, the job cgroup's `cgroup.procs`.
 ///
 /// Re-arming the timers. QEMU 10.0's RISC-V ACLINT timer migrates each hart's `mtimecmp`
 /// but not the QEMU timer armed for it, and has no post-load hook to re-arm it (fixed
@@ -479,30 +477,39 @@ i=0; while [ $i -lt $n ]; do taskset -c $i sleep 0.02 || exit 1; i=$((i+1)); don
 /// timers run again. Done on each CPU (pinned with `sched_setaffinity`); the syscall numbers
 /// are the generic table's (122, 115), which riscv64 uses.
 ///
+/// Checking. The process moves itself into the job cgroup (as every job command's wrapper
+/// does), then sleeps 20 ms pinned to each CPU in turn (elsewhere once): not ending in time is
+/// how a save with dead timers shows. Timers are per CPU — riscv64 states resumed with one
+/// hart's timer dead and the other's fine, and a check on the good one let a job hang in its
+/// first `sleep` — and a cgroup move can wait for an RCU grace period, which a guest with a
+/// dead hart never finishes (a resumed VM's step `true` hung so until its timeout).
+///
 /// Reseeding. Bytes written to /dev/urandom only reach readers at the next CRNG reseed, which
 /// a resumed guest would not do for a while (its clock was stopped): write fresh bytes, then
 /// force a reseed (RNDRESEEDCRNG, 0x5207).
 const AFTER_RESTORE_PL: &str = r#"
-my ($rearm, $seed, $procs, $then) = @ARGV;
-if ($rearm) {
-    opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
-    my $n = grep { /^cpu[0-9]+$/ } readdir $d;
+my ($timers, $seed, $procs) = @ARGV;
+opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
+my $n = grep { /^cpu[0-9]+$/ } readdir $d;
+sub on_cpu { my $mask = pack('Q', 1 << $_[0]);
+    syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!"; }
+if ($timers eq 'rearm') {
     my $long_ago = pack('qq', 0, 1);
     for my $cpu (0 .. $n - 1) {
-        my $mask = pack('Q', 1 << $cpu);
-        syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!";
+        on_cpu($cpu);
         syscall(115, 1, 1, $long_ago, 0) == 0 or die "clock_nanosleep: $!";
     }
-    my $all = pack('Q', (1 << $n) - 1);
-    syscall(122, 0, length $all, $all);
 }
 open(my $f, '>', '/dev/urandom') or die $!;
 syswrite($f, pack('H*', $seed)) or die $!;
 ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";
 open(my $c, '>', $procs) or die $!;
 syswrite($c, '0') or die "cgroup: $!";
-select(undef, undef, undef, 0.02);
-exec('/bin/sh', '-c', $then) if $then;
+for my $cpu ($timers ? (0 .. $n - 1) : ()) {
+    on_cpu($cpu);
+    select(undef, undef, undef, 0.02);
+}
+select(undef, undef, undef, 0.02) unless $timers;
 "#;
 
 /// What [`after_restore`] does about the guest's timers.
@@ -533,14 +540,14 @@ pub async fn after_restore(
         args: vec![
             "-e".into(),
             AFTER_RESTORE_PL.into(),
-            if timers == Timers::Rearmed { "1" } else { "" }.into(),
+            match timers {
+                Timers::Trusted => "",
+                Timers::Checked => "check",
+                Timers::Rearmed => "rearm",
+            }
+            .into(),
             hex,
             format!("{}/cgroup.procs", super::job_cgroup::JOB),
-            if timers != Timers::Trusted {
-                SLEEP_ON_EVERY_CPU.into()
-            } else {
-                String::new()
-            },
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
     };
@@ -559,18 +566,10 @@ pub async fn after_restore(
         Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
         Err(e) => return Err(e),
     }
-    // The process moves itself into the job cgroup (as every job command's wrapper does) and
-    // ends with a 20 ms sleep: some saved riscv64 states resume with timers that never fire
-    // (every sleep hangs), and such a VM is useless. A cgroup move can wait for an RCU grace
-    // period, which such a guest may never finish even when this CPU's sleep works (our best
-    // explanation for a resumed VM whose step `true` hung until its timeout): the check does
-    // what each step will do. Not ending in time is how we
-    // notice; the caller then discards the state and boots cold.
+    // Not ending in time is how a guest with dead timers shows (see AFTER_RESTORE_PL); the
+    // caller then discards the state and boots cold.
     let deadline = tokio::time::Instant::now() + RESUME_CHECK_TIMEOUT;
-    match agent
-        .wait_exit(pid, deadline, Duration::from_millis(50))
-        .await?
-    {
+    match agent.wait_exit(pid, deadline, RESUME_CHECK_POLL).await? {
         ExecStatus::Exited(0) => Ok(()),
         ExecStatus::Running => Err(AgentError::Command {
             command: "check the resumed guest".into(),
@@ -579,7 +578,7 @@ pub async fn after_restore(
             ),
         }),
         other => Err(AgentError::Command {
-            command: "reseed the guest RNG".into(),
+            command: "prepare the resumed guest (clock, RNG, timers)".into(),
             desc: format!("{other:?}"),
         }),
     }
