@@ -710,6 +710,58 @@ mod tests {
     }
 
     #[test]
+    fn an_unsaveable_mark_lasts_its_time_then_prune_drops_it() {
+        let root = tempfile::tempdir().unwrap();
+        // A key with dots of its own, like every real one ("...-qemu10.0.2-f5").
+        let dir = root.path().join("img-tcg-2c-1024m-qemu10.0.2-f5");
+        assert!(unsaveable(&dir).is_none());
+        mark_unsaveable(&dir, "its last 4 saves failed (the check)\nsecond line");
+        let marker = root
+            .path()
+            .join("img-tcg-2c-1024m-qemu10.0.2-f5.unsaveable");
+        assert!(marker.is_file());
+        let (why, left) = unsaveable(&dir).expect("marked");
+        assert_eq!(why, "its last 4 saves failed (the check)");
+        assert!(
+            left <= UNSAVEABLE_FOR && left > UNSAVEABLE_FOR / 2,
+            "{left:?}"
+        );
+        // A fresh mark survives a prune; one older than UNSAVEABLE_FOR does not count, and
+        // the prune removes it.
+        assert_eq!(prune(root.path()), 0);
+        assert!(marker.is_file());
+        let old = std::time::SystemTime::now() - UNSAVEABLE_FOR - Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&marker)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(unsaveable(&dir).is_none());
+        prune(root.path());
+        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn a_published_state_clears_the_mark_and_a_dropped_one_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("key-qemu10.0.2-f5");
+        mark_unsaveable(&dir, "failed");
+        let staged = |name: &str| {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            Staged { dir: d }
+        };
+        drop(staged(".saving-a"));
+        assert!(!root.path().join(".saving-a").exists());
+        staged(".saving-b").publish(&dir);
+        assert!(dir.is_dir() && unsaveable(&dir).is_none());
+        // Another job's state already there: ours goes, theirs stays.
+        staged(".saving-c").publish(&dir);
+        assert!(!root.path().join(".saving-c").exists() && dir.is_dir());
+    }
+
+    #[test]
     fn completeness_needs_all_three_files() {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_complete(dir.path()));
