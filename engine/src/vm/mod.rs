@@ -34,6 +34,10 @@ use state::Timers;
 /// How many times a cold-booted VM is saved (and each save checked) before its key is given
 /// up on for a while (see [`Vm::save_checked`]). Each attempt costs about one resume.
 const SAVE_ATTEMPTS: u32 = 4;
+/// How long a resumed guest's agent may take to answer (at most the boot timeout). It answers
+/// within a second or two; one that has not in this long is stuck (a riscv64 hart with a dead
+/// timer can stall it), and booting cold is quicker than waiting out the boot timeout.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for one QMP command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -382,7 +386,11 @@ impl Vm {
             .map_err(|source| VmError::Spawn { binary, source })?;
         let job_limits = JobLimits::for_memory(cfg.memory_mib);
 
-        let boot_deadline = crate::bounded::deadline_in(cfg.boot_timeout);
+        let boot_timeout = match resume_from {
+            Some(_) => cfg.boot_timeout.min(RESUME_TIMEOUT),
+            None => cfg.boot_timeout,
+        };
+        let boot_deadline = crate::bounded::deadline_in(boot_timeout);
         let handshake = async {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
@@ -416,7 +424,7 @@ impl Vm {
             Ok(parts) => parts,
             Err(VmError::Agent(AgentError::Timeout { .. })) => {
                 return Err(VmError::BootTimeout {
-                    timeout: cfg.boot_timeout,
+                    timeout: boot_timeout,
                     console: process.console_tail(30),
                 })
             }
