@@ -103,11 +103,20 @@ fn a_save_that_fails_its_check_is_never_published() {
         Some("cold boot, state saved for later jobs"),
         "{first}"
     );
+    // The broken save's note; a later save may fail its check too (each says so), but one
+    // was published, so the run ended well.
     let notes_1 = notes(&first);
-    assert_eq!(notes_1.len(), 1, "{first}");
     assert!(
-        notes_1[0]
-            .contains("saving the VM state, attempt 1 of 4: the saved state failed its check"),
+        notes_1
+            .first()
+            .is_some_and(|n| n
+                .contains("saving the VM state, attempt 1 of 4: the saved state failed its check")),
+        "{first}"
+    );
+    assert!(
+        notes_1
+            .iter()
+            .all(|n| n.contains("saving the VM state, attempt ")),
         "{first}"
     );
     let names = published(&states);
