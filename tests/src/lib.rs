@@ -296,10 +296,6 @@ pub fn vm_start_kind(stderr: &str) -> Option<&str> {
 /// How the console calls a VM resumed from a saved state (see [`vm_start_kind`]).
 pub const RESUMED: &str = "resumed from saved state";
 
-/// The note of a resumed riscv64 VM whose timers do not fire (engine/src/vm/state.rs), after
-/// which the runner boots cold.
-pub const DEAD_TIMERS_NOTE: &str = "its timers do not fire; booted cold instead";
-
 /// Asserts that no QEMU process and no VM directory of `cache` remain.
 pub fn assert_nothing_left(cache: &Path) {
     let procs = qemu_processes_using(&cache.display().to_string());

@@ -28,8 +28,16 @@ pub use exec::{CommandEnd, GuestCommand};
 pub use fault::GuestFault;
 pub use job_cgroup::{JobLimits, LimitHit};
 use overlay::OverlayError;
+use state::Timers;
 
 /// How long QEMU may take to create its sockets after it starts.
+/// How many times a cold-booted VM is saved (and each save checked) before its key is given
+/// up on for a while (see [`Vm::save_checked`]). Each attempt costs about one resume.
+const SAVE_ATTEMPTS: u32 = 4;
+/// How long a resumed guest's agent may take to answer (at most the boot timeout). It answers
+/// within a second or two; one that has not in this long is stuck (a riscv64 hart with a dead
+/// timer can stall it), and booting cold is quicker than waiting out the boot timeout.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout for one QMP command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -156,6 +164,9 @@ pub struct Vm {
     /// The overlay this VM writes to, and the base image under it, when it has one.
     overlay: Option<PathBuf>,
     base: Option<PathBuf>,
+    /// What happened on the way to this start that the user should hear of (a saved state
+    /// that failed its check, say), one line each.
+    pub notes: Vec<String>,
     /// The wrapper pid of a command that timed out or was stopped and may still run.
     left_running: Option<i64>,
     /// The job cgroup's limits, and its counters as last read (see [`job_cgroup`]).
@@ -175,60 +186,121 @@ impl Vm {
         let mut fallback = None;
         if state::is_complete(state_dir) {
             let restore_started = Instant::now();
-            match Vm::start(cfg, Some(state_dir)).await {
-                Ok(mut vm) => match state::after_restore(&mut vm.agent, cfg.arch).await {
-                    Ok(()) => {
-                        vm.boot_time = restore_started.elapsed();
-                        return Ok(vm);
-                    }
-                    Err(e) => {
-                        vm.kill().await;
-                        fallback = Some(format!("resumed VM did not respond: {e}"));
-                    }
-                },
-                Err(e) => {
-                    // With the cause: "does not match its checksum" must reach the user.
-                    let mut why = e.to_string();
-                    let mut cause = std::error::Error::source(&e);
-                    while let Some(c) = cause {
-                        why = format!("{why}: {c}");
-                        cause = c.source();
-                    }
-                    fallback = Some(format!(
-                        "cannot resume from {}: {}",
-                        state_dir.display(),
-                        // QEMU's own exit: its last stderr lines, not the console tail.
-                        if matches!(e, VmError::QemuExited { .. }) {
-                            one_line(&e)
-                        } else {
-                            why.lines().next().unwrap_or_default().to_string()
-                        }
-                    ))
+            match Vm::resume_checked(cfg, state_dir, Timers::Rearmed).await {
+                Ok(mut vm) => {
+                    vm.boot_time = restore_started.elapsed();
+                    return Ok(vm);
                 }
+                Err(why) => fallback = Some(why),
             }
             // A state that fails once will fail again: drop it; the cold boot saves anew.
             state::discard(state_dir);
+        } else if let Some((why, left)) = state::unsaveable(state_dir) {
+            let mut vm = Vm::start(cfg, None).await?;
+            vm.start_kind = StartKind::ColdFallback(format!(
+                "no saved state for this VM: {why}; saving is tried again in {} min",
+                left.as_secs().div_ceil(60)
+            ));
+            return Ok(vm);
         }
         let mut vm = Vm::start(cfg, None).await?;
-        let saved = vm.save_state(state_dir).await;
-        if let Err(state::StateError::Resume(e)) = saved {
-            // The VM is paused and will not run on: this boot failed.
-            vm.kill().await;
-            return Err(VmError::Qmp(e));
-        }
+        let saved = match vm.save_checked(cfg, state_dir).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                // The VM is paused and will not run on: this boot failed.
+                vm.kill().await;
+                return Err(e);
+            }
+        };
         vm.start_kind = match (fallback, saved) {
             (Some(reason), _) => StartKind::ColdFallback(reason),
-            (None, Ok(())) => StartKind::ColdSaved,
-            (None, Err(e)) => StartKind::ColdFallback(format!("cannot save the VM state: {e}")),
+            (None, None) => StartKind::ColdSaved,
+            (None, Some(why)) => StartKind::ColdFallback(why),
         };
         Ok(vm)
     }
 
-    /// Saves this VM's state (RAM, devices, disk) under `dir` for later jobs, then resumes it.
-    async fn save_state(&mut self, dir: &Path) -> Result<(), state::StateError> {
-        let overlay = self.overlay.clone().ok_or(state::StateError::NoOverlay)?;
-        let base = self.base.clone().ok_or(state::StateError::NoOverlay)?;
-        state::save(&mut self.qmp, &overlay, &base, dir).await
+    /// A VM resumed from the state in `dir` that passed the after-restore check, or why not
+    /// (one line, for a note: a failed resume is routine, the job boots cold). `timers`:
+    /// what riscv64 guests get (other guests' timers survive a save).
+    async fn resume_checked(cfg: &VmConfig, dir: &Path, timers: Timers) -> Result<Vm, String> {
+        let timers = if cfg.arch == Arch::Riscv64 {
+            timers
+        } else {
+            Timers::Trusted
+        };
+        match Vm::start(cfg, Some(dir)).await {
+            Ok(mut vm) => match state::after_restore(&mut vm.agent, timers, cfg.arch).await {
+                Ok(()) => Ok(vm),
+                Err(e) => {
+                    vm.kill().await;
+                    Err(format!("resumed VM did not respond: {e}"))
+                }
+            },
+            Err(e) => {
+                // With the cause: "does not match its checksum" must reach the user.
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                Err(format!(
+                    "cannot resume from {}: {}",
+                    dir.display(),
+                    // QEMU's own exit: its last stderr lines, not the console tail.
+                    if matches!(e, VmError::QemuExited { .. }) {
+                        one_line(&e)
+                    } else {
+                        why.lines().next().unwrap_or_default().to_string()
+                    }
+                ))
+            }
+        }
+    }
+
+    /// Saves this VM's state for later jobs under `dir`, then lets it run on. Each save is
+    /// resumed once in a fresh VM (the command line a job uses) and must pass the same check
+    /// a job's resume does before it is published: a save can be bad (riscv64 under QEMU
+    /// 10.0, see [`state::after_restore`]), and a job must never be the first to find out.
+    /// A bad save is dropped and the VM saved again, [`SAVE_ATTEMPTS`] times at most; then
+    /// the key is marked unsaveable for a while. Returns why nothing was published, if so;
+    /// each failed attempt adds a line to [`Vm::notes`].
+    async fn save_checked(
+        &mut self,
+        cfg: &VmConfig,
+        dir: &Path,
+    ) -> Result<Option<String>, VmError> {
+        let mut why = String::new();
+        for attempt in 1..=SAVE_ATTEMPTS {
+            let overlay = self.overlay.clone();
+            let base = self.base.clone();
+            let staged = match (overlay, base) {
+                (Some(overlay), Some(base)) => {
+                    state::save(&mut self.qmp, &overlay, &base, dir).await
+                }
+                _ => Err(state::StateError::NoOverlay),
+            };
+            let failure = match staged {
+                Ok(staged) => match Vm::resume_checked(cfg, staged.path(), Timers::Checked).await {
+                    Ok(check) => {
+                        check.kill().await;
+                        staged.publish(dir);
+                        return Ok(None);
+                    }
+                    Err(e) => format!("the saved state failed its check: {e}"),
+                },
+                Err(state::StateError::Resume(e)) => return Err(VmError::Qmp(e)),
+                Err(e) => format!("cannot save the VM state: {e}"),
+            };
+            self.notes.push(format!(
+                "saving the VM state, attempt {attempt} of {SAVE_ATTEMPTS}: {failure}"
+            ));
+            why = failure;
+        }
+        let why = format!("its last {SAVE_ATTEMPTS} saves failed ({why})");
+        state::mark_unsaveable(dir, &why);
+        Ok(Some(format!("no saved state for this VM: {why}")))
     }
 
     async fn start(cfg: &VmConfig, resume_from: Option<&Path>) -> Result<Vm, VmError> {
@@ -314,7 +386,11 @@ impl Vm {
             .map_err(|source| VmError::Spawn { binary, source })?;
         let job_limits = JobLimits::for_memory(cfg.memory_mib);
 
-        let boot_deadline = crate::bounded::deadline_in(cfg.boot_timeout);
+        let boot_timeout = match resume_from {
+            Some(_) => cfg.boot_timeout.min(RESUME_TIMEOUT),
+            None => cfg.boot_timeout,
+        };
+        let boot_deadline = crate::bounded::deadline_in(boot_timeout);
         let handshake = async {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
@@ -348,7 +424,7 @@ impl Vm {
             Ok(parts) => parts,
             Err(VmError::Agent(AgentError::Timeout { .. })) => {
                 return Err(VmError::BootTimeout {
-                    timeout: cfg.boot_timeout,
+                    timeout: boot_timeout,
                     console: process.console_tail(30),
                 })
             }
@@ -383,6 +459,7 @@ impl Vm {
                 DiskSource::Overlay(base) => Some(base.clone()),
                 DiskSource::Direct { .. } => None,
             },
+            notes: Vec::new(),
             left_running: None,
             job_limits,
             // The job cgroup is new at setup, and saved before any job ran in it.

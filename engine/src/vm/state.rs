@@ -5,7 +5,10 @@
 //! offsets, sparse), `disk.qcow2` (the VM's overlay at save time, backed by the base image)
 //! and `meta.json`. It is valid only for the exact QEMU command line it was saved from, so
 //! callers key its path on image, architecture, accelerator, vCPUs, memory and QEMU version.
-//! Writes are atomic (staging directory, then rename).
+//! Writes are atomic (staging directory, then rename), and a save is [`Staged`] until the
+//! caller has resumed it once and checked it: only then is it published under its key, so a
+//! job never resumes a state nobody has seen work. A key whose saves keep failing is
+//! [marked](mark_unsaveable) for a while, and jobs boot cold without trying again.
 //!
 //! A state is trusted input to QEMU (a crafted migration stream or qcow2 file can crash its
 //! loaders), so it is guarded like one: the states directory is 0700, the files 0400, and
@@ -24,17 +27,27 @@ use crate::qemu::qmp::{QmpClient, QmpError};
 
 /// How long saving or loading a state may take (1 GiB of RAM takes well under a second).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest is left idle before it is saved. riscv64 under QEMU 10.0 loses each
+/// hart's armed timer in a save (see [`AFTER_RESTORE_PL`]): a hart whose tick was running
+/// when the VM stopped — it had just served the agent — resumes with that tick never firing.
+/// After a moment of idleness every hart has stopped its tick (NO_HZ idle) and programs a
+/// new one when it wakes, so the save resumes well: measured, 6 of 6 fresh saves passed
+/// the check unaided after 500 ms, against 3 of 12 saved at once.
+const SETTLE: Duration = Duration::from_millis(500);
 /// Poll interval for `query-migrate`.
 const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the post-resume reseed-and-sleep may take before the state counts as broken.
 const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the end of that process is polled: every job's start waits for it.
+const RESUME_CHECK_POLL: Duration = Duration::from_millis(20);
 
 /// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
-/// relay; 3: riscv64 without Sstc; 4: the job cgroup), so that states saved by an older runner
+/// relay; 3: riscv64 without Sstc; 4: the job cgroup; 5: saves checked before they are
+/// published, so older ones may be bad), so that states saved by an older runner
 /// are not resumed; callers put it in the state's key.
-pub const FORMAT: u32 = 4;
+pub const FORMAT: u32 = 5;
 
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
@@ -107,14 +120,43 @@ async fn wait_for_migration(qmp: &mut QmpClient) -> Result<(), StateError> {
     }
 }
 
-/// Saves the running VM (whose disk is `overlay`) to `dir`, then lets it run on. The VM is
-/// resumed on every path, so a failed save never costs the job.
+/// A saved state in its staging directory beside its key, not yet published: removed when
+/// dropped, so a state that fails its check (or a job that ends first) leaves nothing.
+#[derive(Debug)]
+pub struct Staged {
+    dir: PathBuf,
+}
+
+impl Staged {
+    /// The staging directory, a complete state (for a check before [`Staged::publish`]).
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the state to `dir`, where jobs find it.
+    pub fn publish(self, dir: &Path) {
+        if std::fs::rename(&self.dir, dir).is_ok() {
+            let _ = std::fs::remove_file(unsaveable_marker(dir));
+        }
+        // Otherwise another job published the same state first; theirs is as good as ours
+        // (it was checked too), and dropping `self` removes ours.
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Saves the running VM (whose disk is `overlay`) next to `dir`, then lets it run on. The VM
+/// is resumed on every path, so a failed save never costs the job.
 pub async fn save(
     qmp: &mut QmpClient,
     overlay: &Path,
     base: &Path,
     dir: &Path,
-) -> Result<(), StateError> {
+) -> Result<Staged, StateError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -128,6 +170,8 @@ pub async fn save(
         .tempdir_in(parent)
         .map_err(io(parent))?;
     // `stop` also flushes the disk, so the overlay file is complete while we copy it.
+    // Not a wait for anything: the idle time itself is what makes a good save (see SETTLE).
+    tokio::time::sleep(SETTLE).await;
     qmp.execute("stop", None, QMP_TIMEOUT).await?;
     let result = async {
         enable_mapped_ram(qmp).await?;
@@ -166,12 +210,52 @@ pub async fn save(
         .await
         .map_err(StateError::Resume)?;
     result?;
-    let staged = staging.keep();
-    if std::fs::rename(&staged, dir).is_err() {
-        // Another job saved the same state first; theirs is as good as ours.
-        let _ = std::fs::remove_dir_all(&staged);
-    }
-    Ok(())
+    Ok(Staged {
+        dir: staging.keep(),
+    })
+}
+
+/// How long a key whose saves all failed their check stays without one: jobs boot cold
+/// meanwhile instead of each paying for more failed saves; then saving is tried again.
+pub const UNSAVEABLE_FOR: Duration = Duration::from_secs(60 * 60);
+const UNSAVEABLE: &str = "unsaveable";
+
+/// `KEY.unsaveable` beside the state directory `KEY` (whose name has dots of its own).
+fn unsaveable_marker(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{UNSAVEABLE}"));
+    dir.with_file_name(name)
+}
+
+/// Remembers that no save of `dir`'s key passed its check, and why (one line), for
+/// [`UNSAVEABLE_FOR`]. Best effort: without the marker, the next job tries again.
+pub fn mark_unsaveable(dir: &Path, why: &str) {
+    let _ = std::fs::write(
+        unsaveable_marker(dir),
+        why.lines().next().unwrap_or_default(),
+    );
+}
+
+/// Why `dir`'s key is not to be saved now, and for how long still, if it was
+/// [marked](mark_unsaveable) less than [`UNSAVEABLE_FOR`] ago.
+pub fn unsaveable(dir: &Path) -> Option<(String, Duration)> {
+    let marker = unsaveable_marker(dir);
+    let age = std::fs::metadata(&marker)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    let left = UNSAVEABLE_FOR.checked_sub(age).filter(|d| !d.is_zero())?;
+    // Bounded: the marker is ours, but a line is all a note needs.
+    let mut why = Vec::new();
+    use std::io::Read;
+    std::fs::File::open(&marker)
+        .ok()?
+        .take(500)
+        .read_to_end(&mut why)
+        .ok()?;
+    Some((String::from_utf8_lossy(&why).into_owned(), left))
 }
 
 /// The files of one saved state, pinned for one VM.
@@ -330,6 +414,12 @@ pub fn prune(states_dir: &Path) -> usize {
     for e in entries.flatten() {
         let dir = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(key) = name.strip_suffix(&format!(".{UNSAVEABLE}")) {
+            if unsaveable(&states_dir.join(key)).is_none() {
+                let _ = std::fs::remove_file(&dir);
+            }
+            continue;
+        }
         if name.starts_with('.') || name.contains(".discarded-") || !dir.is_dir() {
             continue; // saves in progress and discards are the sweep's business
         }
@@ -369,44 +459,99 @@ pub async fn restore(qmp: &mut QmpClient, state: &PinnedState) -> Result<(), Sta
     Ok(())
 }
 
-/// What a resumed guest needs: the host's time (its clock stopped at save time) and fresh
-/// entropy (every job resumed from one state starts with the same RNG state). The reseed runs
-/// as a guest process while the clock is set, so the two overlap.
-/// A 20 ms sleep pinned to each CPU in turn. Timers are per CPU: riscv64 states can resume
-/// with one hart's timer dead and the other's fine, and a check that happened to run on the
-/// good one let a job hang in its first `sleep` until its timeout.
-const SLEEP_ON_EVERY_CPU: &str = "command -v taskset >/dev/null || exit 0; n=$(nproc --all); \
-i=0; while [ $i -lt $n ]; do taskset -c $i sleep 0.02 || exit 1; i=$((i+1)); done";
+/// The guest side of [`after_restore`], one perl process (perl-base is in Debian's Essential
+/// set, so every image has it; one process, as each exec costs tens of ms in a freshly
+/// resumed TCG guest). Arguments: what to do about timers (`rearm`, `check` or nothing, see
+/// [`Timers`]), the seed in hex, the job cgroup's `cgroup.procs`, the RNDRESEEDCRNG request
+/// number of the guest's kernel.
+///
+/// Re-arming the timers. QEMU 10.0's RISC-V ACLINT timer migrates each hart's `mtimecmp`
+/// but not the QEMU timer armed for it, and has no post-load hook to re-arm it (fixed
+/// upstream after 10.0: "hw/intc: Save time_delta in RISC-V mtimer VMState" and its series).
+/// A hart whose next timer event was pending at save time resumes with it never firing; the
+/// guest kernel believes it programmed, so it writes `mtimecmp` again only for a timer that
+/// expires *earlier* than that one, and as guest time has passed it, no new timer is
+/// earlier: the hart's timers are dead (an idle hart with its tick stopped escapes, as it
+/// programs a new tick when it wakes; hence [`SETTLE`]). An absolute `clock_nanosleep` to
+/// 1 ns after boot is earlier than anything: the kernel programs the timer (SBI set_timer
+/// writes `mtimecmp` and arms QEMU's timer), the interrupt fires at once, and the hart's
+/// timers run again. Done on each CPU (pinned with `sched_setaffinity`); the syscall numbers
+/// are the generic table's (122, 115), which riscv64 uses.
+///
+/// Checking. The process moves itself into the job cgroup (as every job command's wrapper
+/// does), then sleeps 20 ms pinned to each CPU in turn (elsewhere once): not ending in time is
+/// how a save with dead timers shows. Timers are per CPU — riscv64 states resumed with one
+/// hart's timer dead and the other's fine, and a check on the good one let a job hang in its
+/// first `sleep` — and a cgroup move can wait for an RCU grace period, which a guest with a
+/// dead hart never finishes (a resumed VM's step `true` hung so until its timeout).
+///
+/// Reseeding. Bytes written to /dev/urandom only reach readers at the next CRNG reseed, which
+/// a resumed guest would not do for a while (its clock was stopped): write fresh bytes, then
+/// force a reseed (RNDRESEEDCRNG, `_IO('R', 0x07)`: 0x5207 on x86, ARM, RISC-V and s390, with
+/// a direction bit more on POWER and MIPS — with the x86 number the ioctl failed on ppc64el
+/// and every resume there booted cold).
+const AFTER_RESTORE_PL: &str = r#"
+my ($timers, $seed, $procs, $reseed) = @ARGV;
+opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
+my $n = grep { /^cpu[0-9]+$/ } readdir $d;
+sub on_cpu { my $mask = pack('Q', 1 << $_[0]);
+    syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!"; }
+if ($timers eq 'rearm') {
+    my $long_ago = pack('qq', 0, 1);
+    for my $cpu (0 .. $n - 1) {
+        on_cpu($cpu);
+        syscall(115, 1, 1, $long_ago, 0) == 0 or die "clock_nanosleep: $!";
+    }
+}
+open(my $f, '>', '/dev/urandom') or die $!;
+syswrite($f, pack('H*', $seed)) or die $!;
+ioctl($f, $reseed, 0) or die "RNDRESEEDCRNG: $!";
+open(my $c, '>', $procs) or die $!;
+syswrite($c, '0') or die "cgroup: $!";
+for my $cpu ($timers ? (0 .. $n - 1) : ()) {
+    on_cpu($cpu);
+    select(undef, undef, undef, 0.02);
+}
+select(undef, undef, undef, 0.02) unless $timers;
+"#;
 
+/// What [`after_restore`] does about the guest's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timers {
+    /// Nothing: they survive a save (aarch64, x86_64).
+    Trusted,
+    /// Checks that every CPU can sleep: the check of a fresh save before it is published
+    /// (only a save whose timers work unaided passes).
+    Checked,
+    /// Re-arms every CPU's timer (see [`AFTER_RESTORE_PL`]), then checks: a job's resume on
+    /// riscv64, in case a save with a dead timer got past the check.
+    Rearmed,
+}
+
+/// What a resumed guest needs: the host's time (its clock stopped at save time), fresh
+/// entropy (every job resumed from one state starts with the same RNG state) and, on
+/// riscv64, timers that fire (see [`Timers`]). The guest process runs while the clock is
+/// set, so the two overlap.
 pub async fn after_restore(
     agent: &mut AgentClient<UnixStream>,
+    timers: Timers,
     arch: crate::arch::Arch,
 ) -> Result<(), AgentError> {
-    // Timers are checked on every CPU where states are known to lose them (riscv64).
-    let every_cpu = arch == crate::arch::Arch::Riscv64;
-    // Mixed-in bytes only reach readers at the next reseed, which a resumed guest would not
-    // do for a while (its clock was stopped): write fresh bytes, then force a reseed
-    // (RNDRESEEDCRNG). perl-base is in Debian's Essential set, so every image has it.
     let seed: [u8; 32] = rand::random();
     let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
     let req = ExecRequest {
         path: "/usr/bin/perl".into(),
         args: vec![
             "-e".into(),
-            "open(my $f, '>', '/dev/urandom') or die $!; syswrite($f, pack('H*', $ARGV[0])) or die $!; \
-             ioctl($f, $ARGV[3], 0) or die \"RNDRESEEDCRNG: $!\"; \
-             open(my $c, '>', $ARGV[1]) or die $!; syswrite($c, '0') or die \"cgroup: $!\"; \
-             select(undef, undef, undef, 0.02); \
-             exec('/bin/sh', '-c', $ARGV[2]) if $ARGV[2];"
-                .into(),
+            AFTER_RESTORE_PL.into(),
+            match timers {
+                Timers::Trusted => "",
+                Timers::Checked => "check",
+                Timers::Rearmed => "rearm",
+            }
+            .into(),
             hex,
             format!("{}/cgroup.procs", super::job_cgroup::JOB),
-            if every_cpu {
-                SLEEP_ON_EVERY_CPU.into()
-            } else {
-                String::new()
-            },
-            // RNDRESEEDCRNG is _IO('R', 0x07): its number depends on the guest's kernel.
             arch.ioctl_io(b'R', 0x07).to_string(),
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -426,18 +571,10 @@ pub async fn after_restore(
         Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
         Err(e) => return Err(e),
     }
-    // The process moves itself into the job cgroup (as every job command's wrapper does) and
-    // ends with a 20 ms sleep: some saved riscv64 states resume with timers that never fire
-    // (every sleep hangs), and such a VM is useless. A cgroup move can wait for an RCU grace
-    // period, which such a guest may never finish even when this CPU's sleep works (our best
-    // explanation for a resumed VM whose step `true` hung until its timeout): the check does
-    // what each step will do. Not ending in time is how we
-    // notice; the caller then discards the state and boots cold.
+    // Not ending in time is how a guest with dead timers shows (see AFTER_RESTORE_PL); the
+    // caller then discards the state and boots cold.
     let deadline = tokio::time::Instant::now() + RESUME_CHECK_TIMEOUT;
-    match agent
-        .wait_exit(pid, deadline, Duration::from_millis(50))
-        .await?
-    {
+    match agent.wait_exit(pid, deadline, RESUME_CHECK_POLL).await? {
         ExecStatus::Exited(0) => Ok(()),
         ExecStatus::Running => Err(AgentError::Command {
             command: "check the resumed guest".into(),
@@ -446,7 +583,7 @@ pub async fn after_restore(
             ),
         }),
         other => Err(AgentError::Command {
-            command: "reseed the guest RNG".into(),
+            command: "prepare the resumed guest (clock, RNG, timers)".into(),
             desc: format!("{other:?}"),
         }),
     }
@@ -575,6 +712,58 @@ mod tests {
             assert_eq!(root.path().join(name).exists(), kept, "{name}");
         }
         assert!(root.path().join(".saving-x").exists());
+    }
+
+    #[test]
+    fn an_unsaveable_mark_lasts_its_time_then_prune_drops_it() {
+        let root = tempfile::tempdir().unwrap();
+        // A key with dots of its own, like every real one ("...-qemu10.0.2-f5").
+        let dir = root.path().join("img-tcg-2c-1024m-qemu10.0.2-f5");
+        assert!(unsaveable(&dir).is_none());
+        mark_unsaveable(&dir, "its last 4 saves failed (the check)\nsecond line");
+        let marker = root
+            .path()
+            .join("img-tcg-2c-1024m-qemu10.0.2-f5.unsaveable");
+        assert!(marker.is_file());
+        let (why, left) = unsaveable(&dir).expect("marked");
+        assert_eq!(why, "its last 4 saves failed (the check)");
+        assert!(
+            left <= UNSAVEABLE_FOR && left > UNSAVEABLE_FOR / 2,
+            "{left:?}"
+        );
+        // A fresh mark survives a prune; one older than UNSAVEABLE_FOR does not count, and
+        // the prune removes it.
+        assert_eq!(prune(root.path()), 0);
+        assert!(marker.is_file());
+        let old = std::time::SystemTime::now() - UNSAVEABLE_FOR - Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&marker)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(unsaveable(&dir).is_none());
+        prune(root.path());
+        assert!(!marker.exists());
+    }
+
+    #[test]
+    fn a_published_state_clears_the_mark_and_a_dropped_one_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("key-qemu10.0.2-f5");
+        mark_unsaveable(&dir, "failed");
+        let staged = |name: &str| {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            Staged { dir: d }
+        };
+        drop(staged(".saving-a"));
+        assert!(!root.path().join(".saving-a").exists());
+        staged(".saving-b").publish(&dir);
+        assert!(dir.is_dir() && unsaveable(&dir).is_none());
+        // Another job's state already there: ours goes, theirs stays.
+        staged(".saving-c").publish(&dir);
+        assert!(!root.path().join(".saving-c").exists() && dir.is_dir());
     }
 
     #[test]

@@ -361,6 +361,9 @@ async fn run_timed(
     };
     state.facts.vm_id = vm.id();
     state.facts.boot_time = Some(vm.boot_time);
+    for message in std::mem::take(&mut vm.notes) {
+        reporters.emit(Event::Note { message });
+    }
     state.facts.start = match &vm.start_kind {
         StartKind::Cold => "cold boot",
         StartKind::ColdSaved => "cold boot, state saved for later jobs",
