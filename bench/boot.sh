@@ -176,10 +176,14 @@ for arch in "${arches[@]}"; do
         continue
     fi
     echo "boot.sh: $arch: $img; $warmup warm-up + $runs runs of each of: ${modes[*]}" >&2
-    images+=("$(python3 -c 'import json,sys
+    images+=("$(python3 - "$img" <<'PY'
+import json, sys
 m = json.load(open(sys.argv[1] + "/manifest.json"))
 size = sum(a["size"] for a in m["artifacts"].values()) / 2**20
-print(f"| {m[\"arch\"]} | {m[\"recipe\"]} ({m[\"distribution\"]}, kernel {m[\"kernel_version\"]}) | {m[\"build_seconds\"]:.0f} s | {size:.0f} MiB |")' "$img")")
+print("| %s | %s (%s, kernel %s) | %.0f s | %.0f MiB |" % (
+    m["arch"], m["recipe"], m["distribution"], m["kernel_version"], m["build_seconds"], size))
+PY
+)")
     st=
     for m in "${modes[@]}"; do
         rm -f "$work/$arch.$m".*
