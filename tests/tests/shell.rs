@@ -225,10 +225,12 @@ fn a_killed_vm_ends_the_session_and_restores_the_terminal() {
     s.expect("`exit` stops the VM", PROMPT_DEADLINE);
     s.send(b"echo ready-$((1+1))\r");
     s.expect("ready-2", PROMPT_DEADLINE);
+    // QEMU, and the sandbox's wrappers around it where there are any.
     let pids = e2e::qemu_pids_using(&cache.path().display().to_string());
-    assert_eq!(pids.len(), 1, "one QEMU: {pids:?}");
+    assert!(!pids.is_empty(), "no QEMU found");
     let killed = Command::new("kill")
-        .args(["-KILL", &pids[0].to_string()])
+        .arg("-KILL")
+        .args(pids.iter().map(u32::to_string))
         .status()
         .expect("kill");
     assert!(killed.success());

@@ -62,10 +62,11 @@ pub struct ShellSpec {
     pub size: WindowSize,
 }
 
-/// The session's guest side, run by `/bin/sh -c` with `$1` marker, `$2` rows, `$3` cols,
-/// `$4` directory. The relay's two `cat`s stay outside the job cgroup (they are the
+/// The session's guest side, run by `/bin/sh -c` with `$1` end marker, `$2` rows, `$3` cols,
+/// `$4` directory, `$5` ready marker (the two-way relay runs: keys sent before it would be
+/// lost with the one-way relay's port). The relay's two `cat`s stay outside the job cgroup (they are the
 /// runner's); the shell enters it, like a step.
-const SESSION: &str = r#"marker=$1 rows=$2 cols=$3 dir=$4
+const SESSION: &str = r#"marker=$1 rows=$2 cols=$3 dir=$4 ready=$5
 port=/dev/virtio-ports/PORT
 dev=$(readlink -f "$port")
 for p in /proc/[0-9]*; do
@@ -82,6 +83,7 @@ exec 3<>"$port"
 cat <&3 1<>INPUT &
 cat <>OUTPUT >&3 &
 exec 3>&-
+printf '%s' "$ready" >OUTPUT
 echo $$ >JOB/cgroup.procs && echo 0 >/proc/self/oom_score_adj || { echo "runner: cannot enter the job cgroup JOB" >OUTPUT; printf '%s' "$marker" >OUTPUT; exit 125; }
 cd "$dir" 2>/dev/null || { echo "runner: no directory $dir in the guest" >OUTPUT; printf '%s' "$marker" >OUTPUT; exit 126; }
 SHELL=/bin/bash script -qec "stty rows $rows cols $cols; tty >TTY_FILE; exec bash -i" /dev/null <>INPUT >OUTPUT 2>&1
@@ -90,7 +92,7 @@ printf '%s' "$marker" >OUTPUT
 exit $rc"#;
 
 /// The `guest-exec` request that starts a session.
-fn session_request(spec: &ShellSpec, marker: &str) -> ExecRequest {
+fn session_request(spec: &ShellSpec, marker: &str, ready: &str) -> ExecRequest {
     let script = SESSION
         .replace("PORT", OUTPUT_PORT_NAME)
         .replace("TRIES", &PORT_RELEASE_TRIES.to_string())
@@ -108,6 +110,7 @@ fn session_request(spec: &ShellSpec, marker: &str) -> ExecRequest {
             spec.size.rows.to_string(),
             spec.size.cols.to_string(),
             spec.cwd.clone(),
+            ready.into(),
         ],
         env: spec.env.clone(),
     }
@@ -143,12 +146,12 @@ impl Vm {
     ) -> Result<CommandEnd, VmError> {
         let markers = exec::EndMarkers::new();
         let mut scanner = exec::MarkerScanner::new(&markers);
+        // Keys wait until the guest's two-way relay runs; output before it is passed on.
+        let ready = exec::EndMarkers::new().ran.into_bytes();
+        let mut before_ready: Option<Vec<u8>> = Some(Vec::new());
         while self.output.try_recv().is_ok() {}
-        let pid = match self
-            .agent
-            .exec(&session_request(spec, &markers.ran), AGENT_TIMEOUT)
-            .await
-        {
+        let request = session_request(spec, &markers.ran, &String::from_utf8_lossy(&ready));
+        let pid = match self.agent.exec(&request, AGENT_TIMEOUT).await {
             Ok(pid) => pid,
             Err(e) => return Err(self.agent_or_died(e).await),
         };
@@ -157,7 +160,24 @@ impl Vm {
         loop {
             tokio::select! {
                 chunk = self.output.recv() => match chunk {
-                    Some(bytes) => {
+                    Some(mut bytes) => {
+                        if let Some(held) = &mut before_ready {
+                            held.extend_from_slice(&bytes);
+                            match held.windows(ready.len()).position(|w| w == ready.as_slice()) {
+                                Some(i) => {
+                                    on_output(&held[..i]);
+                                    bytes = held.split_off(i + ready.len());
+                                    before_ready = None;
+                                }
+                                None => {
+                                    // Bounded: all but what could be the marker's start.
+                                    let keep = held.len().saturating_sub(ready.len());
+                                    on_output(&held[..keep]);
+                                    held.drain(..keep);
+                                    continue;
+                                }
+                            }
+                        }
                         let out = scanner.feed(&bytes);
                         if !out.is_empty() { on_output(&out); }
                         if scanner.found() {
@@ -176,7 +196,7 @@ impl Vm {
                     None => return Ok(CommandEnd::Stopped),
                 },
                 // Cancel-safe: a write either happened (n bytes) or did not.
-                written = self.port_writer.write(&pending), if !pending.is_empty() => match written {
+                written = self.port_writer.write(&pending), if before_ready.is_none() && !pending.is_empty() => match written {
                     Ok(n) => { pending.drain(..n); }
                     Err(_) => return Err(self.died().await),
                 },
@@ -240,7 +260,7 @@ mod tests {
                 cols: 120,
             },
         };
-        let req = session_request(&spec, "\x1eM\x1e");
+        let req = session_request(&spec, "\x1eM\x1e", "\x1eR\x1e");
         let script = &req.args[1];
         for placeholder in ["PORT", "TRIES", "INPUT", "OUTPUT", "TTY_FILE", "JOB/"] {
             assert!(
@@ -249,7 +269,10 @@ mod tests {
             );
         }
         assert!(script.contains("/dev/virtio-ports/org.runner.output.0"));
-        assert_eq!(&req.args[3..], ["\x1eM\x1e", "40", "120", "/workspace"]);
+        assert_eq!(
+            &req.args[3..],
+            ["\x1eM\x1e", "40", "120", "/workspace", "\x1eR\x1e"]
+        );
         // The relay is started before the shell enters the job cgroup: it is the runner's.
         assert!(script.find("cat <>").unwrap() < script.find("cgroup.procs").unwrap());
     }
