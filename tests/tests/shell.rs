@@ -47,16 +47,7 @@ impl Session {
             .open(name.to_str().expect("pty name"))
             .expect("open the pty's slave")
             .into();
-        tcsetwinsize(
-            &master,
-            Winsize {
-                ws_row: 30,
-                ws_col: 100,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            },
-        )
-        .expect("window size");
+        set_size(&master, 30, 100);
         let mut cmd = Command::new(runner_bin());
         cmd.args(args)
             .env("RUNNER_CACHE_DIR", cache)
@@ -126,6 +117,10 @@ impl Session {
         }
     }
 
+    fn resize(&mut self, rows: u16, cols: u16) {
+        set_size(&self.master, rows, cols);
+    }
+
     fn send(&mut self, bytes: &[u8]) {
         self.master.write_all(bytes).expect("write to the pty");
     }
@@ -156,6 +151,17 @@ impl Drop for Session {
     }
 }
 
+/// Sets the terminal's size (the kernel signals its foreground process group).
+fn set_size(master: impl AsFd, rows: u16, cols: u16) {
+    let size = Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    tcsetwinsize(master, size).expect("window size");
+}
+
 fn modes(fd: impl AsFd) -> String {
     format!("{:?}", tcgetattr(fd).expect("tcgetattr"))
 }
@@ -178,6 +184,10 @@ fn a_shell_session(arch: &str) -> Duration {
     // The window size of the host terminal.
     s.send(b"stty size\r");
     s.expect("30 100", ANSWER_DEADLINE);
+    // ... and follows it: the kernel sends runner SIGWINCH.
+    s.resize(40, 120);
+    s.send(b"stty size\r");
+    s.expect("40 120", ANSWER_DEADLINE);
     // Ctrl-C goes to the foreground process through the guest's line discipline.
     // The line ran once its echo's answer is out; sleep starts right after.
     s.send(b"echo start-$((0+1)); sleep 30\r");
