@@ -39,6 +39,33 @@ pub enum Command {
     Matrix(MatrixArgs),
     /// Run as a service: a GitLab runner and/or a GitHub App, jobs in fresh VMs.
     Serve(ServeArgs),
+    /// Open an interactive shell in a fresh VM (exit the shell to stop it).
+    Shell(ShellArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Guest architecture (`runner doctor` lists them).
+    #[arg(long)]
+    pub arch: String,
+    /// Base image (recipe name) [default: the architecture's own].
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Copy this directory into the guest at /workspace and start the shell there.
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// vCPUs (default 2).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory (e.g. 512M, 2G; default 1G).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Always boot the kernel; do not resume from (or save) a VM state saved after boot.
+    #[arg(long)]
+    pub cold_boot: bool,
 }
 
 #[derive(Debug, Args)]

@@ -16,4 +16,5 @@ pub mod run;
 pub mod serve;
 pub mod sources;
 pub mod suite;
+pub mod terminal;
 pub mod text;

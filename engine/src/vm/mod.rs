@@ -7,6 +7,7 @@ pub mod exec;
 mod fault;
 pub mod job_cgroup;
 pub mod overlay;
+pub mod shell;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,8 @@ pub struct Vm {
     qmp: QmpClient,
     agent: AgentClient<UnixStream>,
     output: mpsc::Receiver<Vec<u8>>,
+    /// The host's end of the live-output port, towards the guest (see [`shell`]).
+    port_writer: tokio::net::unix::OwnedWriteHalf,
     /// How long from QEMU start to the agent's first answer.
     pub boot_time: Duration,
     pub agent_version: String,
@@ -442,11 +445,13 @@ impl Vm {
                 return Err(e);
             }
         };
+        let (port_reader, port_writer) = output_stream.into_split();
         Ok(Vm {
             process,
             qmp,
             agent,
-            output: spawn_output_reader(output_stream),
+            output: spawn_output_reader(port_reader),
+            port_writer,
             boot_time: started.elapsed(),
             agent_version,
             start_kind: if resume_from.is_some() {
@@ -952,7 +957,7 @@ async fn wait_for_socket(path: &Path) -> Result<UnixStream, VmError> {
 }
 
 /// Reads the live-output socket into a bounded queue.
-fn spawn_output_reader(mut stream: UnixStream) -> mpsc::Receiver<Vec<u8>> {
+fn spawn_output_reader(mut stream: tokio::net::unix::OwnedReadHalf) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];

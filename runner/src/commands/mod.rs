@@ -4,6 +4,7 @@ pub mod doctor;
 pub mod images;
 pub mod matrix;
 pub mod serve;
+pub mod shell;
 pub mod test;
 
 use engine::image::ImageStore;

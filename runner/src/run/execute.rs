@@ -314,8 +314,55 @@ async fn run_timed(
         id: id.clone(),
         accel: state.facts.accel.clone(),
     });
-    let cfg = VmConfig {
-        arch: id.arch,
+    let cfg = vm_config(plan, settings, platform, image);
+    let mut vm = match Vm::boot(&cfg).await {
+        Ok(vm) => vm,
+        Err(e) => return vm_error(&e, false),
+    };
+    state.facts.vm_id = vm.id();
+    state.facts.boot_time = Some(vm.boot_time);
+    for message in std::mem::take(&mut vm.notes) {
+        reporters.emit(Event::Note { message });
+    }
+    state.facts.start = match &vm.start_kind {
+        StartKind::Cold => "cold boot",
+        StartKind::ColdSaved => "cold boot, state saved for later jobs",
+        StartKind::Restored => "resumed from saved state",
+        StartKind::ColdFallback(reason) => {
+            reporters.emit(Event::Note {
+                message: format!("{reason}; booted cold instead"),
+            });
+            "cold boot"
+        }
+    }
+    .into();
+    reporters.emit(Event::VmBooted {
+        id: id.clone(),
+        facts: state.facts.clone(),
+    });
+
+    let outcome = in_vm(
+        plan, &mut vm, archive, reporters, state, deadline, interrupt,
+    )
+    .await;
+    // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
+    match outcome {
+        Outcome::TimedOut => vm.kill().await,
+        _ => vm.shutdown().await,
+    }
+    outcome
+}
+
+/// The VM a plan boots: its machine, the image's kernel and disk, and the saved state
+/// for exactly this configuration (also what `runner shell` boots).
+pub fn vm_config(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    platform: &platform::Platform,
+    image: &BaseImage,
+) -> VmConfig {
+    VmConfig {
+        arch: plan.id.arch,
         accel: platform.accel.accel,
         qemu_binary: platform.qemu.path.clone(),
         sandbox: platform.qemu.sandbox,
@@ -354,43 +401,7 @@ async fn run_timed(
                 ))
             }),
         containment: settings.containment.clone(),
-    };
-    let mut vm = match Vm::boot(&cfg).await {
-        Ok(vm) => vm,
-        Err(e) => return vm_error(&e, false),
-    };
-    state.facts.vm_id = vm.id();
-    state.facts.boot_time = Some(vm.boot_time);
-    for message in std::mem::take(&mut vm.notes) {
-        reporters.emit(Event::Note { message });
     }
-    state.facts.start = match &vm.start_kind {
-        StartKind::Cold => "cold boot",
-        StartKind::ColdSaved => "cold boot, state saved for later jobs",
-        StartKind::Restored => "resumed from saved state",
-        StartKind::ColdFallback(reason) => {
-            reporters.emit(Event::Note {
-                message: format!("{reason}; booted cold instead"),
-            });
-            "cold boot"
-        }
-    }
-    .into();
-    reporters.emit(Event::VmBooted {
-        id: id.clone(),
-        facts: state.facts.clone(),
-    });
-
-    let outcome = in_vm(
-        plan, &mut vm, archive, reporters, state, deadline, interrupt,
-    )
-    .await;
-    // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
-    match outcome {
-        Outcome::TimedOut => vm.kill().await,
-        _ => vm.shutdown().await,
-    }
-    outcome
 }
 
 /// Inside the booted guest: files in, the steps, results out.
@@ -674,7 +685,7 @@ fn last_wins(env: Vec<(String, String)>) -> Vec<(String, String)> {
 }
 
 /// The guest environment (qga replaces the guest's environment, so it is complete).
-fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
+pub(crate) fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
     vec![
         (
             "PATH".into(),
