@@ -581,10 +581,7 @@ step = [{ name = "only", run = "true" }]
         let d = &file.defaults;
         // Debian's "arm64" and our "aarch64" are the same arch, so it is listed once.
         assert_eq!(d.arch, [Arch::Riscv64, Arch::Aarch64]);
-        assert_eq!(
-            (d.image.as_deref(), d.cpus, d.memory_mib),
-            (Some("debian-12"), 4, 2048)
-        );
+        assert_eq!((d.image.as_deref(), d.cpus, d.memory_mib), (Some("debian-12"), 4, 2048));
         assert_eq!((d.timeout, d.step_timeout), (20 * MIN, Some(10 * MIN)));
         let ws = &file.workspace;
         assert_eq!(ws.root, Path::new("/proj/src/.."));

@@ -57,7 +57,13 @@ fn check(e: Expect) {
     let junit = dir.path().join("junit.xml");
     let r = runner(
         dir.path(),
-        &["test", "--arch", e.arch, "--junit", junit.to_str().unwrap()],
+        &[
+            "test",
+            "--arch",
+            e.arch,
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
     );
     // The guest JUnit carries a failure, so the suite fails (exit 1), not an infrastructure
     // error (which would be 3 or more).

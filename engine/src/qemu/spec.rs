@@ -266,20 +266,8 @@ mod tests {
             ),
             (Arch::X86_64, Accel::Tcg, "q35", "max", "console=ttyS0"),
             (Arch::X86_64, Accel::Kvm, "q35", "host", "console=ttyS0"),
-            (
-                Arch::Armhf,
-                Accel::Tcg,
-                "virt",
-                "cortex-a15",
-                "console=ttyAMA0",
-            ),
-            (
-                Arch::S390x,
-                Accel::Tcg,
-                "s390-ccw-virtio",
-                "max",
-                "console=ttysclp0",
-            ),
+            (Arch::Armhf, Accel::Tcg, "virt", "cortex-a15", "console=ttyAMA0"),
+            (Arch::S390x, Accel::Tcg, "s390-ccw-virtio", "max", "console=ttysclp0"),
             (Arch::Mipsel, Accel::Tcg, "malta", "24Kf", "console=ttyS0"),
         ];
         for (arch, accel, machine, cpu, console) in cases {

@@ -17,18 +17,7 @@ pub async fn run(cmd: ImagesCommand, store: &ImageStore, status: &Status) -> i32
             mirror,
             force,
             accel,
-        } => {
-            build(
-                store,
-                &arch,
-                recipe.as_deref(),
-                mirror,
-                force,
-                accel,
-                status,
-            )
-            .await
-        }
+        } => build(store, &arch, recipe.as_deref(), mirror, force, accel, status).await,
         ImagesCommand::Key { arch, recipe } => key(&arch, recipe.as_deref(), status),
         ImagesCommand::List => list(store),
         ImagesCommand::Verify => verify(store),
