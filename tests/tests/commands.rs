@@ -328,14 +328,27 @@ fn cpus_memory_and_workspace_reach_the_guest() {
 fn doctor_lists_qemu_and_the_accelerator() {
     let r = runner(&workspace_root(), &["doctor"]);
     assert_eq!(r.code, 0, "{r}");
-    for arch in ["riscv64", "aarch64", "x86_64"] {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(arch))
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    // (arch, a word of the facts line under it)
+    let arches = [
+        ("riscv64", "-M virt"),
+        ("aarch64", "debian arm64"),
+        ("x86_64", "-M q35"),
+        ("armhf", "32-bit"),
+        ("ppc64el", "only with 1 vCPU"),
+        ("s390x", "big-endian"),
+        ("i386", "image debian-12"),
+        ("mips64el", "up to 1 vCPUs"),
+        ("mipsel", "-M malta"),
+    ];
+    for (arch, fact) in arches {
+        let i = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{arch} ")))
             .unwrap_or_else(|| panic!("no {arch} line: {r}"));
-        // `riscv64  /usr/bin/qemu-system-riscv64 10.0.2 (sandbox: yes)`
-        assert!(line.contains(" 10."), "{line}");
+        // `riscv64  /usr/bin/qemu-system-riscv64 10.0.2 (sandbox: yes)`, then its facts.
+        assert!(lines[i].contains(" 10."), "{}", lines[i]);
+        assert!(lines[i + 1].contains(fact), "{arch}: {}", lines[i + 1]);
     }
     assert!(
         r.stdout.lines().any(

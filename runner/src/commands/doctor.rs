@@ -54,17 +54,34 @@ pub async fn run(store: &ImageStore) -> i32 {
     let mut seccomp_missing = Vec::new();
     for arch in Arch::ALL {
         let i = arch.info();
-        // What the architecture is, whatever this host has installed.
+        // The QEMU found for the architecture, then what the architecture is.
+        match qhost::qemu_for(arch).await {
+            Ok(q) => {
+                if !q.sandbox {
+                    seccomp_missing.push(arch.name());
+                }
+                println!(
+                    "{:<8} {} {} (sandbox: {})",
+                    arch.name(),
+                    q.path.display(),
+                    q.version,
+                    if q.sandbox { "yes" } else { "no" }
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("{:<8} MISSING: {e}", arch.name());
+            }
+        }
         println!(
-            "{:<8} debian {} ({}-bit, {}-endian), {} -M {} -cpu {}, virtio-{}, up to {} vCPUs, image {}, saved states {}",
-            arch.name(),
+            "{:<8} debian {} ({}-bit, {}-endian), -M {} -cpu {}, virtio-{}, up to {} vCPUs, image {}, saved states {}",
+            "",
             i.debian,
             i.bits,
             match i.endian {
                 engine::arch::Endian::Little => "little",
                 engine::arch::Endian::Big => "big",
             },
-            i.qemu_binary,
             i.machine.split(',').next().unwrap_or(i.machine),
             i.cpu_tcg,
             i.bus.suffix(),
@@ -75,22 +92,6 @@ pub async fn run(store: &ImageStore) -> i32 {
                 engine::arch::SavedStates::SingleCpu => "only with 1 vCPU",
             },
         );
-        match qhost::qemu_for(arch).await {
-            Ok(q) if !q.sandbox => {
-                seccomp_missing.push(arch.name());
-                println!("{:<8} {} {} (sandbox: no)", "", q.path.display(), q.version);
-            }
-            Ok(q) => println!(
-                "{:<8} {} {} (sandbox: yes)",
-                "",
-                q.path.display(),
-                q.version
-            ),
-            Err(e) => {
-                ok = false;
-                println!("{:<8} MISSING: {e}", "");
-            }
-        }
     }
     for tool in [
         "qemu-img",
