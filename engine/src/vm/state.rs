@@ -38,8 +38,11 @@ const SETTLE: Duration = Duration::from_millis(500);
 const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the post-resume reseed-and-sleep may take before the state counts as broken.
-const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the post-resume reseed-and-sleep may take before the state counts as broken. It
+/// includes starting perl in the guest, which under TCG on a loaded host took over 3 s on
+/// mipsel (every save of a good state then "failed" its check): a liveness check, so generous;
+/// a broken state costs this once, before the cold boot.
+const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the end of that process is polled: every job's start waits for it.
 const RESUME_CHECK_POLL: Duration = Duration::from_millis(20);
 
