@@ -118,6 +118,21 @@ impl ImageStore {
         Ok(Some(image))
     }
 
+    /// [`ImageStore::open`] on a blocking thread: verifying may hash the whole image (a few
+    /// hundred MB), which on a runtime worker would stall every other job on it.
+    pub async fn open_off_runtime(
+        &self,
+        recipe: &str,
+        arch: Arch,
+        hash: &str,
+    ) -> Result<Option<BaseImage>, ImageError> {
+        let (store, recipe, hash) = (self.clone(), recipe.to_string(), hash.to_string());
+        let dir = self.image_dir(&recipe, arch, &hash);
+        tokio::task::spawn_blocking(move || store.open(&recipe, arch, &hash))
+            .await
+            .unwrap_or_else(|e| Err(ImageError::io(&dir, std::io::Error::other(e.to_string()))))
+    }
+
     /// Every image in the cache with its state ("ok" or what is wrong), oldest first.
     pub fn list(&self) -> Vec<(PathBuf, Result<Manifest, String>)> {
         let Ok(entries) = std::fs::read_dir(self.images_dir()) else {
