@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Matrix benchmark: wall time of `runner matrix` over a 4-cell matrix (2 suites × riscv64,
-# aarch64; the shell example's tests) with --jobs 1 and with --jobs 2, the speed-up, and the
-# peak memory of the whole run (runner plus every QEMU it started, summed, sampled).
+# aarch64; the shell example's tests) for several schedules (--jobs × --cpus), each against
+# the others in paired, alternating runs; and the peak memory of the whole run (runner plus
+# every QEMU it started, summed, sampled).
 #
-# Usage: bench/matrix.sh [--runs N] [--warmup N] [--cpus N] [--no-build]
-#   --runs      counted runs of each --jobs value (default 5); the two alternate
+# Usage: bench/matrix.sh [--runs N] [--warmup N] [--configs "J:C ..."] [--no-build]
+#   --runs      counted runs of each schedule (default 5); the schedules alternate
 #   --warmup    uncounted runs of each first (default 1: saves VM states if there are none)
-#   --cpus      vCPUs per VM (default 2, runner's default)
+#   --configs   schedules as JOBS:CPUS, either "auto" for runner's own pick (default
+#               "auto:auto 1:2 2:2 1:1 2:1": the default against every hand-picked pair)
 #   --no-build  use target/release/runner as it is (default: cargo build --release -p runner)
 # Environment: RUNNER_CACHE_DIR (as runner), RUNNER (binary, default target/release/runner).
 # Needs the riscv64 and aarch64 images cached (runner images build --arch riscv64,aarch64).
@@ -17,20 +19,25 @@ root=$(dirname "$here")
 runs=5
 warmup=1
 build=1
-cpus=2
+configs="auto:auto 1:2 2:2 1:1 2:1"
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=${2:?--runs needs a number}; shift 2 ;;
         --warmup) warmup=${2:?--warmup needs a number}; shift 2 ;;
-        --cpus) cpus=${2:?--cpus needs a number}; shift 2 ;;
+        --configs) configs=${2:?--configs needs a list}; shift 2 ;;
         --no-build) build=0; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "matrix.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case $runs in ''|*[!0-9]*|0) echo "matrix.sh: --runs must be a positive integer" >&2; exit 2 ;; esac
 case $warmup in ''|*[!0-9]*) echo "matrix.sh: --warmup must be a non-negative integer" >&2; exit 2 ;; esac
-case $cpus in ''|*[!0-9]*|0) echo "matrix.sh: --cpus must be a positive integer" >&2; exit 2 ;; esac
+for c in $configs; do
+    case $c in
+        auto:auto|auto:[1-9]|auto:[1-9][0-9]|[1-9]:auto|[1-9][0-9]:auto|[1-9]:[1-9]|[1-9]:[1-9][0-9]|[1-9][0-9]:[1-9]|[1-9][0-9]:[1-9][0-9]) ;;
+        *) echo "matrix.sh: --configs: '$c' is not JOBS:CPUS (numbers or auto)" >&2; exit 2 ;;
+    esac
+done
 
 runner=${RUNNER:-$root/target/release/runner}
 if [ "$build" = 1 ] && [ -z "${RUNNER:-}" ]; then
@@ -67,7 +74,6 @@ cat >"$work/bench.toml" <<TOML
 suites = ["system", "unit"]
 arch = ["riscv64", "aarch64"]
 retries = 0
-cpus = $cpus
 TOML
 
 now() { date +%s.%N; }
@@ -96,14 +102,17 @@ tree_rss() {
         }'
 }
 
-# One matrix run with --jobs $1; prints "seconds peak_tree_kib peak_runner_kib". With $2 =
-# "sample", the process tree's memory is sampled every 0.2 s; timed runs do not sample, because
-# `ps` over every process costs enough CPU on a 2-core host to slow the parallel runs most.
+# One matrix run with schedule $1 (JOBS:CPUS); prints "seconds peak_tree_kib peak_runner_kib
+# picked", picked being the schedule runner announced. With $2 = "sample", the process tree's
+# memory is sampled every 0.2 s; timed runs do not sample, because `ps` over every process
+# costs enough CPU on a 2-core host to slow the parallel runs most.
 one_run() {
-    local jobs=$1 mode=${2:-} start end peak=0 peak_self=0 t s
+    local config=$1 mode=${2:-} start end peak=0 peak_self=0 t s flags=()
+    [ "${config%%:*}" = auto ] || flags+=(--jobs "${config%%:*}")
+    [ "${config##*:}" = auto ] || flags+=(--cpus "${config##*:}")
     rm -rf "$work/report"
     start=$(now)
-    "$runner" --quiet matrix bench.toml --jobs "$jobs" --out report --fail-on never \
+    "$runner" matrix bench.toml "${flags[@]}" --out report --fail-on never \
         >/dev/null 2>"$work/stderr" &
     child=$!
     if [ "$mode" = sample ]; then
@@ -122,36 +131,37 @@ one_run() {
         grep -q '"status": "\(failed\|error\|timed_out\)"' "$work/report/results.json"; then
         echo "matrix.sh: a cell did not pass; see $work/report" >&2; trap - EXIT; exit 1
     fi
-    echo "$(awk -v a="$end" -v b="$start" 'BEGIN { printf "%.2f", a - b }') $peak $peak_self"
+    picked=$(sed -n 's/^runner matrix: [0-9]* cells from [^,]*, \([0-9]* at a time, [0-9]* vCPUs\{0,1\}\) each.*/\1/p' "$work/stderr" | head -n1)
+    echo "$(awk -v a="$end" -v b="$start" 'BEGIN { printf "%.2f", a - b }') $peak $peak_self ${picked// /_}"
 }
 
 cd "$work"
-echo "matrix.sh: 4 cells (system, unit × riscv64, aarch64), $cpus vCPUs each, $runs runs per --jobs after $warmup warm-up" >&2
-for _ in $(seq "$warmup"); do one_run 1 >/dev/null; one_run 2 >/dev/null; done
-: >"$work/j1"
-: >"$work/j2"
+set -- $configs
+echo "matrix.sh: 4 cells (system, unit × riscv64, aarch64), schedules (jobs:cpus) $*, $runs runs each after $warmup warm-up" >&2
+for _ in $(seq "$warmup"); do for c; do one_run "$c" >/dev/null; done; done
+for c; do : >"$work/t.$c"; done
 for i in $(seq "$runs"); do
-    for j in 1 2; do
-        r=$(one_run "$j")
-        echo "$r" >>"$work/j$j"
-        echo "  run $i --jobs $j: ${r%% *} s" >&2
+    for c; do
+        r=$(one_run "$c")
+        echo "$r" >>"$work/t.$c"
+        echo "  run $i $c: ${r%% *} s" >&2
     done
 done
-# Memory: one sampled run of each (not timed).
-one_run 1 sample >"$work/m1"
-one_run 2 sample >"$work/m2"
-j1=$(cut -d' ' -f1 "$work/j1" | stats)
-j2=$(cut -d' ' -f1 "$work/j2" | stats)
-m1=$(cut -d' ' -f1 "$work/j1" | median)
-m2=$(cut -d' ' -f1 "$work/j2" | median)
-mem1=$(cut -d' ' -f2 "$work/m1")
-mem2=$(cut -d' ' -f2 "$work/m2")
-self=$(cut -d' ' -f3 "$work/m1" "$work/m2" | sort -g | tail -n1)
 echo
-echo "| --jobs | wall time, s (min / median / max) | peak memory, runner + QEMU (MiB) |"
-echo "| --- | --- | --- |"
-echo "| 1 | $j1 | $((mem1 / 1024)) |"
-echo "| 2 | $j2 | $((mem2 / 1024)) |"
+echo "| schedule (jobs:cpus) | runner ran | wall time, s (min / median / max) | peak memory, runner + QEMU (MiB) |"
+echo "| --- | --- | --- | --- |"
+best=
+for c; do
+    # Memory: one sampled run of each (not timed).
+    mem=$(one_run "$c" sample | cut -d' ' -f2)
+    picked=$(cut -d' ' -f4 "$work/t.$c" | head -n1 | tr _ ' ')
+    med=$(cut -d' ' -f1 "$work/t.$c" | median)
+    echo "| $c | $picked | $(cut -d' ' -f1 "$work/t.$c" | stats) | $((mem / 1024)) |"
+    case $c in auto:auto) ;; *) best=$(printf '%s\n%s %s\n' "$best" "$med" "$c" | sed '/^$/d' | sort -g | head -n1) ;; esac
+done
 echo
-echo "speed-up (median --jobs 1 / median --jobs 2): $(awk -v a="$m1" -v b="$m2" 'BEGIN { printf "%.2f", a / b }')x; runner alone peaks at $((self / 1024)) MiB"
+if [ -f "$work/t.auto:auto" ] && [ -n "$best" ]; then
+    auto=$(cut -d' ' -f1 "$work/t.auto:auto" | median)
+    echo "default (auto:auto) median $auto s; best hand-picked ${best#* } median ${best%% *} s: default / best = $(awk -v a="$auto" -v b="${best%% *}" 'BEGIN { printf "%.2f", a / b }')"
+fi
 echo "host: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -1,7 +1,7 @@
 //! How many VMs this host can run at once. One rule, used by `runner serve` (GitLab and
 //! GitHub jobs) and `runner matrix`: a VM counts its guest RAM plus QEMU's own overhead
-//! against the memory the host has available, after a reserve for the host itself; and TCG
-//! keeps about one core busy per vCPU, so vCPUs beyond the host's cores only slow everyone.
+//! against the memory the host has available, after a reserve for the host itself. (How
+//! the matrix divides the cores is `matrix::fit`.)
 
 /// Memory QEMU itself needs beside the guest's RAM (measured: 210–290 MiB RSS for a 1 GiB
 /// guest, most of it guest pages; the rest is QEMU's code, TCG buffers and I/O).
@@ -45,13 +45,6 @@ impl HostResources {
         let per_vm = memory_mib as u64 + QEMU_OVERHEAD_MIB;
         ((self.vm_budget_mib() / per_vm) as usize).max(1)
     }
-
-    /// A default parallelism for VMs of `cpus` vCPUs and `memory_mib` each: the cores divided
-    /// among the vCPUs (rounded up: a 2-vCPU guest rarely keeps both busy), capped by memory.
-    pub fn default_parallel_vms(&self, cpus: u32, memory_mib: u32) -> usize {
-        let by_cores = self.cores.div_ceil(cpus.max(1)).max(1) as usize;
-        by_cores.min(self.max_vms_by_memory(memory_mib))
-    }
 }
 
 fn parse_mem_available_kib(meminfo: &str) -> Option<u64> {
@@ -79,22 +72,10 @@ mod tests {
             available_mib: 1024 + 3 * (1024 + 256) + 100,
         };
         assert_eq!(h.max_vms_by_memory(1024), 3);
-        assert_eq!(h.default_parallel_vms(2, 1024), 3);
         let tiny = HostResources {
             cores: 2,
             available_mib: 512,
         };
         assert_eq!(tiny.max_vms_by_memory(1024), 1);
-    }
-
-    #[test]
-    fn cores_cap_vms() {
-        let h = HostResources {
-            cores: 2,
-            available_mib: 24 * 1024,
-        };
-        assert_eq!(h.default_parallel_vms(2, 1024), 1);
-        assert_eq!(h.default_parallel_vms(1, 1024), 2);
-        assert_eq!(h.max_vms_by_memory(1024), 18);
     }
 }

@@ -153,9 +153,14 @@ pub struct MatrixArgs {
     /// Architectures, replacing the matrix file's (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub arch: Vec<String>,
-    /// Cells run at once [default: as many VMs as the host's cores and memory fit].
+    /// Cells run at once [default: picked with --cpus to fill the host's cores (README,
+    /// "Nightly matrix"), capped by memory].
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
+    /// vCPUs per cell, replacing the matrix file's `cpus` [default: that, else runner.toml's,
+    /// else picked with --jobs to fill the host's cores].
+    #[arg(long)]
+    pub cpus: Option<u32>,
     /// Where the reports go.
     #[arg(long, value_name = "DIR", default_value = "matrix-report")]
     pub out: PathBuf,

@@ -104,7 +104,7 @@ pub async fn ensure_image(
     };
     let hash = recipe.hash(arch, initramfs::INIT_SCRIPT);
     if !opts.force {
-        if let Some(image) = store.open(&recipe.name, arch, &hash)? {
+        if let Some(image) = store.open_off_runtime(&recipe.name, arch, &hash).await? {
             return Ok(image);
         }
     }
@@ -116,7 +116,7 @@ pub async fn ensure_image(
     let _lock = lock(&lock_path, &format!("{} for {arch}", recipe.name), progress).await?;
     // Someone else may have finished it while we waited.
     if !opts.force {
-        if let Some(image) = store.open(&recipe.name, arch, &hash)? {
+        if let Some(image) = store.open_off_runtime(&recipe.name, arch, &hash).await? {
             return Ok(image);
         }
     }
@@ -154,7 +154,8 @@ pub async fn ensure_image(
         started.elapsed().as_secs_f64()
     ));
     store
-        .open(&recipe.name, arch, &hash)?
+        .open_off_runtime(&recipe.name, arch, &hash)
+        .await?
         .ok_or_else(|| ImageError::Corrupt {
             dir: final_dir,
             what: "vanished right after it was built".into(),
@@ -258,7 +259,11 @@ async fn build_into(
         let size = std::fs::metadata(&path)
             .map_err(|e| ImageError::io(&path, e))?
             .len();
-        let sha256 = store::sha256_file(&path).map_err(|e| ImageError::io(&path, e))?;
+        let hashed = path.clone();
+        let sha256 = tokio::task::spawn_blocking(move || store::sha256_file(&hashed))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .map_err(|e| ImageError::io(&path, e))?;
         artifacts.insert(
             name.to_string(),
             Artifact {

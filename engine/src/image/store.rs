@@ -118,6 +118,21 @@ impl ImageStore {
         Ok(Some(image))
     }
 
+    /// [`ImageStore::open`] on a blocking thread: verifying may hash the whole image (a few
+    /// hundred MB), which on a runtime worker would stall every other job on it.
+    pub async fn open_off_runtime(
+        &self,
+        recipe: &str,
+        arch: Arch,
+        hash: &str,
+    ) -> Result<Option<BaseImage>, ImageError> {
+        let (store, recipe, hash) = (self.clone(), recipe.to_string(), hash.to_string());
+        let dir = self.image_dir(&recipe, arch, &hash);
+        tokio::task::spawn_blocking(move || store.open(&recipe, arch, &hash))
+            .await
+            .unwrap_or_else(|e| Err(ImageError::io(&dir, std::io::Error::other(e.to_string()))))
+    }
+
     /// Every image in the cache with its state ("ok" or what is wrong), oldest first.
     pub fn list(&self) -> Vec<(PathBuf, Result<Manifest, String>)> {
         let Ok(entries) = std::fs::read_dir(self.images_dir()) else {
@@ -295,6 +310,60 @@ mod tests {
         )
         .unwrap();
         load(dir).unwrap()
+    }
+
+    #[test]
+    fn verifying_a_large_image_leaves_the_runtime_free() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(tmp.path());
+        let img = fake_image(&store.image_dir("debian-13", Arch::Riscv64, "abc"));
+        // A 128 MiB root filesystem of real content, hashed in full on this first open.
+        let block: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let body = block.repeat(32);
+        std::fs::write(&img.rootfs, &body).unwrap();
+        let mut manifest = img.manifest.clone();
+        let rootfs = manifest.artifacts.get_mut(ROOTFS).unwrap();
+        (rootfs.sha256, rootfs.size) = (sha256_file(&img.rootfs).unwrap(), body.len() as u64);
+        std::fs::write(
+            img.dir.join(MANIFEST),
+            serde_json::to_string(&manifest).unwrap(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // A timer on the same thread: how long did it go without running?
+            let longest_ms = Arc::new(AtomicU64::new(0));
+            let seen = longest_ms.clone();
+            let ticker = tokio::spawn(async move {
+                let mut last = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let gap = last.elapsed().as_millis() as u64;
+                    seen.fetch_max(gap, Ordering::Relaxed);
+                    last = Instant::now();
+                }
+            });
+            tokio::task::yield_now().await;
+            let start = Instant::now();
+            let opened = store
+                .open_off_runtime("debian-13", Arch::Riscv64, "abc")
+                .await;
+            let took = start.elapsed().as_millis() as u64;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ticker.abort();
+            assert!(opened.unwrap().is_some());
+            let stall = longest_ms.load(Ordering::Relaxed);
+            assert!(
+                stall < took / 2,
+                "a timer on the runtime waited {stall} ms of the {took} ms verifying took"
+            );
+        });
     }
 
     #[test]

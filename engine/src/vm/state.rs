@@ -186,14 +186,19 @@ pub async fn save(
             .await?;
         wait_for_migration(qmp).await?;
         let saved_ram = staging.path().join(RAM);
-        take_over(&scratch, &saved_ram).map_err(io(&saved_ram))?;
         let saved_disk = staging.path().join(DISK);
-        copy_regular(overlay, &saved_disk).map_err(io(&saved_disk))?;
         let dir = staging.path().to_path_buf();
-        let sums = tokio::task::spawn_blocking(move || seal(&dir))
-            .await
-            .map_err(|e| StateError::Migration(format!("checksum task failed: {e}")))?
-            .map_err(io(staging.path()))?;
+        let overlay = overlay.to_path_buf();
+        // Copying the RAM file (across filesystems) and the overlay, then hashing them, is
+        // seconds of disk and CPU: on a blocking thread, so that other jobs on the runtime
+        // keep their keep-alives and cancellation meanwhile.
+        let sums = tokio::task::spawn_blocking(move || {
+            take_over(&scratch, &saved_ram).map_err(io(&saved_ram))?;
+            copy_regular(&overlay, &saved_disk).map_err(io(&saved_disk))?;
+            seal(&dir).map_err(io(&dir))
+        })
+        .await
+        .map_err(|e| StateError::Migration(format!("copy and checksum task failed: {e}")))??;
         let meta = staging.path().join(META);
         let id = format!("{:016x}", rand::random::<u64>());
         // The real path: `prune` drops states whose base is gone, and a path through a

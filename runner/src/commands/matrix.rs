@@ -15,6 +15,7 @@ use crate::capacity::HostResources;
 use crate::cli::{MatrixArgs, MergeArgs};
 use crate::exit;
 use crate::matrix::classify;
+use crate::matrix::fit::{self, Asked, CellNeed, Fit, Host};
 use crate::matrix::history::History;
 use crate::matrix::merge::{self, Assigned, ShardRecord, SHARD_FILE, SHARD_SCHEMA, SHARD_VERSION};
 use crate::matrix::progress::Progress;
@@ -84,6 +85,15 @@ fn spec(args: &MatrixArgs) -> Result<MatrixSpec, Refusal> {
     }
     if args.jobs == Some(0) {
         return Err(Refusal("--jobs must be at least 1".into(), exit::USAGE));
+    }
+    if let Some(c) = args.cpus {
+        if !(1..=64).contains(&c) {
+            return Err(Refusal(
+                format!("--cpus {c}: give between 1 and 64"),
+                exit::USAGE,
+            ));
+        }
+        spec.cpus = Some(c);
     }
     Ok(spec)
 }
@@ -168,8 +178,9 @@ fn take_shard(
     ))
 }
 
-/// The cells and their plans.
-fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal> {
+/// The cells and their plans, and the vCPUs per cell the matrix or suite file fixes (if it
+/// does not, [`fit_host`] picks them).
+fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<(Vec<PlannedCell>, Option<u32>), Refusal> {
     if !spec.suites_file.is_file() {
         return Err(config(format!(
             "no suite file {}: runner matrix runs the suites of a runner.toml (set suites_file in the matrix file, or run it where runner.toml is)",
@@ -198,7 +209,8 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal
     let cells = spec
         .expand(&file, &image_check)
         .map_err(|e| config(e.to_string()))?;
-    cells
+    let declared_cpus = spec.cpus.or(file.defaults.cpus);
+    let planned = cells
         .into_iter()
         .map(|cell| {
             let ov = Overrides {
@@ -225,7 +237,65 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<Vec<PlannedCell>, Refusal
             })?;
             Ok(PlannedCell { cell, plan })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((planned, declared_cpus))
+}
+
+/// How many cells at once and how many vCPUs each (see [`fit`]); sets each cell's vCPUs
+/// when they were picked here.
+fn fit_host(
+    cells: &mut [PlannedCell],
+    jobs: Option<usize>,
+    declared_cpus: Option<u32>,
+    history: &History,
+) -> Fit {
+    let host = HostResources::detect();
+    // The biggest VM of the matrix decides how many fit in memory.
+    let memory = cells
+        .iter()
+        .map(|c| c.plan.memory_mib)
+        .max()
+        .unwrap_or(1024);
+    let keys: Vec<String> = cells.iter().map(|c| c.cell.key()).collect();
+    let expected = shard::estimates(&keys, history);
+    let known = keys.iter().any(|k| !history.trend(k).is_empty());
+    let needs: Vec<CellNeed> = cells
+        .iter()
+        .zip(&expected)
+        .map(|(c, &ms)| CellNeed {
+            expected: ms as f64,
+            max_cpus: auto_max_cpus(c.plan.id.arch),
+        })
+        .collect();
+    let fit = fit::fit(
+        Host {
+            cores: host.cores,
+            max_vms: host.max_vms_by_memory(memory),
+        },
+        &needs,
+        Asked {
+            jobs,
+            cpus: declared_cpus,
+        },
+        known,
+    );
+    if declared_cpus.is_none() {
+        for (c, need) in cells.iter_mut().zip(&needs) {
+            c.plan.cpus = fit.cpus.min(need.max_cpus);
+        }
+    }
+    fit
+}
+
+/// Most vCPUs a cell of `arch` gets unasked: its machine's limit, but 1 where only 1-vCPU
+/// VMs resume (a cold boot costs more than a second vCPU gives).
+fn auto_max_cpus(arch: Arch) -> u32 {
+    let info = arch.info();
+    if info.saved_states.allow(2) {
+        info.max_cpus
+    } else {
+        1
+    }
 }
 
 fn cancel_on_signals() -> watch::Receiver<bool> {
@@ -240,10 +310,10 @@ fn cancel_on_signals() -> watch::Receiver<bool> {
 pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32 {
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let (spec, shard, cells) = match spec(&args).and_then(|s| {
+    let (spec, shard, cells, declared_cpus) = match spec(&args).and_then(|s| {
         let shard = shard_arg(&args)?;
-        let cells = plan_cells(&s, &args.out)?;
-        Ok((s, shard, cells))
+        let (cells, declared_cpus) = plan_cells(&s, &args.out)?;
+        Ok((s, shard, cells, declared_cpus))
     }) {
         Ok(x) => x,
         Err(Refusal(msg, code)) => {
@@ -268,22 +338,14 @@ pub async fn run(args: MatrixArgs, settings: RunSettings, status: Status) -> i32
             }
         },
     };
-    let jobs = args.jobs.unwrap_or_else(|| {
-        // The biggest VM of the matrix decides how many fit.
-        let cpus = cells.iter().map(|c| c.plan.cpus).max().unwrap_or(1);
-        let mem = cells
-            .iter()
-            .map(|c| c.plan.memory_mib)
-            .max()
-            .unwrap_or(1024);
-        HostResources::detect().default_parallel_vms(cpus, mem)
-    });
-    let jobs = jobs.min(cells.len()).max(1);
+    let mut cells = cells;
+    let fit = fit_host(&mut cells, args.jobs, declared_cpus, &history);
+    let jobs = fit.jobs;
     if let Some(line) = super::swept_line(super::sweep_leftovers(&settings.store)) {
         status.line(&line);
     }
     status.line(&format!(
-        "runner matrix: {} cells from {}, {jobs} at a time, retries per failing cell: {}",
+        "runner matrix: {} cells from {}, {fit}, retries per failing cell: {}",
         cells.len(),
         spec.origin,
         spec.retries

@@ -5,6 +5,7 @@
 //! - [`spec`]: the matrix file and its expansion into cells (include / exclude);
 //! - [`shard`]: with `--shard K/N`, the part of the cells this host runs (split by their
 //!   durations in the history);
+//! - [`fit`]: how many cells at once and how many vCPUs each, when the user did not say;
 //! - [`run`]: images prepared once, cells scheduled up to `--jobs`, retries, cancellation;
 //!   [`attempt`] records each attempt from the run's events and merges attempts (flaky);
 //!   [`progress`] draws it live;
@@ -16,6 +17,7 @@
 
 pub mod attempt;
 pub mod classify;
+pub mod fit;
 pub mod history;
 pub mod merge;
 pub mod progress;

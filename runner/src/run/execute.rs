@@ -295,7 +295,7 @@ async fn run_timed(
 
     // 3. Workspace archive (before boot: a too-large workspace should not cost a boot).
     let archive = match &plan.workspace {
-        Some(ws) => match workspace::pack(&ws.root, &ws.exclude, ws.max_size) {
+        Some(ws) => match workspace::pack_off_runtime(ws).await {
             Ok(a) => Some(a),
             Err(e) => {
                 let kind = if matches!(e, workspace::WorkspaceError::Read { .. }) {

@@ -171,10 +171,12 @@ pub(crate) async fn collect_results(
                     )
                     .await
                 {
-                    Ok(bytes) => match workspace::unpack(&bytes, &plan.out_dir) {
-                        Ok(paths) => *artifacts = paths,
-                        Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
-                    },
+                    Ok(bytes) => {
+                        match workspace::unpack_off_runtime(bytes, plan.out_dir.clone()).await {
+                            Ok(paths) => *artifacts = paths,
+                            Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
+                        }
+                    }
                     // Too large is the guest's doing (a failure); a broken agent is ours.
                     Err(VmError::Agent(AgentError::Protocol { .. })) => {
                         outcome = Outcome::Failed {

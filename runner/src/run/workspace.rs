@@ -1,8 +1,13 @@
 //! Moving files between the host and the guest: the project directory goes in as a tar
 //! archive (packed here with excludes and a size cap), declared artifacts come back as one
-//! (unpacked safely: nothing may land outside the output directory).
+//! (unpacked safely: nothing may land outside the output directory). Both read or write
+//! up to the workspace's size limit in one go, so async callers use the `_off_runtime`
+//! forms: a large checkout packed on a runtime worker would stall every other job's
+//! keep-alives, timers and cancellation on it until done.
 
 use std::path::{Path, PathBuf};
+
+use super::plan::WorkspacePlan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -78,6 +83,39 @@ pub fn pack(root: &Path, exclude: &[String], max_size: u64) -> Result<Vec<u8>, W
         }
     }
     builder.into_inner().map_err(read_err)
+}
+
+/// [`pack`] of a suite's workspace, on a blocking thread.
+pub async fn pack_off_runtime(ws: &WorkspacePlan) -> Result<Vec<u8>, WorkspaceError> {
+    let (root, exclude, max_size) = (ws.root.clone(), ws.exclude.clone(), ws.max_size);
+    let at = root.clone();
+    tokio::task::spawn_blocking(move || pack(&root, &exclude, max_size))
+        .await
+        .unwrap_or_else(|e| Err(task_failed(at, e)))
+}
+
+/// [`unpack`] on a blocking thread.
+pub async fn unpack_off_runtime(
+    archive: Vec<u8>,
+    dest: PathBuf,
+) -> Result<Vec<PathBuf>, WorkspaceError> {
+    let at = dest.clone();
+    tokio::task::spawn_blocking(move || unpack(&archive, &dest))
+        .await
+        .unwrap_or_else(|e| {
+            Err(WorkspaceError::Unpack {
+                path: at,
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+}
+
+/// A blocking task that panicked or was dropped with its runtime.
+fn task_failed(path: PathBuf, e: tokio::task::JoinError) -> WorkspaceError {
+    WorkspaceError::Read {
+        path,
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 /// Unpacks an artifacts archive from the guest into `dest`. Entries that would escape
@@ -192,5 +230,101 @@ mod tests {
         if let Ok(files) = result {
             assert_eq!(files, [dest.join("out/result.txt")]);
         }
+    }
+}
+
+#[cfg(test)]
+mod off_runtime {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// How often the watching timer asks to run.
+    const TICK: Duration = Duration::from_millis(2);
+
+    /// Runs `work` on a single-threaded runtime beside a timer ticking every [`TICK`];
+    /// returns how long `work` took and the longest the timer went without running.
+    fn longest_stall<F: Future>(work: F) -> (Duration, Duration, F::Output) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ticks = Arc::new(Mutex::new(Vec::new()));
+            let seen = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                let mut every = tokio::time::interval(TICK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    seen.lock().unwrap().push(Instant::now());
+                }
+            });
+            // Let the timer start before the work does.
+            while ticks.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+            let start = Instant::now();
+            let out = work.await;
+            let end = Instant::now();
+            // The timer's next turn, so a stall up to the end shows as one gap.
+            tokio::time::sleep(TICK).await;
+            ticker.abort();
+            let ticks = ticks.lock().unwrap();
+            let mut times: Vec<Instant> = vec![start];
+            times.extend(ticks.iter().filter(|t| **t > start));
+            let stall = times
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or(end - start);
+            (end - start, stall, out)
+        })
+    }
+
+    /// A workspace of 128 MiB of real (non-zero, unsparse) content.
+    fn large_workspace() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let block: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        for f in 0..32 {
+            std::fs::write(dir.path().join(format!("blob-{f}")), &block).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn packing_a_large_workspace_leaves_the_runtime_free() {
+        let ws = large_workspace();
+        let plan = WorkspacePlan {
+            root: ws.path().to_path_buf(),
+            exclude: Vec::new(),
+            max_size: u64::MAX,
+        };
+        let (took, stall, archive) = longest_stall(pack_off_runtime(&plan));
+        assert!(archive.unwrap().len() > 128 << 20);
+        assert!(
+            stall < took / 2,
+            "a timer on the runtime waited {stall:?} of the {took:?} the packing took"
+        );
+        // The same measure sees the stall of packing on the runtime itself.
+        let (took, stall, archive) = longest_stall(async { pack(ws.path(), &[], u64::MAX) });
+        assert!(archive.unwrap().len() > 128 << 20);
+        assert!(stall >= took, "{stall:?} < {took:?}");
+    }
+
+    #[test]
+    fn unpacking_leaves_the_runtime_free() {
+        let ws = large_workspace();
+        let archive = pack(ws.path(), &[], u64::MAX).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let (took, stall, paths) =
+            longest_stall(unpack_off_runtime(archive, out.path().to_path_buf()));
+        assert_eq!(paths.unwrap().len(), 32);
+        assert!(
+            stall < took / 2,
+            "a timer on the runtime waited {stall:?} of the {took:?} the unpacking took"
+        );
     }
 }
