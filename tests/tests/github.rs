@@ -745,8 +745,9 @@ fn bad_repositories_get_one_check_run_that_says_why() {
     assert_eq!(r.conclusion.as_deref(), Some("failure"), "{r:#?}");
     assert!(
         // Refused before any lookup: the image is not one the operator allows.
-        r.summary()
-            .contains("image = evil is not allowed on this service (allowed: debian-13)"),
+        r.summary().contains(
+            "image = evil is not allowed on this service (allowed: debian-13, debian-12)"
+        ),
         "{}",
         r.summary()
     );
