@@ -55,8 +55,10 @@ if [ "${arches[*]}" = all ]; then read -r -a arches <<<"$all_arches"; fi
 for a in "${arches[@]}"; do
     case " $all_arches " in *" $a "*) ;; *) echo "boot.sh: unknown architecture '$a' (known: $all_arches)" >&2; exit 2 ;; esac
 done
-# vCPUs runner gives a default job on ARCH (2, or fewer where the machine boots with fewer).
-cpus_of() { python3 -c 'import json,sys; r=[r for r in json.loads(sys.argv[1]) if r["name"]==sys.argv[2]][0]; print(min(2, r["max_cpus"]))' "$table_json" "$1"; }
+# vCPUs and MiB runner gives a default job on ARCH (the arch's default vCPUs, 1024 MiB or the
+# machine's limit), which name its saved state.
+cpus_of() { python3 -c 'import json,sys; r=[r for r in json.loads(sys.argv[1]) if r["name"]==sys.argv[2]][0]; print(r["default_cpus"])' "$table_json" "$1"; }
+mem_of() { python3 -c 'import json,sys; r=[r for r in json.loads(sys.argv[1]) if r["name"]==sys.argv[2]][0]; print(min(1024, r["max_memory_mib"]))' "$table_json" "$1"; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/runner-bench.XXXXXX")
 child=
@@ -98,8 +100,8 @@ image_dir() {
     key=$("$runner" images key --arch "$1") || return 1
     [ -f "$cache/images/$key/rootfs.qcow2" ] && echo "$cache/images/$key"
 }
-# The state runner saved for this image (arch $2) with its default vCPUs, 1024 MiB, TCG.
-state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-$(cpus_of "$2")c-1024m-qemu*/" meta.json ram.bin disk.qcow2; }
+# The state runner saved for this image (arch $2) with its default vCPUs and memory, TCG.
+state_dir() { newest_with "$cache/states/$(basename "$1")-*-tcg-$(cpus_of "$2")c-$(mem_of "$2")m-qemu*/" meta.json ram.bin disk.qcow2; }
 
 runner_args() { # mode arch
     echo test --arch "$2" --accel tcg

@@ -187,8 +187,10 @@ def run(args, d):
     binary = shutil.which(row["qemu_binary"])
     if not binary:
         raise Failed(f"{row['qemu_binary']} not found")
-    # runner cuts vCPUs to what the machine boots with (malta: 1); so does the floor.
-    args.cpus = min(args.cpus, row["max_cpus"])
+    # As runner: the arch's default vCPUs unless asked, cut to what the machine boots with
+    # (malta: 1), and memory cut to the machine's limit (mipsel: 256 MiB).
+    args.cpus = min(args.cpus or row["default_cpus"], row["max_cpus"])
+    args.memory = min(args.memory, row["max_memory_mib"])
     base = os.path.join(args.image, "rootfs.qcow2")
     for f in ("kernel", "initrd.cpio", "rootfs.qcow2"):
         if not os.path.isfile(os.path.join(args.image, f)):
@@ -300,7 +302,7 @@ def main():
     p.add_argument("arch")
     p.add_argument("--table", required=True, help="the output of `runner doctor --json`")
     p.add_argument("image", help="image directory (kernel, initrd.cpio, rootfs.qcow2)")
-    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=None, help="default: the arch's, as runner")
     p.add_argument("--memory", type=int, default=1024, help="MiB")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds, whole run")
     p.add_argument("--resume", metavar="STATE_DIR",

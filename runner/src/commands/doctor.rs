@@ -26,6 +26,7 @@ pub fn arch_table_json() -> i32 {
                 "console": i.console,
                 "kernel_cmdline": engine::qemu::spec::kernel_cmdline(arch),
                 "virtio_bus": i.bus.suffix(),
+                "default_cpus": i.default_cpus,
                 "max_cpus": i.max_cpus,
                 "max_memory_mib": i.max_memory_mib,
                 "default_image": i.default_image,
