@@ -230,16 +230,23 @@ fn aarch64_shell_session() {
     a_shell_session("aarch64");
 }
 
+/// A riscv64 session that has run one command (so the guest's shell is up), and the
+/// terminal's modes from before it started.
+fn riscv64_session_at_a_prompt(cache: &std::path::Path) -> (Session, String) {
+    let mut s = Session::start(cache, &["shell", "--arch", "riscv64"]);
+    let before = modes(&s.slave);
+    s.expect("`exit` stops the VM", PROMPT_DEADLINE);
+    s.send(b"echo ready-$((1+1))\r");
+    s.expect("ready-2", PROMPT_DEADLINE);
+    (s, before)
+}
+
 /// The VM dying under the shell (QEMU killed) ends the session with an error, and the
 /// terminal is restored.
 #[test]
 fn a_killed_vm_ends_the_session_and_restores_the_terminal() {
     let cache = private_cache();
-    let mut s = Session::start(cache.path(), &["shell", "--arch", "riscv64"]);
-    let before = modes(&s.slave);
-    s.expect("`exit` stops the VM", PROMPT_DEADLINE);
-    s.send(b"echo ready-$((1+1))\r");
-    s.expect("ready-2", PROMPT_DEADLINE);
+    let (mut s, before) = riscv64_session_at_a_prompt(cache.path());
     // QEMU, and the sandbox's wrappers around it where there are any.
     let pids = e2e::qemu_pids_using(&cache.path().display().to_string());
     assert!(!pids.is_empty(), "no QEMU found");
@@ -261,11 +268,7 @@ fn a_killed_vm_ends_the_session_and_restores_the_terminal() {
 #[test]
 fn sigterm_ends_the_session_and_restores_the_terminal() {
     let cache = private_cache();
-    let mut s = Session::start(cache.path(), &["shell", "--arch", "riscv64"]);
-    let before = modes(&s.slave);
-    s.expect("`exit` stops the VM", PROMPT_DEADLINE);
-    s.send(b"echo ready-$((1+1))\r");
-    s.expect("ready-2", PROMPT_DEADLINE);
+    let (mut s, before) = riscv64_session_at_a_prompt(cache.path());
     let term = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
