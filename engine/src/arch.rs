@@ -88,6 +88,9 @@ pub struct ArchInfo {
     pub endian: Endian,
     /// The QEMU system emulator.
     pub qemu_binary: &'static str,
+    /// qemu-user's name for the architecture (`qemu-NAME`, and the binfmt_misc entry
+    /// `qemu-NAME` that user mode runs the image's programs through).
+    pub qemu_user: &'static str,
     /// `-machine` value (with the options this machine needs under TCG).
     pub machine: &'static str,
     /// `-cpu` value under TCG (under KVM it is always `host`).
@@ -137,6 +140,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Little,
         qemu_binary: "qemu-system-riscv64",
+        qemu_user: "riscv64",
         machine: "virt",
         // Trixie's userland targets RVA20-ish rv64gc; the default model has it. Without Sstc
         // the kernel uses the SBI timer (see vm::state for what saved states do to timers).
@@ -163,6 +167,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Little,
         qemu_binary: "qemu-system-aarch64",
+        qemu_user: "aarch64",
         machine: "virt",
         // `max` alone emulates the QARMA5 pointer-authentication cipher, very slow under TCG;
         // the implementation-defined algorithm is cheap and just as correct.
@@ -189,6 +194,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Little,
         qemu_binary: "qemu-system-x86_64",
+        qemu_user: "x86_64",
         // q35 gives PCIe like the others; SeaBIOS loads the kernel through fw_cfg.
         machine: "q35",
         cpu_tcg: "max",
@@ -214,6 +220,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 32,
         endian: Endian::Little,
         qemu_binary: "qemu-system-arm",
+        qemu_user: "arm",
         machine: "virt",
         cpu_tcg: "cortex-a15",
         console: "ttyAMA0",
@@ -239,6 +246,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Little,
         qemu_binary: "qemu-system-ppc64",
+        qemu_user: "ppc64le",
         // The spectre/meltdown capabilities default to "workaround", which TCG cannot provide
         // (it warns on every boot); TCG is not affected, so they are declared broken.
         machine: "pseries,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
@@ -270,6 +278,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Big,
         qemu_binary: "qemu-system-s390x",
+        qemu_user: "s390x",
         machine: "s390-ccw-virtio",
         cpu_tcg: "max",
         console: "ttysclp0",
@@ -297,6 +306,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 32,
         endian: Endian::Little,
         qemu_binary: "qemu-system-i386",
+        qemu_user: "i386",
         machine: "q35",
         cpu_tcg: "max",
         console: "ttyS0",
@@ -323,6 +333,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 64,
         endian: Endian::Little,
         qemu_binary: "qemu-system-mips64el",
+        qemu_user: "mips64el",
         machine: "malta",
         cpu_tcg: "5KEc",
         console: "ttyS0",
@@ -347,6 +358,7 @@ pub static TABLE: [ArchInfo; 9] = [
         bits: 32,
         endian: Endian::Little,
         qemu_binary: "qemu-system-mipsel",
+        qemu_user: "mipsel",
         machine: "malta",
         cpu_tcg: "24Kf",
         console: "ttyS0",

@@ -11,6 +11,7 @@ pub mod qemu;
 pub mod sandbox;
 pub mod shell;
 pub mod size;
+pub mod user;
 pub mod vm;
 
 pub use arch::Arch;

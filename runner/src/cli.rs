@@ -133,6 +133,10 @@ pub struct TestArgs {
     /// Always boot the kernel; do not resume from (or save) a VM state saved after boot.
     #[arg(long)]
     pub cold_boot: bool,
+    /// Run the steps in a VM (`system`) or under qemu-user on this host's kernel (`user`:
+    /// no boot, no guest kernel; README, "User mode") [default: each suite's `mode`, else system]
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::suite::Mode>,
     /// The command to run in the guest instead of runner.toml's suites.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -33,6 +33,7 @@
 //! host_setup = ["make ARCH=$RUNNER_ARCH"]  # run on the host in the workspace before boot
 //! junit = ["build/junit/*.xml"]   # guest globs relative to /workspace: JUnit files to merge
 //! artifacts = ["build/logs/*"]    # guest globs relative to /workspace: copied back to the host
+//! mode = "system"                 # optional: "system" (a VM, the default) or "user" (qemu-user)
 //!
 //!   [[suite.step]]
 //!   name = "build"                # required, non-empty, unique in the suite, <= 128 chars
@@ -115,6 +116,28 @@ pub struct Suite {
     /// Globs relative to `/workspace` in the guest.
     pub artifacts: Vec<String>,
     pub steps: Vec<Step>,
+    pub mode: Mode,
+}
+
+/// How a suite's steps run (README, "User mode").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In a VM: the image's kernel boots under QEMU's system emulation.
+    #[default]
+    System,
+    /// Under qemu-user on the host's kernel, the image's files as the root: no boot, but no
+    /// guest kernel either.
+    User,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::System => "system",
+            Mode::User => "user",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +274,7 @@ struct RawSuite {
     junit: Option<Vec<Text>>,
     artifacts: Option<Vec<Text>>,
     step: Option<Vec<RawStep>>,
+    mode: Option<Mode>,
 }
 
 #[derive(Deserialize)]
@@ -441,6 +465,7 @@ fn suite(index: usize, raw: RawSuite, defaults: &Defaults) -> Result<Suite, Prob
         junit: globs(&raw.junit, &format!("{what} junit"))?,
         artifacts: globs(&raw.artifacts, &format!("{what} artifacts"))?,
         steps,
+        mode: raw.mode.unwrap_or_default(),
     })
 }
 

@@ -208,6 +208,11 @@ impl Containment {
         c
     }
 
+    /// The runner is root (bwrap needs no user namespace; the VM user is switched to inside).
+    pub fn privileged(&self) -> bool {
+        self.root
+    }
+
     /// Whether `layer` is on (seccomp is a property of each QEMU binary: always false here).
     pub fn is_on(&self, layer: Layer) -> bool {
         match layer {

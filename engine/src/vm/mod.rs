@@ -96,6 +96,9 @@ pub enum VmError {
     State(#[from] state::StateError),
     #[error("guest agent failed")]
     Agent(#[from] AgentError),
+    /// User mode's machine (no VM, the same commands; see [`crate::user`]).
+    #[error(transparent)]
+    User(#[from] crate::user::UserError),
     #[error("the VM stopped while a command was running ({status}): {stderr}")]
     Died {
         status: String,

@@ -79,6 +79,7 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         cpus: args.cpus,
         memory_mib,
         out: args.out.clone(),
+        mode: args.mode,
     })
 }
 

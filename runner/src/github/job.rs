@@ -263,6 +263,13 @@ async fn plans_for(
             return None;
         }
     };
+    // User mode runs the job's programs on this host's kernel, with only a sandbox around
+    // them: a service runs every repository's suites in a VM.
+    if plans.iter().any(|p| p.mode == crate::suite::Mode::User) {
+        let message = "runner.toml: mode = \"user\" is not available on this service (it runs every suite in a VM); remove `mode`";
+        bad_suite_file(shared, repo, target, message, 1).await;
+        return None;
+    }
     // Nothing starts that asks for more than the operator allows: one check run names the cap.
     let allowed = within_limits(&shared.limits, &plans, lines)
         .and_then(|()| allowed_images(&shared.allowed_images, &plans, lines));

@@ -94,6 +94,8 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         files,
         max_artifacts: 0,
         image_build_timeout: None,
+        // A VM always: user mode runs the job's code on the host's kernel (see README).
+        mode: crate::suite::Mode::System,
     };
     limits.apply(&mut plan);
     Ok(Prepared {

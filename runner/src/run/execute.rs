@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use engine::bounded::TailBuffer;
 use engine::image::{BaseImage, ImageStore, RecipeLookup};
 use engine::qemu::host::AccelChoice;
+use engine::user::binfmt::Emulation;
+use engine::user::{UserConfig, UserMachine};
 use engine::vm::{CommandEnd, DiskSource, GuestCommand, StartKind, Vm, VmConfig};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -23,6 +25,7 @@ use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
 use crate::run::guest::Guest;
 use crate::run::plan::{StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::run::platform;
+use crate::suite::Mode;
 
 use crate::run::workspace;
 
@@ -309,6 +312,13 @@ async fn run_timed(
         None => None,
     };
 
+    if plan.mode == Mode::User {
+        return run_user(
+            plan, settings, reporters, state, image, archive, deadline, interrupt,
+        )
+        .await;
+    }
+
     // 4. Boot.
     reporters.emit(Event::VmBooting {
         id: id.clone(),
@@ -350,6 +360,85 @@ async fn run_timed(
         Outcome::TimedOut => vm.kill().await,
         _ => vm.shutdown().await,
     }
+    outcome
+}
+
+/// User mode (`mode = "user"`): the steps under qemu-user in a sandbox whose root is the
+/// image's files — no boot. The same step loop, events and results as a VM's.
+#[allow(clippy::too_many_arguments)]
+async fn run_user(
+    plan: &SuitePlan,
+    settings: &RunSettings,
+    reporters: &mut Reporters,
+    state: &mut SuiteState<'_>,
+    image: &BaseImage,
+    archive: Option<Vec<u8>>,
+    deadline: tokio::time::Instant,
+    interrupt: watch::Receiver<bool>,
+) -> Outcome {
+    let id = plan.id.clone();
+    let emulation = match engine::user::binfmt::check(id.arch) {
+        Ok(e) => e,
+        Err(e) => return infra(InfraKind::Host, chain(&e)),
+    };
+    state.facts.accel = match &emulation {
+        Emulation::Native => "none (user mode, native)".into(),
+        Emulation::Qemu { .. } => "qemu-user".into(),
+    };
+    // The guest kernel is not used: the host's runs the job.
+    state.facts.kernel_version = format!(
+        "host {}",
+        nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    reporters.emit(Event::VmBooting {
+        id: id.clone(),
+        accel: state.facts.accel.clone(),
+    });
+    let started = Instant::now();
+    let sysroot = match engine::user::sysroot::ensure(&settings.store, image).await {
+        Ok(r) => r,
+        Err(e) => return infra(InfraKind::Image, chain(&e)),
+    };
+    let cfg = UserConfig {
+        arch: id.arch,
+        sysroot,
+        jobs_dir: settings
+            .vms_dir
+            .clone()
+            .unwrap_or_else(|| settings.store.vms_dir()),
+        containment: settings.containment.clone(),
+        memory_mib: plan.memory_mib,
+        cpus: plan.cpus,
+        emulation,
+    };
+    let mut machine = match UserMachine::start(cfg) {
+        Ok(m) => m,
+        Err(e) => return infra(InfraKind::Host, chain(&e)),
+    };
+    state.facts.vm_id = machine
+        .dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    state.facts.boot_time = Some(started.elapsed());
+    state.facts.start = "user mode: no boot (qemu-user on the host's kernel)".into();
+    reporters.emit(Event::VmBooted {
+        id: id.clone(),
+        facts: state.facts.clone(),
+    });
+    let outcome = in_vm(
+        plan,
+        &mut machine,
+        archive,
+        reporters,
+        state,
+        deadline,
+        interrupt,
+    )
+    .await;
+    machine.stop_command().await;
     outcome
 }
 

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use engine::user::UserMachine;
 use engine::vm::{CommandEnd, GuestCommand, GuestFault, Vm, VmError};
 use tokio::sync::watch;
 
@@ -83,6 +84,53 @@ impl Guest for Vm {
 
     fn job_fault(&self, e: &VmError) -> Option<String> {
         GuestFault::during_job(e, &self.console_tail(40)).map(|f| f.to_string())
+    }
+
+    async fn collect_results(
+        &mut self,
+        plan: &SuitePlan,
+        reports: &mut Vec<GuestReport>,
+        artifacts: &mut Vec<PathBuf>,
+    ) -> Outcome {
+        transfer::collect_results(plan, self, reports, artifacts).await
+    }
+}
+
+/// User mode: the same step loop, each command in a fresh sandbox (see `engine::user`).
+impl Guest for UserMachine {
+    async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome> {
+        if let Some(archive) = archive {
+            transfer::copy_in(self, &archive).await?;
+        }
+        write_files(self, &plan.files).await
+    }
+
+    async fn run_step(
+        &mut self,
+        command: &GuestCommand,
+        env: &[(String, String)],
+        timeout: Duration,
+        stop: &mut watch::Receiver<bool>,
+        live: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<CommandEnd, VmError> {
+        Ok(self
+            .run(command, GUEST_WORKSPACE, env, timeout, stop, live)
+            .await?)
+    }
+
+    async fn stop_command(&mut self) -> Result<(), VmError> {
+        UserMachine::stop_command(self).await;
+        Ok(())
+    }
+
+    async fn limits_hit(&mut self, _failed: bool) -> Result<Vec<String>, VmError> {
+        // The job's cgroup is the host's; its counters are not read yet (README, user mode).
+        Ok(Vec::new())
+    }
+
+    fn job_fault(&self, _e: &VmError) -> Option<String> {
+        // No guest to power off or panic: every error is the host's.
+        None
     }
 
     async fn collect_results(

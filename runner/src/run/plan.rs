@@ -9,6 +9,7 @@ use engine::vm::GuestCommand;
 use engine::Arch;
 
 use crate::events::RunId;
+use crate::suite::Mode;
 use crate::suite::{Suite, SuiteFile};
 
 /// The image when neither the CLI nor runner.toml names one: the architecture's own default
@@ -118,6 +119,8 @@ pub struct SuitePlan {
     /// the operator's `image_build_timeout`: the build runs before the suite deadline, holding
     /// a VM slot.
     pub image_build_timeout: Option<Duration>,
+    /// A VM, or qemu-user on the host's kernel.
+    pub mode: Mode,
 }
 
 impl SuitePlan {
@@ -157,6 +160,8 @@ pub struct Overrides {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub out: Option<PathBuf>,
+    /// `--mode`, replacing each suite's.
+    pub mode: Option<Mode>,
 }
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
@@ -244,6 +249,7 @@ pub fn plan_suites(
                 files: Vec::new(),
                 max_artifacts: MAX_ARTIFACTS,
                 image_build_timeout: None,
+                mode: ov.mode.unwrap_or(suite.mode),
             });
         }
     }
@@ -307,6 +313,7 @@ pub fn plan_command(
         files: Vec::new(),
         max_artifacts: MAX_ARTIFACTS,
         image_build_timeout: None,
+        mode: ov.mode.unwrap_or_default(),
     }
 }
 

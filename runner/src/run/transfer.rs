@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use engine::agent::AgentError;
+use engine::user::{UserError, UserMachine};
 use engine::vm::{CommandEnd, Vm, VmError};
 
 use crate::events::GuestReport;
@@ -26,8 +27,74 @@ const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(120);
 const GUEST_WORKSPACE_TAR: &str = "/tmp/runner-workspace.tar";
 const GUEST_ARTIFACTS_TAR: &str = "/tmp/runner-artifacts.tar";
 
+/// What moving files in and out needs from the machine a suite runs on: a VM (over its
+/// agent) or a user-mode job (through its sandbox). Both read the job's files as the job
+/// sees them, never by following its paths on the host.
+pub(crate) trait Machine {
+    async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError>;
+    /// Refuses more than `max_bytes` with an error that [`guests_doing`] recognises.
+    async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError>;
+    async fn run_script(
+        &mut self,
+        script: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        keep: usize,
+    ) -> Result<(CommandEnd, String), VmError>;
+}
+
+impl Machine for Vm {
+    async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError> {
+        Vm::write_file(self, path, data).await
+    }
+    async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError> {
+        Vm::read_file(self, path, max_bytes).await
+    }
+    async fn run_script(
+        &mut self,
+        script: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        keep: usize,
+    ) -> Result<(CommandEnd, String), VmError> {
+        Vm::run_script(self, script, env, timeout, keep).await
+    }
+}
+
+impl Machine for UserMachine {
+    async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError> {
+        Ok(UserMachine::write_file(self, path, data).await?)
+    }
+    async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError> {
+        Ok(UserMachine::read_file(self, path, max_bytes).await?)
+    }
+    async fn run_script(
+        &mut self,
+        script: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+        keep: usize,
+    ) -> Result<(CommandEnd, String), VmError> {
+        Ok(UserMachine::run_script(self, script, env, timeout, keep).await?)
+    }
+}
+
+/// The detail of an error reading a file that is the guest's doing (missing, unreadable,
+/// too large): a test failure, not the runner's.
+fn guests_doing(e: &VmError) -> Option<&str> {
+    match e {
+        VmError::Agent(AgentError::Protocol { detail, .. })
+        | VmError::Agent(AgentError::Command { desc: detail, .. })
+        | VmError::User(UserError::Command { desc: detail, .. }) => Some(detail),
+        _ => None,
+    }
+}
+
 /// A short command of the runner's own in the guest; its output is returned, not shown.
-async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String), Outcome> {
+async fn housekeeping<M: Machine>(
+    vm: &mut M,
+    script: &str,
+) -> Result<(CommandEnd, String), Outcome> {
     let env = [
         (
             "PATH".to_string(),
@@ -40,7 +107,7 @@ async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String),
         .map_err(|e| vm_error(&e, true))
 }
 
-pub(crate) async fn copy_in(vm: &mut Vm, archive: &[u8]) -> Result<(), Outcome> {
+pub(crate) async fn copy_in<M: Machine>(vm: &mut M, archive: &[u8]) -> Result<(), Outcome> {
     vm.write_file(GUEST_WORKSPACE_TAR, archive)
         .await
         .map_err(|e| vm_error(&e, true))?;
@@ -58,7 +125,10 @@ pub(crate) async fn copy_in(vm: &mut Vm, archive: &[u8]) -> Result<(), Outcome> 
 }
 
 /// Lists guest files matching `patterns` (relative to the workspace), one per line.
-async fn list_guest_files(vm: &mut Vm, patterns: &[String]) -> Result<Vec<String>, Outcome> {
+async fn list_guest_files<M: Machine>(
+    vm: &mut M,
+    patterns: &[String],
+) -> Result<Vec<String>, Outcome> {
     if patterns.is_empty() {
         return Ok(Vec::new());
     }
@@ -105,9 +175,9 @@ fn shell_glob(pattern: &str) -> String {
 
 /// Brings back the suite's declared JUnit reports (into `reports`) and artifacts (unpacked
 /// into the plan's output directory, paths into `artifacts`), and says how that went.
-pub(crate) async fn collect_results(
+pub(crate) async fn collect_results<M: Machine>(
     plan: &SuitePlan,
-    vm: &mut Vm,
+    vm: &mut M,
     reports: &mut Vec<GuestReport>,
     artifacts: &mut Vec<PathBuf>,
 ) -> Outcome {
@@ -132,13 +202,13 @@ pub(crate) async fn collect_results(
                         xml: String::from_utf8_lossy(&bytes).into_owned(),
                     }),
                     // An unreadable or oversized report is the guest's doing: a test failure.
-                    Err(VmError::Agent(AgentError::Protocol { detail, .. }))
-                    | Err(VmError::Agent(AgentError::Command { desc: detail, .. })) => reports
-                        .push(GuestReport {
+                    Err(e) => match guests_doing(&e) {
+                        Some(detail) => reports.push(GuestReport {
                             path: path.clone(),
                             xml: format!("<!-- {detail} -->"),
                         }),
-                    Err(e) => return vm_error(&e, true),
+                        None => return vm_error(&e, true),
+                    },
                 }
             }
         }
@@ -178,7 +248,8 @@ pub(crate) async fn collect_results(
                         }
                     }
                     // Too large is the guest's doing (a failure); a broken agent is ours.
-                    Err(VmError::Agent(AgentError::Protocol { .. })) => {
+                    Err(VmError::Agent(AgentError::Protocol { .. }))
+                    | Err(VmError::User(UserError::Command { .. })) => {
                         outcome = Outcome::Failed {
                             exit_code: None,
                             signal: None,
@@ -201,7 +272,10 @@ pub(crate) async fn collect_results(
 }
 
 /// Writes the plan's files into the guest (parent directories first).
-pub async fn write_files(vm: &mut Vm, files: &[GuestFile]) -> Result<(), Outcome> {
+pub(crate) async fn write_files<M: Machine>(
+    vm: &mut M,
+    files: &[GuestFile],
+) -> Result<(), Outcome> {
     if files.is_empty() {
         return Ok(());
     }
