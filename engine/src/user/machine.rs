@@ -239,16 +239,14 @@ impl UserMachine {
 
     /// The bwrap command line for `argv` (a pure function of the configuration).
     pub fn command(&self, argv: &[String], cwd: &str, env: &[(String, String)]) -> Vec<OsString> {
-        command_line(
-            &self.bwrap,
-            &self.cfg.sysroot,
-            self.dir.path(),
-            self.cfg.containment.user,
-            self.cfg.containment.privileged(),
-            argv,
-            cwd,
-            env,
-        )
+        let view = View {
+            bwrap: &self.bwrap,
+            sysroot: &self.cfg.sysroot,
+            job: self.dir.path(),
+            user: self.cfg.containment.user,
+            privileged: self.cfg.containment.privileged(),
+        };
+        command_line(&view, argv, cwd, env)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -399,18 +397,21 @@ fn os(s: &str) -> OsString {
     s.into()
 }
 
-/// `bwrap [namespaces] [the image as /] [the job's dirs] -- [setpriv …] ARGV`.
-fn command_line(
-    bwrap: &Path,
-    sysroot: &Path,
-    job: &Path,
+/// What a job's sandbox is made of.
+struct View<'a> {
+    bwrap: &'a Path,
+    sysroot: &'a Path,
+    /// The job's directory (its `workspace`, `tmp`, `home`).
+    job: &'a Path,
+    /// The unprivileged user to become (the runner is root).
     user: Option<VmUser>,
     privileged: bool,
-    argv: &[String],
-    cwd: &str,
-    env: &[(String, String)],
-) -> Vec<OsString> {
-    let mut a = vec![bwrap.into()];
+}
+
+/// `bwrap [namespaces] [the image as /] [the job's dirs] -- [setpriv …] ARGV`.
+fn command_line(v: &View, argv: &[String], cwd: &str, env: &[(String, String)]) -> Vec<OsString> {
+    let (sysroot, job, user, privileged) = (v.sysroot, v.job, v.user, v.privileged);
+    let mut a = vec![v.bwrap.into()];
     for flag in [
         "--unshare-pid",
         "--unshare-ipc",
