@@ -485,12 +485,15 @@ mod tests {
     use super::*;
 
     fn line(privileged: bool, user: Option<VmUser>) -> Vec<String> {
-        command_line(
-            Path::new("/usr/bin/bwrap"),
-            Path::new("/cache/sysroots/img/root"),
-            Path::new("/cache/vms/user-x"),
+        let view = View {
+            bwrap: Path::new("/usr/bin/bwrap"),
+            sysroot: Path::new("/cache/sysroots/img/root"),
+            job: Path::new("/cache/vms/user-x"),
             user,
             privileged,
+        };
+        command_line(
+            &view,
             &[
                 "/bin/sh".into(),
                 "-e".into(),
