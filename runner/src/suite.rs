@@ -569,6 +569,25 @@ mod tests {
     }
 
     #[test]
+    fn a_suite_picks_its_mode_and_a_wrong_one_is_named_with_its_line() {
+        let f = parse(&format!(
+            "[[suite]]\nname = \"u\"\nmode = \"user\"\n{STEP}[[suite]]\nname = \"s\"\n{STEP}"
+        ))
+        .unwrap();
+        let modes: Vec<Mode> = f.suites.iter().map(|s| s.mode).collect();
+        assert_eq!(modes, [Mode::User, Mode::System]);
+        let e = parse(&format!(
+            "[[suite]]\nname = \"u\"\nmode = \"kernel\"\n{STEP}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/proj/runner.toml:3:") && e.contains("system") && e.contains("user"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn full_example_resolves_everything() {
         let text = r#"
 [defaults]

@@ -466,6 +466,7 @@ arch = ["riscv64"]
         );
         assert_eq!(p.out_dir, Path::new("runner-out/unit-riscv64"));
         assert_eq!(p.repository_recipes, RepositoryRecipes::Refused);
+        assert_eq!(p.mode, Mode::System);
         let ov = Overrides {
             image: Some("debian-12".parse().unwrap()),
             repository_recipes: true,
@@ -473,8 +474,10 @@ arch = ["riscv64"]
             cpus: Some(1),
             memory_mib: Some(512),
             out: Some("elsewhere".into()),
+            mode: Some(Mode::User),
         };
         let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];
+        assert_eq!(p.mode, Mode::User);
         assert_eq!(
             (p.cpus, p.memory_mib, p.image.as_str()),
             (1, 512, "debian-12")
