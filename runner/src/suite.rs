@@ -33,6 +33,8 @@
 //! host_setup = ["make ARCH=$RUNNER_ARCH"]  # run on the host in the workspace before boot
 //! junit = ["build/junit/*.xml"]   # guest globs relative to /workspace: JUnit files to merge
 //! artifacts = ["build/logs/*"]    # guest globs relative to /workspace: copied back to the host
+//! keep_failed = false             # optional: save the VM of a failed step for `runner debug`
+//!                                 # (its memory holds every variable of the job: off by default)
 //!
 //!   [[suite.step]]
 //!   name = "build"                # required, non-empty, unique in the suite, <= 128 chars
@@ -115,6 +117,8 @@ pub struct Suite {
     /// Globs relative to `/workspace` in the guest.
     pub artifacts: Vec<String>,
     pub steps: Vec<Step>,
+    /// Save the VM when a step fails, into `failed-vm/` of the output (see `snapshot`).
+    pub keep_failed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +254,7 @@ struct RawSuite {
     host_setup: Option<Vec<Text>>,
     junit: Option<Vec<Text>>,
     artifacts: Option<Vec<Text>>,
+    keep_failed: Option<bool>,
     step: Option<Vec<RawStep>>,
 }
 
@@ -441,6 +446,7 @@ fn suite(index: usize, raw: RawSuite, defaults: &Defaults) -> Result<Suite, Prob
         junit: globs(&raw.junit, &format!("{what} junit"))?,
         artifacts: globs(&raw.artifacts, &format!("{what} artifacts"))?,
         steps,
+        keep_failed: raw.keep_failed.unwrap_or(false),
     })
 }
 

@@ -146,6 +146,23 @@ impl Staged {
     }
 }
 
+impl Staged {
+    /// Moves the state to `dir`, which must not exist (a failed job's state, see
+    /// [`super::Vm::save_to`]); on failure it is removed.
+    pub fn place(self, dir: &Path) -> Result<(), StateError> {
+        if dir.exists() {
+            return Err(StateError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        std::fs::rename(&self.dir, dir).map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -636,6 +653,117 @@ fn take_over(from: &Path, to: &Path) -> std::io::Result<()> {
     std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))?;
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(0o444))
+}
+
+/// The space the files of state `dir` take on disk (`ram.bin` is sparse: far less than
+/// the guest's memory).
+pub fn size_on_disk(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    [RAM, DISK, META]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Largest `meta.json` read from a state that may come from elsewhere.
+const MAX_META_BYTES: u64 = 64 * 1024;
+
+/// Makes the state in `from` — saved on this machine or another, perhaps unpacked from a CI
+/// artifact — resumable here, as a new state directory `to`: its files are checked against
+/// its checksums first; the RAM is hard-linked (copied across filesystems); the disk is
+/// copied and its backing file set to `base`, the local copy of the image it was saved on
+/// (`qemu-img rebase -u`: only the recorded path changes, so the caller must have made
+/// sure `base` is that same image, by its key and checksum, and never take a path from the
+/// state itself).
+pub async fn adopt(from: &Path, base: &Path, to: &Path) -> Result<(), StateError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    let meta = {
+        use std::io::Read;
+        let path = from.join(META);
+        let mut text = String::new();
+        open_regular(&path)
+            .map_err(io(&path))?
+            .take(MAX_META_BYTES)
+            .read_to_string(&mut text)
+            .map_err(io(&path))?;
+        text
+    };
+    let parsed: serde_json::Value =
+        serde_json::from_str(&meta).map_err(|_| StateError::Tampered {
+            dir: from.to_path_buf(),
+            file: META,
+        })?;
+    if parsed["format"].as_u64() != Some(u64::from(FORMAT)) {
+        return Err(StateError::Migration(format!(
+            "the state in {} was saved by another runner version (state format {}, this one reads {FORMAT})",
+            from.display(),
+            parsed["format"]
+        )));
+    }
+    let source = PinnedState {
+        ram: from.join(RAM),
+        disk: from.join(DISK),
+    };
+    let checked_from = from.to_path_buf();
+    tokio::task::spawn_blocking(move || verify(&checked_from, &meta, &source))
+        .await
+        .map_err(|_| StateError::Changed)??;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        set_mode(parent, 0o700).map_err(io(parent))?;
+    }
+    std::fs::create_dir(to).map_err(io(to))?;
+    let (ram, disk) = (to.join(RAM), to.join(DISK));
+    if std::fs::hard_link(from.join(RAM), &ram).is_err() {
+        let (src, dst) = (from.join(RAM), ram.clone());
+        tokio::task::spawn_blocking(move || copy_regular(&src, &dst))
+            .await
+            .map_err(|_| StateError::Changed)?
+            .map_err(io(&ram))?;
+        set_mode(&ram, 0o444).map_err(io(&ram))?;
+    }
+    copy_regular(&from.join(DISK), &disk).map_err(io(&disk))?;
+    let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+    let out = crate::child::output_in_group(
+        tokio::process::Command::new("qemu-img")
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&disk),
+    )
+    .await
+    .map_err(io(&disk))?;
+    if !out.status.success() {
+        return Err(StateError::Migration(format!(
+            "qemu-img rebase of {} failed: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    set_mode(&disk, 0o444).map_err(io(&disk))?;
+    // The RAM's checksum is the one just verified; the disk changed, so it gets a new one.
+    let disk_sum = content_digest(&disk).map_err(io(&disk))?;
+    let ram_sum = parsed["sha256"][RAM]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let stamp = format!(
+        "{}\n{}\n",
+        identity(&ram, &ram_sum).map_err(io(&ram))?,
+        identity(&disk, &disk_sum).map_err(io(&disk))?
+    );
+    std::fs::write(to.join(VERIFIED), stamp).map_err(io(to))?;
+    let record = json!({
+        "format": FORMAT,
+        "id": format!("{:016x}", rand::random::<u64>()),
+        "base": base,
+        "sha256": {RAM: ram_sum, DISK: disk_sum},
+    });
+    let meta = to.join(META);
+    std::fs::write(&meta, record.to_string()).map_err(io(&meta))
 }
 
 /// The base image a saved state's disk was made on (from its meta.json).

@@ -224,6 +224,7 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<(Vec<PlannedCell>, Option
                 cpus: spec.cpus,
                 memory_mib: spec.memory_mib,
                 out: Some(out.join("artifacts").join(&cell.image)),
+                keep_failed: false,
             };
             let mut plans =
                 plan::plan_suites(&file, std::slice::from_ref(&cell.suite), &[cell.arch], &ov)

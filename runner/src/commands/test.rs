@@ -79,6 +79,7 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         cpus: args.cpus,
         memory_mib,
         out: args.out.clone(),
+        keep_failed: args.keep_failed,
     })
 }
 

@@ -94,6 +94,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         files,
         max_artifacts: 0,
         image_build_timeout: None,
+        keep_failed: false,
     };
     limits.apply(&mut plan);
     Ok(Prepared {

@@ -118,6 +118,9 @@ pub struct SuitePlan {
     /// the operator's `image_build_timeout`: the build runs before the suite deadline, holding
     /// a VM slot.
     pub image_build_timeout: Option<Duration>,
+    /// Save the VM into `out_dir/failed-vm/` when a step fails (`runner test --keep-failed`,
+    /// a suite's `keep_failed`); the snapshot holds the job's secrets, so never by default.
+    pub keep_failed: bool,
 }
 
 impl SuitePlan {
@@ -157,6 +160,8 @@ pub struct Overrides {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub out: Option<PathBuf>,
+    /// `--keep-failed`: every plan saves a failed step's VM.
+    pub keep_failed: bool,
 }
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
@@ -244,6 +249,7 @@ pub fn plan_suites(
                 files: Vec::new(),
                 max_artifacts: MAX_ARTIFACTS,
                 image_build_timeout: None,
+                keep_failed: ov.keep_failed || suite.keep_failed,
             });
         }
     }
@@ -307,6 +313,7 @@ pub fn plan_command(
         files: Vec::new(),
         max_artifacts: MAX_ARTIFACTS,
         image_build_timeout: None,
+        keep_failed: ov.keep_failed,
     }
 }
 
@@ -466,8 +473,11 @@ arch = ["riscv64"]
             cpus: Some(1),
             memory_mib: Some(512),
             out: Some("elsewhere".into()),
+            keep_failed: true,
         };
+        assert!(!p.keep_failed, "off unless asked for");
         let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];
+        assert!(p.keep_failed);
         assert_eq!(
             (p.cpus, p.memory_mib, p.image.as_str()),
             (1, 512, "debian-12")
