@@ -94,7 +94,15 @@ impl Manifest {
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        std::fs::write(&path, text).map_err(|source| ManifestError::Write { path, source })
+        // The environment may hold secrets: readable by us alone.
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(|source| ManifestError::Write { path, source })
     }
 }
 

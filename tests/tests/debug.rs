@@ -56,6 +56,21 @@ fn a_failed_step_is_saved_and_resumed_with_its_files_processes_env_and_cwd() {
             dir.display()
         );
     }
+    // The saved disk needs nothing but the image: not the layer of the boot state this
+    // VM was resumed from, which went with the VM.
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(dir.join("disk.qcow2"))
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("/images/debian-13-riscv64-") && info.contains("/rootfs.qcow2\""),
+        "{info}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the snapshot holds the job's secrets");
     let manifest = std::fs::read_to_string(dir.join("snapshot.toml")).expect("manifest");
     assert!(manifest.contains("step = \"break\""), "{manifest}");
     assert!(

@@ -495,12 +495,16 @@ impl Vm {
     /// Saves this VM as it is — RAM, devices and its disk overlay — into `dir` (which must
     /// not exist yet), then lets it run on: what `runner test --keep-failed` keeps of a
     /// failed step. The state is the same kind a saved boot is (see [`state`]), unchecked
-    /// (a failed job's VM is saved once, at once, or never). Returns the state's size on disk.
+    /// (a failed job's VM is saved once, at once, or never), and its disk is backed by the
+    /// base image alone. Returns the state's size on disk.
     pub async fn save_to(&mut self, dir: &Path) -> Result<u64, VmError> {
         let (Some(overlay), Some(base)) = (self.overlay.clone(), self.base.clone()) else {
             return Err(state::StateError::NoOverlay.into());
         };
         let staged = state::save(&mut self.qmp, &overlay, &base, dir).await?;
+        // A resumed VM's overlay is backed by its boot state's disk, which goes with this
+        // VM's directory: the saved disk takes in what that layer holds.
+        state::rebase_disk(staged.path(), &base, state::Rebase::Flatten).await?;
         staged.place(dir)?;
         Ok(state::size_on_disk(dir))
     }

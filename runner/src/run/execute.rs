@@ -597,6 +597,13 @@ async fn keep_failed<G: Guest>(
             let _ = std::fs::remove_dir_all(&dir);
             return Err(chain(&e));
         }
+        // What the job had in memory and in its environment, secrets included: only ours.
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o700);
+        if let Err(e) = std::fs::set_permissions(&dir, private) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("cannot make {} private: {e}", dir.display()));
+        }
         Ok(size)
     }
     .await;
