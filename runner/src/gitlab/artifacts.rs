@@ -430,7 +430,7 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["failed-vm", "failed-vm/ram.bin", "failed-vm/snapshot.toml"]
+            ["failed-vm/", "failed-vm/ram.bin", "failed-vm/snapshot.toml"]
         );
         // Past the cap: refused, not held in memory.
         let e = pack_snapshot(dir.path(), 1024).unwrap_err().to_string();
