@@ -415,7 +415,7 @@ mod tests {
     fn a_snapshot_packs_under_its_directory_name_within_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("snapshot.toml"), "version = 1\n").unwrap();
-        // A RAM file of 64 MiB, nearly all hole.
+        // A RAM file of 64 MiB, nearly all hole (stored as a sparse entry).
         let ram = std::fs::File::create(dir.path().join("ram.bin")).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&ram, b"guest", 1 << 20).unwrap();
         ram.set_len(64 << 20).unwrap();
@@ -433,7 +433,7 @@ mod tests {
             ["failed-vm/", "failed-vm/ram.bin", "failed-vm/snapshot.toml"]
         );
         // Past the cap: refused, not held in memory.
-        let e = pack_snapshot(dir.path(), 1024).unwrap_err().to_string();
+        let e = pack_snapshot(dir.path(), 64).unwrap_err().to_string();
         assert!(e.contains("larger than max_artifacts_size"), "{e}");
         // In the zip, next to the job's own artifacts.
         let z = zip_with(dir.path(), &[], Some((SNAPSHOT_ARCHIVE, &packed))).unwrap();
