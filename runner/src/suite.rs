@@ -572,6 +572,7 @@ env = { B = "suite", A = "suite" }
 host_setup = ["make cross ARCH=$RUNNER_ARCH"]
 junit = ["build/junit/*.xml"]
 artifacts = ["build/logs/*"]
+keep_failed = true
   [[suite.step]]
   name = "build"
   run = "make -j2\nmake check"
@@ -607,6 +608,7 @@ step = [{ name = "only", run = "true" }]
         assert_eq!(unit.host_setup, ["make cross ARCH=$RUNNER_ARCH"]);
         assert_eq!(unit.junit, ["build/junit/*.xml"]);
         assert_eq!(unit.artifacts, ["build/logs/*"]);
+        assert!(unit.keep_failed);
         let [build, check] = &unit.steps[..] else {
             panic!("{:?}", unit.steps)
         };
@@ -624,6 +626,10 @@ step = [{ name = "only", run = "true" }]
         assert_eq!(other.timeout, 20 * MIN);
         assert_eq!(other.steps[0].timeout, 10 * MIN);
         assert!(other.runs_on(Arch::X86_64));
+        assert!(
+            !other.keep_failed,
+            "a failure snapshot holds secrets: never by default"
+        );
         assert!(file.suite("missing").is_none());
     }
 

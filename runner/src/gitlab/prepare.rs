@@ -522,6 +522,12 @@ mod tests {
         assert!(p.plan.steps[1].allow_failure);
         assert_eq!(p.plan.steps[1].timeout, AFTER_SCRIPT_TIMEOUT);
         assert_eq!(p.plan.junit, ["report.xml"]);
+        assert!(
+            !p.plan.keep_failed,
+            "a failure snapshot holds secrets: never by default"
+        );
+        let j = job(r#"{"key":"RUNNER_KEEP_FAILED","value":"true"}"#);
+        assert!(prepare(&entry(), &j, dir.path()).unwrap().plan.keep_failed);
     }
 
     #[test]
