@@ -153,3 +153,27 @@ fn a_failed_step_is_saved_and_resumed_with_its_files_processes_env_and_cwd() {
     assert!(refused.stderr.contains("unknown field"), "{refused}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn a_directory_that_is_no_snapshot_is_refused_in_one_line_without_a_vm() {
+    let cache = private_cache();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let run = runner_with_cache(dir.path(), &["debug", d], cache.path());
+    assert_eq!(run.code, 78, "{run}");
+    assert!(
+        run.stderr.contains("snapshot.toml cannot be read")
+            && run.stderr.contains("runner test --keep-failed"),
+        "{run}"
+    );
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{run}");
+    // A manifest, but no saved VM beside it.
+    let manifest = "version = 1\narch = \"riscv64\"\nimage = \"debian-13\"\nimage_key = \"debian-13-riscv64-0123456789abcdef\"\nrootfs_sha256 = \"".to_string()
+        + &"ab".repeat(32)
+        + "\"\nqemu_version = \"10.0.2\"\naccel = \"tcg\"\ncpus = 2\nmemory_mib = 1024\nstate_format = 5\nsuite = \"s\"\nstep = \"t\"\ncwd = \"/workspace\"\nsaved_at_unix = 0\n[env]\n";
+    std::fs::write(dir.path().join("snapshot.toml"), manifest).expect("write");
+    let run = runner_with_cache(dir.path(), &["debug", d], cache.path());
+    assert_eq!(run.code, 78, "{run}");
+    assert!(run.stderr.contains("no complete saved VM"), "{run}");
+    assert_nothing_left(cache.path());
+}
