@@ -41,6 +41,19 @@ pub enum Command {
     Serve(ServeArgs),
     /// Open an interactive shell in a fresh VM (exit the shell to stop it).
     Shell(ShellArgs),
+    /// Resume a failed step's saved VM (`runner test --keep-failed`) and open a shell in it.
+    Debug(DebugArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DebugArgs {
+    /// The snapshot directory (e.g. runner-out/SUITE-ARCH/failed-vm).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Run this shell command in the failed step's directory and environment instead of an
+    /// interactive shell, print its output and exit with its status (for scripts and tests).
+    #[arg(long, short = 'c', value_name = "CMD")]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +150,10 @@ pub struct TestArgs {
     /// no boot, no guest kernel; README, "User mode") [default: each suite's `mode`, else system]
     #[arg(long, value_enum)]
     pub mode: Option<crate::suite::Mode>,
+    /// When a step fails, save its VM (memory, devices, disk) into OUT/SUITE-ARCH/failed-vm
+    /// for `runner debug`. The snapshot holds everything the job had, secrets included.
+    #[arg(long)]
+    pub keep_failed: bool,
     /// The command to run in the guest instead of runner.toml's suites.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

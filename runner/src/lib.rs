@@ -14,6 +14,7 @@ pub mod outcome;
 pub mod report;
 pub mod run;
 pub mod serve;
+pub mod snapshot;
 pub mod sources;
 pub mod suite;
 pub mod terminal;

@@ -73,6 +73,10 @@ async fn run(cli: Cli) -> i32 {
             let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::shell::run(args, settings, status).await
         }
+        Command::Debug(args) => {
+            let settings = settings(AccelArg::Auto, false, containment().await);
+            commands::debug::run(args, settings, status).await
+        }
         Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
         Command::Doctor { json: true } => commands::doctor::arch_table_json(),
         Command::Doctor { json: false } => commands::doctor::run(&store).await,

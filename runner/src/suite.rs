@@ -34,6 +34,8 @@
 //! junit = ["build/junit/*.xml"]   # guest globs relative to /workspace: JUnit files to merge
 //! artifacts = ["build/logs/*"]    # guest globs relative to /workspace: copied back to the host
 //! mode = "system"                 # optional: "system" (a VM, the default) or "user" (qemu-user)
+//! keep_failed = false             # optional: save the VM of a failed step for `runner debug`
+//!                                 # (its memory holds every variable of the job: off by default)
 //!
 //!   [[suite.step]]
 //!   name = "build"                # required, non-empty, unique in the suite, <= 128 chars
@@ -117,6 +119,8 @@ pub struct Suite {
     pub artifacts: Vec<String>,
     pub steps: Vec<Step>,
     pub mode: Mode,
+    /// Save the VM when a step fails, into `failed-vm/` of the output (see `snapshot`).
+    pub keep_failed: bool,
 }
 
 /// How a suite's steps run (README, "User mode").
@@ -273,6 +277,7 @@ struct RawSuite {
     host_setup: Option<Vec<Text>>,
     junit: Option<Vec<Text>>,
     artifacts: Option<Vec<Text>>,
+    keep_failed: Option<bool>,
     step: Option<Vec<RawStep>>,
     mode: Option<Mode>,
 }
@@ -466,6 +471,7 @@ fn suite(index: usize, raw: RawSuite, defaults: &Defaults) -> Result<Suite, Prob
         artifacts: globs(&raw.artifacts, &format!("{what} artifacts"))?,
         steps,
         mode: raw.mode.unwrap_or_default(),
+        keep_failed: raw.keep_failed.unwrap_or(false),
     })
 }
 
@@ -610,6 +616,7 @@ env = { B = "suite", A = "suite" }
 host_setup = ["make cross ARCH=$RUNNER_ARCH"]
 junit = ["build/junit/*.xml"]
 artifacts = ["build/logs/*"]
+keep_failed = true
   [[suite.step]]
   name = "build"
   run = "make -j2\nmake check"
@@ -645,6 +652,7 @@ step = [{ name = "only", run = "true" }]
         assert_eq!(unit.host_setup, ["make cross ARCH=$RUNNER_ARCH"]);
         assert_eq!(unit.junit, ["build/junit/*.xml"]);
         assert_eq!(unit.artifacts, ["build/logs/*"]);
+        assert!(unit.keep_failed);
         let [build, check] = &unit.steps[..] else {
             panic!("{:?}", unit.steps)
         };
@@ -662,6 +670,10 @@ step = [{ name = "only", run = "true" }]
         assert_eq!(other.timeout, 20 * MIN);
         assert_eq!(other.steps[0].timeout, 10 * MIN);
         assert!(other.runs_on(Arch::X86_64));
+        assert!(
+            !other.keep_failed,
+            "a failure snapshot holds secrets: never by default"
+        );
         assert!(file.suite("missing").is_none());
     }
 

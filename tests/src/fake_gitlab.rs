@@ -21,6 +21,8 @@ use axum::routing::{get, patch, post, put};
 use axum::Router;
 use serde_json::{json, Value};
 
+/// Largest artifacts upload GitLab accepts by default (100 MB).
+pub const MAX_ARTIFACTS: usize = 100 << 20;
 /// Largest log patch GitLab accepts.
 pub const MAX_PATCH: usize = 1 << 20;
 
@@ -158,7 +160,10 @@ impl FakeGitlab {
             .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
             .route(
                 "/api/v4/jobs/{id}/artifacts",
-                post(upload_artifact).get(download_artifact),
+                post(upload_artifact)
+                    .get(download_artifact)
+                    // GitLab's default maximum artifacts size; axum's own default is 2 MB.
+                    .layer(axum::extract::DefaultBodyLimit::max(MAX_ARTIFACTS)),
             )
             .route("/storage/{id}", get(download_from_storage))
             .with_state(state.clone());

@@ -1356,3 +1356,87 @@ fn cache_is_pushed_restored_by_key_and_fallback_kept_by_policy_and_bounded() {
     assert_eq!(gl.violations(), Vec::<String>::new());
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }
+
+#[test]
+fn keep_failed_uploads_the_failed_vm_and_runner_debug_resumes_it_from_the_artifact() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    gl.enqueue(job_payload(
+        211,
+        &[
+            "echo state-of-the-failure > /workspace/found.txt",
+            "sleep 1000 >/dev/null 2>&1 &",
+            "exit 4",
+        ],
+        &["rm /workspace/found.txt"],
+        &[
+            ("GIT_STRATEGY", "none", false),
+            ("RUNNER_KEEP_FAILED", "true", false),
+            ("DEPLOY_KEY", "hunter2-masked", true),
+        ],
+        600,
+    ));
+    let j = gl.wait_final(211, JOB_DEADLINE);
+    let log = trace(&j);
+    let fin = j.final_update.clone().unwrap();
+    assert_eq!(
+        (&fin["state"], &fin["exit_code"]),
+        (&json!("failed"), &json!(4)),
+        "{log}"
+    );
+    for want in [
+        "Reproduce this failure locally",
+        "/api/v4/projects/42/jobs/211/artifacts",
+        "runner images build --arch riscv64 debian-13",
+        "runner debug failed-vm",
+    ] {
+        assert!(log.contains(want), "{want}:\n{log}");
+    }
+    assert!(!log.contains("hunter2-masked"), "{log}");
+    let archive = j
+        .artifacts
+        .iter()
+        .find(|a| a.query.get("artifact_type").map(String::as_str) == Some("archive"))
+        .unwrap_or_else(|| panic!("no archive uploaded:\n{log}"));
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&archive.data)).expect("zip");
+    let mut packed = Vec::new();
+    zip.by_name("failed-vm.tar.gz")
+        .expect("the snapshot in the archive")
+        .read_to_end(&mut packed)
+        .expect("read");
+    eprintln!(
+        "uploaded failure snapshot: {:.1} MiB compressed",
+        packed.len() as f64 / f64::from(1 << 20)
+    );
+
+    // Another checkout: the artifact unpacked as the log says, resumed there.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    std::fs::write(elsewhere.path().join("failed-vm.tar.gz"), &packed).expect("write");
+    let status = Command::new("tar")
+        .args(["-xzf", "failed-vm.tar.gz"])
+        .current_dir(elsewhere.path())
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let debug = e2e::runner_with_cache(
+        elsewhere.path(),
+        &[
+            "debug",
+            "failed-vm",
+            "--command",
+            "cat found.txt; echo \"key=$DEPLOY_KEY\"; pgrep -x sleep >/dev/null && echo sleeper-alive",
+        ],
+        cache.path(),
+    );
+    assert_eq!(debug.code, 0, "{debug}");
+    for want in [
+        "state-of-the-failure",
+        "key=hunter2-masked",
+        "sleeper-alive",
+    ] {
+        assert!(debug.stdout.contains(want), "{want}: {debug}");
+    }
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+    assert_eq!(gl.violations(), Vec::<String>::new());
+}

@@ -476,6 +476,42 @@ impl Vm {
         })
     }
 
+    /// Resumes the state in `dir` and nothing else: no cold boot when it does not work (a
+    /// failed job's saved VM, see [`Vm::save_to`], is worth nothing booted fresh). `cfg`
+    /// must describe the VM the state was saved from; its `saved_state` is not used.
+    pub async fn resume(cfg: &VmConfig, dir: &Path) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let mut vm = Vm::start(cfg, Some(dir)).await?;
+        let timers = if cfg.arch == Arch::Riscv64 {
+            Timers::Rearmed
+        } else {
+            Timers::Trusted
+        };
+        if let Err(e) = state::after_restore(&mut vm.agent, timers, cfg.arch).await {
+            vm.kill().await;
+            return Err(e.into());
+        }
+        vm.boot_time = started.elapsed();
+        Ok(vm)
+    }
+
+    /// Saves this VM as it is — RAM, devices and its disk overlay — into `dir` (which must
+    /// not exist yet), then lets it run on: what `runner test --keep-failed` keeps of a
+    /// failed step. The state is the same kind a saved boot is (see [`state`]), unchecked
+    /// (a failed job's VM is saved once, at once, or never), and its disk is backed by the
+    /// base image alone. Returns the state's size on disk.
+    pub async fn save_to(&mut self, dir: &Path) -> Result<u64, VmError> {
+        let (Some(overlay), Some(base)) = (self.overlay.clone(), self.base.clone()) else {
+            return Err(state::StateError::NoOverlay.into());
+        };
+        let staged = state::save(&mut self.qmp, &overlay, &base, dir).await?;
+        // A resumed VM's overlay is backed by its boot state's disk, which goes with this
+        // VM's directory: the saved disk takes in what that layer holds.
+        state::rebase_disk(staged.path(), &base, state::Rebase::Flatten).await?;
+        staged.place(dir)?;
+        Ok(state::size_on_disk(dir))
+    }
+
     /// The VM's id (its directory name), for logs.
     pub fn id(&self) -> String {
         self.dir.id()

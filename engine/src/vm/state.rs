@@ -146,6 +146,23 @@ impl Staged {
     }
 }
 
+impl Staged {
+    /// Moves the state to `dir`, which must not exist (a failed job's state, see
+    /// [`super::Vm::save_to`]); on failure it is removed.
+    pub fn place(self, dir: &Path) -> Result<(), StateError> {
+        if dir.exists() {
+            return Err(StateError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        std::fs::rename(&self.dir, dir).map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -638,6 +655,154 @@ fn take_over(from: &Path, to: &Path) -> std::io::Result<()> {
     file.set_permissions(std::fs::Permissions::from_mode(0o444))
 }
 
+/// The space the files of state `dir` take on disk (`ram.bin` is sparse: far less than
+/// the guest's memory).
+pub fn size_on_disk(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    [RAM, DISK, META]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Largest `meta.json` read from a state that may come from elsewhere.
+const MAX_META_BYTES: u64 = 64 * 1024;
+
+/// `meta.json` of state `dir`, read bounded (the state may come from elsewhere).
+fn read_meta(dir: &Path) -> Result<(String, serde_json::Value), StateError> {
+    use std::io::Read;
+    let path = dir.join(META);
+    let mut text = String::new();
+    open_regular(&path)
+        .and_then(|f| f.take(MAX_META_BYTES).read_to_string(&mut text))
+        .map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    let parsed = serde_json::from_str(&text).map_err(|_| StateError::Tampered {
+        dir: dir.to_path_buf(),
+        file: META,
+    })?;
+    Ok((text, parsed))
+}
+
+/// How [`rebase_disk`] changes a saved disk's backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebase {
+    /// Onto `base`, copying into the disk whatever its backing chain has above `base`: a VM
+    /// resumed from a boot state writes on top of that state's disk, which goes with the
+    /// VM's directory (`qemu-img rebase`, which copies only the layers above `base`).
+    Flatten,
+    /// Only the recorded path (`qemu-img rebase -u`): the caller has made sure `base` is
+    /// the very image the disk was saved on, found here by its key and checksum — never a
+    /// path taken from the state.
+    Relocate,
+}
+
+/// Sets the backing file of state `dir`'s disk to `base` (see [`Rebase`]) and records the
+/// disk's new checksum and base in its `meta.json`.
+pub async fn rebase_disk(dir: &Path, base: &Path, how: Rebase) -> Result<(), StateError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    let (_, mut meta) = read_meta(dir)?;
+    let (ram, disk) = (dir.join(RAM), dir.join(DISK));
+    let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+    set_mode(&disk, 0o644).map_err(io(&disk))?;
+    let mut rebase = tokio::process::Command::new("qemu-img");
+    rebase.arg("rebase");
+    if how == Rebase::Relocate {
+        rebase.arg("-u");
+    }
+    rebase
+        .args(["-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&disk);
+    let out = crate::child::output_in_group(&mut rebase)
+        .await
+        .map_err(io(&disk))?;
+    if !out.status.success() {
+        return Err(StateError::Migration(format!(
+            "qemu-img rebase of {} failed: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    set_mode(&disk, 0o444).map_err(io(&disk))?;
+    let hashed = disk.clone();
+    let disk_sum = tokio::task::spawn_blocking(move || content_digest(&hashed))
+        .await
+        .map_err(|_| StateError::Changed)?
+        .map_err(io(&disk))?;
+    let ram_sum = meta["sha256"][RAM]
+        .as_str()
+        .ok_or_else(|| StateError::Tampered {
+            dir: dir.to_path_buf(),
+            file: RAM,
+        })?
+        .to_string();
+    // The RAM was hashed when the state was made (or verified just before): only the disk
+    // is new.
+    let stamp = format!(
+        "{}\n{}\n",
+        identity(&ram, &ram_sum).map_err(io(&ram))?,
+        identity(&disk, &disk_sum).map_err(io(&disk))?
+    );
+    std::fs::write(dir.join(VERIFIED), stamp).map_err(io(dir))?;
+    meta["base"] = json!(base);
+    meta["sha256"][DISK] = json!(disk_sum);
+    let path = dir.join(META);
+    std::fs::write(&path, meta.to_string()).map_err(io(&path))
+}
+
+/// Makes the state in `from` — saved on this machine or another, perhaps unpacked from a CI
+/// artifact — resumable here, as a new state directory `to`: its files are checked against
+/// its checksums first; the RAM is hard-linked (copied across filesystems); the disk is
+/// copied and [relocated](Rebase::Relocate) onto `base`, the local copy of the image it was
+/// saved on.
+pub async fn adopt(from: &Path, base: &Path, to: &Path) -> Result<(), StateError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    let (text, meta) = read_meta(from)?;
+    if meta["format"].as_u64() != Some(u64::from(FORMAT)) {
+        return Err(StateError::Migration(format!(
+            "the state in {} was saved by another runner version (state format {}, this one reads {FORMAT})",
+            from.display(),
+            meta["format"]
+        )));
+    }
+    let source = PinnedState {
+        ram: from.join(RAM),
+        disk: from.join(DISK),
+    };
+    let checked_from = from.to_path_buf();
+    tokio::task::spawn_blocking(move || verify(&checked_from, &text, &source))
+        .await
+        .map_err(|_| StateError::Changed)??;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        set_mode(parent, 0o700).map_err(io(parent))?;
+    }
+    std::fs::create_dir(to).map_err(io(to))?;
+    let (ram, disk) = (to.join(RAM), to.join(DISK));
+    if std::fs::hard_link(from.join(RAM), &ram).is_err() {
+        let (src, dst) = (from.join(RAM), ram.clone());
+        tokio::task::spawn_blocking(move || copy_regular(&src, &dst))
+            .await
+            .map_err(|_| StateError::Changed)?
+            .map_err(io(&ram))?;
+        set_mode(&ram, 0o444).map_err(io(&ram))?;
+    }
+    copy_regular(&from.join(DISK), &disk).map_err(io(&disk))?;
+    let path = to.join(META);
+    std::fs::write(&path, meta.to_string()).map_err(io(&path))?;
+    rebase_disk(to, base, Rebase::Relocate).await
+}
+
 /// The base image a saved state's disk was made on (from its meta.json).
 pub fn saved_base(dir: &Path) -> Option<PathBuf> {
     let meta: serde_json::Value =
@@ -653,6 +818,96 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `qemu-img` (or `qemu-io`) with `args`, which must succeed.
+    fn qemu(tool: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_flattened_disk_keeps_what_its_boot_states_layer_held() {
+        // base ← boot (a boot state's disk, in a VM directory) ← overlay (the job's).
+        let root = tempfile::tempdir().unwrap();
+        let p = |name: &str| root.path().join(name).to_str().unwrap().to_string();
+        qemu(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &p("base.qcow2"), "4M"],
+        );
+        qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &p("base.qcow2"),
+                &p("boot.qcow2"),
+            ],
+        );
+        qemu("qemu-io", &["-c", "write -P 0x42 0 64k", &p("boot.qcow2")]);
+        qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &p("boot.qcow2"),
+                &p("overlay.qcow2"),
+            ],
+        );
+        qemu(
+            "qemu-io",
+            &["-c", "write -P 0x17 1M 64k", &p("overlay.qcow2")],
+        );
+        let dir = root.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(RAM), "ram").unwrap();
+        std::fs::copy(p("overlay.qcow2"), dir.join(DISK)).unwrap();
+        let sums = seal(&dir).unwrap();
+        let meta = json!({"format": FORMAT, "id": "1", "base": p("base.qcow2"), "sha256": sums});
+        std::fs::write(dir.join(META), meta.to_string()).unwrap();
+
+        rebase_disk(&dir, Path::new(&p("base.qcow2")), Rebase::Flatten)
+            .await
+            .unwrap();
+        // The boot layer goes with its VM; the saved disk no longer needs it.
+        std::fs::remove_file(p("boot.qcow2")).unwrap();
+        let disk = dir.join(DISK);
+        let disk = disk.to_str().unwrap();
+        let info = qemu("qemu-img", &["info", "-U", "--output=json", disk]);
+        assert!(
+            info.contains(&format!("\"backing-filename\": \"{}\"", p("base.qcow2"))),
+            "{info}"
+        );
+        qemu(
+            "qemu-io",
+            &[
+                "-r",
+                "-U",
+                "-c",
+                "read -P 0x42 0 64k",
+                "-c",
+                "read -P 0x17 1M 64k",
+                disk,
+            ],
+        );
+        // And it is a state that pins: the new checksum is recorded.
+        let vm = root.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        pin(&dir, &vm).unwrap();
+    }
 
     #[test]
     fn a_symlink_in_the_vm_directory_is_never_followed() {

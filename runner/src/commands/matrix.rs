@@ -226,6 +226,7 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<(Vec<PlannedCell>, Option
                 out: Some(out.join("artifacts").join(&cell.image)),
                 // Each suite's own `mode` (a matrix compares the two by listing both suites).
                 mode: None,
+                keep_failed: false,
             };
             let mut plans =
                 plan::plan_suites(&file, std::slice::from_ref(&cell.suite), &[cell.arch], &ov)

@@ -1,5 +1,6 @@
 //! One module per subcommand; each returns the process exit code.
 
+pub mod debug;
 pub mod doctor;
 pub mod images;
 pub mod matrix;

@@ -61,6 +61,7 @@ fn plan(args: &ShellArgs) -> Result<SuitePlan, String> {
         memory_mib,
         out: None,
         mode: None,
+        keep_failed: false,
     };
     let mut plan = plan::plan_command(Vec::new(), arch, args.workspace.clone(), &ov);
     plan.id.suite = "shell".into();

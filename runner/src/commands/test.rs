@@ -80,6 +80,7 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         memory_mib,
         out: args.out.clone(),
         mode: args.mode,
+        keep_failed: args.keep_failed,
     })
 }
 

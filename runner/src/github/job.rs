@@ -280,6 +280,10 @@ async fn plans_for(
     }
     for plan in &mut plans {
         shared.limits.apply(plan);
+        // A failure snapshot stays on this host, where no one can use it (uploading one
+        // as a check run's artifact is not built yet): a repository must not fill the
+        // service's disk with them.
+        plan.keep_failed = false;
     }
     if let Some(only) = only.filter(|o| o != EXTERNAL_ID_ALL) {
         plans.retain(|p| external_id(p) == only);

@@ -1,7 +1,9 @@
 //! Job artifacts for GitLab: JUnit reports as `junit.xml.gz` (one gzip member per report,
 //! concatenated, GitLab's `gzip` format) and archive artifacts as one zip, uploaded with
 //! `POST /jobs/:id/artifacts` — following a 307, retrying 5xx, and giving up on 403/413.
-//! [`upload_results`] decides what goes up after a run (by the artifacts' `when`).
+//! [`upload_results`] decides what goes up after a run (by the artifacts' `when`). A failed
+//! job's snapshot (`RUNNER_KEEP_FAILED`) goes into the archive zip as `failed-vm.tar.gz`:
+//! GitLab keeps one archive per job, and the job's own `when` would leave a failure's out.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,6 +52,18 @@ pub fn gzip_members<'a>(
 
 /// A zip of `files`, named by their path relative to `root`.
 pub fn zip_files(root: &Path, files: &[PathBuf]) -> Result<Vec<u8>, ArtifactError> {
+    zip_with(root, files, None)
+}
+
+/// The name of a failure snapshot in the archive zip (and of the directory it unpacks to).
+pub const SNAPSHOT_ARCHIVE: &str = "failed-vm.tar.gz";
+
+/// [`zip_files`] plus `extra`, a (name, bytes) entry stored as it is (already compressed).
+fn zip_with(
+    root: &Path,
+    files: &[PathBuf],
+    extra: Option<(&str, &[u8])>,
+) -> Result<Vec<u8>, ArtifactError> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
@@ -67,10 +81,62 @@ pub fn zip_files(root: &Path, files: &[PathBuf]) -> Result<Vec<u8>, ArtifactErro
         zip.write_all(&data)
             .map_err(|e| ArtifactError::Pack(e.to_string()))?;
     }
+    if let Some((name, data)) = extra {
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(data.len() as u64 >= u32::MAX as u64)
+            .unix_permissions(0o600);
+        zip.start_file(name, stored)
+            .map_err(|e| ArtifactError::Pack(e.to_string()))?;
+        zip.write_all(data)
+            .map_err(|e| ArtifactError::Pack(e.to_string()))?;
+    }
     let cursor = zip
         .finish()
         .map_err(|e| ArtifactError::Pack(e.to_string()))?;
     Ok(cursor.into_inner())
+}
+
+/// A `Vec` that refuses to grow past `cap` bytes: the packed snapshot is held in memory.
+struct Capped {
+    buf: Vec<u8>,
+    cap: u64,
+}
+
+impl Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if (self.buf.len() + data.len()) as u64 > self.cap {
+            return Err(std::io::Error::other(format!(
+                "larger than max_artifacts_size ({} MiB)",
+                self.cap >> 20
+            )));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The failure snapshot in `dir` as a gzipped tar of `failed-vm/`, at most `cap` bytes.
+/// The RAM file is mostly holes, read as zeros: fast gzip keeps that cheap.
+pub fn pack_snapshot(dir: &Path, cap: u64) -> Result<Vec<u8>, ArtifactError> {
+    let pack = |e: std::io::Error| ArtifactError::Pack(format!("failure snapshot: {e}"));
+    let gz = flate2::write::GzEncoder::new(
+        Capped {
+            buf: Vec::new(),
+            cap,
+        },
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    tar.append_dir_all(crate::snapshot::DIR_NAME, dir)
+        .map_err(pack)?;
+    let gz = tar.into_inner().map_err(pack)?;
+    Ok(gz.finish().map_err(pack)?.buf)
 }
 
 /// What to upload.
@@ -216,46 +282,118 @@ pub async fn upload_results(
             &prepared.archive_globs,
         )
     };
-    if let Some(a) = &prepared.archive {
-        if !archive_files.is_empty() && fits(a.when) {
-            say(&format!(
-                "Uploading artifacts ({} file(s))\n",
-                archive_files.len()
-            ));
-            let result = match zip_files(&prepared.plan.out_dir, &archive_files) {
-                Ok(data) => {
-                    let name = if a.name.is_empty() {
-                        "artifacts.zip".to_string()
-                    } else {
-                        format!("{}.zip", a.name)
-                    };
-                    upload(
-                        &ectx.client,
-                        job.id,
-                        &job.token,
-                        Upload {
-                            file_name: &name,
-                            data,
-                            artifact_type: "archive",
-                            artifact_format: "zip",
-                            expire_in: &a.expire_in,
-                        },
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => say("Artifacts uploaded\n"),
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
+    let snapshot = snapshot_archive(prepared, say).await;
+    let declared = prepared
+        .archive
+        .as_ref()
+        .filter(|a| fits(a.when) && !archive_files.is_empty());
+    if declared.is_some() || snapshot.is_some() {
+        let files = if declared.is_some() {
+            archive_files
+        } else {
+            Vec::new()
+        };
+        say(&format!(
+            "Uploading artifacts ({} file(s){})\n",
+            files.len(),
+            if snapshot.is_some() {
+                ", and the failed VM"
+            } else {
+                ""
+            }
+        ));
+        let extra = snapshot.as_deref().map(|s| (SNAPSHOT_ARCHIVE, s));
+        let result = match zip_with(&prepared.plan.out_dir, &files, extra) {
+            Ok(data) => {
+                let name = match prepared.archive.as_ref().filter(|a| !a.name.is_empty()) {
+                    Some(a) => format!("{}.zip", a.name),
+                    None => "artifacts.zip".to_string(),
+                };
+                let expire_in = prepared
+                    .archive
+                    .as_ref()
+                    .map(|a| a.expire_in.as_str())
+                    .unwrap_or("");
+                upload(
+                    &ectx.client,
+                    job.id,
+                    &job.token,
+                    Upload {
+                        file_name: &name,
+                        data,
+                        artifact_type: "archive",
+                        artifact_format: "zip",
+                        expire_in,
+                    },
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                say("Artifacts uploaded\n");
+                if snapshot.is_some() {
+                    say(&reproduce_lines(ectx.client.url(), job, prepared));
                 }
             }
-        } else if archive_files.is_empty() && fits(a.when) {
+            Err(e) => {
+                tracing::warn!("{e}");
+                say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
+            }
+        }
+    } else if let Some(a) = &prepared.archive {
+        if fits(a.when) {
             say("WARNING: no files matched the artifact paths\n");
         }
     }
+}
+
+/// The job's failure snapshot, packed, when it has one (`RUNNER_KEEP_FAILED` and a failed
+/// step); a snapshot that cannot be packed is a warning in the log.
+async fn snapshot_archive(prepared: &Prepared, say: &(dyn Fn(&str) + Sync)) -> Option<Vec<u8>> {
+    let dir = prepared.plan.out_dir.join(crate::snapshot::DIR_NAME);
+    if !prepared.plan.keep_failed || !dir.join(crate::snapshot::MANIFEST).is_file() {
+        return None;
+    }
+    let cap = prepared.plan.max_artifacts;
+    let started = std::time::Instant::now();
+    let packed = tokio::task::spawn_blocking(move || pack_snapshot(&dir, cap))
+        .await
+        .unwrap_or_else(|e| Err(ArtifactError::Pack(e.to_string())));
+    match packed {
+        Ok(data) => {
+            say(&format!(
+                "Packed the failed VM: {:.1} MiB compressed in {:.1} s\n",
+                data.len() as f64 / f64::from(1 << 20),
+                started.elapsed().as_secs_f64()
+            ));
+            Some(data)
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            say(&format!("\x1b[33;1mWARNING: {e}\x1b[0;m\n"));
+            None
+        }
+    }
+}
+
+/// The end of a failed job's log when its VM was uploaded: the commands that resume it on
+/// the reader's machine.
+fn reproduce_lines(url: &str, job: &Job, prepared: &Prepared) -> String {
+    let url = url.trim_end_matches('/');
+    format!(
+        "\x1b[36;1mReproduce this failure locally (the snapshot holds the job's variables, masked ones included):\x1b[0;m\n\
+         \x20 curl -fLo artifacts.zip -H \"PRIVATE-TOKEN: $GITLAB_TOKEN\" {url}/api/v4/projects/{project}/jobs/{id}/artifacts\n\
+         \x20 unzip -o artifacts.zip {SNAPSHOT_ARCHIVE} && tar -xzf {SNAPSHOT_ARCHIVE}\n\
+         \x20 runner images build --arch {arch} {image}\n\
+         \x20 runner debug {dir}\n",
+        project = job.job_info.project_id,
+        id = job.id,
+        arch = prepared.plan.id.arch,
+        image = prepared.plan.image,
+        dir = crate::snapshot::DIR_NAME,
+    )
 }
 
 #[cfg(test)]
@@ -271,6 +409,39 @@ mod tests {
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "<a/><b/>");
+    }
+
+    #[test]
+    fn a_snapshot_packs_under_its_directory_name_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("snapshot.toml"), "version = 1\n").unwrap();
+        // A RAM file of 64 MiB, nearly all hole (stored as a sparse entry).
+        let ram = std::fs::File::create(dir.path().join("ram.bin")).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&ram, b"guest", 1 << 20).unwrap();
+        ram.set_len(64 << 20).unwrap();
+        let packed = pack_snapshot(dir.path(), 16 << 20).unwrap();
+        assert!(packed.len() < 1 << 20, "{} bytes", packed.len());
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&packed[..]));
+        let mut names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["failed-vm/", "failed-vm/ram.bin", "failed-vm/snapshot.toml"]
+        );
+        // Past the cap: refused, not held in memory.
+        let e = pack_snapshot(dir.path(), 64).unwrap_err().to_string();
+        assert!(e.contains("larger than max_artifacts_size"), "{e}");
+        // In the zip, next to the job's own artifacts.
+        let z = zip_with(dir.path(), &[], Some((SNAPSHOT_ARCHIVE, &packed))).unwrap();
+        let mut ar = zip::ZipArchive::new(std::io::Cursor::new(z)).unwrap();
+        assert_eq!(
+            ar.by_name(SNAPSHOT_ARCHIVE).unwrap().size(),
+            packed.len() as u64
+        );
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub const ARCH_VARIABLE: &str = "RUNNER_ARCH";
 pub const IMAGE_VARIABLE: &str = "RUNNER_IMAGE";
 /// The job variable that adds the runner's step-level JUnit report (`true`/`1`).
 pub const STEP_JUNIT_VARIABLE: &str = "RUNNER_STEP_JUNIT";
+/// The job variable that saves the VM of a failed job (memory, devices, disk) and uploads
+/// it with the job's artifacts, for `runner debug` (`true`/`1`). Off by default: the
+/// snapshot holds whatever the job had, masked variables included.
+pub const KEEP_FAILED_VARIABLE: &str = "RUNNER_KEEP_FAILED";
 /// The job variable for after_script's timeout (e.g. `10m`); GitLab's default is 5 minutes.
 pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -60,11 +64,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     let artifacts = ArtifactPaths::of(job)?;
     let caches = cache_globs(job)?;
     let checkout = checkout(entry, job, work)?;
-    let step_junit = entry.step_junit
-        || matches!(
-            job.var(STEP_JUNIT_VARIABLE).map(|v| v.to_ascii_lowercase()),
-            Some(ref v) if v == "true" || v == "1" || v == "yes"
-        );
+    let step_junit = entry.step_junit || truthy(job.var(STEP_JUNIT_VARIABLE));
     let mut plan = SuitePlan {
         id: RunId {
             suite: job.job_info.name.clone(),
@@ -96,6 +96,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         image_build_timeout: None,
         // A VM always: user mode runs the job's code on the host's kernel (see README).
         mode: crate::suite::Mode::System,
+        keep_failed: truthy(job.var(KEEP_FAILED_VARIABLE)),
     };
     limits.apply(&mut plan);
     Ok(Prepared {
@@ -107,6 +108,14 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         archive_globs: artifacts.archive_paths,
         caches,
     })
+}
+
+/// Whether a job variable says yes (`true`, `1`, `yes`, any case).
+fn truthy(value: Option<&str>) -> bool {
+    matches!(
+        value.map(|v| v.to_ascii_lowercase()),
+        Some(ref v) if v == "true" || v == "1" || v == "yes"
+    )
 }
 
 /// What a job's `image:` names: an architecture, an image, or both (`ARCH/IMAGE`).
@@ -515,6 +524,12 @@ mod tests {
         assert!(p.plan.steps[1].allow_failure);
         assert_eq!(p.plan.steps[1].timeout, AFTER_SCRIPT_TIMEOUT);
         assert_eq!(p.plan.junit, ["report.xml"]);
+        assert!(
+            !p.plan.keep_failed,
+            "a failure snapshot holds secrets: never by default"
+        );
+        let j = job(r#"{"key":"RUNNER_KEEP_FAILED","value":"true"}"#);
+        assert!(prepare(&entry(), &j, dir.path()).unwrap().plan.keep_failed);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
 use crate::run::guest::Guest;
 use crate::run::plan::{StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
 use crate::run::platform;
+use crate::snapshot;
 use crate::suite::Mode;
 
 use crate::run::workspace;
@@ -351,8 +352,31 @@ async fn run_timed(
         facts: state.facts.clone(),
     });
 
+    let keep = plan.keep_failed.then(|| KeepFailed {
+        image: plan.image.to_string(),
+        image_key: image
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        rootfs_sha256: image
+            .manifest
+            .artifacts
+            .get("rootfs.qcow2")
+            .map(|a| a.sha256.clone())
+            .unwrap_or_default(),
+        qemu_version: platform.qemu.version.clone(),
+        accel: platform.accel.accel.name().into(),
+    });
     let outcome = in_vm(
-        plan, &mut vm, archive, reporters, state, deadline, interrupt,
+        plan,
+        &mut vm,
+        archive,
+        reporters,
+        state,
+        deadline,
+        interrupt,
+        keep.as_ref(),
     )
     .await;
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
@@ -428,6 +452,11 @@ async fn run_user(
         id: id.clone(),
         facts: state.facts.clone(),
     });
+    if plan.keep_failed {
+        reporters.emit(Event::Note {
+            message: "keep_failed: user mode has no VM to save; a failed step keeps nothing".into(),
+        });
+    }
     let outcome = in_vm(
         plan,
         &mut machine,
@@ -436,6 +465,7 @@ async fn run_user(
         state,
         deadline,
         interrupt,
+        None,
     )
     .await;
     machine.stop_command().await;
@@ -493,7 +523,19 @@ pub fn vm_config(
     }
 }
 
+/// What a failure snapshot records of the machine besides the step (see `snapshot`):
+/// `Some` when the plan keeps failed VMs.
+#[derive(Debug, Clone)]
+struct KeepFailed {
+    image: String,
+    image_key: String,
+    rootfs_sha256: String,
+    qemu_version: String,
+    accel: String,
+}
+
 /// Inside the booted guest: files in, the steps, results out.
+#[allow(clippy::too_many_arguments)]
 async fn in_vm<G: Guest>(
     plan: &SuitePlan,
     guest: &mut G,
@@ -502,12 +544,21 @@ async fn in_vm<G: Guest>(
     state: &mut SuiteState<'_>,
     deadline: tokio::time::Instant,
     mut interrupt: watch::Receiver<bool>,
+    keep: Option<&KeepFailed>,
 ) -> Outcome {
     if let Err(o) = guest.prepare(plan, archive).await {
         return o;
     }
-    let mut so_far = match run_steps(plan, guest, reporters, state, deadline, &mut interrupt).await
-    {
+    let steps = run_steps(
+        plan,
+        guest,
+        reporters,
+        state,
+        deadline,
+        &mut interrupt,
+        keep,
+    );
+    let mut so_far = match steps.await {
         Steps::AllRan(so_far) => so_far,
         Steps::CutShort(outcome) => return outcome,
     };
@@ -539,6 +590,7 @@ async fn run_steps<G: Guest>(
     state: &mut SuiteState<'_>,
     deadline: tokio::time::Instant,
     interrupt: &mut watch::Receiver<bool>,
+    keep: Option<&KeepFailed>,
 ) -> Steps {
     let base_env = guest_env(plan);
     // How the suite is going so far; decides which steps still run.
@@ -574,6 +626,15 @@ async fn run_steps<G: Guest>(
                 return Steps::CutShort(Outcome::combine(&[so_far, failed]))
             }
         };
+        // The first step that fails the suite, as it ended: before any cleanup step runs.
+        // A timed-out step counts (its hung command, still running, is what there is to
+        // see); a cancelled one does not (the user asked to stop).
+        let fails_suite = matches!(outcome, Outcome::Failed { .. } | Outcome::TimedOut)
+            && !step.allow_failure
+            && so_far.is_success();
+        if let (Some(keep), true) = (keep, fails_suite) {
+            keep_failed(plan, step, &env, keep, guest, reporters).await;
+        }
         so_far = match after_step(plan, index, so_far, outcome) {
             Next::Continue(so_far) => so_far,
             Next::StopCommandThenContinue(so_far) => match guest.stop_command().await {
@@ -584,6 +645,75 @@ async fn run_steps<G: Guest>(
         };
     }
     Steps::AllRan(so_far)
+}
+
+/// Saves the VM of `step`, which just failed, into the plan's `failed-vm/` with its
+/// manifest, and says where (or why not) in a note; a failed save costs the job nothing.
+async fn keep_failed<G: Guest>(
+    plan: &SuitePlan,
+    step: &StepPlan,
+    env: &[(String, String)],
+    keep: &KeepFailed,
+    guest: &mut G,
+    reporters: &mut Reporters,
+) {
+    let dir = plan.out_dir.join(snapshot::DIR_NAME);
+    let started = Instant::now();
+    let saved = async {
+        // An earlier run's snapshot of this suite × arch is replaced, like its artifacts.
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("cannot remove the earlier {}: {e}", dir.display()))
+            }
+            _ => {}
+        }
+        let size = guest.save_to(&dir).await.map_err(|e| chain(&e))?;
+        let manifest = snapshot::Manifest {
+            version: snapshot::VERSION,
+            arch: plan.id.arch.name().into(),
+            image: keep.image.clone(),
+            image_key: keep.image_key.clone(),
+            rootfs_sha256: keep.rootfs_sha256.clone(),
+            qemu_version: keep.qemu_version.clone(),
+            accel: keep.accel.clone(),
+            cpus: plan.cpus,
+            memory_mib: plan.memory_mib,
+            state_format: engine::vm::state::FORMAT,
+            suite: plan.id.suite.clone(),
+            step: step.name.clone(),
+            cwd: GUEST_WORKSPACE.into(),
+            saved_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            env: env.iter().cloned().collect(),
+        };
+        if let Err(e) = manifest.write(&dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(chain(&e));
+        }
+        // What the job had in memory and in its environment, secrets included: only ours.
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o700);
+        if let Err(e) = std::fs::set_permissions(&dir, private) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("cannot make {} private: {e}", dir.display()));
+        }
+        Ok(size)
+    }
+    .await;
+    let message = match saved {
+        Ok(size) => format!(
+            "saved the failed VM (step '{}') to {} in {:.1} s, {} MiB on disk; resume it with `runner debug {}`",
+            step.name,
+            dir.display(),
+            started.elapsed().as_secs_f64(),
+            size.div_ceil(1 << 20),
+            dir.display()
+        ),
+        Err(why) => format!("cannot save the failed VM: {why}"),
+    };
+    reporters.emit(Event::Note { message });
 }
 
 /// Reports a step whose `when` does not fit as skipped.
@@ -884,6 +1014,8 @@ mod tests {
         ran: Vec<String>,
         stopped_commands: usize,
         collected: bool,
+        /// (the step that had just run, the directory) of each `save_to`.
+        saved: Vec<(String, std::path::PathBuf)>,
     }
 
     impl Guest for FakeGuest {
@@ -946,6 +1078,13 @@ mod tests {
             GuestFault::during_job(e, "").map(|f| f.to_string())
         }
 
+        async fn save_to(&mut self, dir: &std::path::Path) -> Result<u64, VmError> {
+            self.saved
+                .push((self.ran.last().cloned().unwrap_or_default(), dir.into()));
+            std::fs::create_dir_all(dir).unwrap();
+            Ok(1)
+        }
+
         async fn collect_results(
             &mut self,
             _: &SuitePlan,
@@ -975,12 +1114,31 @@ mod tests {
 
     /// Runs steps `(name, when, allow_failure)` in a fake guest ending them as `endings` say.
     async fn run(steps: &[(&str, StepWhen, bool)], endings: Vec<Ending>) -> Ran {
+        run_keeping(steps, endings, None).await
+    }
+
+    /// [`run`], keeping a failed step's VM in `out_dir/failed-vm` when `keep` names one.
+    async fn run_keeping(
+        steps: &[(&str, StepWhen, bool)],
+        endings: Vec<Ending>,
+        keep: Option<&std::path::Path>,
+    ) -> Ran {
         let mut plan = plan_command(
             vec!["true".into()],
             Arch::Riscv64,
             None,
             &Overrides::default(),
         );
+        let keeping = keep.map(|out| {
+            plan.out_dir = out.to_path_buf();
+            KeepFailed {
+                image: "debian-13".into(),
+                image_key: "debian-13-riscv64-0123456789abcdef".into(),
+                rootfs_sha256: "ab".repeat(32),
+                qemu_version: "10.0.2".into(),
+                accel: "tcg".into(),
+            }
+        });
         let template = plan.steps[0].clone();
         plan.steps = steps
             .iter()
@@ -998,6 +1156,7 @@ mod tests {
             ran: Vec::new(),
             stopped_commands: 0,
             collected: false,
+            saved: Vec::new(),
         };
         let events = Arc::new(Mutex::new(Vec::new()));
         let mut reporters = Reporters::default();
@@ -1019,6 +1178,7 @@ mod tests {
             &mut state,
             deadline,
             interrupt,
+            keeping.as_ref(),
         )
         .await;
         let finished = events
@@ -1065,6 +1225,40 @@ mod tests {
     }
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn only_the_step_that_fails_the_suite_is_saved_before_cleanup_runs() {
+        use StepWhen::*;
+        let steps = [
+            ("lint", OnSuccess, true),
+            ("test", OnSuccess, false),
+            ("logs", OnFailure, false),
+        ];
+        let out = tempfile::tempdir().unwrap();
+        // lint fails but may; test fails the suite; the cleanup step fails too.
+        let r = run_keeping(&steps, vec![exit(1), exit(2), exit(3)], Some(out.path())).await;
+        let dir = out.path().join(snapshot::DIR_NAME);
+        assert_eq!(r.guest.saved, [("test".to_string(), dir.clone())]);
+        let s = snapshot::load(&dir).unwrap();
+        assert_eq!(
+            (s.manifest.step.as_str(), s.manifest.cwd.as_str()),
+            ("test", "/workspace")
+        );
+        assert_eq!(s.manifest.env["RUNNER_STEP"], "test");
+        // Not kept: nothing saved for a failure.
+        let r = run(&steps, vec![exit(1), exit(2), exit(3)]).await;
+        assert!(r.guest.saved.is_empty());
+        // A step that timed out is kept too (its hung command is the thing to look at).
+        let out = tempfile::tempdir().unwrap();
+        let steps = [("hang", OnSuccess, false)];
+        let r = run_keeping(
+            &steps,
+            vec![Ending::End(CommandEnd::TimedOut)],
+            Some(out.path()),
+        )
+        .await;
+        assert_eq!(r.guest.saved.len(), 1);
     }
 
     #[tokio::test]

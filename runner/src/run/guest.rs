@@ -3,7 +3,7 @@
 //! and `transfer`); the executor's unit tests implement it with a scripted fake, so that
 //! `when`, `allow_failure`, interrupts and a dying guest are tested without booting a VM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::user::UserMachine;
@@ -43,6 +43,10 @@ pub(crate) trait Guest {
     /// What `e`, an error while a job's step ran, says the job did to its guest (powered it
     /// off, panicked it, killed or starved its agent); `None` for a host-side error.
     fn job_fault(&self, e: &VmError) -> Option<String>;
+
+    /// Saves the VM as it is into `dir` (a failed step's snapshot), then lets it run on;
+    /// returns the snapshot's size on disk.
+    async fn save_to(&mut self, dir: &Path) -> Result<u64, VmError>;
 
     /// Brings back the plan's JUnit reports and artifacts.
     async fn collect_results(
@@ -84,6 +88,10 @@ impl Guest for Vm {
 
     fn job_fault(&self, e: &VmError) -> Option<String> {
         GuestFault::during_job(e, &self.console_tail(40)).map(|f| f.to_string())
+    }
+
+    async fn save_to(&mut self, dir: &Path) -> Result<u64, VmError> {
+        Vm::save_to(self, dir).await
     }
 
     async fn collect_results(
@@ -131,6 +139,15 @@ impl Guest for UserMachine {
     fn job_fault(&self, _e: &VmError) -> Option<String> {
         // No guest to power off or panic: every error is the host's.
         None
+    }
+
+    async fn save_to(&mut self, _dir: &Path) -> Result<u64, VmError> {
+        // Never asked (user-mode runs keep nothing); an error rather than an empty snapshot.
+        Err(engine::user::UserError::Command {
+            command: "save the failed job".into(),
+            desc: "user mode has no VM to save".into(),
+        }
+        .into())
     }
 
     async fn collect_results(

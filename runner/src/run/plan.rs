@@ -121,6 +121,9 @@ pub struct SuitePlan {
     pub image_build_timeout: Option<Duration>,
     /// A VM, or qemu-user on the host's kernel.
     pub mode: Mode,
+    /// Save the VM into `out_dir/failed-vm/` when a step fails (`runner test --keep-failed`,
+    /// a suite's `keep_failed`); the snapshot holds the job's secrets, so never by default.
+    pub keep_failed: bool,
 }
 
 impl SuitePlan {
@@ -162,6 +165,8 @@ pub struct Overrides {
     pub out: Option<PathBuf>,
     /// `--mode`, replacing each suite's.
     pub mode: Option<Mode>,
+    /// `--keep-failed`: every plan saves a failed step's VM.
+    pub keep_failed: bool,
 }
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
@@ -250,6 +255,7 @@ pub fn plan_suites(
                 max_artifacts: MAX_ARTIFACTS,
                 image_build_timeout: None,
                 mode: ov.mode.unwrap_or(suite.mode),
+                keep_failed: ov.keep_failed || suite.keep_failed,
             });
         }
     }
@@ -314,6 +320,7 @@ pub fn plan_command(
         max_artifacts: MAX_ARTIFACTS,
         image_build_timeout: None,
         mode: ov.mode.unwrap_or_default(),
+        keep_failed: ov.keep_failed,
     }
 }
 
@@ -475,9 +482,12 @@ arch = ["riscv64"]
             memory_mib: Some(512),
             out: Some("elsewhere".into()),
             mode: Some(Mode::User),
+            keep_failed: true,
         };
+        assert!(!p.keep_failed, "off unless asked for");
         let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];
         assert_eq!(p.mode, Mode::User);
+        assert!(p.keep_failed);
         assert_eq!(
             (p.cpus, p.memory_mib, p.image.as_str()),
             (1, 512, "debian-12")
