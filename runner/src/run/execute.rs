@@ -8,6 +8,7 @@
 //! their own timeout). The caller can stop a run two ways ([`Controls`]): *cancel* kills the
 //! VM at once; *interrupt* stops the running step gracefully, then runs the cleanup steps.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use engine::bounded::TailBuffer;
@@ -251,8 +252,24 @@ async fn run_inner(
         Err(o) => return o,
     };
     state.facts.kernel_version = image.manifest.kernel_version.clone();
+    // User mode's root: unpacked once per image, like the image's build before the suite
+    // timeout starts.
+    let sysroot = match plan.mode {
+        Mode::System => None,
+        Mode::User => match engine::user::sysroot::ensure(&settings.store, &image).await {
+            Ok(r) => Some(r),
+            Err(e) => return infra(InfraKind::Image, chain(&e)),
+        },
+    };
     let timed = run_timed(
-        plan, settings, reporters, state, &platform, &image, interrupt,
+        plan,
+        settings,
+        reporters,
+        state,
+        &platform,
+        &image,
+        sysroot.as_deref(),
+        interrupt,
     );
     // The suite timeout itself is enforced step by step (cleanup steps may outlive it); this
     // is the backstop for everything, boot and result collection included.
@@ -282,6 +299,7 @@ async fn run_timed(
     state: &mut SuiteState<'_>,
     platform: &platform::Platform,
     image: &BaseImage,
+    sysroot: Option<&Path>,
     interrupt: watch::Receiver<bool>,
 ) -> Outcome {
     let id = plan.id.clone();
@@ -313,9 +331,9 @@ async fn run_timed(
         None => None,
     };
 
-    if plan.mode == Mode::User {
+    if let Some(sysroot) = sysroot {
         return run_user(
-            plan, settings, reporters, state, image, archive, deadline, interrupt,
+            plan, settings, reporters, state, sysroot, archive, deadline, interrupt,
         )
         .await;
     }
@@ -395,7 +413,7 @@ async fn run_user(
     settings: &RunSettings,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
-    image: &BaseImage,
+    sysroot: &Path,
     archive: Option<Vec<u8>>,
     deadline: tokio::time::Instant,
     interrupt: watch::Receiver<bool>,
@@ -421,13 +439,9 @@ async fn run_user(
         accel: state.facts.accel.clone(),
     });
     let started = Instant::now();
-    let sysroot = match engine::user::sysroot::ensure(&settings.store, image).await {
-        Ok(r) => r,
-        Err(e) => return infra(InfraKind::Image, chain(&e)),
-    };
     let cfg = UserConfig {
         arch: id.arch,
-        sysroot,
+        sysroot: sysroot.to_path_buf(),
         jobs_dir: settings
             .vms_dir
             .clone()
