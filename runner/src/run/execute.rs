@@ -292,6 +292,7 @@ fn image_build_expired(image: &str, limit: Duration) -> Outcome {
 
 /// Everything the suite timeout covers: host setup, boot, steps, results — not the image
 /// build before it, which happens once and must not be cut off half-way.
+#[allow(clippy::too_many_arguments)]
 async fn run_timed(
     plan: &SuitePlan,
     settings: &RunSettings,
