@@ -93,12 +93,24 @@ pub async fn run(store: &ImageStore) -> i32 {
                 engine::arch::SavedStates::SingleCpu => "only with 1 vCPU",
             },
         );
+        // User mode is optional: its absence is a note, not a failed check.
+        println!(
+            "{:<8} user mode: {}",
+            "",
+            match engine::user::binfmt::check(arch) {
+                Ok(engine::user::binfmt::Emulation::Native) => "native".to_string(),
+                Ok(engine::user::binfmt::Emulation::Qemu { entry, .. }) =>
+                    format!("qemu-user (binfmt_misc {entry})"),
+                Err(e) => format!("unavailable ({e})"),
+            }
+        );
     }
     for tool in [
         "qemu-img",
         "mmdebstrap",
         "depmod",
         "mkfs.ext4",
+        "debugfs",
         "fakeroot",
         "cpio",
         "xz",
