@@ -33,6 +33,9 @@
 //! host_setup = ["make ARCH=$RUNNER_ARCH"]  # run on the host in the workspace before boot
 //! junit = ["build/junit/*.xml"]   # guest globs relative to /workspace: JUnit files to merge
 //! artifacts = ["build/logs/*"]    # guest globs relative to /workspace: copied back to the host
+//! network = "proxy"               # "none" (default: no NIC), "proxy" (HTTP(S) through the
+//!                                 # runner's allowlisting proxy) or "full"; within the
+//!                                 # operator's `network` (`--network` for `runner test`)
 //!
 //!   [[suite.step]]
 //!   name = "build"                # required, non-empty, unique in the suite, <= 128 chars
@@ -114,6 +117,8 @@ pub struct Suite {
     pub junit: Vec<String>,
     /// Globs relative to `/workspace` in the guest.
     pub artifacts: Vec<String>,
+    /// What network the suite asks for; granted only within the operator's ceiling.
+    pub network: engine::net::NetworkMode,
     pub steps: Vec<Step>,
 }
 
@@ -250,6 +255,7 @@ struct RawSuite {
     host_setup: Option<Vec<Text>>,
     junit: Option<Vec<Text>>,
     artifacts: Option<Vec<Text>>,
+    network: Option<Text>,
     step: Option<Vec<RawStep>>,
 }
 
@@ -440,6 +446,13 @@ fn suite(index: usize, raw: RawSuite, defaults: &Defaults) -> Result<Suite, Prob
         host_setup: host_setup.into_iter().map(Spanned::into_inner).collect(),
         junit: globs(&raw.junit, &format!("{what} junit"))?,
         artifacts: globs(&raw.artifacts, &format!("{what} artifacts"))?,
+        network: match &raw.network {
+            None => engine::net::NetworkMode::None,
+            Some(value) => match value.get_ref().parse() {
+                Ok(mode) => mode,
+                Err(e) => bail!(value => "{what} network: {e}"),
+            },
+        },
         steps,
     })
 }

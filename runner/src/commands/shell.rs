@@ -60,6 +60,7 @@ fn plan(args: &ShellArgs) -> Result<SuitePlan, String> {
         cpus: args.cpus,
         memory_mib,
         out: None,
+        network: None,
     };
     let mut plan = plan::plan_command(Vec::new(), arch, args.workspace.clone(), &ov);
     plan.id.suite = "shell".into();

@@ -53,6 +53,13 @@ pub struct GithubConfig {
     /// `recipe_dir`); default: the built-in ones (`debian-13`, `debian-12`).
     #[serde(default = "default_images")]
     pub allowed_images: Vec<engine::image::ImageName>,
+    /// The most network a repository's suite may ask for (`none`, `proxy`, `full`).
+    #[serde(default, deserialize_with = "crate::net::de_network")]
+    pub network: crate::net::NetworkMode,
+    /// Hosts the proxy lets through (`host` or `host:port`); default: the image recipe's
+    /// Debian mirror host.
+    #[serde(default, deserialize_with = "crate::net::de_allowed_hosts")]
+    pub allowed_hosts: Option<crate::net::Allowlist>,
     /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -151,7 +158,10 @@ impl GithubConfig {
                 gitlab_only.join(", ")
             ));
         }
-        self.limits.validate("[github.limits]")
+        let mut limits = self.limits.validate("[github.limits]")?;
+        limits.network = self.network;
+        limits.allowed_hosts = self.allowed_hosts.clone();
+        Ok(limits)
     }
 
     /// The body cap in bytes.

@@ -25,6 +25,9 @@ pub const ARCH_VARIABLE: &str = "RUNNER_ARCH";
 pub const IMAGE_VARIABLE: &str = "RUNNER_IMAGE";
 /// The job variable that adds the runner's step-level JUnit report (`true`/`1`).
 pub const STEP_JUNIT_VARIABLE: &str = "RUNNER_STEP_JUNIT";
+/// The job variable that asks for guest network (`none`, `proxy`, `full`) within the entry's
+/// `network`.
+pub const NETWORK_VARIABLE: &str = "RUNNER_NETWORK";
 /// The job variable for after_script's timeout (e.g. `10m`); GitLab's default is 5 minutes.
 pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -60,6 +63,16 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     let artifacts = ArtifactPaths::of(job)?;
     let caches = cache_globs(job)?;
     let checkout = checkout(entry, job, work)?;
+    let network = match job.var(NETWORK_VARIABLE) {
+        None => crate::net::NetworkMode::None,
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{NETWORK_VARIABLE}: {e}"))?,
+    };
+    limits
+        .check_network(&format!("the job's {NETWORK_VARIABLE}"), network)
+        .map_err(|e| e.to_string())?;
     let step_junit = entry.step_junit
         || matches!(
             job.var(STEP_JUNIT_VARIABLE).map(|v| v.to_ascii_lowercase()),
@@ -94,6 +107,10 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         files,
         max_artifacts: 0,
         image_build_timeout: None,
+        network: crate::net::NetworkPlan {
+            mode: network,
+            allow: None,
+        },
     };
     limits.apply(&mut plan);
     Ok(Prepared {

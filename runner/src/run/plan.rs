@@ -9,6 +9,7 @@ use engine::vm::GuestCommand;
 use engine::Arch;
 
 use crate::events::RunId;
+use crate::net::{NetworkMode, NetworkPlan};
 use crate::suite::{Suite, SuiteFile};
 
 /// The image when neither the CLI nor runner.toml names one: the architecture's own default
@@ -118,6 +119,8 @@ pub struct SuitePlan {
     /// the operator's `image_build_timeout`: the build runs before the suite deadline, holding
     /// a VM slot.
     pub image_build_timeout: Option<Duration>,
+    /// The guest's network (`none` unless asked for and allowed, see `crate::net`).
+    pub network: NetworkPlan,
 }
 
 impl SuitePlan {
@@ -157,6 +160,9 @@ pub struct Overrides {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub out: Option<PathBuf>,
+    /// `runner test --network`: the mode for `-- CMD`, and the most a suite may ask for
+    /// (checked by the caller, which names the limit).
+    pub network: Option<NetworkMode>,
 }
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
@@ -244,6 +250,10 @@ pub fn plan_suites(
                 files: Vec::new(),
                 max_artifacts: MAX_ARTIFACTS,
                 image_build_timeout: None,
+                network: NetworkPlan {
+                    mode: suite.network,
+                    allow: None,
+                },
             });
         }
     }
@@ -307,6 +317,10 @@ pub fn plan_command(
         files: Vec::new(),
         max_artifacts: MAX_ARTIFACTS,
         image_build_timeout: None,
+        network: NetworkPlan {
+            mode: ov.network.unwrap_or_default(),
+            allow: None,
+        },
     }
 }
 
@@ -466,6 +480,7 @@ arch = ["riscv64"]
             cpus: Some(1),
             memory_mib: Some(512),
             out: Some("elsewhere".into()),
+            network: None,
         };
         let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];
         assert_eq!(

@@ -27,7 +27,10 @@ const GUEST_WORKSPACE_TAR: &str = "/tmp/runner-workspace.tar";
 const GUEST_ARTIFACTS_TAR: &str = "/tmp/runner-artifacts.tar";
 
 /// A short command of the runner's own in the guest; its output is returned, not shown.
-async fn housekeeping(vm: &mut Vm, script: &str) -> Result<(CommandEnd, String), Outcome> {
+pub(crate) async fn housekeeping(
+    vm: &mut Vm,
+    script: &str,
+) -> Result<(CommandEnd, String), Outcome> {
     let env = [
         (
             "PATH".to_string(),
