@@ -131,15 +131,20 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     push_kv(&mut a, "-smp", spec.cpus.to_string());
     push_kv(&mut a, "-m", format!("{}M", spec.memory_mib));
     if spec.sandbox {
-        // `proxy` needs QEMU to start one relay per guest connection (see `crate::net`).
-        let spawn = match spec.network {
-            VmNetwork::Proxy(_) => "allow",
-            VmNetwork::None | VmNetwork::Full => "deny",
+        // `proxy` needs QEMU to start one relay per guest connection (see `crate::net`):
+        // fork and exec, and slirp's child calls setsid(), which `elevateprivileges=deny`
+        // (and `children`) kill. Privilege gains stay out all the same: bwrap sets
+        // no_new_privs and QEMU runs unprivileged with no capabilities (`crate::sandbox`).
+        let (privileges, spawn) = match spec.network {
+            VmNetwork::Proxy(_) => ("allow", "allow"),
+            VmNetwork::None | VmNetwork::Full => ("deny", "deny"),
         };
         push_kv(
             &mut a,
             "-sandbox",
-            format!("on,obsolete=deny,elevateprivileges=deny,spawn={spawn},resourcecontrol=deny"),
+            format!(
+                "on,obsolete=deny,elevateprivileges={privileges},spawn={spawn},resourcecontrol=deny"
+            ),
         );
     }
     // Boot: the image's kernel and initramfs, directly.
@@ -217,7 +222,8 @@ fn push_network(a: &mut Vec<OsString>, arch: Arch, network: &VmNetwork) {
     );
 }
 
-/// The shell command slirp runs (`/bin/sh -c`) for each guest connection to the proxy.
+/// The command slirp runs for each guest connection to the proxy. libslirp splits it with
+/// `g_shell_parse_argv` (shell quoting, no shell) and runs it directly.
 fn relay_command(relay: &ProxyRelay) -> String {
     let words: Vec<String> = relay
         .relay
@@ -225,7 +231,7 @@ fn relay_command(relay: &ProxyRelay) -> String {
         .map(|w| crate::shell::quote(&w.to_string_lossy()))
         .chain([crate::shell::quote(&relay.socket.to_string_lossy())])
         .collect();
-    format!("exec {}", words.join(" "))
+    words.join(" ")
 }
 
 fn socket_chardev_path(prefix: &str, path: &std::path::Path, suffix: &str) -> OsString {
@@ -377,7 +383,7 @@ mod tests {
         assert_eq!(
             value_of(&s, "-netdev"),
             "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:\
-             exec '/opt/run ner' 'proxy-relay' '/tmp/p,,x/proxy.sock'"
+             '/opt/run ner' 'proxy-relay' '/tmp/p,,x/proxy.sock'"
         );
         assert_eq!(
             value_of(&s, "-device").as_str(),
@@ -386,8 +392,9 @@ mod tests {
         let all = joined(&s);
         assert!(all.contains("-device virtio-net-ccw,netdev=net0"), "{all}");
         // QEMU must be allowed to start the relay; otherwise spawning stays denied.
-        assert!(all.contains("spawn=allow"), "{all}");
-        assert!(joined(&spec(Arch::S390x, Accel::Tcg)).contains("spawn=deny"));
+        assert!(all.contains("elevateprivileges=allow,spawn=allow"), "{all}");
+        let none = joined(&spec(Arch::S390x, Accel::Tcg));
+        assert!(none.contains("elevateprivileges=deny,spawn=deny"), "{none}");
     }
 
     #[test]
