@@ -762,4 +762,23 @@ step = [{ name = "only", run = "true" }]
             assert_eq!(line_column(text, offset), want, "{text:?}@{offset}");
         }
     }
+
+    #[test]
+    fn a_suite_asks_for_network_by_name_and_none_is_the_default() {
+        let f = parse(&format!(
+            "[[suite]]\nname = \"a\"\n{STEP}[[suite]]\nname = \"b\"\nnetwork = \"proxy\"\n{STEP}"
+        ))
+        .unwrap();
+        assert_eq!(f.suites[0].network, engine::net::NetworkMode::None);
+        assert_eq!(f.suites[1].network, engine::net::NetworkMode::Proxy);
+        let e = parse(&format!(
+            "[[suite]]\nname = \"b\"\nnetwork = \"open\"\n{STEP}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "/proj/runner.toml:3:11: suite 'b' network: unknown network 'open'; give none, proxy or full"
+        );
+    }
 }

@@ -741,4 +741,38 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn runner_network_is_granted_within_the_entrys_network_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ask = r#"{"key":"RUNNER_NETWORK","value":"proxy"}"#;
+        // The entry's default ceiling is none: refused, naming the limit.
+        let e = prepare(&entry(), &job(ask), dir.path()).unwrap_err();
+        assert_eq!(
+            e,
+            "the job's RUNNER_NETWORK = \"proxy\" is over this runner's limit network = \"none\"; \
+             run without network (vendor what the job fetches), or ask the runner's operator to allow it"
+        );
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\n\
+             network='proxy'\nallowed_hosts=['pypi.org', 'files.pythonhosted.org:443']\n",
+        )
+        .unwrap();
+        let p = prepare(&cfg.runners[0], &job(ask), dir.path()).unwrap();
+        assert_eq!(p.plan.network.mode, crate::net::NetworkMode::Proxy);
+        let allow = p.plan.network.allow.expect("the entry's allowlist");
+        assert!(allow.allows("pypi.org", 443) && !allow.allows("deb.debian.org", 80));
+        // No variable: no network, whatever the ceiling.
+        let p = prepare(&cfg.runners[0], &job(""), dir.path()).unwrap();
+        assert_eq!(p.plan.network.mode, crate::net::NetworkMode::None);
+        let full = r#"{"key":"RUNNER_NETWORK","value":"full"}"#;
+        assert!(prepare(&cfg.runners[0], &job(full), dir.path()).is_err());
+        let bad = r#"{"key":"RUNNER_NETWORK","value":"lan"}"#;
+        let e = prepare(&cfg.runners[0], &job(bad), dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("RUNNER_NETWORK: unknown network 'lan'"),
+            "{e}"
+        );
+    }
 }

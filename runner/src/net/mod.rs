@@ -188,4 +188,29 @@ mod tests {
             "suite 'x' asks for network = \"full\", over the limit --network = \"none\"; pass --network full"
         );
     }
+
+    #[tokio::test]
+    async fn a_proxy_without_an_allowlist_allows_the_recipes_mirror_host() {
+        let plan = NetworkPlan {
+            mode: NetworkMode::Proxy,
+            allow: None,
+        };
+        let net = JobNetwork::start(&plan, Some("http://deb.debian.org/debian")).unwrap();
+        let proxy = net.proxy.as_ref().unwrap();
+        assert_eq!(proxy.allowlist().rules().len(), 1);
+        assert!(proxy.allowlist().allows("deb.debian.org", 80));
+        let VmNetwork::Proxy(relay) = &net.vm else {
+            panic!("{:?}", net.vm)
+        };
+        assert_eq!(relay.socket, proxy.socket());
+        assert_eq!(relay.relay[1], RELAY_SUBCOMMAND);
+        let dir = relay.socket.parent().unwrap().to_path_buf();
+        drop(net);
+        assert!(!dir.exists(), "the socket's directory goes with the job");
+        // `none` and `full` start nothing.
+        for mode in [NetworkMode::None, NetworkMode::Full] {
+            let net = JobNetwork::start(&NetworkPlan { mode, allow: None }, None).unwrap();
+            assert!(net.proxy.is_none() && net.vm.mode() == mode);
+        }
+    }
 }

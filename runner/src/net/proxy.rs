@@ -133,6 +133,10 @@ impl Proxy {
         &self.socket
     }
 
+    pub fn allowlist(&self) -> &Allowlist {
+        &self.shared.allow
+    }
+
     /// The denied hosts (`host:port`) since the last call, sorted, and a line for those
     /// beyond [`MAX_DENIALS`].
     pub fn take_denials(&self) -> Vec<String> {
