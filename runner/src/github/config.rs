@@ -316,6 +316,36 @@ mod tests {
     }
 
     #[test]
+    fn network_is_a_ceiling_with_an_allowlist_and_none_by_default() {
+        let l = parse("webhook_secret = \"s\"").limits().unwrap();
+        assert_eq!(
+            (l.network, l.allowed_hosts),
+            (crate::net::NetworkMode::None, None)
+        );
+        let c =
+            parse("webhook_secret = \"s\"\nnetwork = \"proxy\"\nallowed_hosts = [\"pypi.org\"]");
+        let l = c.limits().unwrap();
+        assert_eq!(l.network, crate::net::NetworkMode::Proxy);
+        assert!(l.allowed_hosts.unwrap().allows("pypi.org", 443));
+        // (config line, error fragment)
+        let cases = [
+            ("network = \"lan\"", "unknown network 'lan'"),
+            (
+                "allowed_hosts = [\"*.pypi.org\"]",
+                "allowed host '*.pypi.org'",
+            ),
+        ];
+        for (line, want) in cases {
+            let e = toml::from_str::<GithubConfig>(&format!(
+                "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/k\"\n{line}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = parse("webhook_secret = \"s\"");
         assert_eq!(c.webhook_path, "/github/webhook");

@@ -381,6 +381,11 @@ mod tests {
                 |p| p.workspace.as_mut().unwrap().max_size = 2 << 30,
                 "[workspace] max_size = 2G is over this runner's limit max_workspace_size = 1G",
             ),
+            (
+                // The default network ceiling is none.
+                |p| p.network.mode = crate::net::NetworkMode::Proxy,
+                "suite 'command' network = \"proxy\" is over this runner's limit network = \"none\"",
+            ),
         ];
         for (change, want) in cases {
             let mut p = base.clone();
