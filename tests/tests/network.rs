@@ -91,6 +91,28 @@ fn a_proxy_guest_reaches_an_allowed_host_and_nothing_else() {
 }
 
 #[test]
+fn a_full_guest_resolves_the_debian_mirror_and_has_a_default_route() {
+    // Only the mirror the images are built from is looked up.
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--network",
+            "full",
+            "--",
+            "sh",
+            "-c",
+            "getent ahostsv4 deb.debian.org >/dev/null && echo resolved; busybox ip route | grep -c '^default via 10.0.2.2'; env | grep -ci '^https*_proxy=' || true",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    let lines: Vec<&str> = r.stdout.lines().map(str::trim).collect();
+    assert_eq!(lines, ["resolved", "1", "0"], "{r}");
+}
+
+#[test]
 fn a_guest_without_network_has_only_loopback() {
     let r = in_guest(
         "riscv64",

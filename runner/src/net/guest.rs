@@ -36,10 +36,25 @@ pub fn env(mode: NetworkMode) -> Vec<(String, String)> {
     ]
 }
 
+/// The host's IPv4 name servers that a `full` guest can reach through slirp's NAT (not
+/// loopback ones), from resolv.conf's text.
+pub fn reachable_name_servers(resolv_conf: &str) -> Vec<std::net::Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .take(3)
+        .collect()
+}
+
 /// The script that configures the NIC: load the driver (a module on Debian's kernels),
 /// wait for the interface (bounded), give it the guest address; `full` adds the default
-/// route and slirp's DNS, `proxy` only apt's proxy (the proxy address is on the link).
-pub fn bring_up_script(mode: NetworkMode) -> Option<String> {
+/// route and name servers, `proxy` only apt's proxy (the proxy address is on the link).
+/// `full` uses the host's own name servers when it has reachable ones: slirp's forwarder
+/// (`10.0.2.3`) did not answer from inside QEMU's sandbox on the development host (cause
+/// not found), and is the fallback.
+pub fn bring_up_script(mode: NetworkMode, name_servers: &[std::net::Ipv4Addr]) -> Option<String> {
     let tail = match mode {
         NetworkMode::None => return None,
         NetworkMode::Proxy => format!(
@@ -47,11 +62,19 @@ pub fn bring_up_script(mode: NetworkMode) -> Option<String> {
              printf 'Acquire::http::Proxy \"%s\";\\nAcquire::https::Proxy \"%s\";\\n' {url} {url} > {APT_PROXY_CONF}\n",
             url = proxy_url()
         ),
-        NetworkMode::Full => format!(
-            "busybox ip route add default via {GATEWAY_ADDR}\n\
-             rm -f /etc/resolv.conf\n\
-             echo 'nameserver {DNS_ADDR}' > /etc/resolv.conf\n"
-        ),
+        NetworkMode::Full => {
+            let servers: Vec<String> = if name_servers.is_empty() {
+                vec![DNS_ADDR.to_string()]
+            } else {
+                name_servers.iter().map(ToString::to_string).collect()
+            };
+            let lines: String = servers.iter().map(|s| format!("nameserver {s}\\n")).collect();
+            format!(
+                "busybox ip route add default via {GATEWAY_ADDR}\n\
+                 rm -f /etc/resolv.conf\n\
+                 printf '{lines}' > /etc/resolv.conf\n"
+            )
+        }
     };
     Some(format!(
         "set -e\n\
@@ -71,7 +94,13 @@ pub fn bring_up_script(mode: NetworkMode) -> Option<String> {
 
 /// Configures the guest's network for `mode` (nothing for `none`).
 pub(crate) async fn bring_up(vm: &mut Vm, mode: NetworkMode) -> Result<(), Outcome> {
-    let Some(script) = bring_up_script(mode) else {
+    let host_servers = match mode {
+        NetworkMode::Full => std::fs::read("/etc/resolv.conf")
+            .map(|b| reachable_name_servers(&String::from_utf8_lossy(&b[..b.len().min(64 * 1024)])))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let Some(script) = bring_up_script(mode, &host_servers) else {
         return Ok(());
     };
     match housekeeping(vm, &script).await? {
@@ -92,11 +121,20 @@ mod tests {
 
     #[test]
     fn only_networked_modes_get_a_script_and_only_proxy_gets_proxy_variables() {
-        assert!(bring_up_script(NetworkMode::None).is_none());
-        let proxy = bring_up_script(NetworkMode::Proxy).unwrap();
+        assert!(bring_up_script(NetworkMode::None, &[]).is_none());
+        let proxy = bring_up_script(NetworkMode::Proxy, &[]).unwrap();
         assert!(proxy.contains("Acquire::http::Proxy") && !proxy.contains("route add"));
-        let full = bring_up_script(NetworkMode::Full).unwrap();
+        let full = bring_up_script(NetworkMode::Full, &[]).unwrap();
         assert!(full.contains("route add default via 10.0.2.2") && full.contains("10.0.2.3"));
+        let host = reachable_name_servers(
+            "# x\nnameserver 127.0.0.53\nnameserver 10.1.2.3\nnameserver ::1\n",
+        );
+        assert_eq!(host, ["10.1.2.3".parse::<std::net::Ipv4Addr>().unwrap()]);
+        let full = bring_up_script(NetworkMode::Full, &host).unwrap();
+        assert!(
+            full.contains("printf 'nameserver 10.1.2.3\\n'") && !full.contains("10.0.2.3"),
+            "{full}"
+        );
         assert!(env(NetworkMode::None).is_empty() && env(NetworkMode::Full).is_empty());
         assert!(env(NetworkMode::Proxy).contains(&(
             "https_proxy".to_string(),
