@@ -48,12 +48,19 @@ pub struct JobNetwork {
 pub enum NetworkError {
     #[error("cannot start the job's network proxy")]
     Proxy(#[source] std::io::Error),
+    #[error("cannot give the job's network proxy to the VM user")]
+    HandOver(#[source] engine::sandbox::SandboxError),
 }
 
 impl JobNetwork {
     /// Sets up `plan`'s network: for `proxy`, starts the job's proxy (its allowlist: the
-    /// plan's, else the host of `mirror`, the image recipe's Debian mirror).
-    pub fn start(plan: &NetworkPlan, mirror: Option<&str>) -> Result<JobNetwork, NetworkError> {
+    /// plan's, else the host of `mirror`, the image recipe's Debian mirror). `vm_user`: the
+    /// user QEMU runs as, when not the runner's (the proxy's directory becomes theirs).
+    pub fn start(
+        plan: &NetworkPlan,
+        mirror: Option<&str>,
+        vm_user: Option<engine::sandbox::VmUser>,
+    ) -> Result<JobNetwork, NetworkError> {
         let plain = |vm| JobNetwork {
             vm,
             proxy: None,
@@ -70,13 +77,14 @@ impl JobNetwork {
                     .prefix("runner-proxy-")
                     .tempdir()
                     .map_err(NetworkError::Proxy)?;
-                // QEMU (and so the relay) may run as the VM user: it must reach the socket.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-                    .map_err(NetworkError::Proxy)?;
                 let socket = dir.path().join("proxy.sock");
                 let proxy = proxy::Proxy::start(&socket, allow, proxy::Bounds::default())
                     .map_err(NetworkError::Proxy)?;
+                // QEMU (and so the relay) may run as the VM user: the private (0700)
+                // directory and the socket become theirs; no other local user gets in.
+                for path in [dir.path(), socket.as_path()] {
+                    engine::sandbox::hand_over(path, vm_user).map_err(NetworkError::HandOver)?;
+                }
                 let exe = std::env::current_exe().map_err(NetworkError::Proxy)?;
                 Ok(JobNetwork {
                     vm: VmNetwork::Proxy(ProxyRelay {
@@ -195,7 +203,7 @@ mod tests {
             mode: NetworkMode::Proxy,
             allow: None,
         };
-        let net = JobNetwork::start(&plan, Some("http://deb.debian.org/debian")).unwrap();
+        let net = JobNetwork::start(&plan, Some("http://deb.debian.org/debian"), None).unwrap();
         let proxy = net.proxy.as_ref().unwrap();
         assert_eq!(proxy.allowlist().rules().len(), 1);
         assert!(proxy.allowlist().allows("deb.debian.org", 80));
@@ -209,7 +217,7 @@ mod tests {
         assert!(!dir.exists(), "the socket's directory goes with the job");
         // `none` and `full` start nothing.
         for mode in [NetworkMode::None, NetworkMode::Full] {
-            let net = JobNetwork::start(&NetworkPlan { mode, allow: None }, None).unwrap();
+            let net = JobNetwork::start(&NetworkPlan { mode, allow: None }, None, None).unwrap();
             assert!(net.proxy.is_none() && net.vm.mode() == mode);
         }
     }

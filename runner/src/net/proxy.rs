@@ -110,11 +110,9 @@ impl Drop for Proxy {
 
 impl Proxy {
     /// Starts a proxy listening on `socket` (which must not exist; its directory should be
-    /// the job's own). The socket is made connectable by the VM user (QEMU may run as one).
+    /// the job's own and private: whoever reaches the socket can use the proxy).
     pub fn start(socket: &Path, allow: Allowlist, bounds: Bounds) -> io::Result<Proxy> {
         let listener = UnixListener::bind(socket)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o777))?;
         let shared = Arc::new(Shared {
             allow,
             bounds,

@@ -427,7 +427,8 @@ fn start_network(plan: &SuitePlan, settings: &RunSettings) -> Result<JobNetwork,
         .map(|r| r.mirror),
         _ => None,
     };
-    JobNetwork::start(&plan.network, mirror.as_deref()).map_err(|e| infra(InfraKind::Io, chain(&e)))
+    JobNetwork::start(&plan.network, mirror.as_deref(), settings.containment.user)
+        .map_err(|e| infra(InfraKind::Io, chain(&e)))
 }
 
 /// Inside the booted guest: files in, the steps, results out.
