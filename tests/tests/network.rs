@@ -113,6 +113,29 @@ fn a_full_guest_resolves_the_debian_mirror_and_has_a_default_route() {
 }
 
 #[test]
+fn apt_installs_a_package_from_the_images_mirror_through_the_proxy() {
+    // The default allowlist: the image recipe's mirror host, nothing else. The image's own
+    // sources.list and keyring; apt's proxy comes from the runner.
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--network",
+            "proxy",
+            "--",
+            "sh",
+            "-c",
+            "apt-get update -q && apt-get install -y -q hello && hello",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stdout.contains("Hello, world!"), "{r}");
+    assert!(!r.stderr.contains("the proxy denied"), "{r}");
+}
+
+#[test]
 fn a_guest_without_network_has_only_loopback() {
     let r = in_guest(
         "riscv64",
