@@ -58,6 +58,9 @@ impl Default for Bounds {
     }
 }
 
+/// How long the accept loop rests after a failed accept (e.g. out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// Most distinct denied hosts remembered for the job log (a guest probing many hosts must
 /// not grow the runner's memory).
 const MAX_DENIALS: usize = 100;
@@ -156,6 +159,8 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             return;
         };
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: do not spin on it.
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             continue;
         };
         let s = shared.clone();
