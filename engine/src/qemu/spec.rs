@@ -368,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn no_network_device_is_ever_added() {
+    fn no_network_device_unless_the_spec_has_a_network() {
         let s = joined(&spec(Arch::X86_64, Accel::Tcg));
         assert!(!s.contains("-netdev") && !s.contains("virtio-net"), "{s}");
     }
