@@ -43,6 +43,12 @@ pub enum Command {
     Shell(ShellArgs),
     /// Resume a failed step's saved VM (`runner test --keep-failed`) and open a shell in it.
     Debug(DebugArgs),
+    /// Internal: what QEMU runs for each guest connection to a job's network proxy.
+    #[command(name = "proxy-relay", hide = true)]
+    ProxyRelay {
+        /// The job proxy's UNIX socket.
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +160,14 @@ pub struct TestArgs {
     /// for `runner debug`. The snapshot holds everything the job had, secrets included.
     #[arg(long)]
     pub keep_failed: bool,
+    /// Guest network: none, proxy (HTTP(S) through an allowlisting proxy) or full. The
+    /// network `-- CMD` gets, and the most a runner.toml suite may ask for [default: none].
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+    /// With `--network proxy`: a host the proxy lets through, `host` (ports 80 and 443) or
+    /// `host:port` (repeatable). Default: the image recipe's Debian mirror host.
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
+    pub allow_hosts: Vec<String>,
     /// The command to run in the guest instead of runner.toml's suites.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -10,6 +10,7 @@ pub mod github;
 pub mod gitlab;
 pub mod mask;
 pub mod matrix;
+pub mod net;
 pub mod outcome;
 pub mod report;
 pub mod run;

@@ -14,6 +14,15 @@ use runner::run::execute::{RunSettings, BOOT_TIMEOUT};
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::ProxyRelay { socket } = &cli.command {
+        // One per guest connection: a small runtime, and nothing printed (stdout and
+        // stderr are the guest's connection).
+        let ok = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .is_ok_and(|rt| rt.block_on(runner::net::relay::run(socket)).is_ok());
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -80,6 +89,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Images(cmd) => commands::images::run(cmd, &store, &status).await,
         Command::Doctor { json: true } => commands::doctor::arch_table_json(),
         Command::Doctor { json: false } => commands::doctor::run(&store).await,
+        Command::ProxyRelay { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 

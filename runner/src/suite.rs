@@ -36,6 +36,9 @@
 //! mode = "system"                 # optional: "system" (a VM, the default) or "user" (qemu-user)
 //! keep_failed = false             # optional: save the VM of a failed step for `runner debug`
 //!                                 # (its memory holds every variable of the job: off by default)
+//! network = "proxy"               # "none" (default: no NIC), "proxy" (HTTP(S) through the
+//!                                 # runner's allowlisting proxy) or "full"; within the
+//!                                 # operator's `network` (`--network` for `runner test`)
 //!
 //!   [[suite.step]]
 //!   name = "build"                # required, non-empty, unique in the suite, <= 128 chars
@@ -117,6 +120,8 @@ pub struct Suite {
     pub junit: Vec<String>,
     /// Globs relative to `/workspace` in the guest.
     pub artifacts: Vec<String>,
+    /// What network the suite asks for; granted only within the operator's ceiling.
+    pub network: engine::net::NetworkMode,
     pub steps: Vec<Step>,
     pub mode: Mode,
     /// Save the VM when a step fails, into `failed-vm/` of the output (see `snapshot`).
@@ -278,6 +283,7 @@ struct RawSuite {
     junit: Option<Vec<Text>>,
     artifacts: Option<Vec<Text>>,
     keep_failed: Option<bool>,
+    network: Option<Text>,
     step: Option<Vec<RawStep>>,
     mode: Option<Mode>,
 }
@@ -469,6 +475,13 @@ fn suite(index: usize, raw: RawSuite, defaults: &Defaults) -> Result<Suite, Prob
         host_setup: host_setup.into_iter().map(Spanned::into_inner).collect(),
         junit: globs(&raw.junit, &format!("{what} junit"))?,
         artifacts: globs(&raw.artifacts, &format!("{what} artifacts"))?,
+        network: match &raw.network {
+            None => engine::net::NetworkMode::None,
+            Some(value) => match value.get_ref().parse() {
+                Ok(mode) => mode,
+                Err(e) => bail!(value => "{what} network: {e}"),
+            },
+        },
         steps,
         mode: raw.mode.unwrap_or_default(),
         keep_failed: raw.keep_failed.unwrap_or(false),
@@ -804,5 +817,24 @@ step = [{ name = "only", run = "true" }]
         for (text, offset, want) in cases {
             assert_eq!(line_column(text, offset), want, "{text:?}@{offset}");
         }
+    }
+
+    #[test]
+    fn a_suite_asks_for_network_by_name_and_none_is_the_default() {
+        let f = parse(&format!(
+            "[[suite]]\nname = \"a\"\n{STEP}[[suite]]\nname = \"b\"\nnetwork = \"proxy\"\n{STEP}"
+        ))
+        .unwrap();
+        assert_eq!(f.suites[0].network, engine::net::NetworkMode::None);
+        assert_eq!(f.suites[1].network, engine::net::NetworkMode::Proxy);
+        let e = parse(&format!(
+            "[[suite]]\nname = \"b\"\nnetwork = \"open\"\n{STEP}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "/proj/runner.toml:3:11: suite 'b' network: unknown network 'open'; give none, proxy or full"
+        );
     }
 }

@@ -1236,6 +1236,20 @@ fn bad_dependencies_images_and_services_fail_the_job_naming_them_without_a_vm() 
         "script_failure",
         "services: (postgres:16) are not supported by this runner",
     );
+    // Guest network over the entry's `network` (none unless set): refused, the limit named.
+    let job = job_payload(
+        978,
+        &["true"],
+        &[],
+        &[("RUNNER_NETWORK", "proxy", false)],
+        600,
+    );
+    gl.enqueue(job);
+    failed_with(
+        978,
+        "script_failure",
+        "the job's RUNNER_NETWORK = \"proxy\" is over this runner's limit network = \"none\"",
+    );
     assert_eq!(gl.violations(), Vec::<String>::new());
     drop(serve);
     assert_serve_clean(cache.path(), Duration::from_secs(10));

@@ -440,6 +440,7 @@ async fn bake(
         saved_state: None,
         // The bake runs the recipe's own, trusted packages, before any job.
         containment: Default::default(),
+        network: Default::default(),
     };
     let bake_err = |detail: String| ImageError::Bake { detail };
     let mut vm = Vm::boot(&cfg)

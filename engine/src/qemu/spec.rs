@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use crate::arch::Arch;
+use crate::net::{ProxyRelay, VmNetwork, PROXY_GUEST_ADDR, PROXY_GUEST_PORT};
 
 /// Name of the virtio-serial port the guest agent listens on (qemu-ga's default).
 pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
@@ -45,9 +46,10 @@ pub struct VmSockets {
     pub output: PathBuf,
 }
 
-/// Everything needed to start one VM. The device set depends only on the image and the
-/// architecture (never on the job), so that a later version can resume jobs from a VM state
-/// saved after boot: per-job data travels over the agent after boot.
+/// Everything needed to start one VM. The device set depends only on the image, the
+/// architecture and the network mode (never on other job data), so that jobs can resume from
+/// a VM state saved after boot: per-job data travels over the agent after boot. Networked
+/// VMs never resume (`crate::net`).
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub name: String,
@@ -61,6 +63,8 @@ pub struct VmSpec {
     pub sockets: VmSockets,
     /// Whether this QEMU build supports `-sandbox` (seccomp).
     pub sandbox: bool,
+    /// `VmNetwork::None`: no NIC at all.
+    pub network: VmNetwork,
 }
 
 /// The QEMU machine model (with its options) for an architecture.
@@ -127,10 +131,20 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     push_kv(&mut a, "-smp", spec.cpus.to_string());
     push_kv(&mut a, "-m", format!("{}M", spec.memory_mib));
     if spec.sandbox {
+        // `proxy` needs QEMU to start one relay per guest connection (see `crate::net`):
+        // fork and exec, and slirp's child calls setsid(), which `elevateprivileges=deny`
+        // (and `children`) kill. Privilege gains stay out all the same: bwrap sets
+        // no_new_privs and QEMU runs unprivileged with no capabilities (`crate::sandbox`).
+        let (privileges, spawn) = match spec.network {
+            VmNetwork::Proxy(_) => ("allow", "allow"),
+            VmNetwork::None | VmNetwork::Full => ("deny", "deny"),
+        };
         push_kv(
             &mut a,
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            format!(
+                "on,obsolete=deny,elevateprivileges={privileges},spawn={spawn},resourcecontrol=deny"
+            ),
         );
     }
     // Boot: the image's kernel and initramfs, directly.
@@ -182,7 +196,42 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
             format!("virtserialport,bus=vser0.0,chardev={id},name={port}"),
         );
     }
+    push_network(&mut a, spec.arch, &spec.network);
     a
+}
+
+/// The NIC, if any: `-netdev user` (restricted, with the proxy's `guestfwd`, for `proxy`)
+/// and a virtio-net device on the arch's bus.
+fn push_network(a: &mut Vec<OsString>, arch: Arch, network: &VmNetwork) {
+    let mut netdev = OsString::from("user,id=net0");
+    match network {
+        VmNetwork::None => return,
+        VmNetwork::Full => {}
+        VmNetwork::Proxy(relay) => {
+            netdev.push(",restrict=on,guestfwd=tcp:");
+            netdev.push(format!("{PROXY_GUEST_ADDR}:{PROXY_GUEST_PORT}-cmd:"));
+            netdev.push(escape_opt(std::path::Path::new(&relay_command(relay))));
+        }
+    }
+    a.push("-netdev".into());
+    a.push(netdev);
+    push_kv(
+        a,
+        "-device",
+        format!("{},netdev=net0", virtio(arch, "virtio-net")),
+    );
+}
+
+/// The command slirp runs for each guest connection to the proxy. libslirp splits it with
+/// `g_shell_parse_argv` (shell quoting, no shell) and runs it directly.
+fn relay_command(relay: &ProxyRelay) -> String {
+    let words: Vec<String> = relay
+        .relay
+        .iter()
+        .map(|w| crate::shell::quote(&w.to_string_lossy()))
+        .chain([crate::shell::quote(&relay.socket.to_string_lossy())])
+        .collect();
+    words.join(" ")
 }
 
 fn socket_chardev_path(prefix: &str, path: &std::path::Path, suffix: &str) -> OsString {
@@ -229,6 +278,7 @@ mod tests {
                 output: "/vm/output.sock".into(),
             },
             sandbox: true,
+            network: VmNetwork::None,
         }
     }
 
@@ -318,9 +368,43 @@ mod tests {
     }
 
     #[test]
-    fn no_network_device_is_ever_added() {
+    fn no_network_device_unless_the_spec_has_a_network() {
         let s = joined(&spec(Arch::X86_64, Accel::Tcg));
         assert!(!s.contains("-netdev") && !s.contains("virtio-net"), "{s}");
+    }
+
+    #[test]
+    fn proxy_network_is_restricted_with_one_forward_to_the_relay() {
+        let mut s = spec(Arch::S390x, Accel::Tcg);
+        s.network = VmNetwork::Proxy(ProxyRelay {
+            relay: vec!["/opt/run ner".into(), "proxy-relay".into()],
+            socket: "/tmp/p,x/proxy.sock".into(),
+        });
+        assert_eq!(
+            value_of(&s, "-netdev"),
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:\
+             '/opt/run ner' 'proxy-relay' '/tmp/p,,x/proxy.sock'"
+        );
+        assert_eq!(
+            value_of(&s, "-device").as_str(),
+            "virtio-blk-ccw,drive=root"
+        );
+        let all = joined(&s);
+        assert!(all.contains("-device virtio-net-ccw,netdev=net0"), "{all}");
+        // QEMU must be allowed to start the relay; otherwise spawning stays denied.
+        assert!(all.contains("elevateprivileges=allow,spawn=allow"), "{all}");
+        let none = joined(&spec(Arch::S390x, Accel::Tcg));
+        assert!(none.contains("elevateprivileges=deny,spawn=deny"), "{none}");
+    }
+
+    #[test]
+    fn full_network_is_plain_user_networking() {
+        let mut s = spec(Arch::Riscv64, Accel::Tcg);
+        s.network = VmNetwork::Full;
+        assert_eq!(value_of(&s, "-netdev"), "user,id=net0");
+        let all = joined(&s);
+        assert!(all.contains("-device virtio-net-pci,netdev=net0"), "{all}");
+        assert!(all.contains("spawn=deny"), "{all}");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct Sandbox {
     /// The runner is root: bwrap needs no user namespace, and must not create one (the VM
     /// user's real uid would not be mapped in it).
     pub privileged: bool,
+    /// Keep the host's network namespace (guest network `full`).
+    pub host_network: bool,
 }
 
 fn os(s: &str) -> OsString {
@@ -78,8 +80,9 @@ fn os(s: &str) -> OsString {
 /// The full command: `bwrap [sandbox options] -- [setpriv …] QEMU ARGS`.
 pub fn command(sb: &Sandbox, bwrap: &Path, qemu: &Path, qemu_args: &[OsString]) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec![bwrap.into()];
-    // Namespaces: no network (the VM has no NIC), its own PIDs (it cannot see or ptrace
-    // other VMs, which run as the same user), IPC, hostname and cgroup view.
+    // Namespaces: no network (unless the guest's is `full`: slirp then needs the host's;
+    // `proxy` goes through a UNIX socket), its own PIDs (it cannot see or ptrace other VMs,
+    // which run as the same user), IPC, hostname and cgroup view.
     for flag in [
         "--unshare-pid",
         "--unshare-ipc",
@@ -87,6 +90,9 @@ pub fn command(sb: &Sandbox, bwrap: &Path, qemu: &Path, qemu_args: &[OsString]) 
         "--unshare-uts",
         "--unshare-cgroup-try",
     ] {
+        if flag == "--unshare-net" && sb.host_network {
+            continue;
+        }
         a.push(os(flag));
     }
     if !sb.privileged {
@@ -226,6 +232,7 @@ mod tests {
             user,
             groups: vec![],
             privileged,
+            host_network: false,
         }
     }
 
@@ -246,6 +253,26 @@ mod tests {
     }
 
     const USER: VmUser = VmUser { uid: 999, gid: 995 };
+
+    #[test]
+    fn only_a_full_network_guest_keeps_the_host_network() {
+        let qemu = Path::new("/usr/bin/qemu-system-riscv64");
+        let joined = |sb: &Sandbox| {
+            command(sb, Path::new("/usr/bin/bwrap"), qemu, &[])
+                .iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut sb = sandbox(false, None);
+        assert!(joined(&sb).contains("--unshare-net"));
+        sb.host_network = true;
+        let s = joined(&sb);
+        assert!(
+            !s.contains("--unshare-net") && s.contains("--unshare-pid"),
+            "{s}"
+        );
+    }
 
     #[test]
     fn root_drops_to_the_vm_user_inside_a_privileged_sandbox() {

@@ -120,6 +120,9 @@ pub struct VmView {
     pub read_only: Vec<PathBuf>,
     /// Pass /dev/kvm through.
     pub kvm: bool,
+    /// Share the host's network namespace (guest network `full`); otherwise QEMU gets an
+    /// empty one of its own.
+    pub host_network: bool,
 }
 
 /// How to start one QEMU: the command (QEMU, or bwrap around it) and the cgroup it joins.
@@ -286,6 +289,7 @@ impl Containment {
                 _ => vec![],
             },
             privileged: self.root,
+            host_network: view.host_network,
         };
         let mut full = bwrap::command(&sandbox, bwrap_path, binary, &args);
         let program = PathBuf::from(full.remove(0));
@@ -330,6 +334,7 @@ async fn probe_bwrap(
         user: None,
         groups: vec![],
         privileged: root,
+        host_network: false,
     };
     let truth = which("true").unwrap_or_else(|| "/usr/bin/true".into());
     let mut argv = bwrap::command(&sandbox, bwrap, &truth, &[]);

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::{AgentClient, AgentError, ExecStatus};
 use crate::arch::Arch;
+use crate::net::VmNetwork;
 use crate::qemu::process::{QemuProcess, SIGTERM_GRACE};
 use crate::qemu::qmp::{QmpClient, QmpError};
 use crate::qemu::spec::{self, Accel, RootDisk, VmSockets, VmSpec};
@@ -139,6 +140,8 @@ pub struct VmConfig {
     pub saved_state: Option<PathBuf>,
     /// The isolation layers around QEMU (see [`crate::sandbox`]).
     pub containment: Containment,
+    /// The guest's NIC, if any (see [`crate::net`]).
+    pub network: VmNetwork,
 }
 
 /// How a VM came to life (for reports).
@@ -189,6 +192,10 @@ impl Vm {
         let Some(state_dir) = &cfg.saved_state else {
             return Vm::start(cfg, None).await;
         };
+        if cfg.network != VmNetwork::None {
+            // States are saved without a NIC: a VM with one cannot resume from them.
+            return Vm::start(cfg, None).await;
+        }
         let mut fallback = None;
         if state::is_complete(state_dir) {
             let restore_started = Instant::now();
@@ -366,6 +373,7 @@ impl Vm {
             root,
             sockets: sockets.clone(),
             sandbox: cfg.sandbox,
+            network: cfg.network.clone(),
         };
         let binary = cfg.qemu_binary.to_string_lossy().into_owned();
         let mut argv = spec::argv(&spec);
@@ -950,7 +958,17 @@ fn vm_view(
         writable: vec![dir.path().to_path_buf()],
         read_only: vec![cfg.kernel.clone(), cfg.initrd.clone()],
         kvm: cfg.accel == Accel::Kvm,
+        host_network: cfg.network == VmNetwork::Full,
     };
+    if let VmNetwork::Proxy(relay) = &cfg.network {
+        // QEMU starts the relay per guest connection; the relay connects to the socket.
+        if let Some(program) = relay.relay.first() {
+            view.read_only.push(PathBuf::from(program));
+        }
+        if let Some(dir) = relay.socket.parent() {
+            view.writable.push(dir.to_path_buf());
+        }
+    }
     match &cfg.disk {
         DiskSource::Overlay(base) => {
             view.read_only.push(base.clone());

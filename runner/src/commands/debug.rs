@@ -209,6 +209,8 @@ async fn prepare(
         boot_timeout: settings.boot_timeout,
         saved_state: None,
         containment: settings.containment.clone(),
+        // Snapshots are only taken of VMs without a network (see run::execute).
+        network: engine::net::VmNetwork::None,
     };
     Ok((snap, cfg, work))
 }

@@ -227,6 +227,8 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<(Vec<PlannedCell>, Option
                 // Each suite's own `mode` (a matrix compares the two by listing both suites).
                 mode: None,
                 keep_failed: false,
+                // A matrix runs suites without network; a networked suite is refused below.
+                network: None,
             };
             let mut plans =
                 plan::plan_suites(&file, std::slice::from_ref(&cell.suite), &[cell.arch], &ov)
@@ -238,6 +240,14 @@ fn plan_cells(spec: &MatrixSpec, out: &Path) -> Result<(Vec<PlannedCell>, Option
                     cell.key()
                 ))
             })?;
+            crate::net::check(
+                &format!("suite '{}'", plan.id.suite),
+                plan.network.mode,
+                crate::net::NetworkMode::None,
+                "runner matrix's network",
+                "run networked suites with `runner test --network`",
+            )
+            .map_err(|e| config(e.to_string()))?;
             Ok(PlannedCell { cell, plan })
         })
         .collect::<Result<_, _>>()?;

@@ -62,6 +62,7 @@ fn plan(args: &ShellArgs) -> Result<SuitePlan, String> {
         out: None,
         mode: None,
         keep_failed: false,
+        network: None,
     };
     let mut plan = plan::plan_command(Vec::new(), arch, args.workspace.clone(), &ov);
     plan.id.suite = "shell".into();

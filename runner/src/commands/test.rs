@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::cli::TestArgs;
 use crate::events::Reporters;
 use crate::exit;
+use crate::net::{self, Allowlist, HostRule, NetworkMode};
 use crate::outcome::Outcome;
 use crate::report::console::{Console, Status};
 use crate::report::junit::JunitReporter;
@@ -71,6 +72,14 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
                 .map_err(|e: InvalidImageName| Refusal(format!("--image: {e}"), exit::USAGE))
         })
         .transpose()?;
+    let network = args
+        .network
+        .as_deref()
+        .map(|n| {
+            n.parse::<NetworkMode>()
+                .map_err(|e| Refusal(format!("--network: {e}"), exit::USAGE))
+        })
+        .transpose()?;
     Ok(Overrides {
         image,
         // The user's own machine: the project's images/NAME.toml may be built here.
@@ -81,11 +90,49 @@ fn overrides(args: &TestArgs) -> Result<Overrides, Refusal> {
         out: args.out.clone(),
         mode: args.mode,
         keep_failed: args.keep_failed,
+        network,
     })
+}
+
+/// The network of each plan within the user's `--network` (the local ceiling: runner.toml
+/// alone cannot open the network on the user's machine), with the `--allow-host` list.
+fn grant_network(args: &TestArgs, ov: &Overrides, plans: &mut [SuitePlan]) -> Result<(), Refusal> {
+    let allow = if args.allow_hosts.is_empty() {
+        None
+    } else {
+        let rules = args
+            .allow_hosts
+            .iter()
+            .map(|h| {
+                h.parse::<HostRule>()
+                    .map_err(|e| Refusal(format!("--allow-host: {e}"), exit::USAGE))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(Allowlist::new(rules))
+    };
+    let ceiling = ov.network.unwrap_or_default();
+    for plan in plans {
+        net::check(
+            &format!("suite '{}'", plan.id.suite),
+            plan.network.mode,
+            ceiling,
+            "--network",
+            "pass --network with the mode the suite needs to allow it",
+        )
+        .map_err(|e| config(e.to_string()))?;
+        plan.network.allow = allow.clone();
+    }
+    Ok(())
 }
 
 fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
     let ov = overrides(args)?;
+    let mut plans = unchecked_plans(args, &ov)?;
+    grant_network(args, &ov, &mut plans)?;
+    Ok(plans)
+}
+
+fn unchecked_plans(args: &TestArgs, ov: &Overrides) -> Result<Vec<SuitePlan>, Refusal> {
     if !args.command.is_empty() {
         let arches = parse_arches(&args.arch)?;
         if arches.is_empty() {
@@ -104,7 +151,7 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
         }
         return Ok(arches
             .into_iter()
-            .map(|a| plan::plan_command(args.command.clone(), a, args.workspace.clone(), &ov))
+            .map(|a| plan::plan_command(args.command.clone(), a, args.workspace.clone(), ov))
             .collect());
     }
     let path = args
@@ -129,7 +176,7 @@ fn plans(args: &TestArgs) -> Result<Vec<SuitePlan>, Refusal> {
             path.display()
         )));
     }
-    plan::plan_suites(&file, &args.suites, &arches, &ov).map_err(config)
+    plan::plan_suites(&file, &args.suites, &arches, ov).map_err(config)
 }
 
 /// Cancels the run on Ctrl-C or SIGTERM.

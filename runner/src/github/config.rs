@@ -53,6 +53,13 @@ pub struct GithubConfig {
     /// `recipe_dir`); default: the built-in ones (`debian-13`, `debian-12`).
     #[serde(default = "default_images")]
     pub allowed_images: Vec<engine::image::ImageName>,
+    /// The most network a repository's suite may ask for (`none`, `proxy`, `full`).
+    #[serde(default, deserialize_with = "crate::net::de_network")]
+    pub network: crate::net::NetworkMode,
+    /// Hosts the proxy lets through (`host` or `host:port`); default: the image recipe's
+    /// Debian mirror host.
+    #[serde(default, deserialize_with = "crate::net::de_allowed_hosts")]
+    pub allowed_hosts: Option<crate::net::Allowlist>,
     /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -151,7 +158,10 @@ impl GithubConfig {
                 gitlab_only.join(", ")
             ));
         }
-        self.limits.validate("[github.limits]")
+        let mut limits = self.limits.validate("[github.limits]")?;
+        limits.network = self.network;
+        limits.allowed_hosts = self.allowed_hosts.clone();
+        Ok(limits)
     }
 
     /// The body cap in bytes.
@@ -303,6 +313,36 @@ mod tests {
         c.private_key_path = key;
         let e = c.credentials().unwrap_err();
         assert!(e.contains("not an RSA private key"), "{e}");
+    }
+
+    #[test]
+    fn network_is_a_ceiling_with_an_allowlist_and_none_by_default() {
+        let l = parse("webhook_secret = \"s\"").limits().unwrap();
+        assert_eq!(
+            (l.network, l.allowed_hosts),
+            (crate::net::NetworkMode::None, None)
+        );
+        let c =
+            parse("webhook_secret = \"s\"\nnetwork = \"proxy\"\nallowed_hosts = [\"pypi.org\"]");
+        let l = c.limits().unwrap();
+        assert_eq!(l.network, crate::net::NetworkMode::Proxy);
+        assert!(l.allowed_hosts.unwrap().allows("pypi.org", 443));
+        // (config line, error fragment)
+        let cases = [
+            ("network = \"lan\"", "unknown network 'lan'"),
+            (
+                "allowed_hosts = [\"*.pypi.org\"]",
+                "allowed host '*.pypi.org'",
+            ),
+        ];
+        for (line, want) in cases {
+            let e = toml::from_str::<GithubConfig>(&format!(
+                "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/k\"\n{line}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub struct RunnerEntry {
     /// used go first.
     #[serde(default = "default_cache_max_size")]
     pub cache_max_size: String,
+    /// The most network a job may ask for with `RUNNER_NETWORK` (`none`, `proxy`, `full`).
+    #[serde(default, deserialize_with = "crate::net::de_network")]
+    pub network: crate::net::NetworkMode,
+    /// Hosts the proxy lets through (`host` or `host:port`); default: the image recipe's
+    /// Debian mirror host.
+    #[serde(default, deserialize_with = "crate::net::de_allowed_hosts")]
+    pub allowed_hosts: Option<crate::net::Allowlist>,
     /// Caps on what a job may ask for (`[runners.limits]`), as written.
     #[serde(default, rename = "limits")]
     pub limits_config: LimitsConfig,
@@ -132,6 +139,8 @@ impl RunnerEntry {
             ));
         }
         self.limits = self.limits_config.validate(&section)?;
+        self.limits.network = self.network;
+        self.limits.allowed_hosts = self.allowed_hosts.clone();
         crate::sources::check_protocols(&format!("runner '{}'", self.name), &self.git_protocols)
     }
 

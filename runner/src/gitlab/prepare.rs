@@ -29,6 +29,9 @@ pub const STEP_JUNIT_VARIABLE: &str = "RUNNER_STEP_JUNIT";
 /// it with the job's artifacts, for `runner debug` (`true`/`1`). Off by default: the
 /// snapshot holds whatever the job had, masked variables included.
 pub const KEEP_FAILED_VARIABLE: &str = "RUNNER_KEEP_FAILED";
+/// The job variable that asks for guest network (`none`, `proxy`, `full`) within the entry's
+/// `network`.
+pub const NETWORK_VARIABLE: &str = "RUNNER_NETWORK";
 /// The job variable for after_script's timeout (e.g. `10m`); GitLab's default is 5 minutes.
 pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -64,6 +67,16 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
     let artifacts = ArtifactPaths::of(job)?;
     let caches = cache_globs(job)?;
     let checkout = checkout(entry, job, work)?;
+    let network = match job.var(NETWORK_VARIABLE) {
+        None => crate::net::NetworkMode::None,
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{NETWORK_VARIABLE}: {e}"))?,
+    };
+    limits
+        .check_network(&format!("the job's {NETWORK_VARIABLE}"), network)
+        .map_err(|e| e.to_string())?;
     let step_junit = entry.step_junit || truthy(job.var(STEP_JUNIT_VARIABLE));
     let mut plan = SuitePlan {
         id: RunId {
@@ -97,6 +110,10 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         // A VM always: user mode runs the job's code on the host's kernel (see README).
         mode: crate::suite::Mode::System,
         keep_failed: truthy(job.var(KEEP_FAILED_VARIABLE)),
+        network: crate::net::NetworkPlan {
+            mode: network,
+            allow: None,
+        },
     };
     limits.apply(&mut plan);
     Ok(Prepared {
@@ -738,6 +755,40 @@ mod tests {
         let e = prepare(&entry(), &j, dir.path()).unwrap_err();
         assert!(
             e.starts_with("services: (postgres:16, redis) are not supported by this runner"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn runner_network_is_granted_within_the_entrys_network_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ask = r#"{"key":"RUNNER_NETWORK","value":"proxy"}"#;
+        // The entry's default ceiling is none: refused, naming the limit.
+        let e = prepare(&entry(), &job(ask), dir.path()).unwrap_err();
+        assert_eq!(
+            e,
+            "the job's RUNNER_NETWORK = \"proxy\" is over this runner's limit network = \"none\"; \
+             run without network (vendor what the job fetches), or ask the runner's operator to allow it"
+        );
+        let cfg = crate::serve::ServeConfig::parse(
+            std::path::Path::new("t.toml"),
+            "[[runners]]\nname='r'\nurl='http://x'\ntoken='t'\narch='riscv64'\n\
+             network='proxy'\nallowed_hosts=['pypi.org', 'files.pythonhosted.org:443']\n",
+        )
+        .unwrap();
+        let p = prepare(&cfg.runners[0], &job(ask), dir.path()).unwrap();
+        assert_eq!(p.plan.network.mode, crate::net::NetworkMode::Proxy);
+        let allow = p.plan.network.allow.expect("the entry's allowlist");
+        assert!(allow.allows("pypi.org", 443) && !allow.allows("deb.debian.org", 80));
+        // No variable: no network, whatever the ceiling.
+        let p = prepare(&cfg.runners[0], &job(""), dir.path()).unwrap();
+        assert_eq!(p.plan.network.mode, crate::net::NetworkMode::None);
+        let full = r#"{"key":"RUNNER_NETWORK","value":"full"}"#;
+        assert!(prepare(&cfg.runners[0], &job(full), dir.path()).is_err());
+        let bad = r#"{"key":"RUNNER_NETWORK","value":"lan"}"#;
+        let e = prepare(&cfg.runners[0], &job(bad), dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("RUNNER_NETWORK: unknown network 'lan'"),
             "{e}"
         );
     }

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::events::{Event, GuestReport, Reporters, VmFacts};
 use crate::exit;
+use crate::net::JobNetwork;
 use crate::outcome::{chain, infra, vm_error, InfraKind, Outcome};
 use crate::run::guest::Guest;
 use crate::run::plan::{StepPlan, StepWhen, SuitePlan, GUEST_WORKSPACE};
@@ -333,18 +334,30 @@ async fn run_timed(
     };
 
     if let Some(sysroot) = sysroot {
+        // User mode's sandbox has no network namespace of its own to open up.
+        if plan.network.mode != crate::net::NetworkMode::None {
+            return infra(
+                InfraKind::Config,
+                "network: user mode has no guest network (its sandbox has none); use mode = \"system\" for a networked suite".to_string(),
+            );
+        }
         return run_user(
             plan, settings, reporters, state, sysroot, archive, deadline, interrupt,
         )
         .await;
     }
 
-    // 4. Boot.
+    // 4. Boot (the job's network proxy first, when it has one; it stops with `network`).
+    let network = match start_network(plan, settings) {
+        Ok(n) => n,
+        Err(o) => return o,
+    };
     reporters.emit(Event::VmBooting {
         id: id.clone(),
         accel: state.facts.accel.clone(),
     });
-    let cfg = vm_config(plan, settings, platform, image);
+    let mut cfg = vm_config(plan, settings, platform, image);
+    cfg.network = network.vm.clone();
     let mut vm = match Vm::boot(&cfg).await {
         Ok(vm) => vm,
         Err(e) => return vm_error(&e, false),
@@ -371,7 +384,14 @@ async fn run_timed(
         facts: state.facts.clone(),
     });
 
-    let keep = plan.keep_failed.then(|| KeepFailed {
+    // A saved VM resumes only with the same devices, and `runner debug` gives it no NIC.
+    let networked = plan.network.mode != crate::net::NetworkMode::None;
+    if plan.keep_failed && networked {
+        reporters.emit(Event::Note {
+            message: "keep_failed: a VM with a network is not saved (runner debug resumes VMs without one)".into(),
+        });
+    }
+    let keep = (plan.keep_failed && !networked).then(|| KeepFailed {
         image: plan.image.to_string(),
         image_key: image
             .dir
@@ -398,6 +418,9 @@ async fn run_timed(
         keep.as_ref(),
     )
     .await;
+    for message in network.denial_notes() {
+        reporters.emit(Event::Note { message });
+    }
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
     match outcome {
         Outcome::TimedOut => vm.kill().await,
@@ -535,6 +558,8 @@ pub fn vm_config(
                 ))
             }),
         containment: settings.containment.clone(),
+        // Set by the caller, which owns the job's proxy.
+        network: engine::net::VmNetwork::None,
     }
 }
 
@@ -547,6 +572,22 @@ struct KeepFailed {
     rootfs_sha256: String,
     qemu_version: String,
     accel: String,
+}
+
+/// The plan's network; for `proxy` the allowlist defaults to the recipe's mirror host.
+fn start_network(plan: &SuitePlan, settings: &RunSettings) -> Result<JobNetwork, Outcome> {
+    let mirror = match (plan.network.mode, &plan.network.allow) {
+        (crate::net::NetworkMode::Proxy, None) => RecipeLookup {
+            operator_dir: settings.recipe_dir.clone(),
+            repository: plan.repository_recipes.clone(),
+        }
+        .find(&plan.image)
+        .ok()
+        .map(|r| r.mirror),
+        _ => None,
+    };
+    JobNetwork::start(&plan.network, mirror.as_deref(), settings.containment.user)
+        .map_err(|e| infra(InfraKind::Io, chain(&e)))
 }
 
 /// Inside the booted guest: files in, the steps, results out.
@@ -920,7 +961,7 @@ fn last_wins(env: Vec<(String, String)>) -> Vec<(String, String)> {
 
 /// The guest environment (qga replaces the guest's environment, so it is complete).
 pub(crate) fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         (
             "PATH".into(),
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
@@ -934,7 +975,9 @@ pub(crate) fn guest_env(plan: &SuitePlan) -> Vec<(String, String)> {
         ("RUNNER_DEBIAN_ARCH".into(), plan.id.arch.debian().into()),
         ("RUNNER_SUITE".into(), plan.id.suite.clone()),
         ("RUNNER_WORKSPACE".into(), GUEST_WORKSPACE.into()),
-    ]
+    ];
+    env.extend(crate::net::guest::env(plan.network.mode));
+    env
 }
 
 /// Runs one `host_setup` command on the host, in the workspace, as a reported step.

@@ -62,7 +62,8 @@ impl Guest for Vm {
         if let Some(archive) = archive {
             transfer::copy_in(self, &archive).await?;
         }
-        write_files(self, &plan.files).await
+        write_files(self, &plan.files).await?;
+        crate::net::guest::bring_up(self, plan.network.mode).await
     }
 
     async fn run_step(

@@ -9,6 +9,7 @@ use engine::vm::GuestCommand;
 use engine::Arch;
 
 use crate::events::RunId;
+use crate::net::{NetworkMode, NetworkPlan};
 use crate::suite::Mode;
 use crate::suite::{Suite, SuiteFile};
 
@@ -124,6 +125,8 @@ pub struct SuitePlan {
     /// Save the VM into `out_dir/failed-vm/` when a step fails (`runner test --keep-failed`,
     /// a suite's `keep_failed`); the snapshot holds the job's secrets, so never by default.
     pub keep_failed: bool,
+    /// The guest's network (`none` unless asked for and allowed, see `crate::net`).
+    pub network: NetworkPlan,
 }
 
 impl SuitePlan {
@@ -167,6 +170,9 @@ pub struct Overrides {
     pub mode: Option<Mode>,
     /// `--keep-failed`: every plan saves a failed step's VM.
     pub keep_failed: bool,
+    /// `runner test --network`: the mode for `-- CMD`, and the most a suite may ask for
+    /// (checked by the caller, which names the limit).
+    pub network: Option<NetworkMode>,
 }
 
 /// Plans for `suites` of `file` (all when empty) on `arches`. Suites restricted to other
@@ -256,6 +262,10 @@ pub fn plan_suites(
                 image_build_timeout: None,
                 mode: ov.mode.unwrap_or(suite.mode),
                 keep_failed: ov.keep_failed || suite.keep_failed,
+                network: NetworkPlan {
+                    mode: suite.network,
+                    allow: None,
+                },
             });
         }
     }
@@ -321,6 +331,10 @@ pub fn plan_command(
         image_build_timeout: None,
         mode: ov.mode.unwrap_or_default(),
         keep_failed: ov.keep_failed,
+        network: NetworkPlan {
+            mode: ov.network.unwrap_or_default(),
+            allow: None,
+        },
     }
 }
 
@@ -483,6 +497,7 @@ arch = ["riscv64"]
             out: Some("elsewhere".into()),
             mode: Some(Mode::User),
             keep_failed: true,
+            network: None,
         };
         assert!(!p.keep_failed, "off unless asked for");
         let p = &plan_suites(&f, &[], &[Arch::Riscv64], &ov).unwrap()[0];

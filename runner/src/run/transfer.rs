@@ -91,7 +91,7 @@ fn guests_doing(e: &VmError) -> Option<&str> {
 }
 
 /// A short command of the runner's own in the guest; its output is returned, not shown.
-async fn housekeeping<M: Machine>(
+pub(crate) async fn housekeeping<M: Machine>(
     vm: &mut M,
     script: &str,
 ) -> Result<(CommandEnd, String), Outcome> {

@@ -54,6 +54,12 @@ pub struct Limits {
     pub max_artifacts: u64,
     pub image_build_timeout: Duration,
     pub max_dependencies: u64,
+    /// The most network a job may get: `network` of the `[[runners]]` entry or `[github]`
+    /// (not in the limits table: it is a grant, not a size). `none` unless set.
+    pub network: crate::net::NetworkMode,
+    /// The proxy's allowlist (`allowed_hosts` next to `network`); `None`: the image
+    /// recipe's mirror host.
+    pub allowed_hosts: Option<crate::net::Allowlist>,
 }
 
 impl Default for Limits {
@@ -122,6 +128,8 @@ impl LimitsConfig {
                 &self.max_dependencies_size,
                 DEFAULT_MAX_DEPENDENCIES_SIZE,
             )?,
+            network: crate::net::NetworkMode::None,
+            allowed_hosts: None,
         })
     }
 
@@ -242,7 +250,25 @@ impl Limits {
         if let Some(ws) = &plan.workspace {
             self.check_workspace(ws.max_size)?;
         }
-        Ok(())
+        self.check_network(&what("network"), plan.network.mode)
+    }
+
+    /// Checks the network a job asks for against this runner's `network`.
+    pub fn check_network(
+        &self,
+        what: &str,
+        asked: crate::net::NetworkMode,
+    ) -> Result<(), OverLimit> {
+        if asked <= self.network {
+            return Ok(());
+        }
+        Err(OverLimit {
+            what: what.to_string(),
+            asked: format!("\"{asked}\""),
+            key: "network",
+            cap: format!("\"{}\"", self.network),
+            fix: "run without network (vendor what the job fetches), or ask the runner's operator to allow it",
+        })
     }
 
     /// Checks a workspace size limit asked for (runner.toml's `[workspace] max_size`).
@@ -264,6 +290,7 @@ impl Limits {
     pub fn apply(&self, plan: &mut SuitePlan) {
         plan.max_artifacts = self.max_artifacts;
         plan.image_build_timeout = Some(self.image_build_timeout);
+        plan.network.allow = self.allowed_hosts.clone();
     }
 }
 
@@ -353,6 +380,11 @@ mod tests {
             (
                 |p| p.workspace.as_mut().unwrap().max_size = 2 << 30,
                 "[workspace] max_size = 2G is over this runner's limit max_workspace_size = 1G",
+            ),
+            (
+                // The default network ceiling is none.
+                |p| p.network.mode = crate::net::NetworkMode::Proxy,
+                "suite 'command' network = \"proxy\" is over this runner's limit network = \"none\"",
             ),
         ];
         for (change, want) in cases {
