@@ -29,7 +29,7 @@ src_sha=60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb
 src_url=http://deb.debian.org/debian/pool/main/z/zlib/$src_name
 mkdir -p "$cache/bench"
 src="$cache/bench/$src_name"
-if ! echo "$src_sha  $src" | sha256sum -c --quiet 2>/dev/null; then
+if ! { [ -f "$src" ] && echo "$src_sha  $src" | sha256sum -c --quiet; }; then
   curl -fsS --max-time 120 -o "$src.part" "$src_url"
   echo "$src_sha  $src.part" | sha256sum -c --quiet
   mv "$src.part" "$src"
