@@ -234,7 +234,7 @@ impl Vm {
         };
         match Vm::start(cfg, Some(dir)).await {
             Ok(mut vm) => {
-                match resume::after_restore(&mut vm.agent, &mut vm.output, timers).await {
+                match resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
                     Ok(()) => Ok(vm),
                     Err(e) => {
                         vm.kill().await;

@@ -73,7 +73,7 @@ const TAG: &str = "runner-resume";
 /// a direction bit more on POWER and MIPS — with the x86 number the ioctl failed on ppc64el
 /// and every resume there booted cold).
 const HELPER_PL: &str = r#"
-my ($fifo, $out, $procs, $reseed, $nonce) = @ARGV;
+my ($fifo, $out, $procs, $reseed, $settime, $nonce) = @ARGV;
 opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
 my $n = grep { /^cpu[0-9]+$/ } readdir $d;
 open(my $in, '+<', $fifo) or die "$fifo: $!";
@@ -84,7 +84,7 @@ while (index($line, "\n") < 0) {
     my $room = 256 - length $line;
     $room > 0 and sysread($in, $line, $room, length $line) or exit 1;
 }
-my ($timers, $seed, $id) = split(' ', $line);
+my ($timers, $seed, $id, $secs, $nsecs) = split(' ', $line);
 sub on_cpu { my $mask = pack('Q', 1 << $_[0]);
     syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!"; }
 my $ok = eval {
@@ -94,6 +94,9 @@ my $ok = eval {
             on_cpu($cpu);
             syscall(115, 1, 1, $long_ago, 0) == 0 or die "clock_nanosleep: $!";
         }
+    }
+    if ($settime) {
+        syscall($settime, 0, pack('qq', $secs, $nsecs)) == 0 or die "clock_settime: $!";
     }
     open(my $f, '>', '/dev/urandom') or die "urandom: $!";
     syswrite($f, pack('H*', $seed)) or die "urandom: $!";
@@ -154,6 +157,7 @@ pub async fn start_helper(
             super::exec::OUTPUT_FIFO.into(),
             format!("{}/cgroup.procs", super::job_cgroup::JOB),
             arch.ioctl_io(b'R', 0x07).to_string(),
+            arch.clock_settime_nr().unwrap_or(0).to_string(),
             nonce.clone(),
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -178,26 +182,37 @@ pub async fn after_restore(
     agent: &mut AgentClient<UnixStream>,
     output: &mut mpsc::Receiver<Vec<u8>>,
     timers: Timers,
+    arch: Arch,
 ) -> Result<(), AgentError> {
     let nonce = hex(&rand::random::<[u8; 16]>());
     let seed = hex(&rand::random::<[u8; 32]>());
-    let line = format!("{} {seed} {nonce}\n", timers.word());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let line = format!(
+        "{} {seed} {nonce} {} {}\n",
+        timers.word(),
+        now.as_secs(),
+        now.subsec_nanos()
+    );
     agent
         .write_fifo(HELPER_FIFO, line.as_bytes(), AGENT_TIMEOUT)
         .await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    match agent
-        .execute("guest-set-time", json!({ "time": now }), AGENT_TIMEOUT)
-        .await
-    {
-        // The system clock is set before qga tries to copy it to the RTC with hwclock,
-        // which the image does not ship; that part failing is harmless.
-        Ok(_) => {}
-        Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
-        Err(e) => return Err(e),
+    if arch.clock_settime_nr().is_none() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        match agent
+            .execute("guest-set-time", json!({ "time": now }), AGENT_TIMEOUT)
+            .await
+        {
+            // The system clock is set before qga tries to copy it to the RTC with hwclock,
+            // which the image does not ship; that part failing is harmless.
+            Ok(_) => {}
+            Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
+            Err(e) => return Err(e),
+        }
     }
     // Not answering in time is how a guest with dead timers shows (see HELPER_PL); the
     // caller then discards the state and boots cold.
