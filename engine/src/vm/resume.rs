@@ -236,7 +236,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The status of the helper's line for `nonce` on the live-output port (at most 200
-/// characters), or None if the port closed or `deadline` passed first. Other lines are
+/// characters, control characters replaced), or None if the port closed or `deadline` passed first. Other lines are
 /// skipped; at most [`MAX_LINE`] bytes are held at a time.
 async fn answer(
     output: &mut mpsc::Receiver<Vec<u8>>,
@@ -267,7 +267,13 @@ fn take_status(pending: &mut Vec<u8>, nonce: &str) -> Option<String> {
         let line: Vec<u8> = pending.drain(..=end).collect();
         let line = String::from_utf8_lossy(&line[..end]);
         if let Some(status) = line.strip_prefix(&prefix) {
-            return Some(status.chars().take(200).collect());
+            // Shown to the user: no control characters from the guest reach their terminal.
+            let shown = status.chars().take(200);
+            return Some(
+                shown
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect(),
+            );
         }
     }
     None
@@ -287,6 +293,15 @@ mod tests {
         assert_eq!(
             take_status(&mut pending, "ab").as_deref(),
             Some("failed: RNDRESEEDCRNG: bad")
+        );
+    }
+
+    #[test]
+    fn the_guests_status_reaches_the_user_without_control_characters() {
+        let mut pending = b"runner-resume ab failed: \x1b]0;owned\x07 cgroup\n".to_vec();
+        assert_eq!(
+            take_status(&mut pending, "ab").as_deref(),
+            Some("failed: ?]0;owned? cgroup")
         );
     }
 
