@@ -76,13 +76,90 @@ fn major(version: &str) -> u32 {
 
 /// Locates and checks the QEMU system emulator for `arch`.
 pub async fn qemu_for(arch: Arch) -> Result<QemuBinary, HostError> {
+    qemu_for_cached(arch, None).await
+}
+
+/// [`qemu_for`], with what QEMU said about itself (version, `-sandbox`) remembered in the
+/// directory `cache` for as long as the binary is the same file, unchanged: asking costs two
+/// QEMU starts (~30 ms) on every job otherwise.
+pub async fn qemu_for_cached(arch: Arch, cache: Option<&Path>) -> Result<QemuBinary, HostError> {
     let binary = arch.qemu_binary();
     let path = which(binary).ok_or_else(|| HostError::QemuMissing {
         binary: binary.into(),
     })?;
+    let record = cache.map(|dir| dir.join(format!("{binary}.json")));
+    let identity = binary_identity(&path);
+    let remembered = match (&record, &identity) {
+        (Some(record), Some(identity)) => recall(record, identity),
+        _ => None,
+    };
+    let (version, sandbox) = match remembered {
+        Some(known) => known,
+        None => {
+            let known = ask_qemu(binary, &path).await?;
+            if let (Some(record), Some(identity)) = (&record, &identity) {
+                remember(record, identity, &known);
+            }
+            known
+        }
+    };
+    if major(&version) < MIN_QEMU_MAJOR {
+        return Err(HostError::QemuTooOld {
+            binary: binary.into(),
+            found: version,
+        });
+    }
+    Ok(QemuBinary {
+        path,
+        version,
+        sandbox,
+    })
+}
+
+/// What makes a file the same binary: where it is, which inode, its size and its change
+/// time (any replacement or edit of the file moves ctime).
+fn binary_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = path.canonicalize().ok()?;
+    let m = real.metadata().ok()?;
+    Some(format!(
+        "{} {}:{} {} {}.{} {}.{}",
+        real.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+fn recall(record: &Path, identity: &str) -> Option<(String, bool)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(record).ok()?).ok()?;
+    (v["binary"] == identity).then_some(())?;
+    Some((v["version"].as_str()?.to_string(), v["sandbox"].as_bool()?))
+}
+
+/// Best effort: without the record QEMU is simply asked again next time. Written to a
+/// temporary name first, so a concurrent reader never sees half a record.
+fn remember(record: &Path, identity: &str, (version, sandbox): &(String, bool)) {
+    let Some(dir) = record.parent() else { return };
+    let _ = std::fs::create_dir_all(dir);
+    let text = serde_json::json!({"binary": identity, "version": version, "sandbox": sandbox});
+    if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
+        use std::io::Write;
+        if tmp.write_all(text.to_string().as_bytes()).is_ok() {
+            let _ = tmp.persist(record);
+        }
+    }
+}
+
+/// QEMU's version and whether it has `-sandbox`, from the binary itself.
+async fn ask_qemu(binary: &'static str, path: &Path) -> Result<(String, bool), HostError> {
     // QEMU's stdout for one informational flag.
     let ask = |flag: &'static str| {
-        let path = path.clone();
+        let path = path.to_path_buf();
         async move {
             let out = Command::new(&path)
                 .arg(flag)
@@ -96,19 +173,9 @@ pub async fn qemu_for(arch: Arch) -> Result<QemuBinary, HostError> {
             Ok::<_, HostError>(String::from_utf8_lossy(&out.stdout).into_owned())
         }
     };
-    let version = parse_version(&ask("--version").await?).unwrap_or_else(|| "unknown".into());
-    if major(&version) < MIN_QEMU_MAJOR {
-        return Err(HostError::QemuTooOld {
-            binary: binary.into(),
-            found: version,
-        });
-    }
-    let sandbox = ask("-help").await?.contains("-sandbox");
-    Ok(QemuBinary {
-        path,
-        version,
-        sandbox,
-    })
+    let (version, help) = tokio::try_join!(ask("--version"), ask("-help"))?;
+    let version = parse_version(&version).unwrap_or_else(|| "unknown".into());
+    Ok((version, help.contains("-sandbox")))
 }
 
 /// What the user asked for with `--accel`.
@@ -322,5 +389,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("KVM") && err.contains("--accel tcg"), "{err}");
+    }
+
+    #[test]
+    fn what_qemu_said_is_remembered_only_for_the_same_unchanged_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("qemu-system-test");
+        std::fs::write(&bin, b"one").unwrap();
+        let record = dir.path().join("cache/qemu-system-test.json");
+        let before = binary_identity(&bin).unwrap();
+        remember(&record, &before, &("10.0.2".into(), true));
+        assert_eq!(recall(&record, &before), Some(("10.0.2".into(), true)));
+        // Replaced (an upgrade): another inode or size or change time, so asked again.
+        std::fs::remove_file(&bin).unwrap();
+        std::fs::write(&bin, b"other").unwrap();
+        let after = binary_identity(&bin).unwrap();
+        assert_ne!(before, after);
+        assert_eq!(recall(&record, &after), None);
     }
 }

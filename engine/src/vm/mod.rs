@@ -7,6 +7,7 @@ pub mod exec;
 mod fault;
 pub mod job_cgroup;
 pub mod overlay;
+mod resume;
 pub mod shell;
 pub mod state;
 
@@ -30,7 +31,7 @@ pub use exec::{CommandEnd, GuestCommand};
 pub use fault::GuestFault;
 pub use job_cgroup::{JobLimits, LimitHit};
 use overlay::OverlayError;
-use state::Timers;
+use resume::Timers;
 
 /// How long QEMU may take to create its sockets after it starts.
 /// How many times a cold-booted VM is saved (and each save checked) before its key is given
@@ -168,7 +169,6 @@ pub struct Vm {
     port_writer: tokio::net::unix::OwnedWriteHalf,
     /// How long from QEMU start to the agent's first answer.
     pub boot_time: Duration,
-    pub agent_version: String,
     pub start_kind: StartKind,
     /// The overlay this VM writes to, and the base image under it, when it has one.
     overlay: Option<PathBuf>,
@@ -243,13 +243,15 @@ impl Vm {
             Timers::Trusted
         };
         match Vm::start(cfg, Some(dir)).await {
-            Ok(mut vm) => match state::after_restore(&mut vm.agent, timers, cfg.arch).await {
-                Ok(()) => Ok(vm),
-                Err(e) => {
-                    vm.kill().await;
-                    Err(format!("resumed VM did not respond: {e}"))
+            Ok(mut vm) => {
+                match resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
+                    Ok(()) => Ok(vm),
+                    Err(e) => {
+                        vm.kill().await;
+                        Err(format!("resumed VM did not respond: {e}"))
+                    }
                 }
-            },
+            }
             Err(e) => {
                 // With the cause: "does not match its checksum" must reach the user.
                 let mut why = e.to_string();
@@ -275,7 +277,7 @@ impl Vm {
     /// Saves this VM's state for later jobs under `dir`, then lets it run on. Each save is
     /// resumed once in a fresh VM (the command line a job uses) and must pass the same check
     /// a job's resume does before it is published: a save can be bad (riscv64 under QEMU
-    /// 10.0, see [`state::after_restore`]), and a job must never be the first to find out.
+    /// 10.0, see [`resume`]), and a job must never be the first to find out.
     /// A bad save is dropped and the VM saved again, [`SAVE_ATTEMPTS`] times at most; then
     /// the key is marked unsaveable for a while. Returns why nothing was published, if so;
     /// each failed attempt adds a line to [`Vm::notes`].
@@ -284,6 +286,13 @@ impl Vm {
         cfg: &VmConfig,
         dir: &Path,
     ) -> Result<Option<String>, VmError> {
+        // The guest side of every resume from this VM's saves, saved with it.
+        if let Err(e) = resume::start_helper(&mut self.agent, &mut self.output, cfg.arch).await {
+            let why = format!("cannot save the VM state: {e}");
+            self.notes.push(why.clone());
+            state::mark_unsaveable(dir, &why);
+            return Ok(Some(format!("no saved state for this VM: {why}")));
+        }
         let mut why = String::new();
         for attempt in 1..=SAVE_ATTEMPTS {
             let overlay = self.overlay.clone();
@@ -416,12 +425,11 @@ impl Vm {
             let agent_stream = wait_for_socket(&sockets.agent).await?;
             let mut agent = AgentClient::new(agent_stream);
             agent.sync(boot_deadline).await?;
-            let version = agent.version(AGENT_TIMEOUT).await?;
             if resume_from.is_none() {
                 // A resumed VM has its relay and cgroups already (it was saved with them).
                 set_up_guest(&mut agent, &job_limits).await?;
             }
-            Ok::<_, VmError>((qmp, output, agent, version))
+            Ok::<_, VmError>((qmp, output, agent))
         };
         let result = tokio::select! {
             r = handshake => r,
@@ -434,7 +442,7 @@ impl Vm {
                 });
             }
         };
-        let (qmp, output_stream, agent, agent_version) = match result {
+        let (qmp, output_stream, agent) = match result {
             Ok(parts) => parts,
             Err(VmError::Agent(AgentError::Timeout { .. })) => {
                 return Err(VmError::BootTimeout {
@@ -464,7 +472,6 @@ impl Vm {
             output: spawn_output_reader(port_reader),
             port_writer,
             boot_time: started.elapsed(),
-            agent_version,
             start_kind: if resume_from.is_some() {
                 StartKind::Restored
             } else {

@@ -20,15 +20,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::net::UnixStream;
 
-use crate::agent::{AgentClient, AgentError, ExecRequest, ExecStatus};
 use crate::qemu::qmp::{QmpClient, QmpError};
 
 /// How long saving or loading a state may take (1 GiB of RAM takes well under a second).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guest is left idle before it is saved. riscv64 under QEMU 10.0 loses each
-/// hart's armed timer in a save (see [`AFTER_RESTORE_PL`]): a hart whose tick was running
+/// hart's armed timer in a save (see [`super::resume`]): a hart whose tick was running
 /// when the VM stopped — it had just served the agent — resumes with that tick never firing.
 /// After a moment of idleness every hart has stopped its tick (NO_HZ idle) and programs a
 /// new one when it wakes, so the save resumes well: measured, 6 of 6 fresh saves passed
@@ -37,20 +35,12 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// Poll interval for `query-migrate`.
 const MIGRATION_POLL: Duration = Duration::from_millis(10);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
-const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the post-resume reseed-and-sleep may take before the state counts as broken. It
-/// includes starting perl in the guest, which under TCG on a loaded host took over 3 s on
-/// mipsel (every save of a good state then "failed" its check): a liveness check, so generous;
-/// a broken state costs this once, before the cold boot.
-const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often the end of that process is polled: every job's start waits for it.
-const RESUME_CHECK_POLL: Duration = Duration::from_millis(20);
 
 /// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
 /// relay; 3: riscv64 without Sstc; 4: the job cgroup; 5: saves checked before they are
-/// published, so older ones may be bad), so that states saved by an older runner
-/// are not resumed; callers put it in the state's key.
-pub const FORMAT: u32 = 5;
+/// published, so older ones may be bad; 6: the after-resume helper waits in the saved guest),
+/// so that states saved by an older runner are not resumed; callers put it in the state's key.
+pub const FORMAT: u32 = 6;
 
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
@@ -482,136 +472,6 @@ pub async fn restore(qmp: &mut QmpClient, state: &PinnedState) -> Result<(), Sta
     wait_for_migration(qmp).await?;
     qmp.execute("cont", None, QMP_TIMEOUT).await?;
     Ok(())
-}
-
-/// The guest side of [`after_restore`], one perl process (perl-base is in Debian's Essential
-/// set, so every image has it; one process, as each exec costs tens of ms in a freshly
-/// resumed TCG guest). Arguments: what to do about timers (`rearm`, `check` or nothing, see
-/// [`Timers`]), the seed in hex, the job cgroup's `cgroup.procs`, the RNDRESEEDCRNG request
-/// number of the guest's kernel.
-///
-/// Re-arming the timers. QEMU 10.0's RISC-V ACLINT timer migrates each hart's `mtimecmp`
-/// but not the QEMU timer armed for it, and has no post-load hook to re-arm it (fixed
-/// upstream after 10.0: "hw/intc: Save time_delta in RISC-V mtimer VMState" and its series).
-/// A hart whose next timer event was pending at save time resumes with it never firing; the
-/// guest kernel believes it programmed, so it writes `mtimecmp` again only for a timer that
-/// expires *earlier* than that one, and as guest time has passed it, no new timer is
-/// earlier: the hart's timers are dead (an idle hart with its tick stopped escapes, as it
-/// programs a new tick when it wakes; hence [`SETTLE`]). An absolute `clock_nanosleep` to
-/// 1 ns after boot is earlier than anything: the kernel programs the timer (SBI set_timer
-/// writes `mtimecmp` and arms QEMU's timer), the interrupt fires at once, and the hart's
-/// timers run again. Done on each CPU (pinned with `sched_setaffinity`); the syscall numbers
-/// are the generic table's (122, 115), which riscv64 uses.
-///
-/// Checking. The process moves itself into the job cgroup (as every job command's wrapper
-/// does), then sleeps 20 ms pinned to each CPU in turn (elsewhere once): not ending in time is
-/// how a save with dead timers shows. Timers are per CPU — riscv64 states resumed with one
-/// hart's timer dead and the other's fine, and a check on the good one let a job hang in its
-/// first `sleep` — and a cgroup move can wait for an RCU grace period, which a guest with a
-/// dead hart never finishes (a resumed VM's step `true` hung so until its timeout).
-///
-/// Reseeding. Bytes written to /dev/urandom only reach readers at the next CRNG reseed, which
-/// a resumed guest would not do for a while (its clock was stopped): write fresh bytes, then
-/// force a reseed (RNDRESEEDCRNG, `_IO('R', 0x07)`: 0x5207 on x86, ARM, RISC-V and s390, with
-/// a direction bit more on POWER and MIPS — with the x86 number the ioctl failed on ppc64el
-/// and every resume there booted cold).
-const AFTER_RESTORE_PL: &str = r#"
-my ($timers, $seed, $procs, $reseed) = @ARGV;
-opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
-my $n = grep { /^cpu[0-9]+$/ } readdir $d;
-sub on_cpu { my $mask = pack('Q', 1 << $_[0]);
-    syscall(122, 0, length $mask, $mask) == 0 or die "sched_setaffinity: $!"; }
-if ($timers eq 'rearm') {
-    my $long_ago = pack('qq', 0, 1);
-    for my $cpu (0 .. $n - 1) {
-        on_cpu($cpu);
-        syscall(115, 1, 1, $long_ago, 0) == 0 or die "clock_nanosleep: $!";
-    }
-}
-open(my $f, '>', '/dev/urandom') or die $!;
-syswrite($f, pack('H*', $seed)) or die $!;
-ioctl($f, $reseed, 0) or die "RNDRESEEDCRNG: $!";
-open(my $c, '>', $procs) or die $!;
-syswrite($c, '0') or die "cgroup: $!";
-for my $cpu ($timers ? (0 .. $n - 1) : ()) {
-    on_cpu($cpu);
-    select(undef, undef, undef, 0.02);
-}
-select(undef, undef, undef, 0.02) unless $timers;
-"#;
-
-/// What [`after_restore`] does about the guest's timers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Timers {
-    /// Nothing: they survive a save (aarch64, x86_64).
-    Trusted,
-    /// Checks that every CPU can sleep: the check of a fresh save before it is published
-    /// (only a save whose timers work unaided passes).
-    Checked,
-    /// Re-arms every CPU's timer (see [`AFTER_RESTORE_PL`]), then checks: a job's resume on
-    /// riscv64, in case a save with a dead timer got past the check.
-    Rearmed,
-}
-
-/// What a resumed guest needs: the host's time (its clock stopped at save time), fresh
-/// entropy (every job resumed from one state starts with the same RNG state) and, on
-/// riscv64, timers that fire (see [`Timers`]). The guest process runs while the clock is
-/// set, so the two overlap.
-pub async fn after_restore(
-    agent: &mut AgentClient<UnixStream>,
-    timers: Timers,
-    arch: crate::arch::Arch,
-) -> Result<(), AgentError> {
-    let seed: [u8; 32] = rand::random();
-    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-    let req = ExecRequest {
-        path: "/usr/bin/perl".into(),
-        args: vec![
-            "-e".into(),
-            AFTER_RESTORE_PL.into(),
-            match timers {
-                Timers::Trusted => "",
-                Timers::Checked => "check",
-                Timers::Rearmed => "rearm",
-            }
-            .into(),
-            hex,
-            format!("{}/cgroup.procs", super::job_cgroup::JOB),
-            arch.ioctl_io(b'R', 0x07).to_string(),
-        ],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-    };
-    let pid = agent.exec(&req, AGENT_TIMEOUT).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    match agent
-        .execute("guest-set-time", json!({ "time": now }), AGENT_TIMEOUT)
-        .await
-    {
-        // The system clock is set before qga tries to copy it to the RTC with hwclock,
-        // which the image does not ship; that part failing is harmless.
-        Ok(_) => {}
-        Err(AgentError::Command { desc, .. }) if desc.contains("hwclock") => {}
-        Err(e) => return Err(e),
-    }
-    // Not ending in time is how a guest with dead timers shows (see AFTER_RESTORE_PL); the
-    // caller then discards the state and boots cold.
-    let deadline = tokio::time::Instant::now() + RESUME_CHECK_TIMEOUT;
-    match agent.wait_exit(pid, deadline, RESUME_CHECK_POLL).await? {
-        ExecStatus::Exited(0) => Ok(()),
-        ExecStatus::Running => Err(AgentError::Command {
-            command: "check the resumed guest".into(),
-            desc: format!(
-                "a 20 ms sleep did not end within {RESUME_CHECK_TIMEOUT:?}: its timers do not fire"
-            ),
-        }),
-        other => Err(AgentError::Command {
-            command: "prepare the resumed guest (clock, RNG, timers)".into(),
-            desc: format!("{other:?}"),
-        }),
-    }
 }
 
 /// Opens `path` for reading only if it is a regular file and not a symlink: the VM directory

@@ -15,8 +15,8 @@ pub struct Platform {
     pub accel: AccelDecision,
 }
 
-/// Finds QEMU for `arch` and decides the accelerator (the KVM probe's verdict is cached in
-/// the store until the host reboots).
+/// Finds QEMU for `arch` and decides the accelerator (what QEMU says about itself is cached
+/// in the store while the binary is unchanged, the KVM probe's verdict until the host reboots).
 pub async fn resolve(
     arch: Arch,
     accel: AccelChoice,
@@ -26,7 +26,9 @@ pub async fn resolve(
         kind: InfraKind::Host,
         message: image::build::error_chain(e),
     };
-    let qemu = qhost::qemu_for(arch).await.map_err(|e| host_err(&e))?;
+    let qemu = qhost::qemu_for_cached(arch, Some(&store.root().join("qemu")))
+        .await
+        .map_err(|e| host_err(&e))?;
     let accel = qhost::choose_accel(arch, accel, Some(&store.root().join("kvm-probe.json")))
         .await
         .map_err(|e| host_err(&e))?;
