@@ -181,6 +181,8 @@ pub struct Vm {
     /// The job cgroup's limits, and its counters as last read (see [`job_cgroup`]).
     job_limits: JobLimits,
     job_counters: job_cgroup::JobCounters,
+    /// The guest's architecture (the after-resume helper's syscall numbers).
+    arch: Arch,
     // Last field: dropped after the process is killed.
     dir: VmDir,
 }
@@ -487,6 +489,7 @@ impl Vm {
             job_limits,
             // The job cgroup is new at setup, and saved before any job ran in it.
             job_counters: job_cgroup::JobCounters::default(),
+            arch: cfg.arch,
             dir,
         })
     }
@@ -502,7 +505,7 @@ impl Vm {
         } else {
             Timers::Trusted
         };
-        if let Err(e) = state::after_restore(&mut vm.agent, timers, cfg.arch).await {
+        if let Err(e) = resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
             vm.kill().await;
             return Err(e.into());
         }
@@ -519,6 +522,9 @@ impl Vm {
         let (Some(overlay), Some(base)) = (self.overlay.clone(), self.base.clone()) else {
             return Err(state::StateError::NoOverlay.into());
         };
+        // `runner debug` resumes it like any saved state: the helper that prepares a
+        // resumed guest must be in it, waiting (it is used up by each resume).
+        resume::start_helper(&mut self.agent, &mut self.output, self.arch).await?;
         let staged = state::save(&mut self.qmp, &overlay, &base, dir).await?;
         // A resumed VM's overlay is backed by its boot state's disk, which goes with this
         // VM's directory: the saved disk takes in what that layer holds.
