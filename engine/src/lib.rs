@@ -7,6 +7,7 @@ pub mod arch;
 pub mod bounded;
 pub mod child;
 pub mod image;
+pub mod lockfile;
 pub mod net;
 pub mod qemu;
 pub mod sandbox;

@@ -529,46 +529,24 @@ fn read_only(path: &Path) -> Result<(), ImageError> {
         .map_err(|e| ImageError::io(path, e))
 }
 
-/// Holds an exclusive lock on a file until dropped.
-#[derive(Debug)]
-struct BuildLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
+/// Takes the image's build lock (see [`crate::lockfile`]), saying so when another runner
+/// is building it.
 async fn lock(
     path: &Path,
     what: &str,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<BuildLock, ImageError> {
-    use nix::fcntl::{Flock, FlockArg};
-    let deadline = Instant::now() + LOCK_TIMEOUT;
-    let mut told = false;
-    loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| ImageError::io(path, e))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(BuildLock { _lock: l }),
-            Err(_) if Instant::now() < deadline => {
-                if !told {
-                    progress(&format!(
-                        "waiting for another runner that is building {what}"
-                    ));
-                    told = true;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(_) => {
-                return Err(ImageError::Locked {
-                    what: what.into(),
-                    lock: path.into(),
-                })
-            }
-        }
-    }
+) -> Result<crate::lockfile::Held, ImageError> {
+    let held = crate::lockfile::take(path, LOCK_TIMEOUT, || {
+        progress(&format!(
+            "waiting for another runner that is building {what}"
+        ))
+    })
+    .await
+    .map_err(|e| ImageError::io(path, e))?;
+    held.ok_or_else(|| ImageError::Locked {
+        what: what.into(),
+        lock: path.into(),
+    })
 }
 
 #[cfg(test)]

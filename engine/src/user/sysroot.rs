@@ -15,8 +15,6 @@ use crate::image::store::{BaseImage, ImageStore};
 const UNPACK_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long to wait for another runner unpacking the same image.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(900);
-/// How often to try that lock.
-const LOCK_POLL: Duration = Duration::from_millis(250);
 /// Written last: the directory is complete.
 const COMPLETE: &str = ".complete";
 /// Programs every step needs in the sysroot.
@@ -115,32 +113,12 @@ async fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Held while one runner unpacks an image (the file lock goes with the value).
-struct UnpackLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-async fn lock(path: &Path, dir: &Path) -> Result<UnpackLock, UserError> {
-    use nix::fcntl::{Flock, FlockArg};
-    let deadline = tokio::time::Instant::now() + LOCK_TIMEOUT;
-    loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| UserError::io(path, e))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(UnpackLock { _lock: l }),
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(LOCK_POLL).await;
-            }
-            Err(_) => {
-                return Err(UserError::Locked {
-                    dir: dir.into(),
-                    lock: path.into(),
-                })
-            }
-        }
-    }
+async fn lock(path: &Path, dir: &Path) -> Result<crate::lockfile::Held, UserError> {
+    crate::lockfile::take(path, LOCK_TIMEOUT, || {})
+        .await
+        .map_err(|e| UserError::io(path, e))?
+        .ok_or_else(|| UserError::Locked {
+            dir: dir.into(),
+            lock: path.into(),
+        })
 }

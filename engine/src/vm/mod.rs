@@ -505,7 +505,8 @@ impl Vm {
         } else {
             Timers::Trusted
         };
-        if let Err(e) = resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
+        if let Err(e) = resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await
+        {
             vm.kill().await;
             return Err(e.into());
         }
