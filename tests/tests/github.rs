@@ -989,6 +989,8 @@ fn runner_toml_over_the_operators_limits_gets_a_failed_check_run_naming_the_cap(
         // Once meant 10,000 check runs and 10,000 VMs queued.
         ("many", many_suites(10_000), "suite × architecture runs for this commit = 10000 is over this runner's limit max_runs = 20"),
         ("huge", format!("[workspace]\nmax_size = \"64G\"\n[[suite]]\nname = \"a\"\n{step}"), "[workspace] max_size = 64G is over this runner's limit max_workspace_size = 1G"),
+        // User mode runs the job's programs on this host's kernel: never for a repository.
+        ("usermode", format!("[[suite]]\nname = \"a\"\nmode = \"user\"\n{step}"), "mode = \"user\" is not available on this service"),
     ];
     let mut repos = Vec::new();
     for (i, (name, toml, _)) in cases.iter().enumerate() {
