@@ -47,9 +47,22 @@ fn a_suite_gets_its_workspace_in_and_results_out_but_nothing_of_the_host() {
     let cache = private_cache();
     let project = tempfile::tempdir().unwrap();
     // A host file the job must not read, directly or through a symlink the runner follows.
-    let secret_dir = tempfile::tempdir().unwrap();
-    let secret = secret_dir.path().join("secret.txt");
-    std::fs::write(&secret, "host-secret-4711").unwrap();
+    // Its path exists in the job's view too (its own /tmp), with other content: a runner
+    // that followed the job's symlink on the host would bring back the host's.
+    let secret =
+        std::path::PathBuf::from(format!("/tmp/runner-e2e-secret-{}.xml", std::process::id()));
+    std::fs::write(
+        &secret,
+        "<testsuite name=\"host-secret-4711\" tests=\"1\"><testcase name=\"h\"/></testsuite>",
+    )
+    .unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(secret.clone());
     std::fs::write(project.path().join("input.txt"), "from the workspace\n").unwrap();
     let toml = format!(
         r#"
@@ -70,6 +83,7 @@ artifacts = ["out/*"]
   cp input.txt out/copied.txt
   printf '<testsuite name="t" tests="1"><testcase name="c"/></testsuite>' > report.xml
   ! cat {secret} 2>/dev/null
+  printf '<testsuite name="inner" tests="1"><testcase name="i"/></testsuite>' > {secret}
   ln -s {secret} leak.xml
   ln -s {secret} out/leak.txt
   # No network but loopback.
@@ -93,7 +107,10 @@ artifacts = ["out/*"]
     );
     assert_eq!(r.code, 0, "{r}");
     let xml = std::fs::read_to_string(&junit).unwrap();
-    assert!(xml.contains("name=\"c\""), "{xml}");
+    assert!(
+        xml.contains("name=\"c\"") && xml.contains("name=\"i\""),
+        "{xml}"
+    );
     assert!(!xml.contains("host-secret-4711"), "{xml}");
     let out = project.path().join("runner-out/um-riscv64/out");
     assert_eq!(
@@ -102,10 +119,10 @@ artifacts = ["out/*"]
     );
     let leaked = std::fs::read_to_string(out.join("leak.txt")).unwrap_or_default();
     assert!(!leaked.contains("host-secret-4711"));
-    assert_eq!(
-        std::fs::read_to_string(&secret).unwrap(),
-        "host-secret-4711"
-    );
+    // ... and the job's write to the same path went to its own /tmp.
+    assert!(std::fs::read_to_string(&secret)
+        .unwrap()
+        .contains("host-secret-4711"));
     drop_checked(cache);
 }
 
