@@ -698,35 +698,26 @@ mod tests {
             "qemu-img",
             &["create", "-q", "-f", "qcow2", &p("base.qcow2"), "4M"],
         );
-        qemu(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &p("base.qcow2"),
-                &p("boot.qcow2"),
-            ],
-        );
+        // A qcow2 layer `out` on top of `backing`.
+        let layer = |backing: &str, out: &str| {
+            qemu(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    &p(backing),
+                    &p(out),
+                ],
+            )
+        };
+        layer("base.qcow2", "boot.qcow2");
         qemu("qemu-io", &["-c", "write -P 0x42 0 64k", &p("boot.qcow2")]);
-        qemu(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &p("boot.qcow2"),
-                &p("overlay.qcow2"),
-            ],
-        );
+        layer("boot.qcow2", "overlay.qcow2");
         qemu(
             "qemu-io",
             &["-c", "write -P 0x17 1M 64k", &p("overlay.qcow2")],

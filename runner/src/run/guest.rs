@@ -14,7 +14,6 @@ use crate::events::GuestReport;
 use crate::outcome::Outcome;
 use crate::run::plan::{SuitePlan, GUEST_WORKSPACE};
 use crate::run::transfer;
-use crate::run::transfer::write_files;
 
 /// A booted guest as the step loop sees it.
 pub(crate) trait Guest {
@@ -59,10 +58,7 @@ pub(crate) trait Guest {
 
 impl Guest for Vm {
     async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome> {
-        if let Some(archive) = archive {
-            transfer::copy_in(self, &archive).await?;
-        }
-        write_files(self, &plan.files).await?;
+        transfer::put_in(self, plan, archive).await?;
         crate::net::guest::bring_up(self, plan.network.mode).await
     }
 
@@ -108,10 +104,7 @@ impl Guest for Vm {
 /// User mode: the same step loop, each command in a fresh sandbox (see `engine::user`).
 impl Guest for UserMachine {
     async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome> {
-        if let Some(archive) = archive {
-            transfer::copy_in(self, &archive).await?;
-        }
-        write_files(self, &plan.files).await
+        transfer::put_in(self, plan, archive).await
     }
 
     async fn run_step(

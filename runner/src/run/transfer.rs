@@ -271,6 +271,19 @@ pub(crate) async fn collect_results<M: Machine>(
     outcome
 }
 
+/// Everything a plan puts into a machine before its first step: the workspace archive
+/// (if any), then the plan's files.
+pub(crate) async fn put_in<M: Machine>(
+    vm: &mut M,
+    plan: &SuitePlan,
+    archive: Option<Vec<u8>>,
+) -> Result<(), Outcome> {
+    if let Some(archive) = archive {
+        copy_in(vm, &archive).await?;
+    }
+    write_files(vm, &plan.files).await
+}
+
 /// Writes the plan's files into the guest (parent directories first).
 pub(crate) async fn write_files<M: Machine>(
     vm: &mut M,
