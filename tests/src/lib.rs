@@ -3,6 +3,7 @@
 
 pub mod fake_github;
 pub mod fake_gitlab;
+pub mod gitlab_serve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -78,14 +78,21 @@ fn a_proxy_guest_reaches_an_allowed_host_and_nothing_else() {
     assert!(r.stdout.contains("denied-rc=1"), "{r}");
     assert!(r.stdout.contains("direct-rc=1"), "{r}");
     assert!(r.stdout.contains("eth0"), "{r}");
-    // The denial is in the job's log, naming the host; the denied server saw nothing, and
-    // the allowed one only the proxied request (not the direct attempt).
-    assert!(
-        r.stderr.contains(&format!(
-            "the proxy denied 127.0.0.1:{denied} (not in this runner's allowlist)"
-        )),
-        "{r}"
+    // The denial is in the job's live output, naming the host, under the request that was
+    // denied: after the allowed fetch, before the denied fetch's exit status. The denied
+    // server saw nothing, and the allowed one only the proxied request (not the direct
+    // attempt).
+    let line = format!(
+        "runner: network: the proxy denied 127.0.0.1:{denied} (not in this runner's allowlist)"
     );
+    let at = |needle: &str| {
+        r.stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?}: {r}"))
+    };
+    assert!(at("allowed-rc=0") < at(&line), "{r}");
+    assert!(at(&line) < at("denied-rc=1"), "{r}");
+    assert_eq!(r.stdout.matches(&line).count(), 1, "once: {r}");
     assert_eq!(denied_hits.load(Ordering::SeqCst), 0, "{r}");
     assert_eq!(allowed_hits.load(Ordering::SeqCst), 1, "{r}");
 }

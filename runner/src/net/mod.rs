@@ -98,17 +98,19 @@ impl JobNetwork {
         }
     }
 
-    /// One line per host the proxy denied since the last call, for the job log.
-    pub fn denial_notes(&self) -> Vec<String> {
-        let Some(proxy) = &self.proxy else {
-            return Vec::new();
-        };
-        proxy
-            .take_denials()
-            .into_iter()
-            .map(|d| format!("network: the proxy denied {d} (not in this runner's allowlist)"))
-            .collect()
+    /// The proxy's denials, when the job has a proxy.
+    pub fn denials(&self) -> Option<proxy::Denials> {
+        self.proxy.as_ref().map(proxy::Proxy::denials)
     }
+}
+
+/// One log line per host the proxy denied since the last take.
+pub fn denial_notes(denials: &proxy::Denials) -> Vec<String> {
+    denials
+        .take()
+        .into_iter()
+        .map(|d| format!("network: the proxy denied {d} (not in this runner's allowlist)"))
+        .collect()
 }
 
 /// Parses a serve config's `network` value.

@@ -141,7 +141,25 @@ impl Proxy {
     /// The denied hosts (`host:port`) since the last call, sorted, and a line for those
     /// beyond [`MAX_DENIALS`].
     pub fn take_denials(&self) -> Vec<String> {
-        let mut d = self.shared.denials.lock().expect("proxy denials lock");
+        self.denials().take()
+    }
+
+    /// A handle on the denials, for the step loop to log them as they happen.
+    pub fn denials(&self) -> Denials {
+        Denials(self.shared.clone())
+    }
+}
+
+/// What the proxy denied, taken while the job runs so that each denial lands in the log
+/// under the step that asked for it.
+#[derive(Debug, Clone)]
+pub struct Denials(Arc<Shared>);
+
+impl Denials {
+    /// The denied hosts (`host:port`) not taken yet, sorted, and a line for those beyond
+    /// [`MAX_DENIALS`]. A host is reported once per take: asked again later, it is again.
+    pub fn take(&self) -> Vec<String> {
+        let mut d = self.0.denials.lock().expect("proxy denials lock");
         let mut out: Vec<String> = std::mem::take(&mut d.0).into_iter().collect();
         if d.1 > 0 {
             out.push(format!("{} more requests for other hosts", d.1));

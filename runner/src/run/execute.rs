@@ -114,6 +114,7 @@ pub async fn run_suite_with(
         artifacts: Vec::new(),
         steps_done: 0,
         current: None,
+        denials: None,
     };
     let outcome = tokio::select! {
         o = run_inner(plan, settings, reporters, &mut state, interrupt) => o,
@@ -171,6 +172,8 @@ struct SuiteState<'a> {
     steps_done: usize,
     /// The step running right now, if any.
     current: Option<RunningStep>,
+    /// The job's network proxy's denials, logged under the step that asked.
+    denials: Option<crate::net::proxy::Denials>,
 }
 
 struct RunningStep {
@@ -358,6 +361,7 @@ async fn run_timed(
     });
     let mut cfg = vm_config(plan, settings, platform, image);
     cfg.network = network.vm.clone();
+    state.denials = network.denials();
     let mut vm = match Vm::boot(&cfg).await {
         Ok(vm) => vm,
         Err(e) => return vm_error(&e, false),
@@ -418,7 +422,14 @@ async fn run_timed(
         keep.as_ref(),
     )
     .await;
-    for message in network.denial_notes() {
+    // What was denied after the last step (e.g. a background process) goes last.
+    for message in state
+        .denials
+        .take()
+        .as_ref()
+        .map(crate::net::denial_notes)
+        .unwrap_or_default()
+    {
         reporters.emit(Event::Note { message });
     }
     // A timed-out step leaves its command running: stop hard. Otherwise stop politely.
@@ -820,7 +831,22 @@ async fn run_step<G: Guest>(
 ) -> StepEnd {
     let id = &plan.id;
     let current = state.current.insert(RunningStep::new(&step.name));
+    let denials = state.denials.clone();
     let mut live = |bytes: &[u8]| {
+        // A denied request shows up before the output of the tool that made it (which
+        // usually reports the 403 next), so the reason is under the failure it explains.
+        let notes = denials.as_ref().map(crate::net::denial_notes);
+        for note in notes.into_iter().flatten() {
+            let line = format!("runner: {note}\n");
+            current.tail.push(line.as_bytes());
+            reporters.emit(Event::Output {
+                id: id.clone(),
+                bytes: line.into_bytes(),
+            });
+        }
+        if bytes.is_empty() {
+            return;
+        }
         current.tail.push(bytes);
         reporters.emit(Event::Output {
             id: id.clone(),
@@ -846,6 +872,9 @@ async fn run_step<G: Guest>(
     for note in &notes {
         live(format!("\nrunner: {note}\n").as_bytes());
     }
+    // Denied after the step's last output: still this step's (a denial alone does not
+    // fail a step; the tool that was denied decides).
+    live(b"");
     let job_failed = Outcome::Failed {
         exit_code: None,
         signal: None,
@@ -1226,6 +1255,7 @@ mod tests {
             artifacts: Vec::new(),
             steps_done: 0,
             current: None,
+            denials: None,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
         let outcome = in_vm(
