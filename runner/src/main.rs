@@ -49,6 +49,9 @@ async fn run(cli: Cli) -> i32 {
     let root = std::path::absolute(&root).unwrap_or(root);
     let store = ImageStore::new(root);
     let status = Status::new(cli.quiet);
+    if !matches!(cli.command, Command::Serve(_)) {
+        trace_phases();
+    }
     // What every VM-running command shares; serve picks its own VM directory (swept
     // completely at start), the others share the cache's.
     let settings = |accel: AccelArg, saved_states, containment| RunSettings {
@@ -91,6 +94,21 @@ async fn run(cli: Cli) -> i32 {
         Command::Doctor { json: false } => commands::doctor::run(&store).await,
         Command::ProxyRelay { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// With `RUNNER_LOG` set (e.g. `RUNNER_LOG=debug`), the commands other than serve (which
+/// logs by itself) write their phases to stderr, each with the time since start: where a
+/// slow start spends its time.
+fn trace_phases() {
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The isolation layers this host offers; a layer that is off is said once, on one line.

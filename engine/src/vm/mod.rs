@@ -247,7 +247,10 @@ impl Vm {
         match Vm::start(cfg, Some(dir)).await {
             Ok(mut vm) => {
                 match resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
-                    Ok(()) => Ok(vm),
+                    Ok(()) => {
+                        tracing::debug!("after-resume helper answered");
+                        Ok(vm)
+                    }
                     Err(e) => {
                         vm.kill().await;
                         Err(format!("resumed VM did not respond: {e}"))
@@ -342,8 +345,10 @@ impl Vm {
                 let pinned = tokio::task::spawn_blocking(move || state::pin(&saved, &vm_dir))
                     .await
                     .map_err(|_| state::StateError::Changed)??;
+                tracing::debug!("saved state pinned");
                 let path = dir.join("overlay.qcow2");
                 overlay::create_overlay(&pinned.disk, &path).await?;
+                tracing::debug!("overlay created");
                 pinned_state = Some(pinned);
                 RootDisk {
                     path,
@@ -409,6 +414,7 @@ impl Vm {
             .prepare(&dir.id(), &cfg.qemu_binary, argv, &view, limits)?;
         let mut process = QemuProcess::spawn(launch, dir.path())
             .map_err(|source| VmError::Spawn { binary, source })?;
+        tracing::debug!("QEMU spawned");
         let job_limits = JobLimits::for_memory(cfg.memory_mib);
 
         let boot_timeout = match resume_from {
@@ -420,13 +426,16 @@ impl Vm {
             let qmp_stream = wait_for_socket(&sockets.qmp).await?;
             drop(qmp_stream); // probe only; QmpClient connects itself
             let mut qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
+            tracing::debug!("QMP connected");
             if let Some(pinned) = &pinned_state {
                 state::restore(&mut qmp, pinned).await?;
+                tracing::debug!("state loaded, VM running");
             }
             let output = wait_for_socket(&sockets.output).await?;
             let agent_stream = wait_for_socket(&sockets.agent).await?;
             let mut agent = AgentClient::new(agent_stream);
             agent.sync(boot_deadline).await?;
+            tracing::debug!("guest agent answers");
             if resume_from.is_none() {
                 // A resumed VM has its relay and cgroups already (it was saved with them).
                 set_up_guest(&mut agent, &job_limits).await?;
@@ -620,6 +629,7 @@ impl Vm {
             // A command that powers the guest off at once can take the agent's reply with it.
             Err(e) => return Err(self.agent_or_died(e).await),
         };
+        tracing::debug!(pid, "guest command started");
         self.left_running = Some(pid);
         let mut exited: Option<CommandEnd> = None;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
@@ -629,6 +639,7 @@ impl Vm {
         loop {
             let poll = if let Some(seen) = scanner.seen() {
                 if let Some(end) = exited {
+                    tracing::debug!("guest command ended");
                     self.left_running = None;
                     return Ok(match (seen, end) {
                         (exec::EndSeen::NotFound, CommandEnd::Exited(127)) => CommandEnd::NotFound,
@@ -881,6 +892,7 @@ impl Vm {
     /// Cannot fail: every step that does not work gives way to the next, harder one.
     pub async fn shutdown(mut self) {
         // An unanswered `quit` is no failure: the grace period and the signals follow.
+        tracing::debug!("stopping the VM");
         let _ = self.qmp.quit(QMP_TIMEOUT).await;
         if tokio::time::timeout(QUIT_GRACE, self.process.wait())
             .await
@@ -888,6 +900,7 @@ impl Vm {
         {
             let _ = self.process.terminate(SIGTERM_GRACE).await;
         }
+        tracing::debug!("QEMU exited");
     }
 
     /// Stops the VM at once (timeouts, cancellation): SIGTERM, then SIGKILL.

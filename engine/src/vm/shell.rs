@@ -30,7 +30,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keystrokes held for the port at most; beyond it, input waits (the guest is not reading).
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 
-/// Where the session's pseudo-terminal is written (for `stty -F` on resize).
+/// Where the session names its pseudo-terminal, as `/proc/PID/fd/0` of the interactive shell
+/// (for `stty -F` on resize; no `tty` process to start).
 const TTY_FILE: &str = "/run/runner/shell.tty";
 /// Keystrokes from the port, read by `script` as its standard input.
 const INPUT_FIFO: &str = "/run/runner/shell.in";
@@ -65,12 +66,13 @@ pub struct ShellSpec {
 /// The session's guest side, run by `/bin/sh -c` with `$1` end marker, `$2` rows, `$3` cols,
 /// `$4` directory, `$5` ready marker (the two-way relay runs: keys sent before it would be
 /// lost with the one-way relay's port). The relay's two `cat`s stay outside the job cgroup (they are the
-/// runner's); the shell enters it, like a step.
+/// runner's); the shell enters it, like a step. The one-way relay is found with the shell's
+/// own `-ef` test (same device and inode as the port): a `readlink` process per guest process
+/// cost seconds under TCG before the prompt appeared.
 const SESSION: &str = r#"marker=$1 rows=$2 cols=$3 dir=$4 ready=$5
 port=/dev/virtio-ports/PORT
-dev=$(readlink -f "$port")
 for p in /proc/[0-9]*; do
-  [ "$(readlink "$p/fd/1" 2>/dev/null)" = "$dev" ] && kill "${p#/proc/}" 2>/dev/null
+  [ "$p/fd/1" -ef "$port" ] && kill "${p#/proc/}" 2>/dev/null
 done
 i=0
 until (exec 3<>"$port") 2>/dev/null; do
@@ -86,7 +88,7 @@ exec 3>&-
 printf '%s' "$ready" >OUTPUT
 echo $$ >JOB/cgroup.procs && echo 0 >/proc/self/oom_score_adj || { echo "runner: cannot enter the job cgroup JOB" >OUTPUT; printf '%s' "$marker" >OUTPUT; exit 125; }
 cd "$dir" 2>/dev/null || { echo "runner: no directory $dir in the guest" >OUTPUT; printf '%s' "$marker" >OUTPUT; exit 126; }
-SHELL=/bin/bash script -qec "stty rows $rows cols $cols; tty >TTY_FILE; exec bash -i" /dev/null <>INPUT >OUTPUT 2>&1
+SHELL=/bin/bash script -qec "stty rows $rows cols $cols; echo /proc/\$\$/fd/0 >TTY_FILE; exec bash -i" /dev/null <>INPUT >OUTPUT 2>&1
 rc=$?
 printf '%s' "$marker" >OUTPUT
 exit $rc"#;

@@ -616,6 +616,7 @@ async fn in_vm<G: Guest>(
     if let Err(o) = guest.prepare(plan, archive).await {
         return o;
     }
+    tracing::debug!("workspace and files in the guest");
     let steps = run_steps(
         plan,
         guest,
@@ -634,9 +635,11 @@ async fn in_vm<G: Guest>(
         so_far = Outcome::Cancelled;
     }
     // Results come back even when a step failed: that is when they matter most.
+    tracing::debug!("steps done");
     let results = guest
         .collect_results(plan, &mut state.reports, &mut state.artifacts)
         .await;
+    tracing::debug!("results collected");
     Outcome::combine(&[so_far, results])
 }
 
