@@ -41,7 +41,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Open an interactive shell in a fresh VM (exit the shell to stop it).
     Shell(ShellArgs),
-    /// Resume a failed step's saved VM (`runner test --keep-failed`) and open a shell in it.
+    /// Resume a failed step's saved VM (`runner test --keep-failed`) and open a shell in it
+    /// (or pack it for another machine: `--pack`).
     Debug(DebugArgs),
     /// Internal: what QEMU runs for each guest connection to a job's network proxy.
     #[command(name = "proxy-relay", hide = true)]
@@ -60,6 +61,14 @@ pub struct DebugArgs {
     /// interactive shell, print its output and exit with its status (for scripts and tests).
     #[arg(long, short = 'c', value_name = "CMD")]
     pub command: Option<String>,
+    /// Do not resume: pack the snapshot into FILE (a .tar.gz) and print, as markdown, the
+    /// commands that resume it on another machine (for a CI job's summary page).
+    #[arg(long, value_name = "FILE", conflicts_with = "command")]
+    pub pack: Option<PathBuf>,
+    /// With --pack: a command that brings FILE to the reader's machine, printed first
+    /// (repeatable; e.g. `gh run download RUN_ID -n ARTIFACT`).
+    #[arg(long, value_name = "CMD", requires = "pack")]
+    pub fetch: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -158,7 +167,9 @@ pub struct TestArgs {
     pub mode: Option<crate::suite::Mode>,
     /// When a step fails, save its VM (memory, devices, disk) into OUT/SUITE-ARCH/failed-vm
     /// for `runner debug`. The snapshot holds everything the job had, secrets included.
-    #[arg(long)]
+    /// `RUNNER_KEEP_FAILED=true` does the same (the variable GitLab jobs use; the GitHub
+    /// workflow template sets it from its `keep-failed` input).
+    #[arg(long, env = "RUNNER_KEEP_FAILED")]
     pub keep_failed: bool,
     /// Guest network: none, proxy (HTTP(S) through an allowlisting proxy) or full. The
     /// network `-- CMD` gets, and the most a runner.toml suite may ask for [default: none].

@@ -16,6 +16,7 @@ pub mod report;
 pub mod run;
 pub mod serve;
 pub mod snapshot;
+pub mod snapshot_archive;
 pub mod sources;
 pub mod suite;
 pub mod terminal;

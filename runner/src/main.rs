@@ -85,6 +85,7 @@ async fn run(cli: Cli) -> i32 {
             let settings = settings(args.accel, !args.cold_boot, containment().await);
             commands::shell::run(args, settings, status).await
         }
+        Command::Debug(args) if args.pack.is_some() => commands::debug::pack(&args),
         Command::Debug(args) => {
             let settings = settings(AccelArg::Auto, false, containment().await);
             commands::debug::run(args, settings, status).await

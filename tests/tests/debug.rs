@@ -177,3 +177,85 @@ fn a_directory_that_is_no_snapshot_is_refused_in_one_line_without_a_vm() {
     assert!(run.stderr.contains("no complete saved VM"), "{run}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn pack_makes_an_archive_that_unpacks_where_its_printed_commands_say() {
+    // No VM: the manifest and state files are what --pack checks and carries.
+    let cache = private_cache();
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("runner-out/unit-riscv64/failed-vm");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifest = "version = 1\narch = \"riscv64\"\nimage = \"debian-13\"\nimage_key = \"debian-13-riscv64-0123456789abcdef\"\nrootfs_sha256 = \"".to_string()
+        + &"ab".repeat(32)
+        + "\"\nqemu_version = \"10.0.2\"\naccel = \"tcg\"\ncpus = 2\nmemory_mib = 1024\nstate_format = 5\nsuite = \"unit\"\nstep = \"check\"\ncwd = \"/workspace\"\nsaved_at_unix = 0\n[env]\n";
+    std::fs::write(dir.join("snapshot.toml"), manifest).expect("manifest");
+    for f in ["ram.bin", "disk.qcow2", "meta.json"] {
+        std::fs::write(dir.join(f), f).expect("state file");
+    }
+    std::fs::create_dir(work.path().join("packed")).expect("packed");
+    let run = runner_with_cache(
+        work.path(),
+        &[
+            "debug",
+            "runner-out/unit-riscv64/failed-vm",
+            "--pack",
+            "packed/unit-riscv64.tar.gz",
+            "--fetch",
+            "gh run download 1234 -R octo/demo -n runner-failed-vm-riscv64",
+        ],
+        cache.path(),
+    );
+    assert_eq!(run.code, 0, "{run}");
+    let md = &run.stdout;
+    assert!(
+        md.starts_with("### Failed VM saved: suite `unit` on riscv64, step `check`"),
+        "{md}"
+    );
+    assert!(md.contains("secrets included"), "{md}");
+    let commands = "```sh\ngh run download 1234 -R octo/demo -n runner-failed-vm-riscv64\nmkdir -p unit-riscv64 && tar -xzf unit-riscv64.tar.gz -C unit-riscv64\nrunner images build --arch riscv64 debian-13\nrunner debug unit-riscv64/failed-vm\n```\n";
+    assert!(md.ends_with(commands), "{md}");
+    use std::os::unix::fs::PermissionsExt;
+    let archive = work.path().join("packed/unit-riscv64.tar.gz");
+    let mode = std::fs::metadata(&archive)
+        .expect("archive")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the archive holds the job's secrets");
+    // Where the download puts it, the printed unpack command gives runner debug its DIR.
+    let unpack = md
+        .lines()
+        .find(|l| l.starts_with("mkdir -p"))
+        .expect("unpack line");
+    let ok = std::process::Command::new("sh")
+        .args(["-c", unpack])
+        .current_dir(work.path().join("packed"))
+        .status()
+        .expect("sh")
+        .success();
+    assert!(ok);
+    let unpacked = work.path().join("packed/unit-riscv64/failed-vm");
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("meta.json")).expect("meta.json"),
+        "meta.json"
+    );
+    // Not a snapshot, or a name without .tar.gz: refused in one line.
+    let bad = runner_with_cache(
+        work.path(),
+        &["debug", "packed", "--pack", "x.tar.gz"],
+        cache.path(),
+    );
+    assert_eq!(bad.code, 78, "{bad}");
+    assert!(bad.stderr.contains("snapshot.toml cannot be read"), "{bad}");
+    let bad = runner_with_cache(
+        work.path(),
+        &[
+            "debug",
+            "runner-out/unit-riscv64/failed-vm",
+            "--pack",
+            "x.zip",
+        ],
+        cache.path(),
+    );
+    assert_eq!(bad.code, 2, "{bad}");
+    assert!(bad.stderr.contains("name the archive NAME.tar.gz"), "{bad}");
+}

@@ -1035,3 +1035,205 @@ fn runner_toml_over_the_operators_limits_gets_a_failed_check_run_naming_the_cap(
     assert_eq!(code, 0, "{log}");
     assert_nothing_left(cache.path());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Failure snapshots: kept by the service, served at a capability link.
+
+/// A suite that fails with something to find in its VM, in a 1 GiB guest.
+const SNAPSHOT_SUITE: &str = r#"[defaults]
+arch = ["riscv64"]
+memory = "1G"
+
+[[suite]]
+name = "keep"
+keep_failed = true
+
+  [[suite.step]]
+  name = "break"
+  run = "echo evidence-from-the-app > evidence.txt; exit 3"
+"#;
+
+/// GETs `path` from the server: the status, the headers (lower-case names) and the body.
+fn get(addr: &str, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream
+        .take(512 << 20)
+        .read_to_end(&mut response)
+        .expect("the response");
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers");
+    let head = String::from_utf8_lossy(&response[..end]).into_owned();
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (code, headers, response[end + 4..].to_vec())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_failed_suite_with_keep_failed_is_served_at_a_link_that_runner_debug_resumes() {
+    let keys = Keys::new();
+    let fake = FakeGithub::start(APP_ID, &keys.public_pem);
+    let cache = private_cache();
+    let (repo, sha) = git_repo(&[("runner.toml", SNAPSHOT_SUITE)]);
+    let serve = Serve::start(
+        &keys,
+        &fake,
+        cache.path(),
+        "failure_snapshots = { url = \"https://runner.example.com/\", keep = \"1h\", max_total = \"2G\" }",
+    );
+    let url = repo.path().display().to_string();
+    let (code, _) = serve.deliver("check_suite", "snap-1", &check_suite("snap", &url, &sha));
+    assert_eq!(code, 202, "{}", serve.log());
+    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 1));
+    assert!(ok, "{runs:#?}\n{}", serve.log());
+    let run = &runs[0];
+    assert_eq!(run.conclusion.as_deref(), Some("failure"), "{run:#?}");
+    let summary = run.summary();
+    // The summary ends with the commands; the link is the operator's URL and a 256-bit id.
+    let prefix = "curl -fLo failed-vm.tar.gz https://runner.example.com/snapshots/";
+    let curl = summary
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no download command in:\n{summary}\n{}", serve.log()));
+    let name = &curl[prefix.len()..];
+    let id = name.strip_suffix(".tar.gz").expect("NAME.tar.gz");
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    assert!(
+        summary.contains("secrets included; anyone with the link can download it"),
+        "{summary}"
+    );
+    // The runner's note about the save is in the log, without the host's paths.
+    let text = run.output["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("saved the failed VM (step 'break')"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&cache.path().display().to_string()),
+        "{text}"
+    );
+    let tail = "mkdir -p keep-riscv64 && tar -xzf failed-vm.tar.gz -C keep-riscv64\nrunner images build --arch riscv64 debian-13\nrunner debug keep-riscv64/failed-vm\n```";
+    assert!(summary.trim_end().ends_with(tail), "{summary}");
+
+    // The link serves the packed snapshot, streamed with its length and type.
+    let (code, headers, body) = get(&serve.addr, &format!("/snapshots/{name}"));
+    assert_eq!(code, 200, "{headers:?}\n{}", serve.log());
+    assert_eq!(header(&headers, "content-type"), Some("application/gzip"));
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    eprintln!(
+        "kept failure snapshot of a 1 GiB riscv64 guest: {:.1} MiB compressed ({} bytes)",
+        body.len() as f64 / f64::from(1 << 20),
+        body.len()
+    );
+    // Unknown ids, other names and the directory itself: 404, nothing listed.
+    let unknown = hex::encode([0x5au8; 32]);
+    for path in [
+        format!("/snapshots/{unknown}.tar.gz"),
+        format!("/snapshots/{id}"),
+        format!("/snapshots/{}.tar.gz", id.to_uppercase()),
+        "/snapshots/".to_string(),
+        "/snapshots/..%2f..%2fgithub".to_string(),
+    ] {
+        let (code, _, body) = get(&serve.addr, &path);
+        assert_eq!(code, 404, "{path}: {}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains(id), "{path}");
+    }
+
+    // Elsewhere: the summary's commands, with the download done above.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("failed-vm.tar.gz"), &body).unwrap();
+    let unpack = summary
+        .lines()
+        .find(|l| l.starts_with("mkdir -p keep-riscv64"))
+        .unwrap();
+    let ok = Command::new("sh")
+        .args(["-c", unpack])
+        .current_dir(elsewhere.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{unpack}");
+    let debug = runner_with_cache(
+        elsewhere.path(),
+        &[
+            "debug",
+            "keep-riscv64/failed-vm",
+            "-c",
+            "cat evidence.txt; pwd",
+        ],
+        cache.path(),
+    );
+    assert_eq!(debug.code, 0, "{debug}");
+    assert!(
+        debug.stdout.contains("evidence-from-the-app\n/workspace"),
+        "{debug}"
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    let (code, log) = serve.stop("TERM");
+    assert_eq!(code, 0, "{log}");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
+fn keep_failed_without_the_operators_setting_keeps_nothing_and_says_why() {
+    let keys = Keys::new();
+    let fake = FakeGithub::start(APP_ID, &keys.public_pem);
+    let cache = private_cache();
+    let (repo, sha) = git_repo(&[("runner.toml", SNAPSHOT_SUITE)]);
+    let serve = Serve::start(&keys, &fake, cache.path(), "");
+    let url = repo.path().display().to_string();
+    let (code, _) = serve.deliver("check_suite", "snap-2", &check_suite("snap", &url, &sha));
+    assert_eq!(code, 202, "{}", serve.log());
+    let (runs, ok) = fake.wait_for(VM_RUN_DEADLINE, |r| completed(r, 1));
+    assert!(ok, "{runs:#?}\n{}", serve.log());
+    let run = &runs[0];
+    assert_eq!(run.conclusion.as_deref(), Some("failure"), "{run:#?}");
+    let summary = run.summary();
+    assert!(
+        summary.contains("`keep_failed = true` in runner.toml is ignored here")
+            && summary.contains("has not set `failure_snapshots`"),
+        "{summary}"
+    );
+    assert!(!summary.contains("curl"), "{summary}");
+    // Nothing saved: no snapshot store, and the link route answers 404.
+    assert!(!cache.path().join("github-snapshots").exists());
+    let (code, _, _) = get(
+        &serve.addr,
+        &format!("/snapshots/{}.tar.gz", hex::encode([1u8; 32])),
+    );
+    assert_eq!(code, 404);
+    let text = run.output["text"].as_str().unwrap_or("");
+    assert!(text.contains("exit 3") || text.contains("break"), "{text}");
+    assert!(!text.contains("saved the failed VM"), "{text}");
+    let (code, log) = serve.stop("TERM");
+    assert_eq!(code, 0, "{log}");
+    assert_nothing_left(cache.path());
+}

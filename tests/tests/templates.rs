@@ -101,6 +101,8 @@ impl Context {
                 "/tmp/github-file".into()
             }
             "HOME" => "/root".into(),
+            "GITHUB_RUN_ID" => "1234".into(),
+            "GITHUB_REPOSITORY" => "octo/demo".into(),
             _ => self
                 .env
                 .get(name)
@@ -431,6 +433,45 @@ fn the_matrix_workflow_caches_on_the_image_key_and_reports() {
         upload["if"].as_str(),
         Some("always()"),
         "upload failing runs too"
+    );
+    // Failed VMs: off unless asked for, packed by runner itself (which prints the commands
+    // for the summary), uploaded on failure only, and never raw inside the other artifact.
+    let inputs = &doc["on"]["workflow_call"]["inputs"];
+    assert_eq!(inputs["keep-failed"]["default"].as_bool(), Some(false));
+    assert_eq!(
+        test["env"]["RUNNER_KEEP_FAILED"].as_str(),
+        Some("${{ inputs.keep-failed }}")
+    );
+    assert!(upload["with"]["path"]
+        .as_str()
+        .unwrap()
+        .contains("!${{ env.OUT }}/*/failed-vm"));
+    let pack = step(&|s| s["run"].as_str().is_some_and(|r| r.contains("--pack")))
+        .expect("a step packing the failed VMs");
+    assert_eq!(pack["if"].as_str(), Some("failure()"));
+    let script = pack["run"].as_str().unwrap();
+    for want in [
+        "runner debug \"$dir\" --pack",
+        "gh run download $GITHUB_RUN_ID -R $GITHUB_REPOSITORY -n $FAILED_VM_ARTIFACT",
+        ">> \"$GITHUB_STEP_SUMMARY\"",
+    ] {
+        assert!(script.contains(want), "{want} missing: {script}");
+    }
+    let vm_upload = step(&|s| {
+        s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+            && s["with"]["name"].as_str() == Some("${{ env.FAILED_VM_ARTIFACT }}")
+    })
+    .expect("an upload of the failed VMs");
+    assert_eq!(vm_upload["if"].as_str(), Some("failure()"));
+    assert_eq!(
+        vm_upload["with"]["path"].as_str(),
+        Some("runner-failed-vm/")
+    );
+    assert_eq!(
+        job["env"]["FAILED_VM_ARTIFACT"].as_str(),
+        Some("runner-failed-vm-${{ matrix.arch }}")
     );
 }
 

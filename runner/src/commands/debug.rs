@@ -7,6 +7,10 @@
 //! cache and must have the same root disk, QEMU must be the same version (a migration
 //! stream loads only into the QEMU that wrote it), and the saved disk is re-based onto the
 //! local image in a private copy of the state (`engine::vm::state::adopt`).
+//!
+//! `--pack FILE` resumes nothing: it packs the snapshot for another machine
+//! (`snapshot_archive`) and prints the commands that resume it there, as markdown for a CI
+//! job's summary (the GitHub Actions template appends them to `$GITHUB_STEP_SUMMARY`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -114,6 +118,83 @@ pub async fn run(args: DebugArgs, settings: RunSettings, status: Status) -> i32 
     vm.kill().await;
     drop(adopted);
     code
+}
+
+/// `runner debug DIR --pack FILE [--fetch CMD]…`: packs the snapshot into FILE and prints
+/// the markdown that says how to resume it.
+pub fn pack(args: &DebugArgs) -> i32 {
+    let Some(out) = &args.pack else {
+        return exit::USAGE;
+    };
+    match pack_to(&args.dir, out, &args.fetch) {
+        Ok(markdown) => {
+            print!("{markdown}");
+            0
+        }
+        Err(r) => {
+            eprintln!("runner: {}", r.message);
+            r.code
+        }
+    }
+}
+
+fn pack_to(dir: &Path, out: &Path, fetch: &[String]) -> Result<String, Refusal> {
+    let snap = snapshot::load(dir).map_err(|e| Refusal::new(exit::CONFIG, e.to_string()))?;
+    if !state::is_complete(dir) {
+        return Err(Refusal::new(
+            exit::CONFIG,
+            format!(
+                "{} has a manifest but no complete saved VM (ram.bin, disk.qcow2, meta.json)",
+                dir.display()
+            ),
+        ));
+    }
+    let file_name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.ends_with(".tar.gz") && n.len() > ".tar.gz".len())
+        .ok_or_else(|| {
+            Refusal::new(
+                exit::USAGE,
+                format!("--pack {}: name the archive NAME.tar.gz", out.display()),
+            )
+        })?;
+    let io =
+        |e: std::io::Error| Refusal::new(exit::IO, format!("cannot write {}: {e}", out.display()));
+    // It holds the job's secrets: readable by us alone, like the snapshot itself.
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io)?;
+    let file = crate::snapshot_archive::pack(dir, std::io::BufWriter::new(file))
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let into = file_name.trim_end_matches(".tar.gz");
+    let m = &snap.manifest;
+    let commands = crate::snapshot_archive::resume_commands(
+        fetch,
+        file_name,
+        Some(into),
+        snap.arch,
+        snap.image.as_str(),
+    );
+    let code = |t: &str| t.replace('`', "'");
+    Ok(format!(
+        "### Failed VM saved: suite `{suite}` on {arch}, step `{step}`\n\n\
+         `{file_name}`, {mib:.1} MiB. **Careful: {warning}.** Resume it where `runner` is installed:\n\n\
+         ```sh\n{lines}\n```\n",
+        suite = code(&m.suite),
+        arch = snap.arch,
+        step = code(&m.step),
+        mib = size as f64 / f64::from(1 << 20),
+        warning = crate::snapshot_archive::HOLDS_SECRETS,
+        lines = commands.join("\n"),
+    ))
 }
 
 /// Checks the snapshot in `dir` against this host and makes its private resumable copy:

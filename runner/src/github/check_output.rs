@@ -28,6 +28,22 @@ fn fit_output(s: String) -> String {
     format!("{}{NOTE}", truncate(&s, MAX_OUTPUT_CHARS - NOTE.len()))
 }
 
+/// `summary` followed by `epilogue`, within GitHub's limit: the summary is cut, never the
+/// epilogue (the commands at the end of it must stay whole).
+pub fn with_epilogue(summary: String, epilogue: &str) -> String {
+    let room = MAX_OUTPUT_CHARS.saturating_sub(epilogue.len() + 2);
+    let summary = if summary.len() > room {
+        const NOTE: &str = "\n\n*… cut to fit GitHub's 65,535-character limit.*";
+        format!(
+            "{}{NOTE}",
+            truncate(&summary, room.saturating_sub(NOTE.len()))
+        )
+    } else {
+        summary
+    };
+    fit_output(format!("{}\n\n{epilogue}", summary.trim_end()))
+}
+
 /// The check run's conclusion and headline for `outcome`: THE mapping from the one
 /// classification. An infrastructure error is a failure whose title says it was not the
 /// tests' fault.
@@ -172,6 +188,19 @@ mod tests {
             assert!(title.contains(frag), "{o}: {title}");
             assert!(!title.contains('\n'), "{title}");
         }
+    }
+
+    #[test]
+    fn an_epilogue_survives_a_summary_at_the_limit() {
+        let end = "### Failed VM\n\n```sh\nrunner debug unit-riscv64/failed-vm\n```\n";
+        let full = with_epilogue("x".repeat(MAX_OUTPUT_CHARS), end);
+        assert!(full.len() <= MAX_OUTPUT_CHARS, "{}", full.len());
+        assert!(full.ends_with(end));
+        assert!(full.contains("cut to fit"));
+        assert_eq!(
+            with_epilogue("short\n".into(), end),
+            format!("short\n\n{end}")
+        );
     }
 
     #[test]

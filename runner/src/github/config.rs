@@ -63,6 +63,84 @@ pub struct GithubConfig {
     /// Caps on what a repository's runner.toml may ask for (`[github.limits]`).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Keep failed VMs of suites with `keep_failed = true` and serve them for download
+    /// (`github::snapshots`). Off unless set: a snapshot holds the job's memory.
+    pub failure_snapshots: Option<SnapshotsConfig>,
+}
+
+/// `[github] failure_snapshots = { url = "https://runner.example.com", keep = "3d", max_total = "20G" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// This server's address as the check run's readers reach it (the listen address is
+    /// often not): download links are `URL/snapshots/ID.tar.gz`.
+    pub url: String,
+    /// How long a snapshot can be downloaded ("3d").
+    #[serde(default = "default_keep")]
+    pub keep: String,
+    /// The most disk all kept snapshots may use ("20G"); the oldest go first.
+    #[serde(default = "default_max_total")]
+    pub max_total: String,
+}
+
+fn default_keep() -> String {
+    "3d".into()
+}
+fn default_max_total() -> String {
+    "20G".into()
+}
+
+/// [`SnapshotsConfig`], checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshots {
+    /// Without a trailing `/`.
+    pub url: String,
+    pub keep: Duration,
+    pub max_total: u64,
+}
+
+impl SnapshotsConfig {
+    pub fn validate(&self) -> Result<Snapshots, String> {
+        let url = reqwest::Url::parse(&self.url).map_err(|e| {
+            format!(
+                "[github] failure_snapshots.url '{}' is not a URL: {e}",
+                self.url
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || url.host_str().is_none()
+        {
+            return Err(format!(
+                "[github] failure_snapshots.url '{}' must be an http(s) URL without query, like \"https://runner.example.com\"",
+                self.url
+            ));
+        }
+        let keep = match humantime::parse_duration(&self.keep) {
+            Ok(d) if d >= Duration::from_secs(60) => d,
+            _ => {
+                return Err(format!(
+                    "[github] failure_snapshots.keep '{}' is not a duration of a minute or more, like \"3d\"",
+                    self.keep
+                ))
+            }
+        };
+        let max_total = match engine::size::parse_size(&self.max_total) {
+            Ok(b) if b >= 1 << 20 => b,
+            _ => {
+                return Err(format!(
+                    "[github] failure_snapshots.max_total '{}' is not a size of 1M or more, like \"20G\"",
+                    self.max_total
+                ))
+            }
+        };
+        Ok(Snapshots {
+            url: url.as_str().trim_end_matches('/').to_string(),
+            keep,
+            max_total,
+        })
+    }
 }
 
 fn default_images() -> Vec<engine::image::ImageName> {
@@ -146,7 +224,16 @@ impl GithubConfig {
         self.clone_timeout()?;
         self.limits()?;
         crate::sources::check_protocols("[github]", &self.git_protocols)?;
+        self.snapshots()?;
         Ok(())
+    }
+
+    /// The validated `failure_snapshots`, if the operator set it.
+    pub fn snapshots(&self) -> Result<Option<Snapshots>, String> {
+        self.failure_snapshots
+            .as_ref()
+            .map(SnapshotsConfig::validate)
+            .transpose()
     }
 
     /// The validated `[github.limits]`.
@@ -343,6 +430,51 @@ mod tests {
             .to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn failure_snapshots_are_off_unless_set_and_checked() {
+        assert_eq!(parse("webhook_secret = \"s\"").snapshots(), Ok(None));
+        let c = parse(
+            "webhook_secret = \"s\"\nfailure_snapshots = { url = \"https://runner.example.com/ci/\" }",
+        );
+        assert_eq!(
+            c.snapshots().unwrap().unwrap(),
+            Snapshots {
+                url: "https://runner.example.com/ci".into(),
+                keep: Duration::from_secs(3 * 24 * 3600),
+                max_total: 20 << 30,
+            }
+        );
+        // (failure_snapshots, error fragment)
+        let cases = [
+            ("{ url = \"runner.example.com\" }", "failure_snapshots.url"),
+            ("{ url = \"ftp://x\" }", "must be an http(s) URL"),
+            ("{ url = \"https://x/?a=b\" }", "without query"),
+            (
+                "{ url = \"https://x\", keep = \"soon\" }",
+                "failure_snapshots.keep 'soon'",
+            ),
+            ("{ url = \"https://x\", keep = \"1s\" }", "a minute or more"),
+            (
+                "{ url = \"https://x\", max_total = \"1K\" }",
+                "failure_snapshots.max_total '1K'",
+            ),
+        ];
+        for (value, want) in cases {
+            let e = parse(&format!(
+                "webhook_secret = \"s\"\nfailure_snapshots = {value}"
+            ))
+            .check()
+            .unwrap_err();
+            assert!(e.contains(want), "{value}: {e}");
+        }
+        let e = toml::from_str::<GithubConfig>(
+            "listen = \"127.0.0.1:0\"\napp_id = 1\nprivate_key_path = \"/k\"\nfailure_snapshots = { url = \"https://x\", path = \"/tmp\" }",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `path`"), "{e}");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Shared {
     pub work_dir: PathBuf,
     /// Permits for [`PARALLEL_CHECKOUTS`].
     pub checkouts: tokio::sync::Semaphore,
+    /// Where failed VMs are kept for download; `None` unless the operator set
+    /// `failure_snapshots` (a runner.toml's `keep_failed` is then ignored).
+    pub snapshots: Option<Arc<super::snapshots::Store>>,
 }
 
 /// `runner / unit (riscv64)`.
@@ -280,10 +283,6 @@ async fn plans_for(
     }
     for plan in &mut plans {
         shared.limits.apply(plan);
-        // A failure snapshot stays on this host, where no one can use it (uploading one
-        // as a check run's artifact is not built yet): a repository must not fill the
-        // service's disk with them.
-        plan.keep_failed = false;
     }
     if let Some(only) = only.filter(|o| o != EXTERNAL_ID_ALL) {
         plans.retain(|p| external_id(p) == only);
@@ -354,7 +353,7 @@ async fn run_plan(
     shared: Arc<Shared>,
     repo: Repo,
     id: u64,
-    plan: SuitePlan,
+    mut plan: SuitePlan,
     render: RenderContext,
     // Keeps the checkout alive until every plan of the job is done.
     _dir: Arc<tempfile::TempDir>,
@@ -373,10 +372,15 @@ async fn run_plan(
             return;
         }
     };
+    // A snapshot is kept only where the operator provides the room and the link for it: a
+    // repository must not fill the service's disk with VMs no one can reach.
+    let asked_to_keep = plan.keep_failed;
+    plan.keep_failed = asked_to_keep && shared.snapshots.is_some();
     let (rep, rx) = CheckRunReporter::new();
+    let (epilogue_tx, epilogue) = tokio::sync::oneshot::channel();
     // In the current span: the publisher's logs then name the delivery, repo and suite.
     let publisher = tokio::spawn(
-        reporter::publish(shared.checks.clone(), repo, id, rx, render).in_current_span(),
+        reporter::publish(shared.checks.clone(), repo, id, rx, render, epilogue).in_current_span(),
     );
     let mut reporters = Reporters::default();
     reporters.add(Box::new(rep));
@@ -391,7 +395,58 @@ async fn run_plan(
     drop(slot);
     drop(reporters);
     tracing::info!(%outcome, "suite finished");
+    // The check run completes with the summary's last part: the kept snapshot's link, or
+    // why there is none (a dropped sender adds nothing).
+    let note = match &shared.snapshots {
+        None if asked_to_keep && matches!(outcome, Outcome::Failed { .. } | Outcome::TimedOut) => {
+            Some(super::snapshots::NOT_ENABLED.to_string())
+        }
+        Some(store) if plan.keep_failed => keep_snapshot(store, &plan).await,
+        _ => None,
+    };
+    match note {
+        Some(note) => {
+            let _ = epilogue_tx.send(note);
+        }
+        None => drop(epilogue_tx),
+    }
     let _ = publisher.await;
+}
+
+/// Packs the plan's failure snapshot, if its run saved one, into the store; the summary's
+/// last part that says where it is (or why it could not be kept).
+async fn keep_snapshot(store: &Arc<super::snapshots::Store>, plan: &SuitePlan) -> Option<String> {
+    let dir = plan.out_dir.join(crate::snapshot::DIR_NAME);
+    if !dir.join(crate::snapshot::MANIFEST).is_file() {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    let packing = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.put(&dir))
+    };
+    match packing.await {
+        Ok(Ok(kept)) => {
+            tracing::info!(
+                id_prefix = &kept.id[..8],
+                bytes = kept.size,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "failure snapshot kept for download"
+            );
+            Some(super::snapshots::kept_summary(
+                store,
+                &kept,
+                &plan.id.suite,
+                plan.id.arch,
+                plan.image.as_str(),
+            ))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %super::chain(&e), "failure snapshot not kept");
+            Some(super::snapshots::not_kept(&super::chain(&e)))
+        }
+        Err(e) => Some(super::snapshots::not_kept(&e.to_string())),
+    }
 }
 
 /// Refuses what a service must not run for whoever can push a commit: host commands (unless

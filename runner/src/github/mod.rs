@@ -6,7 +6,8 @@
 //! `payload` (payload → what to run) → `job` (checkout, runner.toml, plans, scheduler slot,
 //! `execute::run_suite`) → `reporter` (events → milestones, via `report::collect`) →
 //! `check_output` (conclusion, `report::summary`, log text) and `annotate` (annotations) →
-//! `checks` (Checks API, `retry`) with tokens from `app`. Leaves: `wire` (the API's shapes
+//! `checks` (Checks API, `retry`) with tokens from `app`; a failed VM kept for download goes
+//! to `snapshots`, which `service` also serves. Leaves: `wire` (the API's shapes
 //! and limits), `retry`, `config`.
 
 pub mod annotate;
@@ -19,6 +20,7 @@ pub mod payload;
 pub mod reporter;
 pub mod retry;
 pub mod service;
+pub mod snapshots;
 pub mod webhook;
 pub mod wire;
 
@@ -83,6 +85,17 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
     if swept > 0 {
         tracing::info!(swept, "removed checkouts left by an earlier service");
     }
+    let snapshots = match config.snapshots().map_err(ServeError::Config)? {
+        Some(settings) => {
+            let dir = ctx.settings.store.root().join("github-snapshots");
+            let store = snapshots::Store::open(&dir, settings).map_err(|e| {
+                ServeError::Config(format!("[github] failure_snapshots: {}", chain(&e)))
+            })?;
+            tracing::info!(dir = %dir.display(), "failed VMs of suites with keep_failed are kept for download");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     let shared = Arc::new(job::Shared {
         app,
         checks,
@@ -95,6 +108,18 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
         allowed_images: config.allowed_images.clone(),
         work_dir,
         checkouts: tokio::sync::Semaphore::new(job::PARALLEL_CHECKOUTS),
+        snapshots: snapshots.clone(),
+    });
+    // Expired snapshots are refused at once; this frees their disk.
+    let sweeper = snapshots.map(|store| {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(snapshots::SWEEP_EVERY);
+            loop {
+                every.tick().await;
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.sweep()).await;
+            }
+        })
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -102,7 +127,7 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
             addr: config.listen,
             source,
         })?;
-    service::serve(
+    let served = service::serve(
         listener,
         &config.webhook_path,
         max_body,
@@ -110,7 +135,11 @@ pub async fn serve(config: GithubConfig, ctx: ServeContext) -> Result<(), ServeE
         shared,
     )
     .await
-    .map_err(ServeError::Server)
+    .map_err(ServeError::Server);
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
+    served
 }
 
 /// A checkout untouched for this long belongs to no running job (the longest suite timeout

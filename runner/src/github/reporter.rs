@@ -55,14 +55,18 @@ pub struct RenderContext {
 
 /// PATCHes check run `id` as milestones arrive; returns once it is completed. A run that
 /// ends without a result (the reporter dropped early) is completed as a failure rather than
-/// left `in_progress` forever.
+/// left `in_progress` forever. The finished run's summary ends with what `epilogue` brings
+/// (a failure snapshot's link), waited for after the run ended; nothing if its sender is
+/// dropped.
 pub async fn publish(
     checks: Checks,
     repo: Repo,
     id: u64,
     mut rx: mpsc::UnboundedReceiver<Milestone>,
     render: RenderContext,
+    epilogue: tokio::sync::oneshot::Receiver<String>,
 ) {
+    let mut epilogue = Some(epilogue);
     let span = tracing::info_span!("check_run", check_run_id = id);
     async move {
         while let Some(m) = rx.recv().await {
@@ -79,7 +83,13 @@ pub async fn publish(
                         tracing::warn!(error = %super::chain(&e), "cannot mark the check run in progress");
                     }
                 }
-                Milestone::Finished(run) => {
+                Milestone::Finished(mut run) => {
+                    // The runner's own notes name host paths (a failure snapshot's): the
+                    // job's directory means nothing to the reader.
+                    if let Some(job_dir) = render.checkout.parent() {
+                        let host = format!("{}/", job_dir.display());
+                        run.log_tail = run.log_tail.replace(&host, "");
+                    }
                     let exists = |p: &str| render.checkout.join(p).is_file();
                     let r = check_output::render(
                         &run,
@@ -94,9 +104,16 @@ pub async fn publish(
                         annotations = r.annotations.len(),
                         "run finished; completing the check run"
                     );
+                    let mut output = r.output;
+                    if let Some(Ok(note)) = match epilogue.take() {
+                        Some(rx) => Some(rx.await),
+                        None => None,
+                    } {
+                        output.summary = check_output::with_epilogue(output.summary, &note);
+                    }
                     let completion = Completion {
                         conclusion: r.conclusion,
-                        output: r.output,
+                        output,
                         annotations: r.annotations,
                     };
                     finish(&checks, &repo, id, completion).await;

@@ -9,14 +9,18 @@
 //!    accepting work this process will never do;
 //! 4. a delivery id seen before → 200, ignored (GitHub redelivers with the same id);
 //! 5. known events → 202 and a job; `ping` → 200; anything else → 200, ignored, logged.
+//!
+//! With `failure_snapshots` set it also serves the kept failed VMs (`snapshots`):
+//! `GET /snapshots/<64 hex>.tar.gz`, streamed from the file; anything else there is 404.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header as h, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -24,6 +28,7 @@ use tokio::sync::watch;
 
 use super::job::{self, Shared};
 use super::payload::{self, Trigger};
+use super::snapshots;
 use super::webhook::{self, Dedupe, DEDUPE_CAPACITY};
 
 /// Longest a delivery's body may take to arrive (GitHub sends it at once; 25 MB takes well
@@ -102,14 +107,24 @@ pub async fn serve(
         tracker: tracker.clone(),
         shared,
     });
+    let serves_snapshots = server.shared.snapshots.is_some();
     let app = Router::new()
         .route(webhook_path, post(delivery))
         .route("/healthz", get(health))
+        .route(
+            &format!("{}{{name}}", snapshots::ROUTE_PREFIX),
+            get(snapshot),
+        )
         .with_state(server);
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, path = webhook_path, "GitHub webhook server listening");
     // Not axum::serve: it has no header read timeout and no connection cap.
-    let limits = crate::serve::http::ConnectionLimits::default();
+    let mut limits = crate::serve::http::ConnectionLimits::default();
+    if serves_snapshots {
+        // A download of tens of MiB over a slow link outlives a webhook's minute; the
+        // webhook's own body deadline still bounds deliveries.
+        limits.lifetime = SNAPSHOT_DOWNLOAD_LIFETIME;
+    }
     crate::serve::http::serve(listener, app, limits, async move {
         shutdown.draining().await;
         tracing::info!("draining: new deliveries get 503; waiting for running jobs to report");
@@ -124,6 +139,43 @@ async fn health(State(s): State<Arc<Server>>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::OK, "ok\n")
     }
+}
+
+/// Longest a connection lives when snapshots are served (a 25 MiB download at 20 KiB/s).
+pub const SNAPSHOT_DOWNLOAD_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// `GET /snapshots/NAME`: the kept snapshot NAME names, streamed; 404 for anything else.
+async fn snapshot(State(s): State<Arc<Server>>, Path(name): Path<String>) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "no such snapshot (expired?)\n").into_response();
+    let Some(store) = s.shared.snapshots.clone() else {
+        return not_found();
+    };
+    let found = tokio::task::spawn_blocking(move || store.get(&name))
+        .await
+        .ok()
+        .flatten();
+    let Some((file, len)) = found else {
+        tracing::info!("snapshot download refused: unknown or expired id");
+        return not_found();
+    };
+    tracing::info!(bytes = len, "serving a failure snapshot");
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(
+        tokio::fs::File::from_std(file),
+    ));
+    let headers = [
+        (h::CONTENT_TYPE, "application/gzip".to_string()),
+        (h::CONTENT_LENGTH, len.to_string()),
+        (
+            h::CONTENT_DISPOSITION,
+            format!(
+                "attachment; filename=\"{}\"",
+                crate::snapshot_archive::ARCHIVE_NAME
+            ),
+        ),
+        (h::CACHE_CONTROL, "no-store".to_string()),
+        (h::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+    ];
+    (StatusCode::OK, headers, body).into_response()
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

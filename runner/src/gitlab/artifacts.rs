@@ -55,8 +55,8 @@ pub fn zip_files(root: &Path, files: &[PathBuf]) -> Result<Vec<u8>, ArtifactErro
     zip_with(root, files, None)
 }
 
-/// The name of a failure snapshot in the archive zip (and of the directory it unpacks to).
-pub const SNAPSHOT_ARCHIVE: &str = "failed-vm.tar.gz";
+/// The name of a failure snapshot in the archive zip.
+pub const SNAPSHOT_ARCHIVE: &str = crate::snapshot_archive::ARCHIVE_NAME;
 
 /// [`zip_files`] plus `extra`, a (name, bytes) entry stored as it is (already compressed).
 fn zip_with(
@@ -97,46 +97,13 @@ fn zip_with(
     Ok(cursor.into_inner())
 }
 
-/// A `Vec` that refuses to grow past `cap` bytes: the packed snapshot is held in memory.
-struct Capped {
-    buf: Vec<u8>,
-    cap: u64,
-}
-
-impl Write for Capped {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if (self.buf.len() + data.len()) as u64 > self.cap {
-            return Err(std::io::Error::other(format!(
-                "larger than max_artifacts_size ({} MiB)",
-                self.cap >> 20
-            )));
-        }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The failure snapshot in `dir` as a gzipped tar of `failed-vm/`, at most `cap` bytes.
-/// The RAM file is mostly holes, read as zeros: fast gzip keeps that cheap.
+/// The failure snapshot in `dir` packed (`snapshot_archive::pack`), at most `cap` bytes:
+/// it is held in memory until it goes up with the job's archive.
 pub fn pack_snapshot(dir: &Path, cap: u64) -> Result<Vec<u8>, ArtifactError> {
-    let pack = |e: std::io::Error| ArtifactError::Pack(format!("failure snapshot: {e}"));
-    let gz = flate2::write::GzEncoder::new(
-        Capped {
-            buf: Vec::new(),
-            cap,
-        },
-        flate2::Compression::fast(),
-    );
-    let mut tar = tar::Builder::new(gz);
-    tar.follow_symlinks(false);
-    tar.append_dir_all(crate::snapshot::DIR_NAME, dir)
-        .map_err(pack)?;
-    let gz = tar.into_inner().map_err(pack)?;
-    Ok(gz.finish().map_err(pack)?.buf)
+    let capped = crate::snapshot_archive::Capped::new(Vec::new(), cap, "max_artifacts_size");
+    crate::snapshot_archive::pack(dir, capped)
+        .map(|c| c.inner)
+        .map_err(|e| ArtifactError::Pack(format!("failure snapshot: {e}")))
 }
 
 /// What to upload.
@@ -382,18 +349,28 @@ async fn snapshot_archive(prepared: &Prepared, say: &(dyn Fn(&str) + Sync)) -> O
 /// the reader's machine.
 fn reproduce_lines(url: &str, job: &Job, prepared: &Prepared) -> String {
     let url = url.trim_end_matches('/');
-    format!(
-        "\x1b[36;1mReproduce this failure locally (the snapshot holds the job's variables, masked ones included):\x1b[0;m\n\
-         \x20 curl -fLo artifacts.zip -H \"PRIVATE-TOKEN: $GITLAB_TOKEN\" {url}/api/v4/projects/{project}/jobs/{id}/artifacts\n\
-         \x20 unzip -o artifacts.zip {SNAPSHOT_ARCHIVE} && tar -xzf {SNAPSHOT_ARCHIVE}\n\
-         \x20 runner images build --arch {arch} {image}\n\
-         \x20 runner debug {dir}\n",
-        project = job.job_info.project_id,
-        id = job.id,
-        arch = prepared.plan.id.arch,
-        image = prepared.plan.image,
-        dir = crate::snapshot::DIR_NAME,
-    )
+    let fetch = [
+        format!(
+            "curl -fLo artifacts.zip -H \"PRIVATE-TOKEN: $GITLAB_TOKEN\" {url}/api/v4/projects/{}/jobs/{}/artifacts",
+            job.job_info.project_id, job.id
+        ),
+        format!("unzip -o artifacts.zip {SNAPSHOT_ARCHIVE}"),
+    ];
+    let commands = crate::snapshot_archive::resume_commands(
+        &fetch,
+        SNAPSHOT_ARCHIVE,
+        None,
+        prepared.plan.id.arch,
+        prepared.plan.image.as_str(),
+    );
+    let mut out = format!(
+        "\x1b[36;1mReproduce this failure locally ({}, masked variables included):\x1b[0;m\n",
+        crate::snapshot_archive::HOLDS_SECRETS
+    );
+    for line in commands {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -412,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_packs_under_its_directory_name_within_the_cap() {
+    fn a_snapshot_packs_within_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("snapshot.toml"), "version = 1\n").unwrap();
         // A RAM file of 64 MiB, nearly all hole (stored as a sparse entry).
@@ -421,17 +398,6 @@ mod tests {
         ram.set_len(64 << 20).unwrap();
         let packed = pack_snapshot(dir.path(), 16 << 20).unwrap();
         assert!(packed.len() < 1 << 20, "{} bytes", packed.len());
-        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&packed[..]));
-        let mut names: Vec<String> = ar
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
-        names.sort();
-        assert_eq!(
-            names,
-            ["failed-vm/", "failed-vm/ram.bin", "failed-vm/snapshot.toml"]
-        );
         // Past the cap: refused, not held in memory.
         let e = pack_snapshot(dir.path(), 64).unwrap_err().to_string();
         assert!(e.contains("larger than max_artifacts_size"), "{e}");
