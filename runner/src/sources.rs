@@ -120,6 +120,10 @@ pub enum SourceError {
     TimedOut(Duration),
     #[error("checkout cancelled")]
     Cancelled,
+    #[error("listing the tracked files did not finish within {0:?}")]
+    ListTimedOut(Duration),
+    #[error("the tracked files' list is over {0} bytes")]
+    ListTooLong(u64),
     #[error("cannot prepare {path}")]
     Dir {
         path: PathBuf,
@@ -318,6 +322,29 @@ struct Git {
 
 impl Git {
     async fn run(&self, args: &[&str]) -> Result<Output, SourceError> {
+        let mut cmd = self.command(args);
+        let out = engine::child::output_in_group(&mut cmd)
+            .await
+            .map_err(SourceError::Spawn)?;
+        if out.status.success() {
+            return Ok(out);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        let tail_start = stderr
+            .char_indices()
+            .rev()
+            .nth(STDERR_TAIL)
+            .map_or(0, |(i, _)| i);
+        Err(SourceError::Git {
+            command: format!("git {}", args.first().copied().unwrap_or_default()),
+            status: out.status.to_string(),
+            stderr: redact(&stderr[tail_start..]).replace('\n', " | "),
+        })
+    }
+
+    /// `git -C dir ARGS` with only the environment set here.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("git");
         cmd.arg("-C").arg(&self.dir).args(args);
         // None of the service's own GIT_* variables (GIT_DIR, GIT_SSH_COMMAND, GIT_CONFIG_*
@@ -347,25 +374,54 @@ impl Git {
             cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
                 .env(format!("GIT_CONFIG_VALUE_{i}"), v);
         }
-        let out = engine::child::output_in_group(&mut cmd)
+        cmd
+    }
+}
+
+/// The paths git tracks in the checkout `dir` (`git ls-files -z`: NUL-separated, relative
+/// to `dir`), for GitLab's `untracked: true`: at most `max` bytes, within `timeout`.
+pub async fn tracked_files(
+    dir: &Path,
+    timeout: Duration,
+    max: u64,
+) -> Result<Vec<u8>, SourceError> {
+    use tokio::io::AsyncReadExt;
+    let git = Git {
+        dir: dir.to_path_buf(),
+        protocols: String::new(),
+        auth_header: None,
+    };
+    let mut cmd = git.command(&["ls-files", "-z"]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // The group dies with the guard, however this returns.
+    let (mut child, _guard) =
+        engine::child::spawn_in_group(&mut cmd).map_err(SourceError::Spawn)?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let work = async {
+        let mut out = Vec::new();
+        (&mut stdout)
+            .take(max.saturating_add(1))
+            .read_to_end(&mut out)
             .await
             .map_err(SourceError::Spawn)?;
-        if out.status.success() {
-            return Ok(out);
+        if out.len() as u64 > max {
+            return Err(SourceError::ListTooLong(max));
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stderr = stderr.trim();
-        let tail_start = stderr
-            .char_indices()
-            .rev()
-            .nth(STDERR_TAIL)
-            .map_or(0, |(i, _)| i);
-        Err(SourceError::Git {
-            command: format!("git {}", args.first().copied().unwrap_or_default()),
-            status: out.status.to_string(),
-            stderr: redact(&stderr[tail_start..]).replace('\n', " | "),
-        })
-    }
+        let status = child.wait().await.map_err(SourceError::Spawn)?;
+        if !status.success() {
+            return Err(SourceError::Git {
+                command: "git ls-files".into(),
+                status: status.to_string(),
+                stderr: String::new(),
+            });
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| SourceError::ListTimedOut(timeout))?
 }
 
 /// Splits `https://user:pass@host/path` into the URL without credentials and the credentials.
@@ -626,6 +682,22 @@ mod hardening {
         assert_eq!(done.sha, second);
         assert!(done.log.contains("Removed .git/index.lock"), "{}", done.log);
         assert!(!c.dest.join(".git/index.lock").exists());
+    }
+
+    #[tokio::test]
+    async fn tracked_files_are_the_index_not_the_worktree() {
+        let root = tempfile::tempdir().unwrap();
+        let (src, first, _) = repo(root.path());
+        let c = checkout_of(&src, &first, &root.path().join("p"));
+        checkout(&c, never()).await.unwrap();
+        std::fs::write(c.dest.join("new"), "untracked").unwrap();
+        let t = Duration::from_secs(30);
+        assert_eq!(tracked_files(&c.dest, t, 1 << 20).await.unwrap(), b"f\0");
+        // Bounded: a list over the cap is an error, not a cut list.
+        let e = tracked_files(&c.dest, t, 1).await.unwrap_err();
+        assert!(matches!(e, SourceError::ListTooLong(1)), "{e}");
+        // Not a repository.
+        assert!(tracked_files(root.path(), t, 1 << 20).await.is_err());
     }
 
     #[tokio::test]

@@ -239,8 +239,9 @@ pub async fn upload_results(
             }
         }
     }
-    // The caches' files came back in the same archive: only the artifacts' own go up.
-    let archive_files = if prepared.caches.is_empty() {
+    // The caches' (and untracked) files came back in the same archive: only the artifacts'
+    // own go up.
+    let mut archive_files = if prepared.caches.is_empty() && prepared.plan.untracked.is_none() {
         found.artifacts.clone()
     } else {
         super::prepare::select(
@@ -249,6 +250,25 @@ pub async fn upload_results(
             &prepared.archive_globs,
         )
     };
+    if prepared.archive.as_ref().is_some_and(|a| a.untracked) {
+        if let Some(size) = super::workspace::untracked_left_out(prepared) {
+            say(&format!(
+                "\x1b[33;1mWARNING: artifacts: the untracked files came to {}, over this runner's max_artifacts_size = {}; they are not uploaded\x1b[0;m\n",
+                crate::serve::limits::size_text(size),
+                crate::serve::limits::size_text(prepared.plan.max_artifacts)
+            ));
+        } else if prepared.plan.untracked.is_some() {
+            for f in super::prepare::untracked(
+                &found.artifacts,
+                &prepared.plan.out_dir,
+                &prepared.tracked,
+            ) {
+                if !archive_files.contains(&f) {
+                    archive_files.push(f);
+                }
+            }
+        }
+    }
     let snapshot = snapshot_archive(prepared, say).await;
     let declared = prepared
         .archive

@@ -98,36 +98,11 @@ impl CacheStore {
     ) -> Result<Saved, CacheError> {
         let target = self.archive(project, key);
         let dir = target.parent().expect("an archive is in a directory");
-        let write_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CacheError::Write { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err(dir))?;
-        let mut zip = zip::ZipWriter::new(tmp);
-        for f in files {
-            use std::os::unix::fs::PermissionsExt;
-            let rel = f
-                .strip_prefix(root)
-                .unwrap_or(f)
-                .to_string_lossy()
-                .into_owned();
-            let read_err = |source| CacheError::Read {
-                path: f.clone(),
-                source,
-            };
-            let mode = std::fs::metadata(f).map_err(read_err)?.permissions().mode();
-            let options = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Deflated)
-                .large_file(true)
-                .unix_permissions(if mode & 0o111 != 0 { 0o755 } else { 0o644 });
-            zip.start_file(rel, options).map_err(CacheError::Pack)?;
-            let mut input = std::fs::File::open(f).map_err(read_err)?;
-            std::io::copy(&mut input, &mut zip).map_err(write_err(&target))?;
-        }
-        let mut tmp = zip.finish().map_err(CacheError::Pack)?;
-        tmp.flush().map_err(write_err(&target))?;
-        let size = tmp.as_file().metadata().map_err(write_err(&target))?.len();
+        std::fs::create_dir_all(dir).map_err(|source| CacheError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let (tmp, size) = pack(root, files, dir)?;
         if size > self.max_size {
             return Ok(Saved::TooLarge { size });
         }
@@ -182,6 +157,67 @@ impl CacheStore {
             evicted += 1;
         }
         Ok(evicted)
+    }
+}
+
+/// Packs `files` (below `root`, named relative to it) into a new zip in `dir`; returns it
+/// (removed when dropped) and its size.
+pub fn pack(
+    root: &Path,
+    files: &[PathBuf],
+    dir: &Path,
+) -> Result<(tempfile::NamedTempFile, u64), CacheError> {
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CacheError::Write { path, source }
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err(dir))?;
+    let target = tmp.path().to_path_buf();
+    let mut zip = zip::ZipWriter::new(tmp);
+    for f in files {
+        use std::os::unix::fs::PermissionsExt;
+        let rel = f
+            .strip_prefix(root)
+            .unwrap_or(f)
+            .to_string_lossy()
+            .into_owned();
+        let read_err = |source| CacheError::Read {
+            path: f.clone(),
+            source,
+        };
+        let mode = std::fs::metadata(f).map_err(read_err)?.permissions().mode();
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true)
+            .unix_permissions(if mode & 0o111 != 0 { 0o755 } else { 0o644 });
+        zip.start_file(rel, options).map_err(CacheError::Pack)?;
+        let mut input = std::fs::File::open(f).map_err(read_err)?;
+        std::io::copy(&mut input, &mut zip).map_err(write_err(&target))?;
+    }
+    let mut tmp = zip.finish().map_err(CacheError::Pack)?;
+    tmp.flush().map_err(write_err(&target))?;
+    let size = tmp.as_file().metadata().map_err(write_err(&target))?.len();
+    Ok((tmp, size))
+}
+
+/// Unpacks the archive `path` into `root` (at most `max_bytes`) and says so in the log.
+pub fn extract(path: &Path, found: &str, root: &Path, max_bytes: u64, say: &(dyn Fn(&str) + Sync)) {
+    let result = std::fs::File::open(path)
+        .map_err(|source| unzip::UnzipError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+        .and_then(|f| unzip::unzip(std::io::BufReader::new(f), root, max_bytes));
+    match result {
+        Ok(done) => say(&format!(
+            "Successfully extracted cache {found} ({} file(s), {})\n",
+            done.files,
+            size_text(done.bytes)
+        )),
+        Err(e) => say(&format!(
+            "\x1b[33;1mWARNING: cannot extract cache {found}: {}\x1b[0;m\n",
+            crate::outcome::chain(&e)
+        )),
     }
 }
 
@@ -259,23 +295,7 @@ pub fn restore(
             ));
             continue;
         };
-        let result = std::fs::File::open(&path)
-            .map_err(|source| unzip::UnzipError::Write {
-                path: path.clone(),
-                source,
-            })
-            .and_then(|f| unzip::unzip(std::io::BufReader::new(f), root, max_bytes));
-        match result {
-            Ok(done) => say(&format!(
-                "Successfully extracted cache {found} ({} file(s), {})\n",
-                done.files,
-                size_text(done.bytes)
-            )),
-            Err(e) => say(&format!(
-                "\x1b[33;1mWARNING: cannot extract cache {found}: {}\x1b[0;m\n",
-                crate::outcome::chain(&e)
-            )),
-        }
+        extract(&path, &found, root, max_bytes, say);
     }
 }
 

@@ -107,7 +107,9 @@ pub fn features() -> Value {
         "image": true,
         "services": false,
         "artifacts": true,
-        // Local to this host (gitlab::cache); not shared between runners.
+        // `key`, `paths`, `untracked`, `policy`, `when`, `fallback_keys`: on this host
+        // (gitlab::cache) or in an S3 store an entry's [runners.cache] names (gitlab::s3cache).
+        // ("shared" below is gitlab-runner's shared-runner flag, not the shared cache.)
         "cache": true,
         "fallback_cache_keys": true,
         "shared": false,

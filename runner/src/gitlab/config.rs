@@ -60,6 +60,10 @@ pub struct RunnerEntry {
     /// used go first.
     #[serde(default = "default_cache_max_size")]
     pub cache_max_size: String,
+    /// `[runners.cache]`: the shared cache in an S3-compatible store (gitlab-runner's keys);
+    /// without it, caches stay on this host.
+    #[serde(default)]
+    pub cache: Option<super::s3cache::CacheConfig>,
     /// The most network a job may ask for with `RUNNER_NETWORK` (`none`, `proxy`, `full`).
     #[serde(default, deserialize_with = "crate::net::de_network")]
     pub network: crate::net::NetworkMode,
@@ -130,6 +134,9 @@ impl RunnerEntry {
     pub fn check(&mut self) -> Result<(), String> {
         self.memory_mib()?;
         self.cache_max_bytes()?;
+        if let Some(c) = &self.cache {
+            c.check(&self.name)?;
+        }
         let section = format!("runner '{}' limits", self.name);
         let github_only = self.limits_config.github_only_keys();
         if !github_only.is_empty() {
@@ -207,5 +214,27 @@ mod tests {
             let e = parse(&format!("cache_max_size = {bad}")).unwrap_err();
             assert!(e.contains("runner 'r': cache_max_size"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn runners_cache_is_gitlab_runners_section() {
+        let c = parse(
+            "[runners.cache]\nType = \"s3\"\nShared = true\n[runners.cache.s3]\n\
+             ServerAddress = \"127.0.0.1:9000\"\nBucketName = \"b\"\nAccessKey = \"a\"\n\
+             SecretKey = \"s\"\nInsecure = true\n",
+        )
+        .unwrap();
+        let cache = c.runners[0].cache.as_ref().unwrap();
+        assert!(cache.shared && cache.s3.as_ref().unwrap().insecure);
+        // Checked at load, naming the key.
+        let e =
+            parse("[runners.cache]\nType = \"s3\"\n[runners.cache.s3]\nServerAddress = \"h\"\n")
+                .unwrap_err();
+        assert!(
+            e.contains("[runners.cache.s3] BucketName is missing"),
+            "{e}"
+        );
+        let e = parse("[runners.cache]\nType = \"s3\"\nBucket = \"b\"\n").unwrap_err();
+        assert!(e.contains("Bucket"), "{e}");
     }
 }

@@ -188,6 +188,9 @@ pub struct Artifact {
     pub name: String,
     #[serde(default, deserialize_with = "null_default")]
     pub paths: Vec<String>,
+    /// Also the workspace's files that git does not track (ignored ones included).
+    #[serde(default, deserialize_with = "null_default")]
+    pub untracked: bool,
     #[serde(default, deserialize_with = "null_default")]
     pub when: When,
     #[serde(default = "archive", deserialize_with = "null_archive")]

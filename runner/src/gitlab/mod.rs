@@ -27,6 +27,7 @@ pub mod job;
 pub mod prepare;
 pub mod reporter;
 pub mod run;
+pub mod s3cache;
 pub mod script;
 pub mod service;
 pub mod trace;

@@ -37,6 +37,9 @@ pub const AFTER_SCRIPT_TIMEOUT_VARIABLE: &str = "RUNNER_AFTER_SCRIPT_TIMEOUT";
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Where `file: true` variables are written in the guest (the variable holds the path).
 const GUEST_FILE_VARIABLES: &str = "/tmp/runner-job/variables";
+/// Where the tracked paths are written in the guest when a cache or the artifacts ask for
+/// `untracked: true` (see `SuitePlan::untracked`).
+pub const GUEST_TRACKED_LIST: &str = "/tmp/runner-job/tracked";
 
 /// A job turned into a plan, plus what happens around it.
 #[derive(Debug)]
@@ -51,6 +54,9 @@ pub struct Prepared {
     pub archive_globs: Vec<String>,
     /// The job's `cache:` entries and the guest globs of each.
     pub caches: Vec<(job::Cache, Vec<String>)>,
+    /// The files git tracks in the checkout (relative paths), filled in once it is done
+    /// when `plan.untracked` asks for the others.
+    pub tracked: std::collections::HashSet<PathBuf>,
 }
 
 /// Validates the job against the entry and builds its plan. Errors are the job's fault
@@ -101,6 +107,7 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
             .chain(caches.iter().flat_map(|(_, g)| g))
             .cloned()
             .collect(),
+        untracked: wants_untracked(job).then(|| GUEST_TRACKED_LIST.to_string()),
         cpus: entry.cpus,
         memory_mib: entry.memory_mib()?,
         out_dir: work.join("artifacts"),
@@ -124,7 +131,57 @@ pub fn prepare(entry: &RunnerEntry, job: &Job, work: &std::path::Path) -> Result
         archive: artifacts.archive,
         archive_globs: artifacts.archive_paths,
         caches,
+        tracked: Default::default(),
     })
+}
+
+/// Whether a saving cache or the archive artifact asks for the untracked files.
+fn wants_untracked(job: &Job) -> bool {
+    job.cache.iter().any(|c| c.untracked && c.policy.pushes())
+        || job
+            .artifacts
+            .iter()
+            .any(|a| a.artifact_type == "archive" && a.untracked)
+}
+
+/// The files of `files` (below `root`) that git does not track: not in `tracked`, not
+/// under `.git/`.
+pub fn untracked(
+    files: &[PathBuf],
+    root: &Path,
+    tracked: &std::collections::HashSet<PathBuf>,
+) -> Vec<PathBuf> {
+    files
+        .iter()
+        .filter(|f| {
+            let rel = f.strip_prefix(root).unwrap_or(f);
+            !tracked.contains(rel) && !rel.starts_with(".git")
+        })
+        .cloned()
+        .collect()
+}
+
+/// Git's NUL-separated path list (`git ls-files -z`) as a set of relative paths.
+pub fn tracked_set(list: &[u8]) -> std::collections::HashSet<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    list.split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .collect()
+}
+
+/// The guest's pattern file for the tracked paths: one a line (a name with a newline in it
+/// cannot be one; [`untracked`] leaves such a file out on the host).
+pub fn tracked_patterns(list: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.len());
+    for p in list
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty() && !p.contains(&b'\n'))
+    {
+        out.extend_from_slice(p);
+        out.push(b'\n');
+    }
+    out
 }
 
 /// Whether a job variable says yes (`true`, `1`, `yes`, any case).

@@ -246,6 +246,11 @@ async fn execute(
         say(&format!("section_end:{}:get_sources\r\x1b[0K", unix_now()));
     }
 
+    // `untracked: true`: the guest leaves out what git tracks, the host checks it again.
+    if prepared.plan.untracked.is_some() {
+        workspace::list_tracked(ectx, &mut prepared, root.as_deref(), &say).await;
+    }
+
     // The caches, then artifacts of earlier jobs, into the workspace (gitlab-runner's order).
     let caches = workspace::cache_store(ectx);
     if let Err(reason) =

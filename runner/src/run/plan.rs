@@ -107,6 +107,12 @@ pub struct SuitePlan {
     pub timeout: Duration,
     pub junit: Vec<String>,
     pub artifacts: Vec<String>,
+    /// Also bring back the workspace's files that git does not track (GitLab's
+    /// `untracked: true`): every file outside `.git` not listed in this guest file (the
+    /// tracked paths, one a line, written by `files`). Dropped, with a note beside
+    /// `out_dir` ([`crate::run::transfer::untracked_note`]), when they would take the
+    /// artifacts archive over `max_artifacts`.
+    pub untracked: Option<String>,
     pub cpus: u32,
     pub memory_mib: u32,
     /// Where artifacts of this suite × arch are copied back to.
@@ -254,6 +260,7 @@ pub fn plan_suites(
                 timeout,
                 junit: suite.junit.clone(),
                 artifacts: suite.artifacts.clone(),
+                untracked: None,
                 cpus,
                 memory_mib,
                 out_dir: out_root.join(format!("{}-{arch}", suite.name)),
@@ -320,6 +327,7 @@ pub fn plan_command(
         timeout,
         junit: Vec::new(),
         artifacts: Vec::new(),
+        untracked: None,
         cpus,
         memory_mib,
         out_dir: ov

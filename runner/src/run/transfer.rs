@@ -229,11 +229,24 @@ pub(crate) async fn collect_results<M: Machine>(
         Ok(f) => f,
         Err(o) => return o,
     };
-    if !files.is_empty() {
+    if !files.is_empty() || plan.untracked.is_some() {
         let list = files.iter().map(|f| quote(f)).collect::<Vec<_>>().join(" ");
-        let script = format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}");
+        let script = match &plan.untracked {
+            None => format!("cd {GUEST_WORKSPACE} && tar -cf {GUEST_ARTIFACTS_TAR} -- {list}"),
+            Some(tracked) => untracked_script(tracked, &list, plan.max_artifacts),
+        };
         match housekeeping(vm, &script).await {
-            Ok((CommandEnd::Exited(0), _)) => {
+            Ok((CommandEnd::Exited(0), out)) => {
+                if let Some(size) = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix(UNTRACKED_OVER))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                {
+                    if let Err(e) = std::fs::write(untracked_note(&plan.out_dir), size.to_string())
+                    {
+                        tracing::warn!("cannot note the untracked files' size: {e}");
+                    }
+                }
                 match vm
                     .read_file(
                         GUEST_ARTIFACTS_TAR,
@@ -243,7 +256,13 @@ pub(crate) async fn collect_results<M: Machine>(
                 {
                     Ok(bytes) => {
                         match workspace::unpack_off_runtime(bytes, plan.out_dir.clone()).await {
-                            Ok(paths) => *artifacts = paths,
+                            Ok(mut paths) => {
+                                // A file both untracked and matched by a glob is in the
+                                // archive twice.
+                                let mut seen = std::collections::HashSet::new();
+                                paths.retain(|p| seen.insert(p.clone()));
+                                *artifacts = paths
+                            }
                             Err(e) => outcome = infra(InfraKind::Io, chain(&e)),
                         }
                     }
@@ -269,6 +288,40 @@ pub(crate) async fn collect_results<M: Machine>(
         }
     }
     outcome
+}
+
+/// The line the untracked script prints when the untracked files were left out.
+const UNTRACKED_OVER: &str = "runner-untracked-over ";
+/// The guest's list of untracked files (NUL-separated, for tar).
+const GUEST_UNTRACKED_LIST: &str = "/tmp/runner-untracked.list";
+
+/// Where the host notes that the untracked files were left out (their archive's size in
+/// bytes): beside `out_dir`, never inside it, so no file of the job can be taken for it.
+pub fn untracked_note(out_dir: &std::path::Path) -> PathBuf {
+    let mut name = out_dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".untracked-over");
+    out_dir.with_file_name(name)
+}
+
+/// The guest script that archives the files `list` names plus every workspace file outside
+/// `.git` that the file `tracked` (one path a line) does not name; when that archive is over
+/// `max` bytes, it is made again without those untracked files and the script says so
+/// ([`UNTRACKED_OVER`]): over the limit, the untracked files are dropped, not the job.
+/// (A tracked name with a newline cannot be a pattern here: such a file comes back, and the
+/// host, which knows the tracked set, leaves it out.)
+fn untracked_script(tracked: &str, list: &str, max: u64) -> String {
+    let tracked = quote(tracked);
+    let tar = format!("tar -cf {GUEST_ARTIFACTS_TAR}");
+    format!(
+        "cd {GUEST_WORKSPACE} || exit 1\n\
+         find . -path ./.git -prune -o -type f -printf '%P\\0' | {{ grep -zvxF -f {tracked} || true; }} > {GUEST_UNTRACKED_LIST} || exit 1\n\
+         {tar} --null --verbatim-files-from -T {GUEST_UNTRACKED_LIST} -- {list} || exit 1\n\
+         size=$(stat -c %s {GUEST_ARTIFACTS_TAR}) || exit 1\n\
+         if [ \"$size\" -gt {max} ]; then\n\
+           printf '%s%s\\n' '{UNTRACKED_OVER}' \"$size\"\n\
+           {tar} -T /dev/null -- {list} || exit 1\n\
+         fi\n"
+    )
 }
 
 /// Everything a plan puts into a machine before its first step: the workspace archive
@@ -326,6 +379,79 @@ pub(crate) async fn write_files<M: Machine>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs [`untracked_script`] with sh on the host, in `ws` instead of the guest's
+    /// workspace; returns its output and the names in the archive.
+    fn run_untracked(
+        ws: &std::path::Path,
+        tracked: &str,
+        list: &str,
+        max: u64,
+    ) -> (String, Vec<String>) {
+        let tmp = ws.parent().unwrap();
+        let tar = tmp.join("out.tar");
+        let script = untracked_script(&tmp.join("tracked").display().to_string(), list, max)
+            .replace(GUEST_WORKSPACE, &ws.display().to_string())
+            .replace(GUEST_ARTIFACTS_TAR, &tar.display().to_string())
+            .replace(
+                GUEST_UNTRACKED_LIST,
+                &tmp.join("list").display().to_string(),
+            );
+        std::fs::write(tmp.join("tracked"), tracked).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names = std::process::Command::new("tar")
+            .arg("-tf")
+            .arg(&tar)
+            .output()
+            .unwrap();
+        let mut names: Vec<String> = String::from_utf8_lossy(&names.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        names.sort();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), names)
+    }
+
+    #[test]
+    fn untracked_files_come_back_outside_git_and_are_dropped_over_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        for (name, body) in [
+            ("src/lib.rs", "tracked"),
+            ("build/out.o", "untracked and ignored"),
+            ("new file.txt", "untracked"),
+            (".git/index", "never"),
+            ("report.xml", "tracked, asked for by a glob"),
+        ] {
+            let p = ws.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let tracked = "src/lib.rs\nreport.xml\n";
+        let (out, names) = run_untracked(&ws, tracked, "report.xml", 1 << 20);
+        assert_eq!(out, "");
+        assert_eq!(names, ["build/out.o", "new file.txt", "report.xml"]);
+        // Over the cap: only the globs' files, and the line that says so.
+        let (out, names) = run_untracked(&ws, tracked, "report.xml", 100);
+        assert!(out.starts_with(UNTRACKED_OVER), "{out}");
+        assert_eq!(names, ["report.xml"]);
+        // Nothing else asked for: an empty archive, not an error.
+        let (_, names) = run_untracked(&ws, tracked, "", 100);
+        assert!(names.is_empty());
+        assert_eq!(
+            untracked_note(std::path::Path::new("/w/artifacts")),
+            std::path::Path::new("/w/artifacts.untracked-over")
+        );
+    }
 
     #[test]
     fn globs_stay_globs_and_the_rest_is_quoted() {
