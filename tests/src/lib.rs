@@ -4,6 +4,7 @@
 pub mod fake_github;
 pub mod fake_gitlab;
 pub mod gitlab_serve;
+pub mod s3_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1316,3 +1316,320 @@ fn keep_failed_uploads_the_failed_vm_and_runner_debug_resumes_it_from_the_artifa
     assert_serve_clean(cache.path(), Duration::from_secs(10));
     assert_eq!(gl.violations(), Vec::<String>::new());
 }
+
+/// The `[runners.cache]` of an entry named `name` whose cache is `section`, as parsed.
+fn s3_store(name: &str, token: &str, section: &str, max: u64) -> runner::gitlab::s3cache::S3Store {
+    let text = format!(
+        "[[runners]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"{token}\"\narch = \"riscv64\"\n{section}"
+    );
+    let cfg = runner::serve::ServeConfig::parse(Path::new("serve.toml"), &text).expect("config");
+    let cache = cfg.runners[0].cache.clone().expect("[runners.cache]");
+    runner::gitlab::s3cache::S3Store::new(&cache, token, max).expect("store")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn s3_cache_round_trips_through_a_real_s3_server_shared_or_per_runner() {
+    use e2e::s3_server::{S3Server, SECRET_KEY};
+    use runner::gitlab::s3cache::S3Error;
+    let s3 = S3Server::start();
+    s3.bucket("ci-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("up.zip");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&archive, &data).unwrap();
+    let shared = s3.runners_cache("ci-cache", SECRET_KEY, "Shared = true\nPath = \"ci\"");
+    let own = s3.runners_cache("ci-cache", SECRET_KEY, "");
+    let a = s3_store("a", "glrt-t1_aaaaaaaaaaaa", &shared, 1 << 20);
+    let b = s3_store("b", "glrt-t1_bbbbbbbbbbbb", &shared, 1 << 20);
+    let a_own = s3_store("a", "glrt-t1_aaaaaaaaaaaa", &own, 1 << 20);
+    let b_own = s3_store("b", "glrt-t1_bbbbbbbbbbbb", &own, 1 << 20);
+    block_on(async {
+        // Shared: what one runner entry pushes, another restores, byte for byte.
+        a.put(42, "deps-non_protected", &archive).await.unwrap();
+        let got = dir.path().join("down.zip");
+        let size = b.get(42, "deps-non_protected", &got).await.unwrap();
+        assert_eq!(size, Some(data.len() as u64));
+        assert_eq!(std::fs::read(&got).unwrap(), data);
+        // Missing key, other project: no cache, not an error.
+        assert_eq!(b.get(43, "deps-non_protected", &got).await.unwrap(), None);
+        assert_eq!(b.get(42, "other", &got).await.unwrap(), None);
+        // Not shared: each runner token has its own.
+        a_own.put(42, "k", &archive).await.unwrap();
+        assert_eq!(b_own.get(42, "k", &got).await.unwrap(), None);
+        assert!(a_own.get(42, "k", &got).await.unwrap().is_some());
+        // An archive over cache_max_size is refused while it downloads.
+        let small = s3_store("b", "glrt-t1_bbbbbbbbbbbb", &shared, 1000);
+        let e = small.get(42, "deps-non_protected", &got).await.unwrap_err();
+        assert!(matches!(e, S3Error::TooLarge { .. }), "{e}");
+        // A wrong secret: the server's refusal, named, and the secret in no message.
+        let wrong = s3_store(
+            "a",
+            "glrt-t1_a",
+            &s3.runners_cache("ci-cache", "not-the-secret", "Shared = true"),
+            1 << 20,
+        );
+        // (An upload may instead see the connection closed under it: the server refuses
+        // before it reads the body.)
+        for (e, want) in [
+            (wrong.put(42, "k", &archive).await.unwrap_err(), ""),
+            (
+                wrong.get(42, "deps-non_protected", &got).await.unwrap_err(),
+                "answered 403 SignatureDoesNotMatch",
+            ),
+        ] {
+            let msg = runner::outcome::chain(&e);
+            assert!(msg.contains(want), "{msg}");
+            assert!(
+                !msg.contains("not-the-secret") && !msg.contains("X-Amz-Signature"),
+                "{msg}"
+            );
+        }
+        // Nothing was written with the wrong key.
+        assert_eq!(b_own.get(42, "k", &got).await.unwrap(), None);
+    });
+    // gitlab-runner's object names.
+    let objects = s3.objects();
+    assert!(
+        objects.contains(&"ci-cache/ci/project/42/deps-non_protected".to_string()),
+        "{objects:?}"
+    );
+    assert!(
+        objects.contains(&"ci-cache/runner/aaaaaaaaa/project/42/k".to_string()),
+        "{objects:?}"
+    );
+}
+
+#[test]
+fn a_bad_runners_cache_section_stops_serve_at_start_naming_the_key() {
+    let cache = private_cache();
+    // (section, message part)
+    let cases = [
+        (
+            "[runners.cache]\nType = \"s3\"\n[runners.cache.s3]\nServerAddress = \"127.0.0.1:9\"\nAccessKey = \"a\"\nSecretKey = \"hush-hush\"\n",
+            "runner 'x': [runners.cache.s3] BucketName is missing",
+        ),
+        (
+            "[runners.cache]\nType = \"gcs\"\n",
+            "runner 'x': [runners.cache] Type = \"gcs\" is not supported",
+        ),
+        ("[runners.cache]\nType = \"s3\"\n[runners.cache.s3]\nBucket = \"b\"\n", "Bucket"),
+    ];
+    for (section, want) in cases {
+        let mut serve = Serve::start(
+            cache.path(),
+            &format!("[[runners]]\nname = \"x\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"t\"\narch = \"riscv64\"\n{section}"),
+        );
+        let status = serve.wait_exit(Duration::from_secs(30));
+        let log = serve.log();
+        assert_eq!(status.code(), Some(78), "{log}");
+        let line = log.lines().next().unwrap_or_default();
+        assert!(
+            line.starts_with("runner: error: ") && line.contains(want),
+            "{want}: {log}"
+        );
+        assert!(!log.contains("hush-hush"), "{log}");
+    }
+}
+
+/// The names in a zip, sorted.
+fn zip_names(data: &[u8]) -> Vec<String> {
+    let mut names: Vec<String> = zip::ZipArchive::new(std::io::Cursor::new(data))
+        .expect("zip")
+        .file_names()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn cache_untracked_keeps_what_git_does_not_track_and_restores_it() {
+    let cache = private_cache();
+    let (_repo, bare, sha) = bare_repo(&[
+        ("tracked.txt", b"tracked content\n"),
+        (".gitignore", b"build/\n"),
+    ]);
+    let gl = FakeGitlab::start(TOKEN);
+    let _serve = Serve::start(cache.path(), &config(&gl.url));
+    let run = |id: u64, script: &[&str], artifacts: serde_json::Value| {
+        let mut job = job_payload(id, script, &[], &[("GIT_STRATEGY", "clone", false)], 600);
+        job["git_info"]["repo_url"] = json!(format!("file://{}", bare.display()));
+        job["git_info"]["sha"] = json!(sha);
+        job["cache"] = json!([{"key": "u-non_protected", "untracked": true, "policy": "pull-push",
+            "paths": [], "when": "on_success"}]);
+        job["artifacts"] = artifacts;
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{id}: {log}"
+        );
+        (j, log)
+    };
+    // 1. An ignored file, an untracked one, and a change to a tracked one.
+    let (j, log) = run(
+        2001,
+        &[
+            "mkdir -p build",
+            "echo ignored-by-2001 > build/out.o",
+            "echo untracked-by-2001 > new.txt",
+            "echo changed-by-2001 > tracked.txt",
+        ],
+        json!([{"name": "all", "paths": [], "untracked": true, "when": "on_success",
+            "artifact_type": "archive", "artifact_format": "zip"}]),
+    );
+    assert!(
+        log.contains("Created cache u-non_protected (2 file(s)"),
+        "{log}"
+    );
+    let archives = cache_archives(cache.path());
+    assert_eq!(archives.len(), 1, "{archives:?}");
+    let zip = std::fs::read(&archives[0].0).unwrap();
+    // Neither the tracked files (changed or not) nor .git.
+    assert_eq!(zip_names(&zip), ["build/out.o", "new.txt"]);
+    // artifacts:untracked takes the same files.
+    let upload = j.artifacts.iter().find(|u| u.file_name == "all.zip");
+    let upload = upload.unwrap_or_else(|| panic!("no artifact upload\n{log}"));
+    assert_eq!(zip_names(&upload.data), ["build/out.o", "new.txt"]);
+    // 2. Same key: the untracked files are back, the tracked one is the checkout's.
+    let (_, log) = run(
+        2002,
+        &[
+            "cat build/out.o new.txt",
+            "grep -qx 'tracked content' tracked.txt && echo tracked-is-the-checkouts",
+        ],
+        json!([]),
+    );
+    for want in [
+        "Successfully extracted cache u-non_protected",
+        "ignored-by-2001",
+        "untracked-by-2001",
+        "tracked-is-the-checkouts",
+    ] {
+        assert!(log.contains(want), "{want}: {log}");
+    }
+    assert_eq!(gl.violations(), Vec::<String>::new());
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn s3_shared_cache_crosses_runner_entries_pull_does_not_push_and_a_wrong_secret_only_warns() {
+    use e2e::s3_server::{S3Server, SECRET_KEY};
+    let cache = private_cache();
+    let s3 = S3Server::start();
+    s3.bucket("ci-cache");
+    const TOKEN2: &str = "glrt-second-token-5678";
+    const TOKEN3: &str = "glrt-third-token-9012";
+    let (gl1, gl2, gl3) = (
+        FakeGitlab::start(TOKEN),
+        FakeGitlab::start(TOKEN2),
+        FakeGitlab::start(TOKEN3),
+    );
+    let entry = |name: &str, url: &str, token: &str, secret: &str| {
+        format!(
+            "\n[[runners]]\nname = \"{name}\"\nurl = \"{url}\"\ntoken = \"{token}\"\narch = \"riscv64\"\nimage = \"debian-13\"\ngit_protocols = [\"file\"]\n{}",
+            s3.runners_cache("ci-cache", secret, "Shared = true")
+        )
+    };
+    let cfg = format!(
+        "concurrent = 2\ncheck_interval = 1\nshutdown_timeout = 30\n{}{}{}",
+        entry("one", &gl1.url, TOKEN, SECRET_KEY),
+        entry("two", &gl2.url, TOKEN2, SECRET_KEY),
+        entry("three", &gl3.url, TOKEN3, "a-wrong-secret-key"),
+    );
+    let serve = Serve::start(cache.path(), &cfg);
+    let run = |gl: &FakeGitlab, id: u64, script: &[&str], policy: &str| {
+        let mut job = job_payload(id, script, &[], &[("GIT_STRATEGY", "none", false)], 600);
+        job["cache"] = json!([{"key": "s3-non_protected", "untracked": false, "policy": policy,
+            "paths": ["vendor/"], "when": "on_success"}]);
+        gl.enqueue(job);
+        let j = gl.wait_final(id, JOB_DEADLINE);
+        let log = trace(&j);
+        assert_eq!(
+            j.final_update.as_ref().unwrap()["state"],
+            "success",
+            "{id}: {log}"
+        );
+        assert!(
+            !log.contains(SECRET_KEY) && !log.contains("a-wrong-secret-key"),
+            "{log}"
+        );
+        assert!(!log.contains("X-Amz-Signature"), "{log}");
+        log
+    };
+    let object = s3.root.join("ci-cache/project/42/s3-non_protected");
+    // 1. Entry one pushes to the shared object.
+    let log = run(
+        &gl1,
+        2101,
+        &["mkdir -p vendor", "echo from-entry-one > vendor/data.txt"],
+        "pull-push",
+    );
+    assert!(log.contains("no cache for s3-non_protected"), "{log}");
+    assert!(
+        log.contains("Created cache s3-non_protected (1 file(s)")
+            && log.contains("in the shared cache"),
+        "{log}"
+    );
+    let pushed = std::fs::read(&object).unwrap_or_else(|e| panic!("{e}: {:?}", s3.objects()));
+    assert_eq!(zip_names(&pushed), ["vendor/data.txt"]);
+    // 2. Entry two (another runner, another token) restores it; `pull` uploads nothing.
+    let log = run(
+        &gl2,
+        2102,
+        &[
+            "cat vendor/data.txt",
+            "echo changed-by-two > vendor/data.txt",
+        ],
+        "pull",
+    );
+    assert!(log.contains("from-entry-one"), "{log}");
+    assert!(
+        log.contains("Successfully extracted cache s3-non_protected"),
+        "{log}"
+    );
+    assert!(!log.contains("Created cache"), "{log}");
+    assert_eq!(
+        std::fs::read(&object).unwrap(),
+        pushed,
+        "pull changed the object"
+    );
+    // 3. A wrong secret key: warnings, no download, no upload, the job passes.
+    let log = run(
+        &gl3,
+        2103,
+        &[
+            "test ! -e vendor/data.txt",
+            "mkdir -p vendor",
+            "echo three > vendor/x",
+        ],
+        "pull-push",
+    );
+    assert!(
+        log.contains("WARNING: cannot download cache s3-non_protected"),
+        "{log}"
+    );
+    assert!(log.contains("answered 403"), "{log}");
+    assert!(
+        log.contains("WARNING: cache s3-non_protected not uploaded"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(&object).unwrap(), pushed);
+    let service_log = serve.log();
+    assert!(!service_log.contains(SECRET_KEY) && !service_log.contains("a-wrong-secret-key"));
+    for gl in [&gl1, &gl2, &gl3] {
+        assert_eq!(gl.violations(), Vec::<String>::new());
+    }
+    drop(serve);
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}

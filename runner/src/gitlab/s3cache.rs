@@ -276,11 +276,15 @@ impl S3Store {
             .get_object(Some(&self.credentials), &object)
             .sign(SIGNED_FOR);
         let mut resp = self.client.get(url).send().await.map_err(http)?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
         if !resp.status().is_success() {
-            return Err(status_error(resp, object).await);
+            let e = status_error(resp, object).await;
+            // No such key is no cache; no such bucket is the operator's to fix.
+            return match &e {
+                S3Error::Status {
+                    status: 404, code, ..
+                } if code.trim() != "NoSuchBucket" => Ok(None),
+                _ => Err(e),
+            };
         }
         let too_large = || S3Error::TooLarge {
             object: object.clone(),
