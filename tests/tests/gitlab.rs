@@ -1376,10 +1376,13 @@ fn s3_cache_round_trips_through_a_real_s3_server_shared_or_per_runner() {
             &s3.runners_cache("ci-cache", "not-the-secret", "Shared = true"),
             1 << 20,
         );
-        // (An upload may instead see the connection closed under it: the server refuses
-        // before it reads the body.)
+        // (The server refuses an upload before it reads the body and closes the connection:
+        // the store asks again without one to say why.)
         for (e, want) in [
-            (wrong.put(42, "k", &archive).await.unwrap_err(), ""),
+            (
+                wrong.put(42, "k", &archive).await.unwrap_err(),
+                "answered 403",
+            ),
             (
                 wrong.get(42, "deps-non_protected", &got).await.unwrap_err(),
                 "answered 403 SignatureDoesNotMatch",
@@ -1621,7 +1624,7 @@ fn s3_shared_cache_crosses_runner_entries_pull_does_not_push_and_a_wrong_secret_
     );
     assert!(log.contains("answered 403"), "{log}");
     assert!(
-        log.contains("WARNING: cache s3-non_protected not uploaded"),
+        log.contains("WARNING: cache s3-non_protected not uploaded: the cache server answered 403"),
         "{log}"
     );
     assert_eq!(std::fs::read(&object).unwrap(), pushed);
@@ -1631,5 +1634,49 @@ fn s3_shared_cache_crosses_runner_entries_pull_does_not_push_and_a_wrong_secret_
         assert_eq!(gl.violations(), Vec::<String>::new());
     }
     drop(serve);
+    assert_serve_clean(cache.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn cache_untracked_over_max_artifacts_size_is_a_warning_not_a_failure() {
+    let cache = private_cache();
+    let gl = FakeGitlab::start(TOKEN);
+    let cfg = format!(
+        "{}[runners.limits]\nmax_artifacts_size = \"64K\"\n",
+        config(&gl.url)
+    );
+    let _serve = Serve::start(cache.path(), &cfg);
+    let mut job = job_payload(
+        2201,
+        &[
+            "head -c 200000 /dev/urandom > big.bin",
+            "echo small > report.txt",
+        ],
+        &[],
+        &[("GIT_STRATEGY", "none", false)],
+        600,
+    );
+    job["cache"] = json!([{"key": "big-non_protected", "untracked": true, "policy": "push",
+        "paths": [], "when": "on_success"}]);
+    job["artifacts"] = json!([{"name": "report", "paths": ["report.txt"], "when": "on_success",
+        "artifact_type": "archive", "artifact_format": "zip"}]);
+    gl.enqueue(job);
+    let j = gl.wait_final(2201, JOB_DEADLINE);
+    let log = trace(&j);
+    assert_eq!(
+        j.final_update.as_ref().unwrap()["state"],
+        "success",
+        "{log}"
+    );
+    assert!(
+        log.contains("WARNING: cache big-non_protected: the untracked files came to")
+            && log.contains("over this runner's max_artifacts_size = 64K; not saved"),
+        "{log}"
+    );
+    assert!(cache_archives(cache.path()).is_empty());
+    // The artifacts still go up, without the untracked files.
+    let upload = j.artifacts.iter().find(|u| u.file_name == "report.zip");
+    let upload = upload.unwrap_or_else(|| panic!("no artifact upload\n{log}"));
+    assert_eq!(zip_names(&upload.data), ["report.txt"]);
     assert_serve_clean(cache.path(), Duration::from_secs(10));
 }

@@ -337,12 +337,34 @@ impl S3Store {
             .header(reqwest::header::CONTENT_TYPE, "application/zip")
             .body(body)
             .send()
-            .await
-            .map_err(http)?;
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            // A server that refuses a request (403) may close the connection before it reads
+            // the body, and the upload sees only that: ask without a body what it refuses.
+            Err(e) => return Err(self.refusal(&object).await.unwrap_or_else(|| http(e))),
+        };
         if !resp.status().is_success() {
             return Err(status_error(resp, object).await);
         }
         Ok(())
+    }
+
+    /// The server's refusal of a signed HEAD of `object` (403, 400…), if it refuses it.
+    async fn refusal(&self, object: &str) -> Option<S3Error> {
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), object)
+            .sign(SIGNED_FOR);
+        let resp = self.client.head(url).send().await.ok()?;
+        let status = resp.status();
+        (status.is_client_error() && status != reqwest::StatusCode::NOT_FOUND).then(|| {
+            S3Error::Status {
+                object: object.to_string(),
+                status: status.as_u16(),
+                code: String::new(),
+            }
+        })
     }
 
     /// Creates the bucket (for tests and first setups; gitlab-runner expects it to exist).
