@@ -565,6 +565,54 @@ mod tests {
     }
 
     #[test]
+    fn untracked_is_what_the_index_does_not_name() {
+        let list = b"src/a.rs\0odd\nname\0.gitignore\0";
+        let tracked = tracked_set(list);
+        // The guest's patterns: one a line; a name with a newline cannot be one.
+        assert_eq!(tracked_patterns(list), b"src/a.rs\n.gitignore\n");
+        let root = Path::new("/out");
+        let files: Vec<PathBuf> = [
+            "src/a.rs",
+            "odd\nname",
+            ".gitignore",
+            ".git/config",
+            "build/x.o",
+            "src/new.rs",
+        ]
+        .iter()
+        .map(|f| root.join(f))
+        .collect();
+        assert_eq!(
+            untracked(&files, root, &tracked),
+            [root.join("build/x.o"), root.join("src/new.rs")]
+        );
+        // Asked for by a saving cache or the archive artifact only.
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("");
+        assert!(prepare(&entry(), &j, dir.path())
+            .unwrap()
+            .plan
+            .untracked
+            .is_none());
+        j.cache = vec![job::Cache {
+            key: "k".into(),
+            untracked: true,
+            policy: job::CachePolicy::Pull,
+            paths: vec![],
+            when: When::OnSuccess,
+            fallback_keys: vec![],
+        }];
+        assert!(prepare(&entry(), &j, dir.path())
+            .unwrap()
+            .plan
+            .untracked
+            .is_none());
+        j.cache[0].policy = job::CachePolicy::PullPush;
+        let p = prepare(&entry(), &j, dir.path()).unwrap();
+        assert_eq!(p.plan.untracked.as_deref(), Some(GUEST_TRACKED_LIST));
+    }
+
+    #[test]
     fn a_job_becomes_a_plan() {
         let dir = tempfile::tempdir().unwrap();
         let j = job(
