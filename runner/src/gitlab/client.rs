@@ -109,7 +109,8 @@ pub fn features() -> Value {
         "artifacts": true,
         // `key`, `paths`, `untracked`, `policy`, `when`, `fallback_keys`: on this host
         // (gitlab::cache) or in an S3 store an entry's [runners.cache] names (gitlab::s3cache).
-        // ("shared" below is gitlab-runner's shared-runner flag, not the shared cache.)
+        // ("shared" below is what gitlab-runner's shell/custom executors set for builds that
+        // share a host, not the shared cache.)
         "cache": true,
         "fallback_cache_keys": true,
         "shared": false,
