@@ -43,6 +43,7 @@ import time
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 AGENT_PORT = "org.qemu.guest_agent.0"
 OUTPUT_PORT = "org.runner.output.0"
+CONTROL_PORT = "org.runner.control.0"
 
 SYNC_RETRY = 1.0  # resend guest-sync-delimited this often until answered
 STATUS_POLL_MIN = 0.01  # guest-exec-status polling: 10 ms, doubling up to 50 ms
@@ -79,7 +80,8 @@ def qemu_argv(binary, row, image, d, cpus, memory, sandbox):
           "-qmp", f"unix:{esc(os.path.join(d, 'qmp.sock'))},server=on,wait=off",
           "-device", f"virtio-serial-{bus},id=vser0"]
     for cid, sock, port in (("agent0", "agent.sock", AGENT_PORT),
-                            ("output0", "output.sock", OUTPUT_PORT)):
+                            ("output0", "output.sock", OUTPUT_PORT),
+                            ("control0", "control.sock", CONTROL_PORT)):
         a += ["-chardev",
               f"socket,path={esc(os.path.join(d, sock))},server=on,wait=off,id={cid}",
               "-device", f"virtserialport,bus=vser0.0,chardev={cid},name={port}"]
@@ -219,6 +221,9 @@ def run(args, d):
         qmp.recv(deadline)  # greeting
         qmp.call({"execute": "qmp_capabilities"})
         t_restored = None
+        # Connected before the state loads, as runner does: the helper saved in runner's
+        # state then stays blocked (never woken: the floor does no after-resume work).
+        control = connect(os.path.join(d, "control.sock"), deadline, proc)
         if args.resume:
             qmp.call({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [
                 {"capability": "mapped-ram", "state": True}]}})

@@ -334,19 +334,6 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         self.write_opened(path, "w", data, timeout).await
     }
 
-    /// Writes `data` (at most a pipe buffer) to the existing guest FIFO at `path`. It is
-    /// opened read-write: opening a FIFO write-only blocks until it has a reader, and the
-    /// agent serves one request at a time, so a FIFO whose reader died would hang it for good.
-    /// The agent writes without blocking: a full pipe fails the write instead.
-    pub async fn write_fifo(
-        &mut self,
-        path: &str,
-        data: &[u8],
-        timeout: Duration,
-    ) -> Result<(), AgentError> {
-        self.write_opened(path, "r+", data, timeout).await
-    }
-
     async fn write_opened(
         &mut self,
         path: &str,

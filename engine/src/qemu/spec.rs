@@ -11,6 +11,9 @@ use crate::net::{ProxyRelay, VmNetwork, PROXY_GUEST_ADDR, PROXY_GUEST_PORT};
 pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
 /// Name of the virtio-serial port that carries the live output of guest commands.
 pub const OUTPUT_PORT_NAME: &str = "org.runner.output.0";
+/// Name of the virtio-serial port that carries the host's messages to the guest's
+/// after-resume helper (`crate::vm::resume`): no agent call is needed to wake it.
+pub const CONTROL_PORT_NAME: &str = "org.runner.control.0";
 
 /// How guest instructions are executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,7 @@ pub struct VmSockets {
     pub qmp: PathBuf,
     pub agent: PathBuf,
     pub output: PathBuf,
+    pub control: PathBuf,
 }
 
 /// Everything needed to start one VM. The device set depends only on the image, the
@@ -168,7 +172,7 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
         "-device",
         format!("{},drive=root", virtio(spec.arch, "virtio-blk")),
     );
-    // Control plane: QMP, the agent port and the live-output port.
+    // Control plane: QMP, the agent port, the live-output port and the control port.
     a.push("-qmp".into());
     a.push(socket_chardev_path(
         "unix:",
@@ -183,6 +187,7 @@ pub fn argv(spec: &VmSpec) -> Vec<OsString> {
     for (id, path, port) in [
         ("agent0", &spec.sockets.agent, AGENT_PORT_NAME),
         ("output0", &spec.sockets.output, OUTPUT_PORT_NAME),
+        ("control0", &spec.sockets.control, CONTROL_PORT_NAME),
     ] {
         a.push("-chardev".into());
         a.push(socket_chardev_path(
@@ -276,6 +281,7 @@ mod tests {
                 qmp: "/vm/qmp.sock".into(),
                 agent: "/vm/agent.sock".into(),
                 output: "/vm/output.sock".into(),
+                control: "/vm/control.sock".into(),
             },
             sandbox: true,
             network: VmNetwork::None,
@@ -440,6 +446,8 @@ mod tests {
         );
         assert!(s.contains("virtserialport,bus=vser0.0,chardev=agent0,name=org.qemu.guest_agent.0"));
         assert!(s.contains("virtserialport,bus=vser0.0,chardev=output0,name=org.runner.output.0"));
+        assert!(s.contains("socket,path=/vm/control.sock,server=on,wait=off,id=control0"));
+        assert!(s.contains("virtserialport,bus=vser0.0,chardev=control0,name=org.runner.control.0"));
         assert!(
             s.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off"),
             "{s}"

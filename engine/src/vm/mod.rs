@@ -167,6 +167,11 @@ pub struct Vm {
     output: mpsc::Receiver<Vec<u8>>,
     /// The host's end of the live-output port, towards the guest (see [`shell`]).
     port_writer: tokio::net::unix::OwnedWriteHalf,
+    /// The host's end of the control port (see [`resume`]); never read.
+    #[allow(dead_code)]
+    control: UnixStream,
+    /// A resumed VM's helper, woken and not yet answered.
+    woken: Option<resume::Woken>,
     /// How long from QEMU start to the agent's first answer.
     pub boot_time: Duration,
     pub start_kind: StartKind,
@@ -244,9 +249,9 @@ impl Vm {
         } else {
             Timers::Trusted
         };
-        match Vm::start(cfg, Some(dir)).await {
+        match Vm::start(cfg, Some((dir, timers))).await {
             Ok(mut vm) => {
-                match resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await {
+                match vm.after_restore().await {
                     Ok(()) => {
                         tracing::debug!("after-resume helper answered");
                         Ok(vm)
@@ -330,7 +335,11 @@ impl Vm {
         Ok(Some(format!("no saved state for this VM: {why}")))
     }
 
-    async fn start(cfg: &VmConfig, resume_from: Option<&Path>) -> Result<Vm, VmError> {
+    /// Starts QEMU and waits for the agent: booted cold, or resumed from the saved state in
+    /// `resume`'s directory with its helper woken to treat the timers as said (the caller
+    /// then waits for the helper with [`resume::after_restore`]).
+    async fn start(cfg: &VmConfig, resume: Option<(&Path, Timers)>) -> Result<Vm, VmError> {
+        let resume_from = resume.map(|(dir, _)| dir);
         let started = Instant::now();
         let dir = VmDir::create(&cfg.state_dir).map_err(|source| VmError::Dir {
             parent: cfg.state_dir.clone(),
@@ -377,6 +386,7 @@ impl Vm {
             qmp: dir.join("qmp.sock"),
             agent: dir.join("agent.sock"),
             output: dir.join("output.sock"),
+            control: dir.join("control.sock"),
         };
         let spec = VmSpec {
             name: format!("runner-{}", dir.id()),
@@ -427,9 +437,13 @@ impl Vm {
             drop(qmp_stream); // probe only; QmpClient connects itself
             let mut qmp = QmpClient::connect(&sockets.qmp, QMP_TIMEOUT).await?;
             tracing::debug!("QMP connected");
-            if let Some(pinned) = &pinned_state {
+            // Connected before a state loads (see `resume`): kept for the VM's life.
+            let mut control = wait_for_socket(&sockets.control).await?;
+            let mut woken = None;
+            if let (Some(pinned), Some((_, timers))) = (&pinned_state, resume) {
                 state::restore(&mut qmp, pinned).await?;
                 tracing::debug!("state loaded, VM running");
+                woken = Some(resume::wake(&mut control, timers).await?);
             }
             let output = wait_for_socket(&sockets.output).await?;
             let agent_stream = wait_for_socket(&sockets.agent).await?;
@@ -440,7 +454,7 @@ impl Vm {
                 // A resumed VM has its relay and cgroups already (it was saved with them).
                 set_up_guest(&mut agent, &job_limits).await?;
             }
-            Ok::<_, VmError>((qmp, output, agent))
+            Ok::<_, VmError>((qmp, output, agent, control, woken))
         };
         let result = tokio::select! {
             r = handshake => r,
@@ -453,7 +467,7 @@ impl Vm {
                 });
             }
         };
-        let (qmp, output_stream, agent) = match result {
+        let (qmp, output_stream, agent, control, woken) = match result {
             Ok(parts) => parts,
             Err(VmError::Agent(AgentError::Timeout { .. })) => {
                 return Err(VmError::BootTimeout {
@@ -482,6 +496,8 @@ impl Vm {
             agent,
             output: spawn_output_reader(port_reader),
             port_writer,
+            control,
+            woken,
             boot_time: started.elapsed(),
             start_kind: if resume_from.is_some() {
                 StartKind::Restored
@@ -508,19 +524,26 @@ impl Vm {
     /// must describe the VM the state was saved from; its `saved_state` is not used.
     pub async fn resume(cfg: &VmConfig, dir: &Path) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let mut vm = Vm::start(cfg, Some(dir)).await?;
         let timers = if cfg.arch == Arch::Riscv64 {
             Timers::Rearmed
         } else {
             Timers::Trusted
         };
-        if let Err(e) = resume::after_restore(&mut vm.agent, &mut vm.output, timers, cfg.arch).await
-        {
+        let mut vm = Vm::start(cfg, Some((dir, timers))).await?;
+        if let Err(e) = vm.after_restore().await {
             vm.kill().await;
             return Err(e.into());
         }
         vm.boot_time = started.elapsed();
         Ok(vm)
+    }
+
+    /// Waits for the helper woken by a resume (see [`resume`]) to prepare the guest.
+    async fn after_restore(&mut self) -> Result<(), AgentError> {
+        let Some(woken) = self.woken.take() else {
+            return Ok(());
+        };
+        resume::after_restore(&mut self.agent, &mut self.output, woken, self.arch).await
     }
 
     /// Saves this VM as it is — RAM, devices and its disk overlay — into `dir` (which must

@@ -4,32 +4,44 @@
 //! takes processes.
 //!
 //! The guest side is a helper process started before the state is saved, so it is saved
-//! with it, blocked reading a FIFO (see [`HELPER_PL`]). A resume hands it a seed through the
-//! agent's file calls and reads its one-line answer from the live-output port: no process
+//! with it, blocked reading the control port (a virtio-serial port of its own, see
+//! [`HELPER_PL`]). A resume writes it one line on that port ([`wake`]) the moment the state
+//! is loaded — no agent call, so the helper works while the agent is still being reached —
+//! and reads its one-line answer from the live-output port ([`after_restore`]): no process
 //! starts after the resume. Starting one (perl) took ~0.35 s of each riscv64 resume under
-//! TCG (the `guest-exec` ~0.1 s, perl's own start ~0.2 s) and seconds on mipsel.
+//! TCG (the `guest-exec` ~0.1 s, perl's own start ~0.2 s) and seconds on mipsel; waking the
+//! helper through the agent's file calls (open, write, close of a FIFO) took three agent
+//! round trips more, each through agent code not yet translated after the restore.
+//!
+//! The host keeps its end of the control port connected from QEMU's start, before a state
+//! loads: a virtio port's reader sees end-of-file while no host is connected, so a helper
+//! saved with the host there must find it there when it resumes.
 //!
 //! The guest is trusted to answer only in the sense that a wrong answer costs the job a cold
 //! boot: the answer is a status line, read with a bound, and must carry this resume's nonce.
+//! Nothing the guest writes to the control port is ever read by the host.
 
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::agent::{AgentClient, AgentError, ExecRequest};
 use crate::arch::Arch;
+use crate::qemu::spec::CONTROL_PORT_NAME;
 
-/// The FIFO the helper reads its one line from (made by the helper's start, see [`start_helper`]).
-const HELPER_FIFO: &str = "/run/runner/resume";
 /// How long the helper may take to start before a save, or to answer after a resume before
 /// the state counts as broken. Starting perl under TCG on a loaded host took over 3 s on
 /// mipsel; after a resume, not answering in time is how a state with dead timers shows. A
 /// liveness check, so generous: a broken state costs this once, before the cold boot.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(15);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long writing the wake-up line to the control socket may take (QEMU reads it at once
+/// unless it is stuck: then the resume fails and the job boots cold).
+const WAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most the host keeps of the output port while it looks for the helper's line: the
 /// line is short, and the guest must not make the host buffer without end.
 const MAX_LINE: usize = 4096;
@@ -37,12 +49,17 @@ const MAX_LINE: usize = 4096;
 const TAG: &str = "runner-resume";
 
 /// The helper, one perl process (perl-base is in Debian's Essential set, so every image has
-/// it). Arguments: the FIFO, the live-output FIFO, the job cgroup's `cgroup.procs`, the
-/// RNDRESEEDCRNG request number of the guest's kernel, the nonce of its ready line. It opens
-/// both FIFOs read-write (so neither open waits for the other side, and the input never sees
-/// end-of-file), says it is ready, and blocks in `sysread` until a resume writes
-/// `TIMERS SEED NONCE\n`; then it prepares the guest, answers `runner-resume NONCE ok` (or
-/// `failed: why`) and exits. One use: the state holds it waiting, each resume gets a copy.
+/// it). Arguments: the control port's name, the live-output FIFO, the job cgroup's
+/// `cgroup.procs`, the RNDRESEEDCRNG request number of the guest's kernel, its
+/// `clock_settime` number (0: none), the nonce of its ready line. It finds the control port
+/// by name in sysfs (the image's init names only the ports it waits for), opens it for
+/// reading and the output FIFO read-write (so that open does not wait for the relay), says
+/// it is ready, and blocks in `sysread` until a resume writes `TIMERS SEED NONCE SECS
+/// NSECS\n`; then it prepares the guest, answers `runner-resume NONCE ok` (or `failed: why`)
+/// and exits. One use: the state holds it waiting, each resume gets a copy. End-of-file
+/// means no host is connected (it is, from before the state loads, see the module): it
+/// reads again after a pause that doubles up to 1 s, so that a host that never writes costs
+/// the guest next to nothing.
 ///
 /// Re-arming the timers (TIMERS `rearm`). QEMU 10.0's RISC-V ACLINT timer migrates each
 /// hart's `mtimecmp` but not the QEMU timer armed for it, and has no post-load hook to
@@ -73,16 +90,31 @@ const TAG: &str = "runner-resume";
 /// a direction bit more on POWER and MIPS — with the x86 number the ioctl failed on ppc64el
 /// and every resume there booted cold).
 const HELPER_PL: &str = r#"
-my ($fifo, $out, $procs, $reseed, $settime, $nonce) = @ARGV;
+my ($name, $out, $procs, $reseed, $settime, $nonce) = @ARGV;
 opendir(my $d, '/sys/devices/system/cpu') or die "cpus: $!";
 my $n = grep { /^cpu[0-9]+$/ } readdir $d;
-open(my $in, '+<', $fifo) or die "$fifo: $!";
+my $port;
+for my $f (glob '/sys/class/virtio-ports/*/name') {
+    open(my $h, '<', $f) or next;
+    my $v = <$h> // '';
+    chomp $v;
+    $port = '/dev/' . (split m{/}, $f)[-2] if $v eq $name;
+}
+defined $port or die "no virtio port named $name";
+open(my $in, '<', $port) or die "$port: $!";
 open(my $o, '+<', $out) or die "$out: $!";
 syswrite($o, "runner-resume $nonce ready\n") or die "$out: $!";
 my $line = '';
+my $pause = 0.01;
 while (index($line, "\n") < 0) {
     my $room = 256 - length $line;
-    $room > 0 and sysread($in, $line, $room, length $line) or exit 1;
+    $room > 0 or exit 1;
+    my $got = sysread($in, $line, $room, length $line);
+    defined $got or exit 1;
+    if ($got == 0) {
+        select(undef, undef, undef, $pause);
+        $pause = $pause < 0.5 ? $pause * 2 : 1;
+    }
 }
 my ($timers, $seed, $id, $secs, $nsecs) = split(' ', $line);
 sub on_cpu { my $mask = pack('Q', 1 << $_[0]);
@@ -136,24 +168,21 @@ impl Timers {
     }
 }
 
-/// Starts the helper in a running guest about to be saved (its live-output relay running),
-/// and waits until it is ready: blocked on its FIFO, so that the save holds it so.
+/// Starts the helper in a running guest about to be saved (its live-output relay running,
+/// the host connected to the control port), and waits until it is ready: blocked on the
+/// control port, so that the save holds it so.
 pub async fn start_helper(
     agent: &mut AgentClient<UnixStream>,
     output: &mut mpsc::Receiver<Vec<u8>>,
     arch: Arch,
 ) -> Result<(), AgentError> {
     let nonce = hex(&rand::random::<[u8; 16]>());
-    let script = format!(
-        "mkdir -p /run/runner && rm -f {HELPER_FIFO} && mkfifo -m 600 {HELPER_FIFO} && exec perl -e \"$0\" \"$@\""
-    );
     let req = ExecRequest {
-        path: "/bin/sh".into(),
+        path: "/usr/bin/perl".into(),
         args: vec![
-            "-c".into(),
-            script,
+            "-e".into(),
             HELPER_PL.into(),
-            HELPER_FIFO.into(),
+            CONTROL_PORT_NAME.into(),
             super::exec::OUTPUT_FIFO.into(),
             format!("{}/cgroup.procs", super::job_cgroup::JOB),
             arch.ioctl_io(b'R', 0x07).to_string(),
@@ -176,14 +205,16 @@ pub async fn start_helper(
     }
 }
 
-/// Prepares a guest just resumed from a saved state (see the module): hands the saved
-/// helper a seed, sets the guest clock while it works, and waits for its answer.
-pub async fn after_restore(
-    agent: &mut AgentClient<UnixStream>,
-    output: &mut mpsc::Receiver<Vec<u8>>,
-    timers: Timers,
-    arch: Arch,
-) -> Result<(), AgentError> {
+/// A resumed guest's helper, woken: the nonce its answer must carry.
+#[derive(Debug)]
+pub struct Woken {
+    nonce: String,
+}
+
+/// Wakes the helper of a guest whose state has just loaded (see the module): writes it the
+/// timers' treatment, a seed, the host's time and a nonce on the control port. It works
+/// while the host goes on to reach the agent; [`after_restore`] waits for its answer.
+pub async fn wake(control: &mut UnixStream, timers: Timers) -> Result<Woken, AgentError> {
     let nonce = hex(&rand::random::<[u8; 16]>());
     let seed = hex(&rand::random::<[u8; 32]>());
     let now = std::time::SystemTime::now()
@@ -195,9 +226,24 @@ pub async fn after_restore(
         now.as_secs(),
         now.subsec_nanos()
     );
-    agent
-        .write_fifo(HELPER_FIFO, line.as_bytes(), AGENT_TIMEOUT)
-        .await?;
+    match tokio::time::timeout(WAKE_TIMEOUT, control.write_all(line.as_bytes())).await {
+        Ok(Ok(())) => Ok(Woken { nonce }),
+        Ok(Err(e)) => Err(AgentError::Io(e)),
+        Err(_) => Err(AgentError::Timeout {
+            command: "wake the after-resume helper".into(),
+            timeout: WAKE_TIMEOUT,
+        }),
+    }
+}
+
+/// Finishes preparing a guest whose helper [`wake`] woke: sets the guest clock through the
+/// agent where the helper cannot, and waits for the helper's answer.
+pub async fn after_restore(
+    agent: &mut AgentClient<UnixStream>,
+    output: &mut mpsc::Receiver<Vec<u8>>,
+    woken: Woken,
+    arch: Arch,
+) -> Result<(), AgentError> {
     if arch.clock_settime_nr().is_none() {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -216,7 +262,7 @@ pub async fn after_restore(
     }
     // Not answering in time is how a guest with dead timers shows (see HELPER_PL); the
     // caller then discards the state and boots cold.
-    match answer(output, &nonce, Instant::now() + HELPER_TIMEOUT).await {
+    match answer(output, &woken.nonce, Instant::now() + HELPER_TIMEOUT).await {
         Some(status) if status == "ok" => Ok(()),
         Some(status) => Err(AgentError::Command {
             command: "prepare the resumed guest (clock, RNG, timers)".into(),

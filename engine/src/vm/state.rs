@@ -38,9 +38,10 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bumped when what a saved guest contains or the QEMU command line changes (2: the output
 /// relay; 3: riscv64 without Sstc; 4: the job cgroup; 5: saves checked before they are
-/// published, so older ones may be bad; 6: the after-resume helper waits in the saved guest),
+/// published, so older ones may be bad; 6: the after-resume helper waits in the saved guest;
+/// 7: it waits on the control port),
 /// so that states saved by an older runner are not resumed; callers put it in the state's key.
-pub const FORMAT: u32 = 6;
+pub const FORMAT: u32 = 7;
 
 const RAM: &str = "ram.bin";
 const DISK: &str = "disk.qcow2";
