@@ -19,21 +19,12 @@ arch=${1:-riscv64}
 runs=${2:-3}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-runner="$root/target/release/runner"
+runner=${RUNNER:-$root/target/release/runner}
 [ -x "$runner" ] || { echo "workload: build runner first: cargo build --release" >&2; exit 2; }
 cache=${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}
 
 # zlib 1.3.1 as Debian 13 ships it (pinned, checked).
-src_name=zlib_1.3.dfsg+really1.3.1.orig.tar.gz
-src_sha=60dd315c07f616887caa029408308a018ace66e3d142726a97db164b3b8f69fb
-src_url=http://deb.debian.org/debian/pool/main/z/zlib/$src_name
-mkdir -p "$cache/bench"
-src="$cache/bench/$src_name"
-if ! { [ -f "$src" ] && echo "$src_sha  $src" | sha256sum -c --quiet; }; then
-  curl -fsS --max-time 120 -o "$src.part" "$src_url"
-  echo "$src_sha  $src.part" | sha256sum -c --quiet
-  mv "$src.part" "$src"
-fi
+src=$("$here/workload/source.sh")
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -80,7 +80,8 @@ pub fn relay_request() -> ExecRequest {
 /// cgroup, enter the working directory, run the command, then print the end marker so the
 /// host knows the output is complete. A program that does not exist ends with the other
 /// marker instead: exit status 127 alone cannot tell it from a 127 of the command's own (a
-/// shell that did not find a tool).
+/// shell that did not find a tool). A job's command follows its marker with the job's
+/// refused-fork count (see [`PIDS_TRAILER`]).
 const WRAPPER: &str = r#"dir=$1; marker=$2; missing=$3; shift 3
 exec </dev/null >FIFO 2>&1
 ENTER_JOB
@@ -88,8 +89,21 @@ cd "$dir" || { printf '%s' "$marker"; exit 126; }
 command -v "$1" >/dev/null || { printf '%s: not found\n' "$1"; printf '%s' "$missing"; exit 127; }
 "$@"
 rc=$?
-printf '%s' "$marker"
+END_MARKER
 exit $rc"#;
+
+/// How a job command's wrapper ends its output: the `ran` marker, then the `max` counter of
+/// the job cgroup's `pids.events` (forks refused at the process limit; empty if unreadable)
+/// and a record separator. Read with shell built-ins — no fork, so it works at the process
+/// limit — it spares the host the three agent calls (open, read, close: ~35 ms under TCG)
+/// of reading the counter after every step that ended. The job can forge it (it can forge
+/// anything in its guest): a forged count hides only its own fork bomb from its own report;
+/// the host reads the counter through the agent whenever the trailer is missing or bad.
+const PIDS_TRAILER: &str = r#"refused=
+while read -r key value; do [ "$key" = max ] && refused=$value; done 2>/dev/null <EVENTS
+printf '%s%s\036' "$marker" "$refused""#;
+/// The longest trailer the host waits for after the marker (a u64 and the separator).
+const TRAILER_MAX: usize = 24;
 
 /// `$0` of the wrapper and of scripts: the shell's own messages start with it (`sh: 1: x: not
 /// found`), as they would for `sh -c` typed by hand.
@@ -104,7 +118,7 @@ pub fn exec_request(
     env: &[(String, String)],
     markers: &EndMarkers,
 ) -> ExecRequest {
-    wrapped_request(cmd, cwd, env, markers, "")
+    wrapped_request(cmd, cwd, env, markers, "", "printf '%s' \"$marker\"")
 }
 
 /// [`exec_request`] for a job's command: the wrapper moves itself into the job cgroup first,
@@ -123,7 +137,8 @@ pub fn job_exec_request(
         job_cgroup::JOB,
         job_cgroup::JOB
     );
-    wrapped_request(cmd, cwd, env, markers, &enter)
+    let end = PIDS_TRAILER.replace("EVENTS", job_cgroup::PIDS_EVENTS);
+    wrapped_request(cmd, cwd, env, markers, &enter, &end)
 }
 
 fn wrapped_request(
@@ -132,12 +147,14 @@ fn wrapped_request(
     env: &[(String, String)],
     markers: &EndMarkers,
     enter_job: &str,
+    end_marker: &str,
 ) -> ExecRequest {
     let mut args = vec![
         "-c".to_string(),
         WRAPPER
             .replace("FIFO", OUTPUT_FIFO)
-            .replace("ENTER_JOB", enter_job),
+            .replace("ENTER_JOB", enter_job)
+            .replace("END_MARKER", end_marker),
         SHELL_NAME.to_string(),
         cwd.to_string(),
         markers.ran.clone(),
@@ -194,13 +211,19 @@ pub enum EndSeen {
 }
 
 /// Splits a byte stream into output and an end marker, even when the marker arrives split
-/// across chunks. Holds back less than one marker's length.
+/// across chunks. Holds back less than one marker's length. For a job's command
+/// ([`MarkerScanner::for_job`]) the `ran` marker is followed by the job's refused-fork
+/// count (see [`PIDS_TRAILER`]), which it reads too, at most [`TRAILER_MAX`] bytes.
 #[derive(Debug)]
 pub struct MarkerScanner {
     /// (marker, what it means); neither is a prefix of the other.
     markers: [(Vec<u8>, EndSeen); 2],
     pending: Vec<u8>,
     seen: Option<EndSeen>,
+    wants_trailer: bool,
+    /// The trailer read so far, while it is being read.
+    trailer: Option<Vec<u8>>,
+    pids_refused: Option<u64>,
 }
 
 impl MarkerScanner {
@@ -212,34 +235,60 @@ impl MarkerScanner {
             ],
             pending: Vec::new(),
             seen: None,
+            wants_trailer: false,
+            trailer: None,
+            pids_refused: None,
         }
     }
 
-    pub fn found(&self) -> bool {
-        self.seen.is_some()
+    /// A scanner for the output of [`job_exec_request`]'s wrapper.
+    pub fn for_job(markers: &EndMarkers) -> Self {
+        MarkerScanner {
+            wants_trailer: true,
+            ..MarkerScanner::new(markers)
+        }
     }
 
-    /// The marker that came, if one did.
+    /// Whether the output is complete: a marker came (and after `ran`, the trailer).
+    pub fn found(&self) -> bool {
+        self.seen.is_some() && self.trailer.is_none()
+    }
+
+    /// The marker that came, once the output is complete.
     pub fn seen(&self) -> Option<EndSeen> {
-        self.seen
+        self.seen.filter(|_| self.found())
+    }
+
+    /// The job's refused-fork count its wrapper reported, if it did (well-formed).
+    pub fn pids_refused(&self) -> Option<u64> {
+        self.pids_refused
     }
 
     /// Feeds a chunk; returns the bytes that are certainly output. Bytes after the marker
     /// (from background processes still writing) are dropped.
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
-        if self.found() {
+        if self.trailer.is_some() {
+            self.feed_trailer(chunk);
+            return Vec::new();
+        }
+        if self.seen.is_some() {
             return Vec::new();
         }
         self.pending.extend_from_slice(chunk);
         let first = self
             .markers
             .iter()
-            .filter_map(|(m, kind)| find(&self.pending, m).map(|i| (i, *kind)))
-            .min_by_key(|(i, _)| *i);
-        if let Some((i, kind)) = first {
+            .filter_map(|(m, kind)| find(&self.pending, m).map(|i| (i, m.len(), *kind)))
+            .min_by_key(|(i, _, _)| *i);
+        if let Some((i, len, kind)) = first {
             self.seen = Some(kind);
+            let rest = self.pending.split_off(i + len);
             let out = self.pending[..i].to_vec();
             self.pending.clear();
+            if kind == EndSeen::Ran && self.wants_trailer {
+                self.trailer = Some(Vec::new());
+                self.feed_trailer(&rest);
+            }
             return out;
         }
         // Keep the longest suffix that could still be the start of a marker.
@@ -258,8 +307,27 @@ impl MarkerScanner {
         self.pending.drain(..emit).collect()
     }
 
-    /// Everything still held back (used when the marker never comes).
+    fn feed_trailer(&mut self, bytes: &[u8]) {
+        let Some(trailer) = &mut self.trailer else {
+            return;
+        };
+        let room = TRAILER_MAX.saturating_sub(trailer.len());
+        trailer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if let Some(end) = trailer.iter().position(|&b| b == 0x1e) {
+            self.pids_refused = std::str::from_utf8(&trailer[..end])
+                .ok()
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse().ok());
+            self.trailer = None;
+        } else if trailer.len() >= TRAILER_MAX {
+            self.trailer = None;
+        }
+    }
+
+    /// Everything still held back (used when the marker never comes). A trailer still being
+    /// read is given up.
     pub fn flush(&mut self) -> Vec<u8> {
+        self.trailer = None;
         std::mem::take(&mut self.pending)
     }
 }
@@ -377,11 +445,16 @@ mod tests {
     /// its output file in place of the guest's FIFO; returns (output, exit status).
     fn run_wrapper(cmd: &GuestCommand) -> (String, i32) {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("output");
-        let mut req = exec_request(cmd, "/", &[], &markers());
-        req.args[1] = WRAPPER
-            .replace("FIFO", &out.display().to_string())
-            .replace("ENTER_JOB", "");
+        let req = exec_request(cmd, "/", &[], &markers());
+        run_request(req, dir.path())
+    }
+
+    /// Runs `req` with its guest paths (the output FIFO, the job cgroup) moved into `dir`.
+    fn run_request(mut req: ExecRequest, dir: &std::path::Path) -> (String, i32) {
+        let out = dir.join("output");
+        req.args[1] = req.args[1]
+            .replace(OUTPUT_FIFO, &out.display().to_string())
+            .replace(job_cgroup::JOB, &dir.display().to_string());
         let status = std::process::Command::new(&req.path)
             .args(&req.args)
             .env_clear()
@@ -431,6 +504,64 @@ mod tests {
             assert_eq!(text, format!("{want_out}{want_marker}"), "{cmd:?}");
             assert_eq!(rc, want_rc, "{cmd:?}");
         }
+    }
+
+    #[test]
+    fn a_job_command_reports_its_refused_forks_after_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let m = markers();
+        let cmd = GuestCommand::Argv(vec!["echo".into(), "hi".into()]);
+        // (pids.events, what the host reads from the trailer)
+        let cases = [
+            (Some("max 7\nmax.imposed 0\n"), Some(7)),
+            (Some("max 0\n"), Some(0)),
+            // no counter (the step removed its cgroup): no count, the host asks the agent
+            (None, None),
+        ];
+        for (events, want) in cases {
+            let path = dir.path().join("pids.events");
+            let _ = std::fs::remove_file(&path);
+            if let Some(text) = events {
+                std::fs::write(&path, text).unwrap();
+            }
+            let (text, rc) = run_request(job_exec_request(&cmd, "/", &[], &m), dir.path());
+            assert_eq!(rc, 0);
+            // Fed byte by byte, as the port may deliver it.
+            let mut s = MarkerScanner::for_job(&m);
+            let mut out = Vec::new();
+            for b in text.as_bytes() {
+                out.extend(s.feed(std::slice::from_ref(b)));
+            }
+            assert!(s.found(), "{text:?}");
+            assert_eq!(s.seen(), Some(EndSeen::Ran));
+            assert_eq!(out, b"hi\n", "{text:?}");
+            assert_eq!(s.pids_refused(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_trailer_is_waited_for_bounded_and_only_digits_count() {
+        let m = markers();
+        // The marker alone: not complete until the trailer has come.
+        let mut s = MarkerScanner::for_job(&m);
+        assert_eq!(s.feed(format!("out{}1", m.ran).as_bytes()), b"out");
+        assert!(!s.found() && s.seen().is_none());
+        s.feed(b"2\x1e and a daemon's output after it");
+        assert!(s.found());
+        assert_eq!(s.pids_refused(), Some(12));
+        // Not a number, or no end within the bound: complete, without a count.
+        for trailer in ["x1\x1e".to_string(), "9".repeat(TRAILER_MAX + 5)] {
+            let mut s = MarkerScanner::for_job(&m);
+            s.feed(format!("{}{trailer}", m.ran).as_bytes());
+            assert!(s.found(), "{trailer:?}");
+            assert_eq!(s.pids_refused(), None, "{trailer:?}");
+        }
+        // A runner command's scanner is complete at the marker.
+        let mut s = MarkerScanner::new(&m);
+        s.feed(m.ran.as_bytes());
+        assert!(s.found());
+        assert_eq!(s.pids_refused(), None);
     }
 
     #[test]

@@ -183,6 +183,8 @@ pub struct Vm {
     pub notes: Vec<String>,
     /// The wrapper pid of a command that timed out or was stopped and may still run.
     left_running: Option<i64>,
+    /// The job's refused-fork count as the last job command's wrapper reported it.
+    reported_pids_refused: Option<u64>,
     /// The job cgroup's limits, and its counters as last read (see [`job_cgroup`]).
     job_limits: JobLimits,
     job_counters: job_cgroup::JobCounters,
@@ -511,6 +513,7 @@ impl Vm {
             },
             notes: Vec::new(),
             left_running: None,
+            reported_pids_refused: None,
             job_limits,
             // The job cgroup is new at setup, and saved before any job ran in it.
             job_counters: job_cgroup::JobCounters::default(),
@@ -640,7 +643,11 @@ impl Vm {
     ) -> Result<CommandEnd, VmError> {
         let deadline = crate::bounded::deadline_in(timeout);
         let markers = exec::EndMarkers::new();
-        let mut scanner = exec::MarkerScanner::new(&markers);
+        let mut scanner = match placement {
+            Placement::Job => exec::MarkerScanner::for_job(&markers),
+            Placement::Runner => exec::MarkerScanner::new(&markers),
+        };
+        self.reported_pids_refused = None;
         let request = match placement {
             Placement::Job => exec::job_exec_request(cmd, cwd, env, &markers),
             Placement::Runner => exec::exec_request(cmd, cwd, env, &markers),
@@ -664,6 +671,7 @@ impl Vm {
                 if let Some(end) = exited {
                     tracing::debug!("guest command ended");
                     self.left_running = None;
+                    self.reported_pids_refused = scanner.pids_refused();
                     return Ok(match (seen, end) {
                         (exec::EndSeen::NotFound, CommandEnd::Exited(127)) => CommandEnd::NotFound,
                         _ => end,
@@ -776,9 +784,14 @@ impl Vm {
     /// kill that did not fail the step is no reason to fail it, and each file read costs three
     /// agent round trips (10-30 ms under TCG) on every step.
     pub async fn job_limits_hit(&mut self, step_failed: bool) -> Result<Vec<LimitHit>, VmError> {
-        // The agent's file calls need no fork in the guest: they work at the process limit.
-        let Some(pids) = self.read_job_file(job_cgroup::PIDS_EVENTS).await? else {
-            return Ok(Vec::new());
+        // The count the step's wrapper reported as it ended (see `exec::PIDS_TRAILER`), else
+        // the agent's file calls: they need no fork in the guest, so they work at the limit.
+        let pids_refused = match self.reported_pids_refused.take() {
+            Some(count) => count,
+            None => match self.read_job_file(job_cgroup::PIDS_EVENTS).await? {
+                Some(pids) => job_cgroup::pids_refused(&pids),
+                None => return Ok(Vec::new()),
+            },
         };
         let oom_kills = if step_failed {
             let Some(memory) = self.read_job_file(job_cgroup::MEMORY_EVENTS).await? else {
@@ -789,7 +802,7 @@ impl Vm {
             self.job_counters.oom_kills
         };
         let now = job_cgroup::JobCounters {
-            pids_refused: job_cgroup::pids_refused(&pids),
+            pids_refused,
             oom_kills,
         };
         let hits = now.hits_since(&self.job_counters, &self.job_limits);
