@@ -252,18 +252,16 @@ impl Vm {
             Timers::Trusted
         };
         match Vm::start(cfg, Some((dir, timers))).await {
-            Ok(mut vm) => {
-                match vm.after_restore().await {
-                    Ok(()) => {
-                        tracing::debug!("after-resume helper answered");
-                        Ok(vm)
-                    }
-                    Err(e) => {
-                        vm.kill().await;
-                        Err(format!("resumed VM did not respond: {e}"))
-                    }
+            Ok(mut vm) => match vm.after_restore().await {
+                Ok(()) => {
+                    tracing::debug!("after-resume helper answered");
+                    Ok(vm)
                 }
-            }
+                Err(e) => {
+                    vm.kill().await;
+                    Err(format!("resumed VM did not respond: {e}"))
+                }
+            },
             Err(e) => {
                 // With the cause: "does not match its checksum" must reach the user.
                 let mut why = e.to_string();
