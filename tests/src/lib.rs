@@ -357,3 +357,43 @@ pub fn interrupt_and_wait(child: &mut std::process::Child) -> std::process::Exit
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Fills `dir` with `files` files of random bytes, about `mib` MiB in all (odd sizes, so no
+/// file ends on a tar block; one empty), and returns each file's `sha256sum` line as the
+/// guest prints it from the workspace (`HASH  ./PATH`), sorted.
+pub fn random_workspace(dir: &Path, mib: u64, files: u64) -> Vec<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut random = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    let mut lines = Vec::new();
+    for k in 0..files {
+        let len = if k == 0 {
+            0
+        } else {
+            (mib << 20) / (files - 1) + k * 7
+        };
+        let mut body = vec![0u8; len as usize];
+        random.read_exact(&mut body).expect("random bytes");
+        let rel = format!("d{}/f{k}.bin", k % 4);
+        let path = dir.join(&rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, &body).expect("write");
+        lines.push(format!(
+            "{}  ./{rel}",
+            hex::encode(sha2::Sha256::digest(&body))
+        ));
+    }
+    lines.sort();
+    lines
+}
+
+/// The `HASH  ./PATH` lines in a guest's `sha256sum` output, sorted.
+pub fn sha256sum_lines(stdout: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.len() > 66 && l.as_bytes()[64..66] == *b"  ")
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}

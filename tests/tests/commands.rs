@@ -345,6 +345,30 @@ fn cpus_memory_and_workspace_reach_the_guest() {
 }
 
 #[test]
+fn a_20_mib_workspace_reaches_the_guest_byte_for_byte() {
+    // Streamed in chunks through the agent (many guest-file-writes into one open file):
+    // every file, at its odd size, must arrive whole.
+    let ws = tempfile::tempdir().unwrap();
+    let want = e2e::random_workspace(ws.path(), 20, 33);
+    let r = runner(
+        &workspace_root(),
+        &[
+            "test",
+            "--arch",
+            "riscv64",
+            "--workspace",
+            ws.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "find . -type f -exec sha256sum {} +",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert_eq!(e2e::sha256sum_lines(&r.stdout), want, "{r}");
+}
+
+#[test]
 fn doctor_lists_qemu_and_the_accelerator() {
     let r = runner(&workspace_root(), &["doctor"]);
     assert_eq!(r.code, 0, "{r}");

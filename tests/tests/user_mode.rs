@@ -43,6 +43,34 @@ fn a_command_runs_the_images_programs_for_its_architecture_without_booting() {
 }
 
 #[test]
+fn a_20_mib_workspace_reaches_the_sandbox_byte_for_byte() {
+    // Streamed in chunks into the sandbox's `cat`: every file must arrive whole.
+    let cache = private_cache();
+    let ws = tempfile::tempdir().unwrap();
+    let want = e2e::random_workspace(ws.path(), 20, 33);
+    let r = runner_with_cache(
+        &e2e::workspace_root(),
+        &[
+            "test",
+            "--mode",
+            "user",
+            "--arch",
+            "riscv64",
+            "--workspace",
+            ws.path().to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "find . -type f -exec sha256sum {} +",
+        ],
+        cache.path(),
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert_eq!(e2e::sha256sum_lines(&r.stdout), want, "{r}");
+    drop_checked(cache);
+}
+
+#[test]
 fn a_suite_gets_its_workspace_in_and_results_out_but_nothing_of_the_host() {
     let cache = private_cache();
     let project = tempfile::tempdir().unwrap();

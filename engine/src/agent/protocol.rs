@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::bounded::read_line_capped;
@@ -344,26 +345,87 @@ impl<S: AsyncRead + AsyncWrite> AgentClient<S> {
         let handle = self.file_open(path, mode, timeout).await?;
         let result = async {
             for chunk in data.chunks(FILE_CHUNK) {
-                let v = self
-                    .execute(
-                        "guest-file-write",
-                        json!({"handle": handle, "buf-b64": B64.encode(chunk)}),
-                        timeout,
-                    )
-                    .await?;
-                let written = v["count"].as_u64().unwrap_or(0) as usize;
-                if written != chunk.len() {
-                    return Err(AgentError::Protocol {
-                        command: "guest-file-write".into(),
-                        detail: format!("short write: {written} of {} bytes", chunk.len()),
-                    });
-                }
+                self.file_write(handle, chunk, timeout).await?;
             }
             Ok(())
         }
         .await;
         let closed = self.file_close(handle, timeout).await;
         result.and(closed)
+    }
+
+    /// One `guest-file-write` of `chunk` (at most [`FILE_CHUNK`] bytes), all of it or an error.
+    async fn file_write(
+        &mut self,
+        handle: i64,
+        chunk: &[u8],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let v = self
+            .execute(
+                "guest-file-write",
+                json!({"handle": handle, "buf-b64": B64.encode(chunk)}),
+                timeout,
+            )
+            .await?;
+        let written = v["count"].as_u64().unwrap_or(0) as usize;
+        if written != chunk.len() {
+            return Err(AgentError::Protocol {
+                command: "guest-file-write".into(),
+                detail: format!("short write: {written} of {} bytes", chunk.len()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes what arrives on `chunks` to a new guest file at `path` (truncating) until the
+    /// sender closes the channel; returns the bytes written. The file is opened once and
+    /// written in requests of up to [`FILE_CHUNK`] bytes (chunks are gathered up to that: one
+    /// round trip per small chunk would be slow under TCG), so what is held here is one
+    /// request whatever the file's size. `timeout` is per request. On an error `chunks` is
+    /// dropped before the file is closed, so a sender blocked on a full channel stops at once.
+    pub async fn write_stream(
+        &mut self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<u64, AgentError> {
+        let handle = self.file_open(path, "w", timeout).await?;
+        let result = self.write_chunks(handle, chunks, timeout).await;
+        let closed = self.file_close(handle, timeout).await;
+        match (result, closed) {
+            (Ok(n), Ok(())) => Ok(n),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+
+    /// The body of [`AgentClient::write_stream`]; `chunks` goes when this returns.
+    async fn write_chunks(
+        &mut self,
+        handle: i64,
+        mut chunks: mpsc::Receiver<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<u64, AgentError> {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut written = 0u64;
+        while let Some(chunk) = chunks.recv().await {
+            let mut chunk = &chunk[..];
+            while !chunk.is_empty() {
+                let take = chunk.len().min(FILE_CHUNK - pending.len());
+                pending.extend_from_slice(&chunk[..take]);
+                chunk = &chunk[take..];
+                if pending.len() == FILE_CHUNK {
+                    self.file_write(handle, &pending, timeout).await?;
+                    written += pending.len() as u64;
+                    pending.clear();
+                }
+            }
+        }
+        if !pending.is_empty() {
+            self.file_write(handle, &pending, timeout).await?;
+            written += pending.len() as u64;
+        }
+        Ok(written)
     }
 
     /// Reads the guest file at `path`, failing if it is larger than `max_bytes`.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::*;
@@ -246,4 +247,88 @@ async fn a_timed_out_command_resyncs_before_the_next() {
     let err = agent.version(Duration::from_millis(500)).await.unwrap_err();
     assert!(matches!(err, AgentError::Timeout { .. }));
     assert_eq!(agent.version(T).await.unwrap(), "second");
+}
+
+#[tokio::test]
+async fn a_stream_is_written_through_one_handle_in_full_requests() {
+    use base64::Engine as _;
+    use std::sync::{Arc, Mutex};
+    // (what was written, the size of each write, how many opens and closes)
+    let store = Arc::new(Mutex::new((Vec::<u8>::new(), Vec::<usize>::new(), 0, 0)));
+    let s = store.clone();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let stream = fake_agent(move |req| {
+        let a = &req["arguments"];
+        let mut s = s.lock().unwrap();
+        match req["execute"].as_str().unwrap() {
+            "guest-file-open" => {
+                assert_eq!(a["mode"], "w");
+                s.2 += 1;
+                ret(json!(7))
+            }
+            "guest-file-write" => {
+                assert_eq!(a["handle"], 7);
+                let data = b64.decode(a["buf-b64"].as_str().unwrap()).unwrap();
+                s.1.push(data.len());
+                s.0.extend_from_slice(&data);
+                ret(json!({"count": data.len(), "eof": false}))
+            }
+            "guest-file-close" => {
+                s.3 += 1;
+                ret(json!({}))
+            }
+            other => panic!("unexpected {other}"),
+        }
+    });
+    let mut agent = AgentClient::new(stream);
+    agent.sync(Instant::now() + T).await.unwrap();
+    // 40 chunks of 64 KiB and an odd one (2.5 MiB and a bit, so three requests), sent
+    // while the writer drains the channel.
+    let (tx, rx) = mpsc::channel(4);
+    let feeder = tokio::spawn(async move {
+        let mut sent = Vec::new();
+        for i in 0..41u32 {
+            let len = if i == 40 { 1000 } else { 64 << 10 };
+            let chunk: Vec<u8> = (0..len).map(|j| ((i + j) % 251) as u8).collect();
+            sent.extend_from_slice(&chunk);
+            tx.send(chunk).await.unwrap();
+        }
+        sent
+    });
+    let written = agent.write_stream("/tmp/ws.tar", rx, T).await.unwrap();
+    let want = feeder.await.unwrap();
+    let s = store.lock().unwrap();
+    assert_eq!(written, want.len() as u64);
+    assert!(s.0 == want, "the guest file differs from what was sent");
+    assert_eq!(s.1, [FILE_CHUNK, FILE_CHUNK, want.len() - 2 * FILE_CHUNK]);
+    assert_eq!((s.2, s.3), (1, 1));
+}
+
+#[tokio::test]
+async fn a_failed_stream_write_lets_go_of_the_sender() {
+    let stream = fake_agent(|req| match req["execute"].as_str().unwrap() {
+        "guest-file-open" => ret(json!(7)),
+        "guest-file-write" => {
+            b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"No space left on device\"}}\n"
+                .to_vec()
+        }
+        "guest-file-close" => ret(json!({})),
+        other => panic!("unexpected {other}"),
+    });
+    let mut agent = AgentClient::new(stream);
+    agent.sync(Instant::now() + T).await.unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    // A producer that would send forever: it must stop when the writer gives up.
+    let producer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while tx.send(vec![1u8; 64 << 10]).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    let err = agent.write_stream("/tmp/ws.tar", rx, T).await.unwrap_err();
+    assert!(err.to_string().contains("failed"), "{err}");
+    let sent = tokio::time::timeout(T, producer).await.unwrap().unwrap();
+    // One request's worth and what the channel holds, not more.
+    assert!(sent <= FILE_CHUNK / (64 << 10) + 5, "{sent}");
 }

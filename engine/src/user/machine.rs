@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::binfmt::Emulation;
 use super::UserError;
@@ -128,7 +128,7 @@ impl UserMachine {
             GuestCommand::Argv(argv) => argv.clone(),
             GuestCommand::Script(s) => vec!["/bin/sh".into(), "-e".into(), "-c".into(), s.clone()],
         };
-        self.run_argv(&argv, cwd, env, None, timeout, Some(stop), on_output)
+        self.run_argv(&argv, cwd, env, Input::None, timeout, Some(stop), on_output)
             .await
     }
 
@@ -151,7 +151,9 @@ impl UserMachine {
         let mut tail = TailBuffer::new(keep);
         let argv = ["/bin/sh".to_string(), "-c".into(), script.into()];
         let end = self
-            .run_argv(&argv, "/", env, None, timeout, None, &mut |b| tail.push(b))
+            .run_argv(&argv, "/", env, Input::None, timeout, None, &mut |b| {
+                tail.push(b)
+            })
             .await?;
         if matches!(end, CommandEnd::TimedOut) {
             self.stop_command().await;
@@ -174,7 +176,7 @@ impl UserMachine {
                 &argv,
                 "/",
                 &housekeeping_env(),
-                Some(data.to_vec()),
+                Input::Bytes(data.to_vec()),
                 HOUSEKEEPING_TIMEOUT,
                 None,
                 &mut |b| out.push(b),
@@ -186,6 +188,48 @@ impl UserMachine {
                 command: format!("write {path}"),
                 desc: format!("{other:?}: {}", out.text().trim()),
             }),
+        }
+    }
+
+    /// Writes what arrives on `chunks` to `path` as the job sees it, chunk by chunk as they
+    /// come, until the sender closes the channel (the job's workspace archive: never held
+    /// whole). The command's end drops `chunks`, so a producer blocked on a full channel
+    /// stops at its next send.
+    pub async fn write_stream(
+        &mut self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), UserError> {
+        let argv = [
+            "/bin/sh".to_string(),
+            "-c".into(),
+            "umask 077; exec cat > \"$1\"".into(),
+            "sh".into(),
+            path.into(),
+        ];
+        let mut out = TailBuffer::new(4096);
+        let end = self
+            .run_argv(
+                &argv,
+                "/",
+                &housekeeping_env(),
+                Input::Stream(chunks),
+                HOUSEKEEPING_TIMEOUT,
+                None,
+                &mut |b| out.push(b),
+            )
+            .await?;
+        match end {
+            CommandEnd::Exited(0) => Ok(()),
+            other => {
+                if matches!(other, CommandEnd::TimedOut) {
+                    self.stop_command().await;
+                }
+                Err(UserError::Command {
+                    command: format!("write {path}"),
+                    desc: format!("{other:?}: {}", out.text().trim()),
+                })
+            }
         }
     }
 
@@ -205,7 +249,7 @@ impl UserMachine {
                 &argv,
                 "/",
                 &housekeeping_env(),
-                None,
+                Input::None,
                 HOUSEKEEPING_TIMEOUT,
                 None,
                 &mut |b| {
@@ -255,7 +299,7 @@ impl UserMachine {
         argv: &[String],
         cwd: &str,
         env: &[(String, String)],
-        stdin: Option<Vec<u8>>,
+        input: Input,
         timeout: Duration,
         mut stop: Option<&mut watch::Receiver<bool>>,
         on_output: &mut (dyn FnMut(&[u8]) + Send),
@@ -263,17 +307,30 @@ impl UserMachine {
         // A command left running by an earlier timeout is gone before the next one starts.
         self.stop_command().await;
         let deadline = crate::bounded::deadline_in(timeout);
-        let (mut child, mut output) = self.spawn(argv, cwd, env, stdin.is_some())?;
-        if let (Some(data), Some(mut input)) = (stdin, child.stdin.take()) {
-            // A job that does not read its input must not block the runner: written aside.
-            tokio::spawn(async move {
-                let _ = input.write_all(&data).await;
-            });
-        }
+        let piped = !matches!(input, Input::None);
+        let (mut child, mut output) = self.spawn(argv, cwd, env, piped)?;
+        let streaming = matches!(input, Input::Stream(_));
+        let mut feed = match (input, child.stdin.take()) {
+            (Input::Bytes(data), Some(mut stdin)) => {
+                // A job that does not read its input must not block the runner: written aside.
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&data).await;
+                });
+                None
+            }
+            (Input::Stream(chunks), Some(stdin)) => Some(Box::pin(feed(chunks, stdin))),
+            _ => None,
+        };
+        // Whether the whole stream went in (polled beside the output, the exit and the
+        // deadline: a command that stops reading cannot block the runner either).
+        let mut fed: Option<std::io::Result<()>> = None;
         let mut buf = vec![0u8; 64 * 1024];
         let mut eof = false;
         let status = loop {
             tokio::select! {
+                r = async { feed.as_mut().expect("guarded").await }, if feed.is_some() && fed.is_none() => {
+                    fed = Some(r);
+                }
                 n = output.read(&mut buf), if !eof => match n {
                     Ok(0) | Err(_) => eof = true,
                     Ok(n) => on_output(&buf[..n]),
@@ -298,6 +355,17 @@ impl UserMachine {
             }
         }
         kill_group(&child);
+        // A stream not taken whole (its reader ended first) is never a success.
+        drop(feed);
+        if streaming && !matches!(fed, Some(Ok(()))) && status.success() {
+            return Err(UserError::Command {
+                command: argv.join(" "),
+                desc: match fed {
+                    Some(Err(e)) => format!("its input could not be written: {e}"),
+                    _ => "it ended before reading all its input".into(),
+                },
+            });
+        }
         use std::os::unix::process::ExitStatusExt;
         Ok(match (status.code(), status.signal()) {
             (Some(code), _) => CommandEnd::Exited(code),
@@ -362,6 +430,27 @@ impl Drop for UserMachine {
             kill_group(child);
         }
     }
+}
+
+/// What a command gets on its standard input.
+enum Input {
+    None,
+    /// Written aside in one go.
+    Bytes(Vec<u8>),
+    /// Written chunk by chunk as they arrive, until the sender closes the channel.
+    Stream(mpsc::Receiver<Vec<u8>>),
+}
+
+/// Copies `chunks` into a command's standard input, then closes it (the reader's EOF).
+async fn feed(
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    mut stdin: tokio::process::ChildStdin,
+) -> std::io::Result<()> {
+    while let Some(chunk) = chunks.recv().await {
+        stdin.write_all(&chunk).await?;
+    }
+    drop(stdin);
+    Ok(())
 }
 
 /// SIGKILL to the process group bwrap leads (its PID 1 in the sandbox dies with it, and the

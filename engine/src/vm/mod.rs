@@ -10,6 +10,7 @@ pub mod overlay;
 mod resume;
 pub mod shell;
 pub mod state;
+mod stream;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;

@@ -81,19 +81,19 @@ pub async fn run(args: ShellArgs, settings: RunSettings, status: Status) -> i32 
     if let Some(line) = super::swept_line(super::sweep_leftovers(&settings.store)) {
         status.line(&line);
     }
+    // The workspace's size before the boot (it is packed as it streams in, after).
+    if let Some(ws) = &plan.workspace {
+        if let Err(e) = workspace::measure_off_runtime(ws).await {
+            let outcome = crate::outcome::infra(crate::outcome::InfraKind::Io, chain(&e));
+            return refused(&status, &outcome);
+        }
+    }
     let mut vm = match boot(&plan, &settings, &status).await {
         Ok(vm) => vm,
         Err(outcome) => return refused(&status, &outcome),
     };
     if let Some(ws) = &plan.workspace {
-        let copied = match workspace::pack(&ws.root, &ws.exclude, ws.max_size) {
-            Ok(archive) => transfer::copy_in(&mut vm, &archive).await,
-            Err(e) => Err(crate::outcome::infra(
-                crate::outcome::InfraKind::Io,
-                chain(&e),
-            )),
-        };
-        if let Err(outcome) = copied {
+        if let Err(outcome) = transfer::copy_in(&mut vm, ws).await {
             vm.kill().await;
             return refused(&status, &outcome);
         }

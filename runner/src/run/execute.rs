@@ -30,7 +30,7 @@ use crate::run::platform;
 use crate::snapshot;
 use crate::suite::Mode;
 
-use crate::run::workspace;
+use crate::run::{transfer, workspace};
 
 /// Deadline for the agent's first answer on a normal boot (TCG on a busy host included).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -320,21 +320,13 @@ async fn run_timed(
         }
     }
 
-    // 3. Workspace archive (before boot: a too-large workspace should not cost a boot).
-    let archive = match &plan.workspace {
-        Some(ws) => match workspace::pack_off_runtime(ws).await {
-            Ok(a) => Some(a),
-            Err(e) => {
-                let kind = if matches!(e, workspace::WorkspaceError::Read { .. }) {
-                    InfraKind::Io
-                } else {
-                    InfraKind::Config
-                };
-                return infra(kind, chain(&e));
-            }
-        },
-        None => None,
-    };
+    // 3. Workspace size (before boot: a too-large workspace should not cost a boot). Only
+    // measured here; it is packed while it streams into the guest (`transfer::copy_in`).
+    if let Some(ws) = &plan.workspace {
+        if let Err(e) = workspace::measure_off_runtime(ws).await {
+            return transfer::workspace_failed(&e);
+        }
+    }
 
     if let Some(sysroot) = sysroot {
         // User mode's sandbox has no network namespace of its own to open up.
@@ -345,7 +337,7 @@ async fn run_timed(
             );
         }
         return run_user(
-            plan, settings, reporters, state, sysroot, archive, deadline, interrupt,
+            plan, settings, reporters, state, sysroot, deadline, interrupt,
         )
         .await;
     }
@@ -414,7 +406,6 @@ async fn run_timed(
     let outcome = in_vm(
         plan,
         &mut vm,
-        archive,
         reporters,
         state,
         deadline,
@@ -449,7 +440,6 @@ async fn run_user(
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
     sysroot: &Path,
-    archive: Option<Vec<u8>>,
     deadline: tokio::time::Instant,
     interrupt: watch::Receiver<bool>,
 ) -> Outcome {
@@ -509,7 +499,6 @@ async fn run_user(
     let outcome = in_vm(
         plan,
         &mut machine,
-        archive,
         reporters,
         state,
         deadline,
@@ -606,14 +595,13 @@ fn start_network(plan: &SuitePlan, settings: &RunSettings) -> Result<JobNetwork,
 async fn in_vm<G: Guest>(
     plan: &SuitePlan,
     guest: &mut G,
-    archive: Option<Vec<u8>>,
     reporters: &mut Reporters,
     state: &mut SuiteState<'_>,
     deadline: tokio::time::Instant,
     mut interrupt: watch::Receiver<bool>,
     keep: Option<&KeepFailed>,
 ) -> Outcome {
-    if let Err(o) = guest.prepare(plan, archive).await {
+    if let Err(o) = guest.prepare(plan).await {
         return o;
     }
     tracing::debug!("workspace and files in the guest");
@@ -1109,7 +1097,7 @@ mod tests {
     }
 
     impl Guest for FakeGuest {
-        async fn prepare(&mut self, _: &SuitePlan, _: Option<Vec<u8>>) -> Result<(), Outcome> {
+        async fn prepare(&mut self, _: &SuitePlan) -> Result<(), Outcome> {
             Ok(())
         }
 
@@ -1264,7 +1252,6 @@ mod tests {
         let outcome = in_vm(
             &plan,
             &mut guest,
-            None,
             &mut reporters,
             &mut state,
             deadline,

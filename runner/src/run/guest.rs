@@ -17,8 +17,9 @@ use crate::run::transfer;
 
 /// A booted guest as the step loop sees it.
 pub(crate) trait Guest {
-    /// Puts the workspace archive (if any) and the plan's files into the guest.
-    async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome>;
+    /// Puts the plan's workspace (if any; streamed, see `transfer::copy_in`) and files into
+    /// the guest.
+    async fn prepare(&mut self, plan: &SuitePlan) -> Result<(), Outcome>;
 
     /// Runs a step's command in the workspace, passing output to `live` as it comes; ends
     /// it at `timeout` (`TimedOut`) or when `stop` turns true (`Stopped`), leaving the
@@ -57,8 +58,8 @@ pub(crate) trait Guest {
 }
 
 impl Guest for Vm {
-    async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome> {
-        transfer::put_in(self, plan, archive).await?;
+    async fn prepare(&mut self, plan: &SuitePlan) -> Result<(), Outcome> {
+        transfer::put_in(self, plan).await?;
         crate::net::guest::bring_up(self, plan.network.mode).await
     }
 
@@ -103,8 +104,8 @@ impl Guest for Vm {
 
 /// User mode: the same step loop, each command in a fresh sandbox (see `engine::user`).
 impl Guest for UserMachine {
-    async fn prepare(&mut self, plan: &SuitePlan, archive: Option<Vec<u8>>) -> Result<(), Outcome> {
-        transfer::put_in(self, plan, archive).await
+    async fn prepare(&mut self, plan: &SuitePlan) -> Result<(), Outcome> {
+        transfer::put_in(self, plan).await
     }
 
     async fn run_step(

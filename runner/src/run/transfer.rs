@@ -8,11 +8,12 @@ use std::time::Duration;
 use engine::agent::AgentError;
 use engine::user::{UserError, UserMachine};
 use engine::vm::{CommandEnd, Vm, VmError};
+use tokio::sync::mpsc;
 
 use crate::events::GuestReport;
 use crate::outcome::{chain, infra, vm_error};
 use crate::outcome::{InfraKind, Outcome};
-use crate::run::plan::{GuestFile, SuitePlan, GUEST_WORKSPACE};
+use crate::run::plan::{GuestFile, SuitePlan, WorkspacePlan, GUEST_WORKSPACE};
 use crate::run::workspace;
 use engine::shell::quote;
 
@@ -32,6 +33,13 @@ const GUEST_ARTIFACTS_TAR: &str = "/tmp/runner-artifacts.tar";
 /// sees them, never by following its paths on the host.
 pub(crate) trait Machine {
     async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError>;
+    /// Writes what arrives on `chunks` to `path` until the sender closes the channel; drops
+    /// `chunks` when it fails, so the producer stops.
+    async fn write_stream(
+        &mut self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), VmError>;
     /// Refuses more than `max_bytes` with an error that [`guests_doing`] recognises.
     async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError>;
     async fn run_script(
@@ -46,6 +54,13 @@ pub(crate) trait Machine {
 impl Machine for Vm {
     async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError> {
         Vm::write_file(self, path, data).await
+    }
+    async fn write_stream(
+        &mut self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), VmError> {
+        Vm::write_stream(self, path, chunks).await.map(drop)
     }
     async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError> {
         Vm::read_file(self, path, max_bytes).await
@@ -64,6 +79,13 @@ impl Machine for Vm {
 impl Machine for UserMachine {
     async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), VmError> {
         Ok(UserMachine::write_file(self, path, data).await?)
+    }
+    async fn write_stream(
+        &mut self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), VmError> {
+        Ok(UserMachine::write_stream(self, path, chunks).await?)
     }
     async fn read_file(&mut self, path: &str, max_bytes: usize) -> Result<Vec<u8>, VmError> {
         Ok(UserMachine::read_file(self, path, max_bytes).await?)
@@ -107,10 +129,28 @@ pub(crate) async fn housekeeping<M: Machine>(
         .map_err(|e| vm_error(&e, true))
 }
 
-pub(crate) async fn copy_in<M: Machine>(vm: &mut M, archive: &[u8]) -> Result<(), Outcome> {
-    vm.write_file(GUEST_WORKSPACE_TAR, archive)
-        .await
-        .map_err(|e| vm_error(&e, true))?;
+/// The outcome of a workspace that cannot go in: unreadable is the host's I/O, too large or
+/// a bad exclude is the configuration's.
+pub(crate) fn workspace_failed(e: &workspace::WorkspaceError) -> Outcome {
+    let kind = if matches!(e, workspace::WorkspaceError::Read { .. }) {
+        InfraKind::Io
+    } else {
+        InfraKind::Config
+    };
+    infra(kind, chain(e))
+}
+
+/// Streams the workspace into the guest (packed on a blocking thread while the guest file
+/// is written, never held whole) and unpacks it there — only when the packer sent all of it:
+/// a workspace that outgrew its cap on the way, or could not be read, leaves at most a
+/// truncated archive in `/tmp` that nothing unpacks.
+pub(crate) async fn copy_in<M: Machine>(vm: &mut M, ws: &WorkspacePlan) -> Result<(), Outcome> {
+    let (chunks, packer) = workspace::stream(ws);
+    let written = vm.write_stream(GUEST_WORKSPACE_TAR, chunks).await;
+    // The receiver is gone by now: a packer not done stops at its next chunk.
+    let packed = packer.finish().await;
+    written.map_err(|e| vm_error(&e, true))?;
+    packed.map_err(|e| workspace_failed(&e))?;
     let script = format!("mkdir -p {GUEST_WORKSPACE} && tar -xf {GUEST_WORKSPACE_TAR} -C {GUEST_WORKSPACE} --no-same-owner && rm -f {GUEST_WORKSPACE_TAR}");
     match housekeeping(vm, &script).await? {
         (CommandEnd::Exited(0), _) => Ok(()),
@@ -324,15 +364,11 @@ fn untracked_script(tracked: &str, list: &str, max: u64) -> String {
     )
 }
 
-/// Everything a plan puts into a machine before its first step: the workspace archive
-/// (if any), then the plan's files.
-pub(crate) async fn put_in<M: Machine>(
-    vm: &mut M,
-    plan: &SuitePlan,
-    archive: Option<Vec<u8>>,
-) -> Result<(), Outcome> {
-    if let Some(archive) = archive {
-        copy_in(vm, &archive).await?;
+/// Everything a plan puts into a machine before its first step: the workspace (if any),
+/// then the plan's files.
+pub(crate) async fn put_in<M: Machine>(vm: &mut M, plan: &SuitePlan) -> Result<(), Outcome> {
+    if let Some(ws) = &plan.workspace {
+        copy_in(vm, ws).await?;
     }
     write_files(vm, &plan.files).await
 }
@@ -379,6 +415,137 @@ pub(crate) async fn write_files<M: Machine>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A machine whose file writes go nowhere (counted), and that records its scripts.
+    struct CountingMachine {
+        received: u64,
+        /// Run after the first chunk arrives (the workspace changing under the stream).
+        after_first_chunk: Option<Box<dyn FnOnce()>>,
+        /// Fail the write after this many chunks (the VM dying), if set.
+        die_after: Option<usize>,
+        scripts: Vec<String>,
+    }
+
+    impl CountingMachine {
+        fn new() -> Self {
+            CountingMachine {
+                received: 0,
+                after_first_chunk: None,
+                die_after: None,
+                scripts: Vec::new(),
+            }
+        }
+    }
+
+    impl Machine for CountingMachine {
+        async fn write_file(&mut self, _: &str, data: &[u8]) -> Result<(), VmError> {
+            self.received += data.len() as u64;
+            Ok(())
+        }
+        async fn write_stream(
+            &mut self,
+            _: &str,
+            mut chunks: mpsc::Receiver<Vec<u8>>,
+        ) -> Result<(), VmError> {
+            let mut n = 0;
+            while let Some(chunk) = chunks.recv().await {
+                self.received += chunk.len() as u64;
+                n += 1;
+                if let Some(grow) = self.after_first_chunk.take() {
+                    grow();
+                }
+                if self.die_after == Some(n) {
+                    return Err(VmError::Died {
+                        status: "killed".into(),
+                        clean_exit: false,
+                        stderr: String::new(),
+                    });
+                }
+            }
+            Ok(())
+        }
+        async fn read_file(&mut self, path: &str, _: usize) -> Result<Vec<u8>, VmError> {
+            panic!("read {path}")
+        }
+        async fn run_script(
+            &mut self,
+            script: &str,
+            _: &[(String, String)],
+            _: Duration,
+            _: usize,
+        ) -> Result<(CommandEnd, String), VmError> {
+            self.scripts.push(script.to_string());
+            Ok((CommandEnd::Exited(0), String::new()))
+        }
+    }
+
+    /// 16 files of 64 KiB (`a-00`…) and a small one sent after them (`z-grows`).
+    fn workspace_with_a_late_file() -> (tempfile::TempDir, WorkspacePlan) {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..16 {
+            std::fs::write(dir.path().join(format!("a-{i:02}")), vec![7u8; 64 << 10]).unwrap();
+        }
+        std::fs::write(dir.path().join("z-grows"), b"small").unwrap();
+        let root = dir.path().to_path_buf();
+        let size = workspace::measure(&root, &[], u64::MAX).unwrap();
+        let plan = WorkspacePlan {
+            root,
+            exclude: Vec::new(),
+            // Room for 100 KiB more, not for a MiB.
+            max_size: size + (100 << 10),
+        };
+        (dir, plan)
+    }
+
+    #[tokio::test]
+    async fn a_workspace_streams_in_and_is_unpacked_once_whole() {
+        let (_dir, plan) = workspace_with_a_late_file();
+        let mut vm = CountingMachine::new();
+        copy_in(&mut vm, &plan).await.unwrap();
+        assert!(vm.received > 16 * (64 << 10), "{}", vm.received);
+        assert_eq!(vm.scripts.len(), 1);
+        assert!(vm.scripts[0].contains("tar -xf"), "{}", vm.scripts[0]);
+    }
+
+    #[tokio::test]
+    async fn a_workspace_that_outgrows_its_cap_while_streaming_is_never_unpacked() {
+        let (_dir, plan) = workspace_with_a_late_file();
+        // The cap held before boot; the last file grows by a MiB once the stream has begun.
+        workspace::measure(&plan.root, &[], plan.max_size).unwrap();
+        let mut vm = CountingMachine::new();
+        let late = plan.root.join("z-grows");
+        vm.after_first_chunk = Some(Box::new(move || {
+            std::fs::write(late, vec![1u8; 1 << 20]).unwrap()
+        }));
+        let outcome = copy_in(&mut vm, &plan).await.unwrap_err();
+        match &outcome {
+            Outcome::InfraError { kind, message, .. } => {
+                assert_eq!(*kind, InfraKind::Config);
+                assert!(
+                    message.contains("larger than") && message.contains("max_size"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(vm.scripts.is_empty(), "{:?} ran", vm.scripts);
+        // The end of the archive (and most of the big file) never went in.
+        assert!(vm.received < plan.max_size, "{}", vm.received);
+    }
+
+    #[tokio::test]
+    async fn a_vm_dying_mid_stream_is_the_vms_error_and_stops_the_packer() {
+        let (_dir, plan) = workspace_with_a_late_file();
+        let mut vm = CountingMachine::new();
+        vm.die_after = Some(2);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), copy_in(&mut vm, &plan))
+            .await
+            .expect("copy_in waits for its packer, which must stop")
+            .unwrap_err();
+        assert!(outcome.to_string().contains("stopped"), "{outcome}");
+        assert!(vm.scripts.is_empty(), "{:?} ran", vm.scripts);
+        assert_eq!(vm.received, 2 * workspace::CHUNK as u64);
+    }
 
     /// Runs [`untracked_script`] with sh on the host, in `ws` instead of the guest's
     /// workspace; returns its output and the names in the archive.
