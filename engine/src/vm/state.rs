@@ -420,8 +420,15 @@ pub fn content_digest(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Removes saved states that can never be resumed again: written by another state format, or
-/// for a base image that is gone (rebuilt or deleted). Returns how many were removed.
+/// How long a state of another format is kept: another runner version sharing the cache
+/// (a CI cache restored for two branches, a developer switching builds) still resumes from
+/// it, and deleting it would make the two versions re-save in turn, each job booting cold.
+/// Older than this it belongs to a version nobody runs any more.
+const OTHER_FORMAT_KEPT: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Removes saved states that cannot be resumed again: for a base image that is gone (rebuilt
+/// or deleted), incomplete, or of another state format and saved over [`OTHER_FORMAT_KEPT`]
+/// ago. Returns how many were removed.
 pub fn prune(states_dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(states_dir) else {
         return 0;
@@ -442,10 +449,21 @@ pub fn prune(states_dir: &Path) -> usize {
         let meta: Option<serde_json::Value> = std::fs::read_to_string(dir.join(META))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
+        let saved_long_ago = || {
+            std::fs::metadata(dir.join(META))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > OTHER_FORMAT_KEPT)
+        };
         let usable = meta.is_some_and(|m| {
-            m["format"].as_u64() == Some(u64::from(FORMAT))
-                && m["base"].as_str().is_some_and(|b| Path::new(b).is_file())
-                && CHECKED.iter().all(|f| m["sha256"][f].is_string())
+            let base_there = m["base"].as_str().is_some_and(|b| Path::new(b).is_file());
+            let format = m["format"].as_u64();
+            if format != Some(u64::from(FORMAT)) {
+                // Another version's: the rest of its checks are its own business.
+                return format.is_some() && base_there && !saved_long_ago();
+            }
+            base_there && CHECKED.iter().all(|f| m["sha256"][f].is_string())
         });
         if !usable {
             discard(&dir);
@@ -802,8 +820,13 @@ mod tests {
                 false,
             ),
             (
-                "old-format",
-                json!({"format": 1, "base": base}).to_string(),
+                "other-format-recent",
+                json!({"format": FORMAT + 1, "base": base}).to_string(),
+                true,
+            ),
+            (
+                "other-format-old",
+                json!({"format": FORMAT - 1, "base": base}).to_string(),
                 false,
             ),
             (
@@ -820,6 +843,13 @@ mod tests {
                 std::fs::write(d.join(META), meta).unwrap();
             }
         }
+        // Saved 15 days ago by a version not run since.
+        let old = std::fs::File::options()
+            .write(true)
+            .open(root.path().join("other-format-old").join(META))
+            .unwrap();
+        old.set_modified(std::time::SystemTime::now() - Duration::from_secs(15 * 24 * 3600))
+            .unwrap();
         // A save in progress is left alone.
         std::fs::create_dir(root.path().join(".saving-x")).unwrap();
         assert_eq!(prune(root.path()), 4);
