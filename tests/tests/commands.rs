@@ -369,6 +369,28 @@ fn a_20_mib_workspace_reaches_the_guest_byte_for_byte() {
 }
 
 #[test]
+fn doctor_into_a_pipe_closed_early_ends_quietly() {
+    // `runner doctor | head -1`: the reader goes after one line. Doctor panicked on the
+    // broken pipe (exit 101, a Rust backtrace on stderr) before it learnt to stop there.
+    let mut child = Command::new(e2e::runner_bin())
+        .arg("doctor")
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert_eq!(&first, b"host: ");
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn doctor_lists_qemu_and_the_accelerator() {
     let r = runner(&workspace_root(), &["doctor"]);
     assert_eq!(r.code, 0, "{r}");

@@ -9,6 +9,20 @@ use crate::exit;
 
 /// `runner doctor --json`: the architecture table, one object per arch, for scripts (the
 /// benchmark's bare-QEMU floor builds its command line from it).
+
+/// Prints a line. A closed stdout (`runner doctor | head`) ends doctor quietly instead of
+/// panicking: nothing of its own runs between its lines, so there is nothing to clean up.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(exit::SUCCESS);
+            }
+        }
+    }};
+}
+
 pub fn arch_table_json() -> i32 {
     let rows: Vec<serde_json::Value> = Arch::ALL
         .iter()
@@ -39,13 +53,13 @@ pub fn arch_table_json() -> i32 {
             })
         })
         .collect();
-    println!("{}", serde_json::Value::Array(rows));
+    say!("{}", serde_json::Value::Array(rows));
     exit::SUCCESS
 }
 
 pub async fn run(store: &ImageStore) -> i32 {
     let mut ok = true;
-    println!(
+    say!(
         "host: {} ({} cores)",
         std::env::consts::ARCH,
         std::thread::available_parallelism()
@@ -61,7 +75,7 @@ pub async fn run(store: &ImageStore) -> i32 {
                 if !q.sandbox {
                     seccomp_missing.push(arch.name());
                 }
-                println!(
+                say!(
                     "{:<8} {} {} (sandbox: {})",
                     arch.name(),
                     q.path.display(),
@@ -71,10 +85,10 @@ pub async fn run(store: &ImageStore) -> i32 {
             }
             Err(e) => {
                 ok = false;
-                println!("{:<8} MISSING: {e}", arch.name());
+                say!("{:<8} MISSING: {e}", arch.name());
             }
         }
-        println!(
+        say!(
             "{:<8} debian {} ({}-bit, {}-endian), -M {} -cpu {}, virtio-{}, up to {} vCPUs, image {}, saved states {}",
             "",
             i.debian,
@@ -94,7 +108,7 @@ pub async fn run(store: &ImageStore) -> i32 {
             },
         );
         // User mode is optional: its absence is a note, not a failed check.
-        println!(
+        say!(
             "{:<8} user mode: {}",
             "",
             match engine::user::binfmt::check(arch) {
@@ -116,10 +130,10 @@ pub async fn run(store: &ImageStore) -> i32 {
         "xz",
     ] {
         match qhost::which(tool) {
-            Some(p) => println!("tool     {tool}: {}", p.display()),
+            Some(p) => say!("tool     {tool}: {}", p.display()),
             None => {
                 ok = false;
-                println!("tool     {tool}: MISSING (run scripts/setup-host)");
+                say!("tool     {tool}: MISSING (run scripts/setup-host)");
             }
         }
     }
@@ -128,20 +142,20 @@ pub async fn run(store: &ImageStore) -> i32 {
         .map(|a| a.name())
         .unwrap_or(std::env::consts::ARCH);
     match qhost::probe_kvm().await {
-        Ok(()) => println!("kvm      usable: {host} guests run under KVM"),
-        Err(why) => println!("kvm      not usable: {why}; every guest runs under TCG"),
+        Ok(()) => say!("kvm      usable: {host} guests run under KVM"),
+        Err(why) => say!("kvm      not usable: {why}; every guest runs under TCG"),
     }
     sandbox_layers(&seccomp_missing).await;
     let images = store.list();
-    println!(
+    say!(
         "cache    {} ({} images)",
         store.root().display(),
         images.len()
     );
     for (dir, state) in images {
         match state {
-            Ok(m) => println!("image    {} {} ok", m.recipe, m.arch),
-            Err(e) => println!("image    {} CORRUPT: {e}", dir.display()),
+            Ok(m) => say!("image    {} {} ok", m.recipe, m.arch),
+            Err(e) => say!("image    {} CORRUPT: {e}", dir.display()),
         }
     }
     if ok {
@@ -179,9 +193,9 @@ async fn sandbox_layers(seccomp_missing: &[&str]) {
                 seccomp_missing.join(", ")
             ),
         };
-        println!("sandbox  {:<9} {state}", layer.name());
+        say!("sandbox  {:<9} {state}", layer.name());
     }
-    println!(
+    say!(
         "sandbox  rlimits   on (no core dumps, at most {} open files)",
         engine::sandbox::MAX_OPEN_FILES
     );
