@@ -115,3 +115,44 @@ rmdir /sys/fs/cgroup/job
     assert!(!r.stdout.contains("should not run"), "{r}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn a_job_flooding_the_control_port_blocks_only_itself() {
+    // The control port carries the host's wake-up line to a resumed guest's helper; the
+    // host never reads it. Once the helper is gone (after a resume), a job can open the
+    // port and write: its writes must block in the guest (QEMU throttles the port when the
+    // host's socket is full) while the VM and the runner carry on.
+    let cache = private_cache();
+    let dir = tempfile::tempdir().unwrap();
+    let first = runner_with_cache(
+        dir.path(),
+        &["test", "--arch", "riscv64", "--", "true"],
+        cache.path(),
+    );
+    assert_eq!(first.code, 0, "{first}");
+    std::fs::write(
+        dir.path().join("runner.toml"),
+        r#"
+[[suite]]
+name = "flood"
+  [[suite.step]]
+  name = "flood"
+  timeout = "60s"
+  run = '''
+timeout 5 sh -c 'cat /dev/zero >/dev/virtio-ports/org.runner.control.0' && rc=0 || rc=$?
+echo "flood ended $rc"
+'''
+  [[suite.step]]
+  name = "after"
+  run = "echo still here"
+"#,
+    )
+    .unwrap();
+    let r = runner_with_cache(dir.path(), &["test", "--arch", "riscv64"], cache.path());
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stderr.contains("resumed from saved state"), "{r}");
+    // 124: still blocked in its write when `timeout` ended it (not refused, not finished).
+    assert!(r.stdout.contains("flood ended 124"), "{r}");
+    assert!(r.stdout.contains("still here"), "{r}");
+    assert_nothing_left(cache.path());
+}
