@@ -31,6 +31,12 @@ use crate::run::platform;
 use crate::snapshot::{self, Snapshot};
 use crate::terminal;
 
+/// The lock a `runner debug` holds on its private copy of a snapshot while it runs (see
+/// [`sweep_abandoned`]).
+const IN_USE: &str = "in-use.lock";
+/// A copy without its lock is that young only while its `runner debug` is about to lock it.
+const UNLOCKED_GRACE: Duration = Duration::from_secs(60);
+
 /// How long a `--command` may run in the resumed VM.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The size a session starts with when the terminal does not say.
@@ -197,12 +203,55 @@ fn pack_to(dir: &Path, out: &Path, fetch: &[String]) -> Result<String, Refusal> 
     ))
 }
 
+/// The private copy of a snapshot that `runner debug` resumes (`<cache>/debug/resume-*`),
+/// removed when dropped, and the lock that marks it in use until then.
+struct Adopted {
+    dir: tempfile::TempDir,
+    _in_use: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Adopted {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Removes the copies that killed `runner debug`s left in `<cache>/debug`: those whose lock
+/// nobody holds (or, older than [`UNLOCKED_GRACE`], that have none). Returns how many.
+pub(crate) fn sweep_abandoned(store: &ImageStore) -> usize {
+    let Ok(entries) = std::fs::read_dir(store.root().join("debug")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with("resume-") || !dir.is_dir() {
+            continue;
+        }
+        let abandoned = match std::fs::File::open(dir.join(IN_USE)) {
+            // Held while this is tried: its `runner debug` is alive. Released with the
+            // file when it goes out of scope here.
+            Ok(f) => {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+            }
+            Err(_) => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > UNLOCKED_GRACE),
+        };
+        if abandoned && std::fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Checks the snapshot in `dir` against this host and makes its private resumable copy:
 /// the snapshot, the VM to start, and the directory holding the copy (removed on drop).
 async fn prepare(
     dir: &Path,
     settings: &RunSettings,
-) -> Result<(Snapshot, VmConfig, tempfile::TempDir), Refusal> {
+) -> Result<(Snapshot, VmConfig, Adopted), Refusal> {
     let snap = snapshot::load(dir).map_err(|e| Refusal::new(exit::CONFIG, e.to_string()))?;
     let m = &snap.manifest;
     if !state::is_complete(dir) {
@@ -264,6 +313,22 @@ async fn prepare(
                 format!("cannot create a directory in {}: {e}", work_root.display()),
             )
         })?;
+    let in_use = std::fs::File::create(work.path().join(IN_USE))
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| e.to_string())
+        })
+        .map_err(|e| {
+            Refusal::new(
+                exit::IO,
+                format!("cannot lock {}: {e}", work.path().join(IN_USE).display()),
+            )
+        })?;
+    let work = Adopted {
+        dir: work,
+        _in_use: in_use,
+    };
     state::adopt(dir, &image.rootfs, &work.path().join("state"))
         .await
         .map_err(|e| {
@@ -388,5 +453,41 @@ async fn command(
             exit::TIMED_OUT
         }
         Err(e) => Refusal::from(vm_error(&e, true)).code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_copies_nobody_holds_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(root.path());
+        let debug = root.path().join("debug");
+        let copy = |name: &str, lock: bool| {
+            let d = debug.join(name);
+            std::fs::create_dir_all(d.join("state")).unwrap();
+            if lock {
+                std::fs::write(d.join(IN_USE), "").unwrap();
+            }
+            d
+        };
+        let alive = copy("resume-alive", true);
+        let held = nix::fcntl::Flock::lock(
+            std::fs::File::open(alive.join(IN_USE)).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        let killed = copy("resume-killed", true);
+        // Not locked yet: a `runner debug` that has just made it.
+        let starting = copy("resume-starting", false);
+        let other = copy("other", true);
+        assert_eq!(sweep_abandoned(&store), 1);
+        assert!(alive.exists() && starting.exists() && other.exists());
+        assert!(!killed.exists());
+        drop(held);
+        assert_eq!(sweep_abandoned(&store), 1);
+        assert!(!alive.exists());
     }
 }

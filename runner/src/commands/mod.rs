@@ -11,12 +11,13 @@ pub mod test;
 use engine::image::ImageStore;
 
 /// Removes what earlier runs left in the cache (VM directories of dead runners, unfinished
-/// image builds, stale saved states); returns how many. Every VM-running command calls it
+/// image builds, stale saved states, copies left by killed `runner debug`s); returns how many. Every VM-running command calls it
 /// at start.
 pub(crate) fn sweep_leftovers(store: &ImageStore) -> usize {
     engine::vm::sweep_abandoned(&store.vms_dir())
         + engine::image::store::sweep_leftovers(store)
         + engine::vm::state::prune(&store.states_dir())
+        + debug::sweep_abandoned(store)
 }
 
 /// The line telling the user about `sweep_leftovers`' work, if there was any.
