@@ -7,9 +7,6 @@ use engine::Arch;
 
 use crate::exit;
 
-/// `runner doctor --json`: the architecture table, one object per arch, for scripts (the
-/// benchmark's bare-QEMU floor builds its command line from it).
-
 /// Prints a line. A closed stdout (`runner doctor | head`) ends doctor quietly instead of
 /// panicking: nothing of its own runs between its lines, so there is nothing to clean up.
 macro_rules! say {
@@ -23,6 +20,8 @@ macro_rules! say {
     }};
 }
 
+/// `runner doctor --json`: the architecture table, one object per arch, for scripts (the
+/// benchmark's bare-QEMU floor builds its command line from it).
 pub fn arch_table_json() -> i32 {
     let rows: Vec<serde_json::Value> = Arch::ALL
         .iter()
