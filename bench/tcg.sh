@@ -50,7 +50,8 @@ for side in a b; do
   ln -s "$cache/images" "$work/cache-$side/images"
 done
 
-stats() { sort -n | awk '{a[NR]=$1} END {printf "min %.1f  median %.1f  max %.1f", a[1], a[int((NR+1)/2)], a[NR]}'; }
+stats() { sort -n | awk '{a[NR]=$1} END {m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2
+  printf "min %.1f  median %.1f  max %.1f", a[1], m, a[NR]}'; }
 one() { # side binary extra-args
   rm -rf "$project/runner-out"
   local t0 t1 out
