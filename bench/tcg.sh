@@ -17,34 +17,11 @@ runner_a=${3:?runner A}
 runner_b=${4:?runner B}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}
-src=$("$here/workload/source.sh")
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 project="$work/project"
-mkdir -p "$project/images" "$project/src"
-cp "$here/workload/images/debian-13-dev.toml" "$project/images/"
-tar -xzf "$src" -C "$project/src" --strip-components=1
-# The same workload text as bench/workload.sh.
-# shellcheck disable=SC2016 # expanded in the guest, not here
-cat >"$project/runner.toml" <<'EOF'
-[defaults]
-image = "debian-13-dev"
-timeout = "60m"
-[[suite]]
-name = "zlib"
-  [[suite.step]]
-  name = "build and make test"
-  run = '''
-start=$(date +%s.%N)
-cd src
-./configure >/dev/null
-make -s -j"$(nproc)" >/dev/null
-make -s test
-end=$(date +%s.%N)
-echo "workload-seconds $(echo "$start $end" | awk "{printf \"%.2f\", \$2 - \$1}")"
-  '''
-EOF
+"$here/workload/project.sh" "$project" system
 for side in a b; do
   mkdir -p "$work/cache-$side"
   ln -s "$cache/images" "$work/cache-$side/images"
@@ -57,7 +34,7 @@ one() { # side binary extra-args
   local t0 t1 out
   t0=$(date +%s.%N)
   # shellcheck disable=SC2086 # the extra arguments are words on purpose
-  out=$(cd "$project" && RUNNER_CACHE_DIR="$work/cache-$1" "$2" test -q --arch "$arch" --suite zlib $3 2>&1) ||
+  out=$(cd "$project" && RUNNER_CACHE_DIR="$work/cache-$1" "$2" test -q --arch "$arch" --suite zlib-system $3 2>&1) ||
     { echo "$out" >&2; echo "tcg.sh: side $1 failed" >&2; exit 1; }
   t1=$(date +%s.%N)
   echo "$(echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}') $(echo "$out" | sed -n 's/.*workload-seconds \([0-9.]*\).*/\1/p' | tail -n1)"

@@ -23,41 +23,12 @@ runner=${RUNNER:-$root/target/release/runner}
 [ -x "$runner" ] || { echo "workload: build runner first: cargo build --release" >&2; exit 2; }
 cache=${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}
 
-# zlib 1.3.1 as Debian 13 ships it (pinned, checked).
-src=$("$here/workload/source.sh")
-
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 project="$work/project"
-mkdir -p "$project/images" "$project/src"
-cp "$here/workload/images/debian-13-dev.toml" "$project/images/"
-tar -xzf "$src" -C "$project/src" --strip-components=1
-
-# The workload, the same text in every mode; it prints its own duration by the guest clock.
-# shellcheck disable=SC2016 # expanded in the guest, not here
-workload='start=$(date +%s.%N)
-cd src
-./configure >/dev/null
-make -s -j"$(nproc)" >/dev/null
-make -s test
-end=$(date +%s.%N)
-echo "workload-seconds $(echo "$start $end" | awk "{printf \"%.2f\", \$2 - \$1}")"'
-
-{
-  echo '[defaults]'
-  echo 'image = "debian-13-dev"'
-  echo 'timeout = "60m"'
-  for mode in system user; do
-    echo "[[suite]]"
-    echo "name = \"zlib-$mode\""
-    echo "mode = \"$mode\""
-    echo "  [[suite.step]]"
-    echo "  name = \"build and make test\""
-    echo "  run = '''"
-    echo "$workload"
-    echo "  '''"
-  done
-} > "$project/runner.toml"
+# zlib 1.3.1 as Debian 13 ships it, one suite per mode (zlib-system, zlib-user).
+"$here/workload/project.sh" "$project" system user
+workload=$(cat "$project/workload.sh")
 
 # The user-mode floor: the image's root as /, a fresh copy of the source as /workspace.
 find_sysroot() {

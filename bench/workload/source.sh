@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches (once, into the runner cache) and checks the real workload's source, zlib 1.3.1 as
-# Debian 13 ships it, and prints its path. Used by bench/workload.sh and bench/tcg.sh.
+# Debian 13 ships it, and prints its path. Used by bench/workload/project.sh.
 set -euo pipefail
 cache=${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}
 src_name=zlib_1.3.dfsg+really1.3.1.orig.tar.gz

@@ -156,3 +156,20 @@ echo "flood ended $rc"
     assert!(r.stdout.contains("still here"), "{r}");
     assert_nothing_left(cache.path());
 }
+
+#[test]
+fn an_agent_silent_longer_than_one_status_poll_only_delays_the_step() {
+    // A guest busy enough (a one-CPU mipsel image bake running dpkg on a loaded host) can
+    // leave one `guest-exec-status` unanswered past its 30 s timeout; that alone once failed
+    // the bake (an image-build error) or the job's step ("the guest agent stopped answering
+    // during this step", exit 1 after 33 s here). Stopping qemu-ga for 40 s does the same on
+    // purpose: the status poll and the process-limit check go unanswered, then the agent
+    // answers again and the step ends as it would have.
+    let (r, took) =
+        run_step("pkill -STOP -x qemu-ga; sleep 40; pkill -CONT -x qemu-ga; echo agent back");
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stdout.contains("agent back"), "{r}");
+    assert_no_step_timeout(&r);
+    // The silence outlasted a status poll's timeout: the case this is about did happen.
+    assert!(took > Duration::from_secs(40), "{took:?}");
+}

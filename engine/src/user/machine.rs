@@ -163,32 +163,7 @@ impl UserMachine {
 
     /// Writes `data` to `path` as the job sees it (only its own directories are writable).
     pub async fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), UserError> {
-        let argv = [
-            "/bin/sh".to_string(),
-            "-c".into(),
-            "umask 077; cat > \"$1\"".into(),
-            "sh".into(),
-            path.into(),
-        ];
-        let mut out = TailBuffer::new(4096);
-        let end = self
-            .run_argv(
-                &argv,
-                "/",
-                &housekeeping_env(),
-                Input::Bytes(data.to_vec()),
-                HOUSEKEEPING_TIMEOUT,
-                None,
-                &mut |b| out.push(b),
-            )
-            .await?;
-        match end {
-            CommandEnd::Exited(0) => Ok(()),
-            other => Err(UserError::Command {
-                command: format!("write {path}"),
-                desc: format!("{other:?}: {}", out.text().trim()),
-            }),
-        }
+        self.write_input(path, Input::Bytes(data.to_vec())).await
     }
 
     /// Writes what arrives on `chunks` to `path` as the job sees it, chunk by chunk as they
@@ -200,6 +175,11 @@ impl UserMachine {
         path: &str,
         chunks: mpsc::Receiver<Vec<u8>>,
     ) -> Result<(), UserError> {
+        self.write_input(path, Input::Stream(chunks)).await
+    }
+
+    /// `cat > path` as the job, fed `input`; a command that timed out is stopped.
+    async fn write_input(&mut self, path: &str, input: Input) -> Result<(), UserError> {
         let argv = [
             "/bin/sh".to_string(),
             "-c".into(),
@@ -213,7 +193,7 @@ impl UserMachine {
                 &argv,
                 "/",
                 &housekeeping_env(),
-                Input::Stream(chunks),
+                input,
                 HOUSEKEEPING_TIMEOUT,
                 None,
                 &mut |b| out.push(b),

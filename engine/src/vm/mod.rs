@@ -49,6 +49,11 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `guest-exec-status` reaps the record it reports; give it time rather than lose the status.
 const EXEC_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a running command's agent may leave its status polls unanswered before that is
+/// an error. One poll going unanswered for [`EXEC_STATUS_TIMEOUT`] is not enough: a busy guest
+/// under TCG (a one-CPU mipsel image bake running dpkg on a loaded host) can hold the agent off
+/// that long and then answer again. The step's own timeout still bounds the wait.
+const AGENT_SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// After `quit`, how long QEMU gets to exit before SIGTERM.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// After the agent's connection broke mid-command, how long QEMU gets to show it is exiting.
@@ -665,6 +670,8 @@ impl Vm {
         // Once the marker is in, the wrapper is exiting: poll its status soon, backing off.
         let mut exit_poll = exec::EXIT_POLL_START;
         let mut next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
+        // When the agent last answered; see AGENT_SILENCE_LIMIT.
+        let mut answered = tokio::time::Instant::now();
         loop {
             let poll = if let Some(seen) = scanner.seen() {
                 if let Some(end) = exited {
@@ -692,7 +699,10 @@ impl Vm {
                         if !out.is_empty() { on_output(&out); }
                         // The command printed its marker: its status is ready now.
                         if scanner.found() && exited.is_none() {
-                            exited = self.poll_status_or_died(pid).await?;
+                            // Unanswered, the timer's poll asks again.
+                            if let Some(end) = self.poll_patiently(pid, &mut answered).await? {
+                                exited = end;
+                            }
                         }
                     }
                     None => {
@@ -719,15 +729,24 @@ impl Vm {
                         if !rest.is_empty() { on_output(&rest); }
                         return Ok(CommandEnd::TimedOut);
                     }
-                    exited = self.poll_status_or_died(pid).await?;
+                    let Some(end) = self.poll_patiently(pid, &mut answered).await? else {
+                        continue;
+                    };
+                    exited = end;
                     if matches!(placement, Placement::Job)
                         && exited.is_none()
                         && tokio::time::Instant::now() >= next_limit_check
                     {
                         next_limit_check = tokio::time::Instant::now() + LIMIT_POLL;
                         // Killed, the wrapper ends too; `job_limits_hit` then says why.
-                        if let Err(e) = self.kill_job_at_process_limit().await {
-                            return Err(self.agent_or_died(e).await);
+                        match self.kill_job_at_process_limit().await {
+                            Ok(()) => {}
+                            Err(AgentError::Timeout { .. })
+                                if answered.elapsed() < AGENT_SILENCE_LIMIT =>
+                            {
+                                still_waiting(answered);
+                            }
+                            Err(e) => return Err(self.agent_or_died(e).await),
                         }
                     }
                     if exited.is_some() && !scanner.found() {
@@ -889,6 +908,28 @@ impl Vm {
         VmError::Agent(e)
     }
 
+    /// [`Vm::poll_status_or_died`], where an unanswered poll is `None` (ask again later) until
+    /// the agent has been silent for [`AGENT_SILENCE_LIMIT`] since `answered`.
+    async fn poll_patiently(
+        &mut self,
+        pid: i64,
+        answered: &mut tokio::time::Instant,
+    ) -> Result<Option<Option<CommandEnd>>, VmError> {
+        match self.poll_status_or_died(pid).await {
+            Ok(end) => {
+                *answered = tokio::time::Instant::now();
+                Ok(Some(end))
+            }
+            Err(VmError::Agent(AgentError::Timeout { .. }))
+                if answered.elapsed() < AGENT_SILENCE_LIMIT =>
+            {
+                still_waiting(*answered);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn poll_status(&mut self, pid: i64) -> Result<Option<CommandEnd>, VmError> {
         Ok(
             match self.agent.exec_status(pid, EXEC_STATUS_TIMEOUT).await? {
@@ -942,6 +983,15 @@ impl Vm {
     pub async fn kill(mut self) {
         let _ = self.process.terminate(SIGTERM_GRACE).await;
     }
+}
+
+/// Says that the agent has gone unanswered since `answered` and is still waited for.
+fn still_waiting(answered: tokio::time::Instant) {
+    tracing::warn!(
+        "the guest agent has not answered for {:.0?}; waiting up to {:?} (a busy guest)",
+        answered.elapsed(),
+        AGENT_SILENCE_LIMIT
+    );
 }
 
 /// `e` in one line, for the note about a resume that failed: that is routine (the job boots

@@ -575,16 +575,30 @@ mod off_runtime {
 
     use super::*;
 
+    /// The whole of `root`, nothing excluded, no size cap.
+    fn unbounded(root: &Path) -> WorkspacePlan {
+        WorkspacePlan {
+            root: root.to_path_buf(),
+            exclude: Vec::new(),
+            max_size: u64::MAX,
+        }
+    }
+
+    /// A single-threaded runtime with timers, as the tests of streaming need.
+    fn timed_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
     /// How often the watching timer asks to run.
     const TICK: Duration = Duration::from_millis(2);
 
     /// Runs `work` on a single-threaded runtime beside a timer ticking every [`TICK`];
     /// returns how long `work` took and the longest the timer went without running.
     fn longest_stall<F: Future>(work: F) -> (Duration, Duration, F::Output) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = timed_runtime();
         rt.block_on(async {
             let ticks = Arc::new(Mutex::new(Vec::new()));
             let seen = ticks.clone();
@@ -631,11 +645,7 @@ mod off_runtime {
     #[test]
     fn streaming_a_large_workspace_leaves_the_runtime_free() {
         let ws = large_workspace();
-        let plan = WorkspacePlan {
-            root: ws.path().to_path_buf(),
-            exclude: Vec::new(),
-            max_size: u64::MAX,
-        };
+        let plan = unbounded(ws.path());
         // The pre-pass, then the stream drained by the runtime, as a guest writer does.
         let (took, stall, size) = longest_stall(async {
             measure_off_runtime(&plan).await.unwrap();
@@ -684,15 +694,8 @@ mod off_runtime {
             std::fs::create_dir_all(&sub).unwrap();
             std::fs::write(sub.join(format!("f{f}")), body).unwrap();
         }
-        let plan = WorkspacePlan {
-            root: dir.path().to_path_buf(),
-            exclude: Vec::new(),
-            max_size: u64::MAX,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let plan = unbounded(dir.path());
+        let rt = timed_runtime();
         let (received, queued, largest, digest) = rt.block_on(async {
             let (mut rx, packer) = stream(&plan);
             let (mut received, mut queued, mut largest) = (0u64, 0usize, 0usize);
@@ -730,15 +733,8 @@ mod off_runtime {
     #[test]
     fn a_packer_stops_when_the_guest_stops_taking() {
         let ws = large_workspace();
-        let plan = WorkspacePlan {
-            root: ws.path().to_path_buf(),
-            exclude: Vec::new(),
-            max_size: u64::MAX,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let plan = unbounded(ws.path());
+        let rt = timed_runtime();
         rt.block_on(async {
             let (mut rx, packer) = stream(&plan);
             // Two chunks in, then the VM dies: its writer drops the receiver.
