@@ -237,25 +237,26 @@ pub async fn choose_accel(
     }
 }
 
+/// Which probe a recorded verdict came from: a verdict of an older probe is probed again (the
+/// first one passed hosts whose KVM then failed every real guest).
+const KVM_PROBE_VERSION: u64 = 2;
+
 /// The probe's verdict, from `path` when it was recorded since the host last booted.
 async fn probe_kvm_cached(path: &Path) -> Result<(), String> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let boot_id = boot_id.trim();
-    if !boot_id.is_empty() {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if v["boot_id"] == boot_id {
-                    return match v["unusable_because"].as_str() {
-                        None => Ok(()),
-                        Some(reason) => Err(reason.to_string()),
-                    };
-                }
-            }
-        }
+    if let Some(verdict) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| recorded_verdict(&text, boot_id))
+    {
+        return verdict;
     }
     let verdict = probe_kvm().await;
-    let record =
-        serde_json::json!({"boot_id": boot_id, "unusable_because": verdict.as_ref().err()});
+    let record = serde_json::json!({
+        "boot_id": boot_id,
+        "probe": KVM_PROBE_VERSION,
+        "unusable_because": verdict.as_ref().err(),
+    });
     // Best effort: without the record we simply probe again next time.
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -264,12 +265,38 @@ async fn probe_kvm_cached(path: &Path) -> Result<(), String> {
     verdict
 }
 
+/// A verdict recorded in `text` by this probe since the boot `boot_id`, if there is one.
+fn recorded_verdict(text: &str, boot_id: &str) -> Option<Result<(), String>> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if boot_id.is_empty() || v["boot_id"] != boot_id || v["probe"] != KVM_PROBE_VERSION {
+        return None;
+    }
+    Some(match v["unusable_because"].as_str() {
+        None => Ok(()),
+        Some(reason) => Err(reason.to_string()),
+    })
+}
+
+/// Whether `/proc/cpuinfo`'s text shows hardware virtualisation (Intel VMX or AMD SVM).
+fn cpu_has_virtualisation(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
 /// Whether KVM runs a guest on this host, or why not. `/dev/kvm` answering is not enough:
-/// nested setups without VMX open it fine and then fail or hang, so a tiny guest must
-/// actually run and exit through isa-debug-exit before the deadline.
+/// nested setups without VMX open it fine and then fail or hang. So the CPU must show VMX
+/// or SVM (one such host ran the tiny probe guest below yet stopped every Linux guest with
+/// "KVM internal error … emulation failure"), and a tiny guest must actually run and exit
+/// through isa-debug-exit before the deadline.
 pub async fn probe_kvm() -> Result<(), String> {
     if Arch::host() != Some(Arch::X86_64) {
         return Err("the KVM probe is only implemented for x86_64 hosts".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpu_has_virtualisation(&cpuinfo) {
+        return Err("the CPU shows no VMX or SVM flag (nested virtualisation without it?)".into());
     }
     let dev = Path::new("/dev/kvm");
     if !dev.exists() {
@@ -354,6 +381,40 @@ mod tests {
     }
 
     #[test]
+    fn kvm_needs_a_cpu_with_vmx_or_svm() {
+        let with = |flags: &str| format!("processor\t: 0\nflags\t\t: fpu {flags} sse2\n\n");
+        assert!(cpu_has_virtualisation(&with("vme vmx ept")));
+        assert!(cpu_has_virtualisation(&with("svm npt")));
+        // A nested guest without VMX (this project's CI host): KVM may open, guests fail.
+        assert!(!cpu_has_virtualisation(&with("hypervisor rdrand")));
+        assert!(!cpu_has_virtualisation(&with("vmxx")));
+        assert!(!cpu_has_virtualisation(""));
+    }
+
+    #[test]
+    fn only_this_probe_s_verdicts_since_this_boot_are_reused() {
+        let record = |boot: &str, probe: Option<u64>, why: Option<&str>| {
+            serde_json::json!({"boot_id": boot, "probe": probe, "unusable_because": why})
+                .to_string()
+        };
+        let v = KVM_PROBE_VERSION;
+        assert_eq!(
+            recorded_verdict(&record("b1", Some(v), None), "b1"),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            recorded_verdict(&record("b1", Some(v), Some("no")), "b1"),
+            Some(Err("no".into()))
+        );
+        // Another boot, an older probe (its "usable" was wrong on a host without VMX).
+        assert_eq!(recorded_verdict(&record("b0", Some(v), None), "b1"), None);
+        assert_eq!(recorded_verdict(&record("b1", None, None), "b1"), None);
+        assert_eq!(recorded_verdict(&record("b1", Some(1), None), "b1"), None);
+        assert_eq!(recorded_verdict("not json", "b1"), None);
+        assert_eq!(recorded_verdict(&record("", Some(v), None), ""), None);
+    }
+
+    #[test]
     fn boot_sector_is_bootable() {
         let s = probe_boot_sector();
         assert_eq!(s.len(), 512);
@@ -368,7 +429,11 @@ mod tests {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("kvm-probe.json");
-        let record = serde_json::json!({"boot_id": boot_id.trim(), "unusable_because": null});
+        let record = serde_json::json!({
+            "boot_id": boot_id.trim(),
+            "probe": KVM_PROBE_VERSION,
+            "unusable_because": null,
+        });
         std::fs::write(&cache, record.to_string()).unwrap();
         let d = choose_accel(arch, AccelChoice::Tcg, Some(&cache))
             .await
