@@ -45,6 +45,56 @@ fn x86_64_uname_m_and_kvm_fallback_is_explained() {
 }
 
 #[test]
+fn a_kvm_that_stops_its_guest_is_reported_at_once() {
+    // Where /dev/kvm opens but cannot run a Linux guest (this project's CI hosts: nested,
+    // no VMX), QEMU stops the guest with "KVM internal error" and waits, paused; runner used
+    // to wait out the 120 s boot timeout. The probe refuses KVM on such hosts now, so a
+    // verdict recorded in a private cache (format of engine/src/qemu/host.rs, probe 2) makes
+    // runner try KVM anyway, as a wrong probe would. QEMU runs unsandboxed: the sandbox's
+    // user may not open /dev/kvm at all.
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if std::env::consts::ARCH != "x86_64" || !kvm_opens {
+        eprintln!("skipped: no x86_64 host with a /dev/kvm this user can open");
+        return;
+    }
+    let cache = e2e::private_cache_with_own_states();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let verdict = format!(
+        r#"{{"boot_id":"{}","probe":2,"unusable_because":null}}"#,
+        boot_id.trim()
+    );
+    std::fs::write(cache.path().join("kvm-probe.json"), verdict).unwrap();
+    let started = Instant::now();
+    let out = Command::new(e2e::runner_bin())
+        .args(["test", "--arch", "x86_64", "--", "true"])
+        .current_dir(workspace_root())
+        .env("RUNNER_CACHE_DIR", cache.path())
+        .env("RUNNER_SANDBOX_OFF", "all")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[kvm]"), "{stderr}");
+    if out.status.success() {
+        eprintln!("KVM works on this host: nothing to check");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(70), "{stderr}");
+    assert!(
+        stderr.contains("KVM could not run this guest (QEMU: KVM internal error")
+            && stderr.contains("run with --accel tcg"),
+        "{stderr}"
+    );
+    // Well before the boot timeout (120 s) that it used to wait out.
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert_nothing_left(cache.path());
+}
+
+#[test]
 fn timeout_kills_the_vm_and_reports_an_error() {
     let cache = private_cache();
     let (r, qemu) = e2e::runner_noting_qemu_pids(

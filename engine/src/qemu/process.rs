@@ -138,6 +138,13 @@ impl QemuProcess {
         self.stderr.lock().expect("stderr lock").last_lines(lines)
     }
 
+    /// A reader of QEMU's stderr tail that does not borrow the process (it can watch while
+    /// something else waits for the process to exit).
+    pub fn stderr_reader(&self) -> impl Fn(usize) -> String + use<> {
+        let stderr = self.stderr.clone();
+        move |lines| stderr.lock().expect("stderr lock").last_lines(lines)
+    }
+
     /// The last lines of the guest's serial console.
     pub fn console_tail(&self, lines: usize) -> String {
         self.console.lock().expect("console lock").last_lines(lines)

@@ -43,6 +43,8 @@ const SAVE_ATTEMPTS: u32 = 4;
 /// timer can stall it), and booting cold is quicker than waiting out the boot timeout.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a KVM guest's boot looks for QEMU's "KVM internal error" on its stderr.
+const KVM_ERROR_POLL: Duration = Duration::from_millis(250);
 /// Timeout for one QMP command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout for one agent command that should answer at once.
@@ -96,6 +98,9 @@ pub enum VmError {
     },
     #[error("the guest did not boot: its agent did not answer within {timeout:?}\n--- guest console (tail) ---\n{console}")]
     BootTimeout { timeout: Duration, console: String },
+    /// QEMU stopped the guest with a KVM internal error (it then waits, paused, forever).
+    #[error("KVM could not run this guest (QEMU: {stderr}); this host's KVM does not work for it: run with --accel tcg")]
+    KvmFailed { stderr: String },
     #[error("QEMU did not create {path} within {SOCKET_TIMEOUT:?}")]
     Socket { path: PathBuf },
     #[error("QMP failed")]
@@ -462,8 +467,24 @@ impl Vm {
             }
             Ok::<_, VmError>((qmp, output, agent, control, woken))
         };
+        // A KVM that cannot run the guest stops it with an "internal error" and QEMU waits,
+        // paused: say so at once instead of at the boot timeout.
+        let stderr = process.stderr_reader();
+        let kvm_failed = async {
+            if cfg.accel != Accel::Kvm {
+                return std::future::pending().await;
+            }
+            loop {
+                tokio::time::sleep(KVM_ERROR_POLL).await;
+                // The error's line comes before QEMU's register dump (~30 lines).
+                if let Some(line) = kvm_internal_error(&stderr(100)) {
+                    return line;
+                }
+            }
+        };
         let result = tokio::select! {
             r = handshake => r,
+            line = kvm_failed => return Err(VmError::KvmFailed { stderr: line }),
             status = process.wait() => {
                 let status = status.map_err(|source| VmError::Spawn { binary: "qemu".into(), source })?;
                 return Err(VmError::QemuExited {
@@ -985,6 +1006,17 @@ impl Vm {
     }
 }
 
+/// QEMU's "KVM internal error" line in its stderr `tail`, with the error's kind when QEMU
+/// printed one ("emulation failure"), if it is there.
+fn kvm_internal_error(tail: &str) -> Option<String> {
+    let line = tail.lines().find(|l| l.contains("KVM internal error"))?;
+    let kind = tail.lines().find(|l| l.trim() == "emulation failure");
+    Some(match kind {
+        Some(kind) => format!("{}: {}", line.trim(), kind.trim()),
+        None => line.trim().to_string(),
+    })
+}
+
 /// Says that the agent has gone unanswered since `answered` and is still waited for.
 fn still_waiting(answered: tokio::time::Instant) {
     tracing::warn!(
@@ -1149,6 +1181,26 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
 
     use super::*;
+
+    #[test]
+    fn a_kvm_internal_error_is_found_in_qemu_s_stderr() {
+        // What QEMU 10 printed on a nested host without VMX, booting a Debian kernel.
+        let tail = "KVM internal error. Suberror: 1\n\
+                    extra data[0]: 0x0000000000000001\n\
+                    extra data[1]: 0x008b820ff2c70f0f\n\
+                    emulation failure\n\
+                    EAX=0000000a EBX=02135000 ECX=cddf975b EDX=20100800\n";
+        assert_eq!(
+            kvm_internal_error(tail).as_deref(),
+            Some("KVM internal error. Suberror: 1: emulation failure")
+        );
+        assert_eq!(
+            kvm_internal_error("KVM internal error. Suberror: 3\n").as_deref(),
+            Some("KVM internal error. Suberror: 3")
+        );
+        assert_eq!(kvm_internal_error("qemu-system-x86_64: warning: x\n"), None);
+        assert_eq!(kvm_internal_error(""), None);
+    }
 
     #[test]
     fn a_failed_resume_is_told_in_one_line() {
