@@ -229,7 +229,33 @@ async fn build_into(
         "configuring packages inside a {arch} guest (one-time bake under {})",
         opts.accel.name()
     ));
-    bake(store, arch, opts, &kernel, &initrd, &raw).await?;
+    // A bake whose VM failed (the agent silent for minutes: a one-CPU malta guest on a
+    // loaded 2-core host did that about once in three cold builds) is tried once more from
+    // the disk as it was before, kept as a sparse copy; a failure of the script is final.
+    let untouched = staging.join("rootfs.raw.untouched");
+    run_tool(
+        Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(&raw)
+            .arg(&untouched),
+        "cp",
+    )
+    .await?;
+    match bake(store, arch, opts, &kernel, &initrd, &raw).await {
+        Err(ImageError::Bake {
+            detail,
+            vm_failed: true,
+        }) => {
+            progress(&format!(
+                "the bake's VM failed ({}); baking once more from the untouched disk",
+                detail.lines().next().unwrap_or_default()
+            ));
+            std::fs::rename(&untouched, &raw).map_err(|e| ImageError::io(&raw, e))?;
+            bake(store, arch, opts, &kernel, &initrd, &raw).await?;
+        }
+        other => other?,
+    }
+    let _ = std::fs::remove_file(&untouched);
 
     progress("compressing the root disk");
     let qcow = staging.join(store::ROOTFS);
@@ -442,10 +468,15 @@ async fn bake(
         containment: Default::default(),
         network: Default::default(),
     };
-    let bake_err = |detail: String| ImageError::Bake { detail };
-    let mut vm = Vm::boot(&cfg)
-        .await
-        .map_err(|e| bake_err(error_chain(&e)))?;
+    let vm_err = |e: crate::vm::VmError| ImageError::Bake {
+        detail: error_chain(&e),
+        vm_failed: true,
+    };
+    let script_err = |detail: String| ImageError::Bake {
+        detail,
+        vm_failed: false,
+    };
+    let mut vm = Vm::boot(&cfg).await.map_err(vm_err)?;
     let env = vec![(
         "PATH".to_string(),
         "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -453,12 +484,12 @@ async fn bake(
     let (end, log) = vm
         .run_script(BAKE_SCRIPT, &env, BAKE_TIMEOUT, 16 * 1024)
         .await
-        .map_err(|e| bake_err(error_chain(&e)))?;
+        .map_err(vm_err)?;
     if end != CommandEnd::Exited(0) {
         vm.kill().await;
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(bake_err(format!(
+        return Err(script_err(format!(
             "{end:?}; last output:\n{}",
             tail.join("\n")
         )));
@@ -474,10 +505,10 @@ async fn bake(
             4096,
         )
         .await
-        .map_err(|e| bake_err(error_chain(&e)))?;
+        .map_err(vm_err)?;
     if freeze != CommandEnd::Exited(0) {
         vm.kill().await;
-        return Err(bake_err(format!(
+        return Err(script_err(format!(
             "could not freeze the root filesystem ({freeze:?}): {}",
             out.trim()
         )));

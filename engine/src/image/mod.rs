@@ -30,7 +30,11 @@ pub enum ImageError {
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error("the image bake (configuring packages inside the guest) failed: {detail}")]
-    Bake { detail: String },
+    Bake {
+        detail: String,
+        /// The VM failed (no boot, its agent silent), not the bake script: worth a retry.
+        vm_failed: bool,
+    },
     #[error("image '{image}' is Debian {distribution}, which has no {arch} kernel QEMU can boot; {arch} runs on: {alternatives}")]
     ArchNotInDistribution {
         image: String,
